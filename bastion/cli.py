@@ -1,0 +1,98 @@
+"""The one `bastion` command: serve, upstream, check-config, demo."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import pathlib
+import sys
+
+from bastion import __version__
+
+
+def _run(coro) -> None:
+    try:
+        import uvloop
+    except ImportError:  # uvloop is a dependency, but the proxy is correct without it
+        asyncio.run(coro)
+    else:
+        uvloop.run(coro)
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from bastion.config import Config, ConfigError, load_config, with_overrides
+    from bastion.proxy.server import serve
+    try:
+        config = load_config(args.config) if args.config else Config()
+        config = with_overrides(config, listen=args.listen, admin=args.admin,
+                                upstream=args.upstream)
+    except ConfigError as err:
+        print(err, file=sys.stderr)
+        return 2
+    _run(serve(config))
+    return 0
+
+
+def _cmd_check_config(args: argparse.Namespace) -> int:
+    from bastion.config import ConfigError, load_config
+    try:
+        config = load_config(args.config)
+    except ConfigError as err:
+        print(err, file=sys.stderr)
+        return 1
+    models = ", ".join(f"{name} ({m.mode}, {len(m.pipeline)} stages)"
+                       for name, m in config.models.items()) or "none (pass-through)"
+    print(f"{args.config}: OK; upstream {config.upstream.target}; models: {models}")
+    return 0
+
+
+def _cmd_upstream(args: argparse.Namespace) -> int:
+    from bastion.upstream.server import default_models_dir, serve
+    models_dir = pathlib.Path(args.models) if args.models else default_models_dir()
+    _run(serve(args.listen, models_dir, args.threads,
+               pathlib.Path(args.request_log) if args.request_log else None))
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from bastion.demo import run_demo
+    return run_demo(duration_s=args.duration, rate=args.rate)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bastion", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"bastion {__version__}")
+    parser.add_argument("--log-level", default="INFO")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the sidecar")
+    serve.add_argument("-c", "--config", help="YAML config file (none: pass-through)")
+    serve.add_argument("--listen", help="gRPC HOST:PORT (overrides the file)")
+    serve.add_argument("--upstream", help="model server HOST:PORT (overrides the file)")
+    serve.add_argument("--admin", help="admin HTTP HOST:PORT (overrides the file)")
+    serve.set_defaults(func=_cmd_serve)
+
+    check = sub.add_parser("check-config", help="validate a config file")
+    check.add_argument("config")
+    check.set_defaults(func=_cmd_check_config)
+
+    upstream = sub.add_parser("upstream", help="reference v2 model server (onnxruntime)")
+    upstream.add_argument("--listen", default="127.0.0.1:9001")
+    upstream.add_argument("--models", help="folder of <name>/model.onnx (default: demo models)")
+    upstream.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads")
+    upstream.add_argument("--request-log", help="append one JSON line per inference request")
+    upstream.set_defaults(func=_cmd_upstream)
+
+    demo = sub.add_parser("demo", help="upstream + sidecar + benign and malformed traffic")
+    demo.add_argument("--duration", type=float, default=None,
+                      help="seconds to run (default: until Ctrl-C)")
+    demo.add_argument("--rate", type=float, default=50.0, help="requests per second")
+    demo.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return args.func(args)

@@ -1,0 +1,170 @@
+"""Sidecar configuration: one YAML file, validated on load.
+
+Errors name the key path (``models.chat.mode: ...``) so an operator can fix the file without
+reading code. Unknown keys are errors: a misspelt threshold must never silently fall back to a
+default.
+"""
+from __future__ import annotations
+
+import pathlib
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from bastion.transforms.tensor import DATATYPES
+
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message names the key path and the problem."""
+
+
+def _check_address(value: str) -> str:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"expected HOST:PORT, got {value!r}")
+    return value
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class UpstreamConfig(_Strict):
+    target: str = "127.0.0.1:9001"
+    # Deadline applied when a client sends none, so no request can wait forever.
+    timeout_s: float = Field(30.0, gt=0)
+    # How often the upstream's ServerReady is polled for grpc.health.v1 and /readyz.
+    health_interval_s: float = Field(1.0, gt=0)
+    max_receive_message_bytes: int = Field(DEFAULT_MAX_MESSAGE_BYTES, gt=0)
+    max_send_message_bytes: int = Field(DEFAULT_MAX_MESSAGE_BYTES, gt=0)
+
+    @field_validator("target")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        return _check_address(value)
+
+
+class LimitsConfig(_Strict):
+    max_receive_message_bytes: int = Field(DEFAULT_MAX_MESSAGE_BYTES, gt=0)
+    max_send_message_bytes: int = Field(DEFAULT_MAX_MESSAGE_BYTES, gt=0)
+    # Elements per tensor a request may declare before it is refused without allocating.
+    max_tensor_elements: int = Field(64 * 1024 * 1024, gt=0)
+    max_concurrent_streams: int | None = Field(None, gt=0)
+
+
+class InputSpec(_Strict):
+    """What the sidecar knows about one model input; stages check they fit it."""
+    datatype: str | None = None
+    shape: list[int] | None = None
+    # `text` marks a BYTES input holding UTF-8 prompts; `tensor` a numeric array.
+    kind: Literal["text", "tensor"] | None = None
+
+    @field_validator("datatype")
+    @classmethod
+    def _known_datatype(cls, value: str | None) -> str | None:
+        if value is not None and value not in DATATYPES:
+            raise ValueError(f"unknown datatype {value!r}; expected one of {', '.join(DATATYPES)}")
+        return value
+
+    @model_validator(mode="after")
+    def _kind_matches(self) -> "InputSpec":
+        if self.kind == "text" and self.datatype not in (None, "BYTES"):
+            raise ValueError("a text input must have datatype BYTES")
+        return self
+
+
+class ModelConfig(_Strict):
+    mode: Literal["enforce", "monitor"] = "enforce"
+    inputs: dict[str, InputSpec] = {}
+    # Requests whose tensors live in Triton shared memory cannot be inspected. Default: deny in
+    # enforce mode, pass (annotated) in monitor mode.
+    shared_memory: Literal["deny", "pass"] | None = None
+    # A BYTES element that is not UTF-8: refuse (INVALID_ARGUMENT) or decode with U+FFFD.
+    invalid_utf8: Literal["reject", "replace"] = "reject"
+    # Sent in the `retry-after-ms` trailer when a stage's action is `throttle`.
+    retry_after_ms: int = Field(1000, ge=0)
+    # Ordered stages, each a one-key mapping {stage-name: {options}}; see bastion.proxy.pipeline.
+    pipeline: list[dict[str, dict[str, Any] | None]] = []
+
+    @field_validator("pipeline")
+    @classmethod
+    def _one_key_per_stage(cls, stages: list[dict]) -> list[dict]:
+        for index, stage in enumerate(stages):
+            if len(stage) != 1:
+                raise ValueError(f"stage {index} must be a mapping with exactly one key (the stage "
+                                 f"name), got {len(stage)} keys")
+        return stages
+
+
+class Config(_Strict):
+    listen: str = "0.0.0.0:8001"
+    # Admin HTTP (/metrics, /healthz, /readyz): loopback unless an operator opens it.
+    admin: str = "127.0.0.1:8002"
+    upstream: UpstreamConfig = UpstreamConfig()
+    limits: LimitsConfig = LimitsConfig()
+    models: dict[str, ModelConfig] = {}
+
+    @field_validator("listen", "admin")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        return _check_address(value)
+
+
+def _format_error(err: ValidationError, source: str) -> str:
+    lines = []
+    for item in err.errors():
+        path = ".".join(str(p) for p in item["loc"]) or "(top level)"
+        message = item["msg"]
+        if item["type"] == "extra_forbidden":
+            message = "unknown key"
+        elif message.startswith("Value error, "):
+            message = message[len("Value error, "):]
+        lines.append(f"{source}: {path}: {message}")
+    return "\n".join(lines)
+
+
+def parse_config(data: Any, source: str = "config") -> Config:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: top level must be a mapping, got {type(data).__name__}")
+    try:
+        config = Config.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err, source)) from None
+    from bastion.proxy.pipeline import validate_pipelines  # stage registry lives with the pipeline
+    problems = validate_pipelines(config)
+    if problems:
+        raise ConfigError("\n".join(f"{source}: {p}" for p in problems))
+    return config
+
+
+def load_config(path: str | pathlib.Path) -> Config:
+    path = pathlib.Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read: {err.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path}: invalid YAML{where}: {getattr(err, 'problem', err)}") from None
+    return parse_config(data, str(path))
+
+
+def with_overrides(config: Config, **overrides: Any) -> Config:
+    """Apply CLI flags (listen=..., admin=..., upstream=HOST:PORT) over a loaded config."""
+    data = config.model_dump()
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        if key == "upstream":
+            data["upstream"]["target"] = value
+        else:
+            data[key] = value
+    return parse_config(data, "command line")

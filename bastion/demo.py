@@ -1,0 +1,194 @@
+"""`bastion demo`: reference upstream + sidecar + labelled traffic, with a live summary.
+
+Everything binds to 127.0.0.1 on free ports. Child processes are started here and stopped by PID
+on exit (Ctrl-C included), so the demo never leaves a server behind.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+import grpc
+
+from bastion import traffic
+from bastion.protos import SERVICE
+
+DEMO_CONFIG = """\
+# Written by `bastion demo`. Pipelines fill in as defenses land; empty = decode, validate, forward.
+listen: {listen}
+admin: {admin}
+upstream: {{target: {upstream}, timeout_s: 10}}
+models:
+  fashion-mnist:
+    mode: enforce
+    inputs: {{image: {{datatype: FP32, shape: [-1, 1, 28, 28], kind: tensor}}}}
+    pipeline: []
+  text-classifier:
+    mode: monitor
+    inputs: {{prompt: {{datatype: BYTES, kind: text}}}}
+    pipeline: []
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _start(args: list[str], log_path: pathlib.Path) -> subprocess.Popen:
+    log = open(log_path, "w")
+    return subprocess.Popen([sys.executable, "-m", "bastion", *args], stdout=log,
+                            stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                            start_new_session=True)  # Ctrl-C goes to the demo, which stops them
+
+
+def _wait_line(proc: subprocess.Popen, log_path: pathlib.Path, marker: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if marker in log_path.read_text(errors="replace"):
+            return
+        if proc.poll() is not None:
+            break
+        time.sleep(0.1)
+    raise RuntimeError(f"process did not start ({marker!r} not seen); log:\n"
+                       f"{log_path.read_text(errors='replace')[-2000:]}")
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+class Tally:
+    def __init__(self):
+        self.counts: dict[tuple[str, str], collections.Counter] = collections.defaultdict(collections.Counter)
+        self.latency_ms: dict[str, list[float]] = collections.defaultdict(list)
+
+    def add(self, record: traffic.Record, code: str, latency_ms: float) -> None:
+        self.counts[(record.model, record.label)][code] += 1
+        self.latency_ms[record.model].append(latency_ms)
+
+    def render(self, elapsed: float) -> str:
+        codes = sorted({c for counter in self.counts.values() for c in counter})
+        header = ["model", "traffic", "sent", *codes]
+        rows = [header]
+        for (model, label), counter in sorted(self.counts.items()):
+            rows.append([model, label, str(sum(counter.values())), *(str(counter[c]) for c in codes)])
+        widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+        lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows]
+        total = sum(sum(c.values()) for c in self.counts.values())
+        lines.append(f"{total} requests in {elapsed:.1f}s ({total / max(elapsed, 1e-9):.0f}/s)")
+        for model, values in sorted(self.latency_ms.items()):
+            ordered = sorted(values)
+            p50 = ordered[len(ordered) // 2]
+            p99 = ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
+            lines.append(f"latency through bastion, {model}: p50 {p50:.2f} ms, p99 {p99:.2f} ms")
+        return "\n".join(lines)
+
+
+async def _send_traffic(target: str, rate: float, duration_s: float | None, tally: Tally,
+                        admin: str, stop: asyncio.Event) -> None:
+    records = traffic.labelled_records()
+    stream = traffic.mixed_stream(records, seed=7)
+    async with grpc.aio.insecure_channel(target) as channel:
+        infer = channel.unary_unary(f"/{SERVICE}/ModelInfer")
+
+        async def one(record: traffic.Record) -> None:
+            started = time.perf_counter()
+            try:
+                await infer(record.payload, timeout=10)
+                code = "OK"
+            except grpc.aio.AioRpcError as err:
+                code = err.code().name
+            tally.add(record, code, (time.perf_counter() - started) * 1000)
+
+        started = time.monotonic()
+        last_print = started
+        in_flight: set[asyncio.Task] = set()
+        sent = 0
+        while not stop.is_set():
+            now = time.monotonic()
+            if duration_s is not None and now - started >= duration_s:
+                break
+            due = int((now - started) * rate) + 1
+            while sent < due and len(in_flight) < 64:
+                task = asyncio.create_task(one(next(stream)))
+                in_flight.add(task)
+                task.add_done_callback(in_flight.discard)
+                sent += 1
+            if now - last_print >= 2:
+                last_print = now
+                print(f"\n{tally.render(now - started)}\nmetrics: http://{admin}/metrics", flush=True)
+            try:
+                await asyncio.wait_for(stop.wait(), timeout=0.02)
+            except asyncio.TimeoutError:
+                pass
+        if in_flight:
+            await asyncio.wait(in_flight, timeout=15)
+        print(f"\n=== final ===\n{tally.render(time.monotonic() - started)}", flush=True)
+
+
+def _bastion_metrics(admin: str) -> str:
+    try:
+        with urllib.request.urlopen(f"http://{admin}/metrics", timeout=5) as reply:
+            text = reply.read().decode()
+    except OSError as err:
+        return f"(metrics unavailable: {err})"
+    return "\n".join(line for line in text.splitlines()
+                     if line.startswith("bastion_requests_total"))
+
+
+def run_demo(duration_s: float | None = None, rate: float = 50.0) -> int:
+    workdir = pathlib.Path(tempfile.mkdtemp(prefix="bastion-demo-"))
+    upstream = f"127.0.0.1:{_free_port()}"
+    listen = f"127.0.0.1:{_free_port()}"
+    admin = f"127.0.0.1:{_free_port()}"
+    config = workdir / "bastion.yaml"
+    config.write_text(DEMO_CONFIG.format(listen=listen, admin=admin, upstream=upstream))
+    procs = []
+    try:
+        print(f"bastion demo: reference upstream on {upstream} (demo models)", flush=True)
+        up = _start(["upstream", "--listen", upstream], workdir / "upstream.log")
+        procs.append(up)
+        _wait_line(up, workdir / "upstream.log", "bastion upstream: serving", 60)
+        print(f"bastion demo: upstream pid {up.pid}", flush=True)
+        print(f"bastion demo: sidecar on {listen}, config {config}", flush=True)
+        sidecar = _start(["serve", "-c", str(config)], workdir / "sidecar.log")
+        procs.append(sidecar)
+        _wait_line(sidecar, workdir / "sidecar.log", "bastion: serving", 30)
+        print(f"bastion demo: sidecar pid {sidecar.pid}", flush=True)
+        print(f"bastion demo: metrics at http://{admin}/metrics, logs in {workdir}", flush=True)
+        print(f"bastion demo: sending benign, attack and malformed traffic at {rate:.0f} req/s"
+              f"{'' if duration_s is None else f' for {duration_s:.0f}s'} (Ctrl-C stops)",
+              flush=True)
+        tally = Tally()
+
+        async def main() -> None:
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, stop.set)
+            await _send_traffic(listen, rate, duration_s, tally, admin, stop)
+
+        asyncio.run(main())
+        print(f"\nsidecar metrics (http://{admin}/metrics):\n{_bastion_metrics(admin)}", flush=True)
+        return 0
+    finally:
+        for proc in reversed(procs):
+            _stop(proc)
+        print("bastion demo: stopped upstream and sidecar", flush=True)

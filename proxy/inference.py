@@ -1,0 +1,235 @@
+"""ModelInfer and ModelStreamInfer: decode, run the model's pipeline, forward.
+
+The request bytes the client sent are forwarded as they are unless a stage changed an input, in
+which case the request is re-encoded (raw contents). A request that cannot be decoded never
+reaches the upstream: it ends with INVALID_ARGUMENT naming the input and the problem.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import logging
+import time
+
+import grpc
+from google.protobuf.message import DecodeError
+
+from bastion.protos import SERVICE, pb
+from bastion.proxy import forwarding
+from bastion.proxy.metrics import Metrics
+from bastion.proxy import policy
+from bastion.proxy.pipeline import RequestContext
+from bastion.proxy.passthrough import Passthrough
+from bastion.proxy.state import SidecarState
+from bastion.transforms import tensor
+from bastion.transforms.base import InputRejected
+
+log = logging.getLogger("bastion.inference")
+
+MODEL_INFER = f"/{SERVICE}/ModelInfer"
+MODEL_STREAM_INFER = f"/{SERVICE}/ModelStreamInfer"
+# Triton's parameter naming a shared-memory region: the tensor's bytes are not in the message.
+SHARED_MEMORY_KEY = "shared_memory_region"
+
+
+class Rejected(Exception):
+    """A request Bastion refuses; ``code``, ``details`` and ``trailers`` go to the client."""
+
+    def __init__(self, code: grpc.StatusCode, details: str, reason: str,
+                 trailers: tuple = (), verdict: str = "invalid"):
+        super().__init__(details)
+        self.code = code
+        self.details = details
+        self.reason = reason
+        self.trailers = trailers
+        self.verdict = verdict
+
+
+@dataclasses.dataclass
+class Inspected:
+    model: str
+    body: bytes                      # what to forward
+    verdict: policy.Verdict | None   # None: no configured model, nothing to say
+
+
+def _invalid(message: str) -> Rejected:
+    return Rejected(grpc.StatusCode.INVALID_ARGUMENT, f"bastion: {message}", "malformed")
+
+
+class InferenceHandler:
+    def __init__(self, state: SidecarState, passthrough: Passthrough, metrics: Metrics):
+        self.state = state
+        self.passthrough = passthrough
+        self.metrics = metrics
+
+    # ---- shared inspection -------------------------------------------------------------
+    async def inspect(self, raw: bytes, request_id: str) -> Inspected:
+        """Decode, run the pipeline and apply the policy; raises Rejected to refuse."""
+        try:
+            request = pb.ModelInferRequest.FromString(raw)
+        except DecodeError:
+            raise _invalid("request is not a valid ModelInferRequest message") from None
+        snapshot = self.state.current
+        model_name = request.model_name
+        model = snapshot.config.models.get(model_name)
+        out_of_band = [t.name for t in request.inputs if SHARED_MEMORY_KEY in t.parameters]
+        if out_of_band:
+            return self._out_of_band(request, raw, request_id, model, out_of_band)
+        try:
+            inputs = tensor.decode_request(request, snapshot.config.limits.max_tensor_elements)
+        except tensor.TensorError as err:
+            raise _invalid(str(err)) from None
+        if model is None:
+            return Inspected(model_name, raw, None)
+        pipeline = snapshot.pipelines[model_name]
+        ctx = RequestContext(request_id=request_id, model_name=model_name,
+                             model_version=request.model_version, inputs=inputs,
+                             datatypes={t.name: t.datatype for t in request.inputs},
+                             invalid_utf8=model.invalid_utf8)
+        try:
+            await pipeline.run(ctx, stop_on_block=model.mode == "enforce")
+        except (tensor.TensorError, InputRejected) as err:
+            raise _invalid(str(err)) from None
+        verdict = policy.decide(ctx.decisions, ctx.scores, model.mode)
+        self.metrics.observe_verdict(model_name, verdict)
+        if verdict.blocks:
+            code, details, trailers = policy.refusal(verdict, request_id, model.retry_after_ms)
+            raise Rejected(code, details, verdict.action, trailers, verdict.action)
+        if ctx.changed and verdict.forwards_transformed:
+            tensor.encode_request(request, ctx.inputs, ctx.datatypes)
+            return Inspected(model_name, request.SerializeToString(), verdict)
+        return Inspected(model_name, raw, verdict)
+
+    def _out_of_band(self, request, raw: bytes, request_id: str, model, names: list[str]) -> Inspected:
+        """Tensor data in shared memory cannot be inspected: the model's policy decides."""
+        if model is None:
+            return Inspected(request.model_name, raw, None)
+        rule = model.shared_memory or ("deny" if model.mode == "enforce" else "pass")
+        decision = policy.Decision("policy", "block" if rule == "deny" else "flag", None,
+                                   ["shared_memory_uninspectable"])
+        verdict = policy.decide([decision], {}, model.mode)
+        self.metrics.observe_verdict(request.model_name, verdict)
+        if verdict.blocks:
+            code, details, trailers = policy.refusal(verdict, request_id)
+            raise Rejected(code, details, "shared_memory", trailers, verdict.action)
+        return Inspected(request.model_name, raw, verdict)
+
+    @staticmethod
+    def annotated(reply: bytes, inspected: Inspected, request_id: str) -> bytes:
+        if inspected.verdict is None or not policy.needs_annotation(inspected.verdict):
+            return reply
+        response = pb.ModelInferResponse.FromString(reply)
+        policy.annotate(response, inspected.verdict, request_id)
+        return response.SerializeToString()
+
+    # ---- unary -------------------------------------------------------------------------
+    async def model_infer(self, raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        started = time.perf_counter()
+        request_id = forwarding.new_request_id()
+        model = ""
+        outcome = "error"
+        try:
+            inspected = await self.inspect(raw, request_id)
+            model = inspected.model
+            reply = await self.passthrough.forward_unary(MODEL_INFER, inspected.body, context,
+                                                         request_id)
+            outcome = "OK"
+            return self.annotated(reply, inspected, request_id)
+        except Rejected as rejected:
+            outcome = rejected.code.name
+            trailers = rejected.trailers or ((forwarding.REQUEST_ID_KEY, request_id),)
+            await context.abort(rejected.code, rejected.details, trailers)
+        except asyncio.CancelledError:
+            outcome = "CANCELLED"
+            raise
+        except grpc.aio.AbortError:
+            outcome = (context.code() or grpc.StatusCode.UNKNOWN).name
+            raise
+        finally:
+            self.metrics.observe_request("ModelInfer", model, outcome,
+                                         time.perf_counter() - started)
+
+    # ---- bidirectional stream ----------------------------------------------------------
+    async def model_stream_infer(self, request_iterator, context: grpc.aio.ServicerContext):
+        """Each request is inspected on its own; a refused one gets a ModelStreamInferResponse
+        with ``error_message`` (Triton's per-request error) and the stream goes on."""
+        stream_id = forwarding.new_request_id()
+        call = self.passthrough.upstream.stream(MODEL_STREAM_INFER)(
+            metadata=forwarding.upstream_metadata(context, stream_id),
+            timeout=forwarding.deadline(context, self.passthrough.default_timeout_s))
+        outbox: asyncio.Queue = asyncio.Queue()
+        done = object()
+
+        # Responses to annotate, matched by the client's request id (Triton echoes it), or in
+        # order for requests without one (a non-decoupled model answers in order).
+        pending: collections.deque[tuple[str, Inspected, str]] = collections.deque()
+
+        async def pump_requests() -> None:
+            async for raw in request_iterator:
+                started = time.perf_counter()
+                request_id = forwarding.new_request_id()
+                try:
+                    inspected = await self.inspect(raw, request_id)
+                except Rejected as rejected:
+                    self.metrics.observe_request("ModelStreamInfer", "", rejected.code.name,
+                                                 time.perf_counter() - started)
+                    reply = pb.ModelStreamInferResponse(error_message=rejected.details)
+                    await outbox.put(reply.SerializeToString())
+                    continue
+                self.metrics.observe_request("ModelStreamInfer", inspected.model, "forwarded",
+                                             time.perf_counter() - started)
+                if inspected.verdict is not None and policy.needs_annotation(inspected.verdict):
+                    client_id = pb.ModelInferRequest.FromString(raw).id
+                    pending.append((client_id, inspected, request_id))
+                try:
+                    await call.write(inspected.body)
+                except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError):
+                    return  # the upstream ended the stream; its status is what the client gets
+            await call.done_writing()
+
+        def annotate_stream_reply(reply: bytes) -> bytes:
+            message = pb.ModelStreamInferResponse.FromString(reply)
+            if message.error_message and not message.HasField("infer_response"):
+                return reply
+            match = next((entry for entry in pending if entry[0] == message.infer_response.id
+                          and entry[0]), None)
+            if match is None:
+                match = next((entry for entry in pending if not entry[0]), None)
+            if match is None:
+                return reply
+            pending.remove(match)
+            policy.annotate(message.infer_response, match[1].verdict, match[2])
+            return message.SerializeToString()
+
+        async def pump_responses() -> None:
+            try:
+                async for reply in call:
+                    await outbox.put(annotate_stream_reply(reply) if pending else reply)
+            finally:
+                await outbox.put(done)
+
+        requests_task = asyncio.create_task(pump_requests())
+        responses_task = asyncio.create_task(pump_responses())
+        try:
+            initial = forwarding.response_metadata(await call.initial_metadata())
+            if initial:
+                await context.send_initial_metadata(initial)
+            while True:
+                item = await outbox.get()
+                if item is done:
+                    break
+                yield item
+            # Local error replies queued after the upstream closed still belong to the client.
+            while not outbox.empty():
+                yield outbox.get_nowait()
+            await responses_task
+        except grpc.aio.AioRpcError as error:
+            await forwarding.pass_error(context, error, self.passthrough.upstream)
+        finally:
+            for task in (requests_task, responses_task):
+                task.cancel()
+            call.cancel()
+        trailing = forwarding.response_metadata(await call.trailing_metadata())
+        if trailing:
+            context.set_trailing_metadata(trailing)

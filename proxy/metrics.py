@@ -1,0 +1,77 @@
+"""Prometheus metrics of the data path (prometheus-client, `bastion_` prefix, base units)."""
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+
+import bastion
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+
+class Metrics:
+    """One registry per sidecar, so tests and embedded uses never share global state."""
+
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = registry or CollectorRegistry()
+        self.requests = Counter(
+            "bastion_requests", "Inference requests handled, by model, method and gRPC outcome.",
+            ["model", "method", "code"], registry=self.registry)
+        self.request_seconds = Histogram(
+            "bastion_request_duration_seconds",
+            "Time from receiving an inference request to answering it (or forwarding it, for "
+            "stream messages).", ["method"], buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.verdicts = Counter(
+            "bastion_verdicts", "Policy verdicts on inference requests of configured models "
+            "(action is what the policy decided; enforced=false in monitor mode).",
+            ["model", "action", "enforced"], registry=self.registry)
+        self.reasons = Counter(
+            "bastion_reasons", "Reason codes behind non-allow verdicts (bounded by the "
+            "configured stages and rule sets).", ["model", "reason"], registry=self.registry)
+        self.stage_seconds = Histogram(
+            "bastion_stage_duration_seconds", "Time spent in one pipeline stage.",
+            ["model", "stage"], buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.stage_errors = Counter(
+            "bastion_stage_errors", "Stage failures (error or budget_exceeded), handled by the "
+            "stage's on_error.", ["model", "stage", "error"], registry=self.registry)
+        self.scores = Histogram(
+            "bastion_stage_score", "Scores stages gave requests (detector score or characters/"
+            "elements a transform changed).", ["model", "stage"],
+            buckets=(0, 0.1, 0.25, 0.5, 1, 2, 3, 5, 10, 20, 50, 100, 1000), registry=self.registry)
+        self.upstream_ready = Gauge(
+            "bastion_upstream_ready", "1 when the upstream answers ServerReady with ready=true.",
+            registry=self.registry)
+        Info("bastion_build", "Bastion version.", registry=self.registry).info(
+            {"version": bastion.__version__})
+
+        self._model_labels: set[str] = set()
+
+    MAX_MODEL_LABELS = 100
+
+    def model_label(self, model: str) -> str:
+        """Model names come from clients: past a cap, new names share one label value."""
+        if model in self._model_labels:
+            return model
+        if not model:
+            return "_none"
+        if len(self._model_labels) >= self.MAX_MODEL_LABELS:
+            return "_other"
+        self._model_labels.add(model)
+        return model
+
+    def observe_stage(self, model: str, stage: str, seconds: float, error: str | None) -> None:
+        self.stage_seconds.labels(model, stage).observe(seconds)
+        if error is not None:
+            self.stage_errors.labels(model, stage, error).inc()
+
+    def observe_score(self, model: str, stage: str, score: float) -> None:
+        self.scores.labels(model, stage).observe(score)
+
+    def observe_verdict(self, model: str, verdict) -> None:
+        self.verdicts.labels(model, verdict.action, str(verdict.enforced).lower()).inc()
+        if verdict.action != "allow":
+            for reason in verdict.reasons[:8]:
+                self.reasons.labels(model, reason).inc()
+
+    def observe_request(self, method: str, model: str, code: str, seconds: float) -> None:
+        self.requests.labels(self.model_label(model), method, code).inc()
+        self.request_seconds.labels(method).observe(seconds)

@@ -1,0 +1,100 @@
+"""Opaque forwarding of every RPC Bastion does not inspect.
+
+Request and response bytes, metadata, status code and details travel unchanged. Methods known to
+be unary (the v2 service and Triton's extensions) use unary calls; any other method is forwarded
+as a bidirectional stream, which carries unary, client-, server- and bidi-streaming calls alike
+on the wire, so a method Bastion has never heard of still works.
+"""
+from __future__ import annotations
+
+import grpc
+
+from bastion.protos import SERVICE
+from bastion.proxy import forwarding
+from bastion.proxy.upstream import Upstream
+
+# Unary RPCs of KServe v2 and Triton's GRPCInferenceService (ModelInfer and ModelStreamInfer are
+# inspected elsewhere).
+KNOWN_UNARY = frozenset(f"/{SERVICE}/{name}" for name in (
+    "ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelConfig",
+    "ModelStatistics", "RepositoryIndex", "RepositoryModelLoad", "RepositoryModelUnload",
+    "SystemSharedMemoryStatus", "SystemSharedMemoryRegister", "SystemSharedMemoryUnregister",
+    "CudaSharedMemoryStatus", "CudaSharedMemoryRegister", "CudaSharedMemoryUnregister",
+    "TraceSetting", "LogSettings",
+))
+
+
+class Passthrough:
+    def __init__(self, upstream: Upstream, default_timeout_s: float):
+        self.upstream = upstream
+        self.default_timeout_s = default_timeout_s
+
+    def handler_for(self, method: str) -> grpc.RpcMethodHandler:
+        if method in KNOWN_UNARY:
+            async def unary(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+                return await self.forward_unary(method, request, context)
+            return grpc.unary_unary_rpc_method_handler(unary)
+
+        async def stream(request_iterator, context: grpc.aio.ServicerContext):
+            async for reply in self.forward_stream(method, request_iterator, context):
+                yield reply
+        return grpc.stream_stream_rpc_method_handler(stream)
+
+    async def forward_unary(self, method: str, request: bytes,
+                            context: grpc.aio.ServicerContext,
+                            request_id: str | None = None) -> bytes:
+        request_id = request_id or forwarding.new_request_id()
+        call = self.upstream.unary(method)(
+            request, metadata=forwarding.upstream_metadata(context, request_id),
+            timeout=forwarding.deadline(context, self.default_timeout_s))
+        try:
+            reply = await call
+        except grpc.aio.AioRpcError as error:
+            await forwarding.pass_error(context, error, self.upstream)
+        initial = forwarding.response_metadata(await call.initial_metadata())
+        if initial:
+            await context.send_initial_metadata(initial)
+        trailing = forwarding.response_metadata(await call.trailing_metadata())
+        if trailing:
+            context.set_trailing_metadata(trailing)
+        return reply
+
+    async def forward_stream(self, method: str, request_iterator,
+                             context: grpc.aio.ServicerContext):
+        call = self.upstream.stream(method)(
+            request_iterator,
+            metadata=forwarding.upstream_metadata(context, forwarding.new_request_id()),
+            timeout=forwarding.deadline(context, self.default_timeout_s))
+        try:
+            initial = forwarding.response_metadata(await call.initial_metadata())
+            if initial:
+                await context.send_initial_metadata(initial)
+            async for reply in call:
+                yield reply
+        except grpc.aio.AioRpcError as error:
+            await forwarding.pass_error(context, error, self.upstream)
+        finally:
+            # Cancelling our task does not end a stream call awaited only for metadata: end it
+            # explicitly so a client's cancel always reaches the upstream.
+            if not call.done():
+                call.cancel()
+        trailing = forwarding.response_metadata(await call.trailing_metadata())
+        if trailing:
+            context.set_trailing_metadata(trailing)
+
+
+class PassthroughHandler(grpc.GenericRpcHandler):
+    """Catch-all handler: registered last, it answers every method no other handler claimed."""
+
+    def __init__(self, passthrough: Passthrough):
+        self.passthrough = passthrough
+        self._cache: dict[str, grpc.RpcMethodHandler] = {}
+
+    def service(self, handler_call_details):
+        method = handler_call_details.method
+        handler = self._cache.get(method)
+        if handler is None:
+            handler = self.passthrough.handler_for(method)
+            if len(self._cache) < 1024:  # bounded: method names come from clients
+                self._cache[method] = handler
+        return handler

@@ -1,0 +1,319 @@
+"""Per-model filter chain and the one stage wrapper.
+
+Each model's ``pipeline`` in config is an ordered list of stages (Envoy-style filter chain), run
+on the decoded request. Every stage, whatever it does, is run by :class:`StageRunner`, which
+gives it timing, a time budget, ``on_error: open|closed``, metrics and a span, and turns its score
+into a decision with the stage's threshold and action. The policy (:mod:`bastion.proxy.policy`)
+folds the decisions into one verdict.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+from opentelemetry import trace
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from bastion.proxy import stages as stage_registry
+from bastion.proxy.policy import ACTIONS, Decision
+from bastion.transforms.base import InputRejected, Transform, TransformContext
+from bastion.transforms.tensor import TensorError, as_bytes_array
+
+if TYPE_CHECKING:
+    from bastion.config import Config, ModelConfig
+    from bastion.proxy.metrics import Metrics
+
+tracer = trace.get_tracer("bastion.pipeline")
+
+# Options every stage takes, handled here rather than by the stage itself.
+COMMON_KEYS = ("id", "inputs", "threshold", "action", "on_error", "budget_ms", "shadow")
+
+
+class CommonOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    id: str | None = Field(None, pattern=r"^[A-Za-z0-9_.\-]+$")
+    inputs: list[str] | None = None
+    threshold: float | None = None
+    action: Literal["flag", "block", "throttle"] | None = None
+    on_error: Literal["open", "closed"] = "open"
+    budget_ms: float | None = Field(None, gt=0)
+    # A shadow stage runs and annotates but never acts: the per-stage form of monitor mode.
+    shadow: bool = False
+
+
+@dataclasses.dataclass
+class RequestContext:
+    """What one inference request carries through its model's pipeline."""
+    request_id: str
+    model_name: str
+    model_version: str
+    inputs: dict[str, np.ndarray]
+    datatypes: dict[str, str]
+    # Inputs whose data lives out of band (Triton shared memory): present by name, not inspectable.
+    out_of_band: list[str] = dataclasses.field(default_factory=list)
+    invalid_utf8: str = "reject"
+    changed: bool = False
+    scores: dict[str, float] = dataclasses.field(default_factory=dict)
+    decisions: list[Decision] = dataclasses.field(default_factory=list)
+    _texts: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    _texts_changed: set[str] = dataclasses.field(default_factory=set)
+
+    def texts(self, name: str) -> np.ndarray:
+        """The BYTES input ``name`` decoded as UTF-8 str, once per request."""
+        cached = self._texts.get(name)
+        if cached is None:
+            raw = self.inputs[name]
+            cached = np.empty(raw.shape, dtype=object)
+            flat_in, flat_out = raw.reshape(-1), cached.reshape(-1)
+            for index, item in enumerate(flat_in):
+                try:
+                    flat_out[index] = item.decode("utf-8")
+                except UnicodeDecodeError:
+                    if self.invalid_utf8 != "replace":
+                        raise TensorError(f"input '{name}': element {index} is not valid "
+                                          "UTF-8") from None
+                    flat_out[index] = item.decode("utf-8", "replace")
+                    self._texts_changed.add(name)  # forward the repaired text
+                    self.changed = True
+            self._texts[name] = cached
+        return cached
+
+    def set_texts(self, name: str, texts: np.ndarray) -> None:
+        self._texts[name] = texts
+        self._texts_changed.add(name)
+        self.changed = True
+
+    def set_tensor(self, name: str, array: np.ndarray) -> None:
+        self.inputs[name] = array
+        self.changed = True
+
+    def finish(self) -> None:
+        """Write changed texts back into the BYTES inputs before re-encoding."""
+        for name in self._texts_changed:
+            texts = self._texts[name]
+            self.inputs[name] = as_bytes_array(texts.reshape(-1), texts.shape)
+        self._texts_changed.clear()
+
+
+@dataclasses.dataclass(frozen=True)
+class StageConfig:
+    kind_name: str          # registry name, e.g. "sanitize.unicode"
+    stage_id: str           # name in annotations and metrics (defaults to kind_name)
+    common: CommonOptions
+    spec: stage_registry.StageSpec
+    impl: Any               # Transform | Detector
+
+
+def parse_stage(entry: dict, model: ModelConfig, path: str) -> StageConfig:
+    """Validate one pipeline entry; errors are ValueError naming ``path`` and the key."""
+    (name, options), = entry.items()
+    options = dict(options or {})
+    registry = stage_registry.registry()
+    spec = registry.get(name)
+    if spec is None:
+        raise ValueError(f"{path}: unknown stage {name!r} (known stages: "
+                         f"{', '.join(sorted(registry)) or 'none'})")
+    common_data = {k: options.pop(k) for k in COMMON_KEYS if k in options}
+    try:
+        common = CommonOptions.model_validate(common_data)
+        specific = spec.options.model_validate(options)
+        impl = spec.build(specific)
+    except ValidationError as err:
+        item = err.errors()[0]
+        key = ".".join(str(p) for p in item["loc"])
+        message = "unknown key" if item["type"] == "extra_forbidden" else item["msg"]
+        message = message.removeprefix("Value error, ")
+        raise ValueError(f"{path}.{name}{'.' + key if key else ''}: {message}") from None
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{path}.{name}: {err}") from None
+    if common.action is None and common.threshold is not None:
+        common = common.model_copy(update={"action": "block"})
+    if spec.kind == "detector" and common.threshold is None and common.action is not None:
+        raise ValueError(f"{path}.{name}.action: needs a threshold to act on")
+    _check_inputs(name, impl, common, model, path)
+    return StageConfig(name, common.id or name, common, spec, impl)
+
+
+def _check_inputs(name: str, impl, common: CommonOptions, model: ModelConfig, path: str) -> None:
+    accepts = impl.accepts
+    declared = {input_name: _declared_datatype(spec) for input_name, spec in model.inputs.items()}
+    if common.inputs is not None:
+        for input_name in common.inputs:
+            if declared and input_name not in declared:
+                raise ValueError(f"{path}.{name}.inputs: model has no input {input_name!r} "
+                                 f"(declared: {', '.join(declared)})")
+            datatype = declared.get(input_name)
+            if datatype is not None and datatype not in accepts:
+                raise ValueError(f"{path}.{name}: input {input_name!r} is {datatype}, but the stage "
+                                 f"accepts {_describe(accepts)}")
+    elif declared and not any(d is None or d in accepts for d in declared.values()):
+        raise ValueError(f"{path}.{name}: no input of this model fits the stage (it accepts "
+                         f"{_describe(accepts)}; inputs: "
+                         f"{', '.join(f'{k} {v}' for k, v in declared.items())})")
+
+
+def _declared_datatype(spec) -> str | None:
+    if spec.datatype:
+        return spec.datatype
+    return "BYTES" if spec.kind == "text" else None
+
+
+def _describe(accepts: frozenset[str]) -> str:
+    return "BYTES (text)" if accepts == {"BYTES"} else ", ".join(sorted(accepts))
+
+
+class StageRunner:
+    """Runs one configured stage on a request: the one place for timing, budget, errors,
+    metrics and spans."""
+
+    def __init__(self, model_name: str, config: StageConfig, metrics: Metrics | None):
+        self.model_name = model_name
+        self.config = config
+        self.metrics = metrics
+        self.is_transform = isinstance(config.impl, Transform)
+        self.is_text = config.impl.accepts == {"BYTES"}
+
+    def _targets(self, ctx: RequestContext) -> list[str]:
+        wanted = self.config.common.inputs
+        names = wanted if wanted is not None else list(ctx.inputs)
+        accepts = self.config.impl.accepts
+        return [n for n in names if n in ctx.inputs and ctx.datatypes.get(n) in accepts]
+
+    def _run_sync(self, ctx: RequestContext, targets: list[str]) -> tuple[float, list[str], dict]:
+        """Returns (score, reasons, replacements); replacements are applied by the caller so a
+        stage that fails half-way never leaves a half-transformed request."""
+        impl = self.config.impl
+        reasons: list[str] = []
+        if self.is_transform:
+            replacements, total = {}, 0
+            for name in targets:
+                value = ctx.texts(name) if self.is_text else ctx.inputs[name]
+                result = impl.apply(value, TransformContext(ctx.request_id, name, ctx.datatypes[name]))
+                if result.changed:
+                    replacements[name] = result.array
+                    total += result.changed
+                    reasons.extend(f"{self.config.stage_id}:{k}" for k in sorted(result.counts))
+            return float(total), reasons, replacements
+        items, owners = [], []
+        for name in targets:
+            values = ctx.texts(name) if self.is_text else ctx.inputs[name]
+            batch = list(values.reshape(-1)) if self.is_text else [values]
+            items.extend(batch)
+            owners.extend([name] * len(batch))
+        if not items:
+            return 0.0, [], {}
+        scores = np.asarray(impl.score(items), dtype=np.float64)
+        worst = int(np.argmax(scores))
+        reasons = impl.reasons(items[worst]) if scores[worst] > 0 else []
+        return float(scores[worst]), reasons, {}
+
+    async def run(self, ctx: RequestContext) -> Decision | None:
+        common = self.config.common
+        stage_id = self.config.stage_id
+        targets = self._targets(ctx)
+        if not targets:
+            return None
+        started = time.perf_counter()
+        with tracer.start_as_current_span(f"bastion.stage {stage_id}") as span:
+            error = None
+            try:
+                if self.config.spec.offload:
+                    work = asyncio.to_thread(self._run_sync, ctx, targets)
+                    timeout = common.budget_ms / 1000 if common.budget_ms else None
+                    score, reasons, replacements = await asyncio.wait_for(work, timeout)
+                else:
+                    score, reasons, replacements = self._run_sync(ctx, targets)
+                elapsed = time.perf_counter() - started
+                if common.budget_ms and elapsed * 1000 > common.budget_ms:
+                    error = "budget_exceeded"
+            except (InputRejected, TensorError):
+                raise  # a rule break is a verdict on the request, not a stage failure
+            except asyncio.TimeoutError:
+                error = "budget_exceeded"
+            except Exception as exc:  # noqa: BLE001 - any stage bug is handled by on_error
+                error = "error"
+                span.record_exception(exc)
+            elapsed = time.perf_counter() - started
+            if self.metrics is not None:
+                self.metrics.observe_stage(self.model_name, stage_id, elapsed, error)
+            if error is not None:
+                span.set_attribute("bastion.stage.error", error)
+                if common.on_error == "closed":
+                    return Decision(stage_id, "block", None, [f"stage_{error}"],
+                                    shadow=common.shadow)
+                return Decision(stage_id, "allow", None, [f"stage_{error}:fail_open"],
+                                shadow=common.shadow)
+            for name, value in replacements.items():
+                ctx.set_texts(name, value) if self.is_text else ctx.set_tensor(name, value)
+            ctx.scores[stage_id] = score
+            if self.metrics is not None:
+                self.metrics.observe_score(self.model_name, stage_id, score)
+            span.set_attribute("bastion.stage.score", score)
+            acted = common.threshold is not None and score >= common.threshold
+            if acted:
+                action = common.action or "block"
+            elif self.is_transform and replacements:
+                action = "transform"
+            else:
+                action = "allow"
+            if action != "allow":
+                span.set_attribute("bastion.stage.action", action)
+            return Decision(stage_id, action, score, reasons if action != "allow" else [],
+                            threshold=common.threshold, shadow=common.shadow)
+
+
+class Pipeline:
+    """An ordered chain of stages for one model."""
+
+    def __init__(self, model_name: str, model: ModelConfig, runners: list[StageRunner]):
+        self.model_name = model_name
+        self.model = model
+        self.runners = runners
+
+    def __bool__(self) -> bool:
+        return bool(self.runners)
+
+    async def run(self, ctx: RequestContext, stop_on_block: bool) -> RequestContext:
+        for runner in self.runners:
+            decision = await runner.run(ctx)
+            if decision is None:
+                continue
+            ctx.decisions.append(decision)
+            if stop_on_block and decision.action == "block" and not decision.shadow:
+                break  # nothing later can change a block; spare the work
+        ctx.finish()
+        return ctx
+
+
+def build_pipeline(model_name: str, model: ModelConfig, metrics: Metrics | None = None) -> Pipeline:
+    runners = []
+    for index, entry in enumerate(model.pipeline):
+        config = parse_stage(entry, model, f"models.{model_name}.pipeline.{index}")
+        runners.append(StageRunner(model_name, config, metrics))
+    return Pipeline(model_name, model, runners)
+
+
+def validate_pipelines(config: Config) -> list[str]:
+    """Problems with the configured pipelines, each naming its key path."""
+    problems = []
+    for model_name, model in config.models.items():
+        ids: dict[str, int] = {}
+        for index, entry in enumerate(model.pipeline):
+            path = f"models.{model_name}.pipeline.{index}"
+            try:
+                stage = parse_stage(entry, model, path)
+            except ValueError as err:
+                problems.append(str(err))
+                continue
+            if stage.stage_id in ids:
+                problems.append(f"{path}: stage id {stage.stage_id!r} is already used by stage "
+                                f"{ids[stage.stage_id]}; give one an `id`")
+            ids[stage.stage_id] = index
+    return problems
+
+
+__all__ = ["ACTIONS", "Pipeline", "RequestContext", "StageRunner", "build_pipeline",
+           "validate_pipelines", "parse_stage"]

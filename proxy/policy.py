@@ -1,0 +1,94 @@
+"""Policy: fold per-stage decisions into one verdict, and the verdict contract clients rely on.
+
+Severity order: allow < transform < flag < throttle < block. In ``enforce`` mode the verdict is
+carried out; in ``monitor`` mode nothing is blocked or changed, and every response says what
+would have happened. Shadow stages never act in either mode.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import grpc
+
+from bastion.protos import pb
+
+ACTIONS = ("allow", "transform", "flag", "throttle", "block")
+SEVERITY = {action: rank for rank, action in enumerate(ACTIONS)}
+
+VERDICT_KEY = "bastion.verdict"
+REASONS_KEY = "bastion.reasons"
+SCORE_PREFIX = "bastion.score."
+REQUEST_ID_PARAM = "bastion.request_id"
+MODE_KEY = "bastion.mode"
+
+
+@dataclasses.dataclass(frozen=True)
+class Decision:
+    stage: str
+    action: str
+    score: float | None
+    reasons: list[str]
+    threshold: float | None = None
+    shadow: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Verdict:
+    action: str                 # what the policy decided (what monitor mode would have done)
+    enforced: bool              # False in monitor mode: the request goes through unchanged
+    deciding: Decision | None   # the most severe acting decision
+    reasons: tuple[str, ...]
+    scores: dict[str, float]
+
+    @property
+    def blocks(self) -> bool:
+        return self.enforced and self.action in ("block", "throttle")
+
+    @property
+    def forwards_transformed(self) -> bool:
+        return self.enforced and self.action != "block"
+
+
+def decide(decisions: list[Decision], scores: dict[str, float], mode: str) -> Verdict:
+    acting = [d for d in decisions if not d.shadow]
+    deciding = max(acting, key=lambda d: SEVERITY[d.action], default=None)
+    action = deciding.action if deciding is not None else "allow"
+    reasons = []
+    for decision in decisions:
+        for reason in decision.reasons:
+            tagged = f"shadow:{reason}" if decision.shadow else reason
+            if tagged not in reasons:
+                reasons.append(tagged)
+    return Verdict(action, mode == "enforce", deciding, tuple(reasons), dict(scores))
+
+
+def refusal(verdict: Verdict, request_id: str, retry_after_ms: int = 1000):
+    """(status code, details, trailers) for a verdict that blocks or throttles."""
+    deciding = verdict.deciding
+    stage = deciding.stage if deciding else "policy"
+    reason = deciding.reasons[0] if deciding and deciding.reasons else verdict.action
+    trailers = [("bastion-verdict", verdict.action),
+                ("bastion-reasons", ",".join(verdict.reasons) or reason),
+                ("bastion-request-id", request_id)]
+    if verdict.action == "throttle":
+        trailers.append(("retry-after-ms", str(retry_after_ms)))
+        return (grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"bastion: throttled by {stage} ({reason})", tuple(trailers))
+    return (grpc.StatusCode.PERMISSION_DENIED, f"bastion: blocked by {stage} ({reason})",
+            tuple(trailers))
+
+
+def needs_annotation(verdict: Verdict) -> bool:
+    """Monitor mode annotates every response; enforce mode only non-allow ones, so allowed
+    traffic stays byte-identical to what the upstream sent."""
+    return not verdict.enforced or verdict.action != "allow"
+
+
+def annotate(response: pb.ModelInferResponse, verdict: Verdict, request_id: str) -> None:
+    params = response.parameters
+    params[VERDICT_KEY].string_param = verdict.action
+    params[REASONS_KEY].string_param = ",".join(verdict.reasons)
+    params[MODE_KEY].string_param = "enforce" if verdict.enforced else "monitor"
+    params[REQUEST_ID_PARAM].string_param = request_id
+    for stage, score in verdict.scores.items():
+        params[SCORE_PREFIX + stage].double_param = score
