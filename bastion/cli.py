@@ -29,7 +29,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     except ConfigError as err:
         print(err, file=sys.stderr)
         return 2
-    _run(serve(config))
+    _run(serve(config, pathlib.Path(args.config) if args.config else None))
     return 0
 
 

@@ -55,6 +55,39 @@ class LimitsConfig(_Strict):
     max_concurrent_streams: int | None = Field(None, gt=0)
 
 
+class ShutdownConfig(_Strict):
+    # On SIGTERM readiness turns false at once; new calls are still served for this long so load
+    # balancers and kube-proxy stop routing here before anything is refused.
+    drain_delay_s: float = Field(2.0, ge=0)
+    # Then new calls are refused and in-flight ones (streams included) get this long to finish.
+    grace_s: float = Field(25.0, ge=0)
+
+
+class ReloadConfig(_Strict):
+    # The config file and the folder around it are polled this often; SIGHUP reloads at once.
+    watch_interval_s: float = Field(1.0, gt=0)
+
+
+class TracingConfig(_Strict):
+    enabled: bool = False
+    # OTLP/gRPC collector, e.g. 127.0.0.1:4317; unset = OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT.
+    endpoint: str | None = None
+    insecure: bool = True
+    sample_ratio: float = Field(1.0, ge=0, le=1)
+    service_name: str = "bastion"
+
+
+class AuditConfig(_Strict):
+    enabled: bool = True
+    # "stdout" or a file path (rotated at max_bytes, keeping backup_count files).
+    output: str = "stdout"
+    max_bytes: int = Field(50 * 1024 * 1024, gt=0)
+    backup_count: int = Field(5, ge=0)
+    # Client identities are logged as HMAC-SHA256 with this key (from the named environment
+    # variable); without it a random per-process key is used, so hashes do not link restarts.
+    client_hash_key_env: str = "BASTION_AUDIT_KEY"
+
+
 class InputSpec(_Strict):
     """What the sidecar knows about one model input; stages check they fit it."""
     datatype: str | None = None
@@ -84,6 +117,9 @@ class ModelConfig(_Strict):
     shared_memory: Literal["deny", "pass"] | None = None
     # A BYTES element that is not UTF-8: refuse (INVALID_ARGUMENT) or decode with U+FFFD.
     invalid_utf8: Literal["reject", "replace"] = "reject"
+    # Check each request's datatypes and shapes against the upstream's ModelMetadata (fetched
+    # when the upstream becomes ready); `inputs` entries above override what is learned.
+    learn_inputs: bool = True
     # Sent in the `retry-after-ms` trailer when a stage's action is `throttle`.
     retry_after_ms: int = Field(1000, ge=0)
     # Ordered stages, each a one-key mapping {stage-name: {options}}; see bastion.proxy.pipeline.
@@ -105,6 +141,10 @@ class Config(_Strict):
     admin: str = "127.0.0.1:8002"
     upstream: UpstreamConfig = UpstreamConfig()
     limits: LimitsConfig = LimitsConfig()
+    shutdown: ShutdownConfig = ShutdownConfig()
+    reload: ReloadConfig = ReloadConfig()
+    tracing: TracingConfig = TracingConfig()
+    audit: AuditConfig = AuditConfig()
     models: dict[str, ModelConfig] = {}
 
     @field_validator("listen", "admin")

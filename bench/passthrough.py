@@ -330,6 +330,9 @@ def summarize(raw: dict, targets: list[str], cells: list[tuple[int, int]]) -> di
                 "mean_ms": (sum(lat) / n * 1e3) if n else float("nan"),
                 "proxy_cpu_us_per_req": (sum(run["proxy_cpu"] for run in runs) / n * 1e6
                                          if has_proxy and n else None),
+                "proxy_cpu_us_per_req_rounds": [
+                    run["proxy_cpu"] / len(run["latencies"]) * 1e6 if run["latencies"] else None
+                    for run in runs] if has_proxy else None,
                 "upstream_cpu_us_per_req": sum(run["upstream_cpu"] for run in runs) / n * 1e6
                 if n else None,
                 "client_cpu_us_per_req": sum(run["client_cpu"] for run in runs) / n * 1e6
@@ -351,8 +354,15 @@ def ratios(rows: list[dict]) -> list[dict]:
         entry = {"target": target, "payload_bytes": payload, "in_flight": in_flight}
         if bare and bare["proxy_cpu_us_per_req"] and row["proxy_cpu_us_per_req"] is not None:
             entry["cpu_per_req_vs_bare"] = row["proxy_cpu_us_per_req"] / bare["proxy_cpu_us_per_req"]
+            # Paired by round: the two windows of a round ran back to back.
+            entry["cpu_per_req_vs_bare_rounds"] = [
+                a / b for a, b in zip(row["proxy_cpu_us_per_req_rounds"],
+                                      bare["proxy_cpu_us_per_req_rounds"]) if a and b]
         if direct and direct["throughput_rps"]:
             entry["throughput_vs_direct"] = row["throughput_rps"] / direct["throughput_rps"]
+            entry["throughput_vs_direct_rounds"] = [
+                a / b for a, b in zip(row["throughput_rps_rounds"],
+                                      direct["throughput_rps_rounds"]) if b]
         out.append(entry)
     return out
 
@@ -360,6 +370,10 @@ def ratios(rows: list[dict]) -> list[dict]:
 # ---- report -----------------------------------------------------------------------------------
 def fmt(value, spec: str) -> str:
     return "–" if value is None else format(value, spec)
+
+
+def spread(values) -> str:
+    return f"{min(values):.2f}–{max(values):.2f}" if values else "–"
 
 
 def size(payload: int) -> str:
@@ -381,7 +395,8 @@ def markdown(result: dict) -> str:
             f"| {fmt(r['client_cpu_us_per_req'], '.0f')} "
             f"| {fmt(r['background_cores'], '.2f')} |")
     lines += ["", "| target | payload | in flight | proxy CPU/req vs bare_proxy (target ≤ 1.2×) "
-              "| req/s vs direct (target ≥ 0.6× at 16 in flight) |", "|---|---|---:|---:|---:|"]
+              "| per-round range | req/s vs direct (target ≥ 0.6× at 16 in flight) "
+              "| per-round range |", "|---|---|---:|---:|---:|---:|---:|"]
     for e in sorted(result["ratios"], key=lambda e: (e["target"] != "bastion", e["target"],
                                                      e["payload_bytes"], e["in_flight"])):
         cpu = e.get("cpu_per_req_vs_bare")
@@ -392,7 +407,8 @@ def markdown(result: dict) -> str:
             (" ✅" if tput >= 0.6 else " ❌") if e["target"] == "bastion"
             and e["in_flight"] == 16 else "")
         lines.append(f"| {e['target']} | {size(e['payload_bytes'])} | {e['in_flight']} "
-                     f"| {cpu_s} | {tput_s} |")
+                     f"| {cpu_s} | {spread(e.get('cpu_per_req_vs_bare_rounds'))} "
+                     f"| {tput_s} | {spread(e.get('throughput_vs_direct_rounds'))} |")
     return "\n".join(lines)
 
 

@@ -18,12 +18,14 @@ from google.protobuf.message import DecodeError
 from bastion.protos import SERVICE, pb
 from bastion.proxy import forwarding
 from bastion.proxy.metrics import Metrics
-from bastion.proxy import policy
+from bastion.proxy import policy, telemetry
+from bastion.proxy.audit import AuditLog, client_identity
 from bastion.proxy.pipeline import RequestContext
 from bastion.proxy.passthrough import Passthrough
 from bastion.proxy.state import SidecarState
 from bastion.transforms import tensor
 from bastion.transforms.base import InputRejected
+from bastion.transforms.validate import check as check_tensor
 
 log = logging.getLogger("bastion.inference")
 
@@ -37,7 +39,7 @@ class Rejected(Exception):
     """A request Bastion refuses; ``code``, ``details`` and ``trailers`` go to the client."""
 
     def __init__(self, code: grpc.StatusCode, details: str, reason: str,
-                 trailers: tuple = (), verdict: str = "invalid"):
+                 trailers: tuple = (), verdict: policy.Verdict | None = None):
         super().__init__(details)
         self.code = code
         self.details = details
@@ -53,15 +55,36 @@ class Inspected:
     verdict: policy.Verdict | None   # None: no configured model, nothing to say
 
 
+def _model_name(raw: bytes) -> str:
+    """The model a (possibly malformed) request names, for logs; empty if unparseable."""
+    try:
+        return pb.ModelInferRequest.FromString(raw).model_name[:128]
+    except DecodeError:
+        return ""
+
+
+def request_datatype(request: pb.ModelInferRequest, name: str) -> str:
+    return next(t.datatype for t in request.inputs if t.name == name)
+
+
 def _invalid(message: str) -> Rejected:
     return Rejected(grpc.StatusCode.INVALID_ARGUMENT, f"bastion: {message}", "malformed")
 
 
 class InferenceHandler:
-    def __init__(self, state: SidecarState, passthrough: Passthrough, metrics: Metrics):
+    def __init__(self, state: SidecarState, passthrough: Passthrough, metrics: Metrics,
+                 audit: AuditLog):
         self.state = state
         self.passthrough = passthrough
         self.metrics = metrics
+        self.audit = audit
+
+    def _audit(self, context, request_id: str, model: str, method: str, status: str,
+               verdict: policy.Verdict | None, reason: str | None = None) -> None:
+        if verdict is not None and verdict.action == "allow" and status == "OK":
+            return
+        self.audit.decision(request_id=request_id, client=client_identity(context), model=model,
+                            method=method, status=status, verdict=verdict, reason=reason)
 
     # ---- shared inspection -------------------------------------------------------------
     async def inspect(self, raw: bytes, request_id: str) -> Inspected:
@@ -82,6 +105,12 @@ class InferenceHandler:
             raise _invalid(str(err)) from None
         if model is None:
             return Inspected(model_name, raw, None)
+        try:
+            for name, spec in self.state.input_specs(model_name).items():
+                if name in inputs:
+                    check_tensor(inputs[name], request_datatype(request, name), spec, name)
+        except InputRejected as err:
+            raise _invalid(str(err)) from None
         pipeline = snapshot.pipelines[model_name]
         ctx = RequestContext(request_id=request_id, model_name=model_name,
                              model_version=request.model_version, inputs=inputs,
@@ -95,7 +124,7 @@ class InferenceHandler:
         self.metrics.observe_verdict(model_name, verdict)
         if verdict.blocks:
             code, details, trailers = policy.refusal(verdict, request_id, model.retry_after_ms)
-            raise Rejected(code, details, verdict.action, trailers, verdict.action)
+            raise Rejected(code, details, verdict.action, trailers, verdict)
         if ctx.changed and verdict.forwards_transformed:
             tensor.encode_request(request, ctx.inputs, ctx.datatypes)
             return Inspected(model_name, request.SerializeToString(), verdict)
@@ -112,7 +141,7 @@ class InferenceHandler:
         self.metrics.observe_verdict(request.model_name, verdict)
         if verdict.blocks:
             code, details, trailers = policy.refusal(verdict, request_id)
-            raise Rejected(code, details, "shared_memory", trailers, verdict.action)
+            raise Rejected(code, details, "shared_memory", trailers, verdict)
         return Inspected(request.model_name, raw, verdict)
 
     @staticmethod
@@ -129,34 +158,47 @@ class InferenceHandler:
         request_id = forwarding.new_request_id()
         model = ""
         outcome = "error"
-        try:
-            inspected = await self.inspect(raw, request_id)
-            model = inspected.model
-            reply = await self.passthrough.forward_unary(MODEL_INFER, inspected.body, context,
-                                                         request_id)
-            outcome = "OK"
-            return self.annotated(reply, inspected, request_id)
-        except Rejected as rejected:
-            outcome = rejected.code.name
-            trailers = rejected.trailers or ((forwarding.REQUEST_ID_KEY, request_id),)
-            await context.abort(rejected.code, rejected.details, trailers)
-        except asyncio.CancelledError:
-            outcome = "CANCELLED"
-            raise
-        except grpc.aio.AbortError:
-            outcome = (context.code() or grpc.StatusCode.UNKNOWN).name
-            raise
-        finally:
-            self.metrics.observe_request("ModelInfer", model, outcome,
-                                         time.perf_counter() - started)
+        with telemetry.server_span(MODEL_INFER, context) as span:
+            if span is not None:
+                span.set_attribute("bastion.request_id", request_id)
+            try:
+                inspected = await self.inspect(raw, request_id)
+                model = inspected.model
+                telemetry.record_verdict(span, inspected.verdict)
+                reply = await self.passthrough.forward_unary(MODEL_INFER, inspected.body, context,
+                                                             request_id)
+                outcome = "OK"
+                if inspected.verdict is not None:
+                    self._audit(context, request_id, model, "ModelInfer", outcome, inspected.verdict)
+                return self.annotated(reply, inspected, request_id)
+            except Rejected as rejected:
+                outcome = rejected.code.name
+                telemetry.record_verdict(span, rejected.verdict)
+                self._audit(context, request_id, model or _model_name(raw), "ModelInfer", outcome,
+                            rejected.verdict, rejected.reason)
+                trailers = rejected.trailers or ((forwarding.REQUEST_ID_KEY, request_id),)
+                await context.abort(rejected.code, rejected.details, trailers)
+            except asyncio.CancelledError:
+                outcome = "CANCELLED"
+                raise
+            except grpc.aio.AbortError:
+                outcome = (context.code() or grpc.StatusCode.UNKNOWN).name
+                raise
+            finally:
+                telemetry.record_status(span, getattr(grpc.StatusCode, outcome,
+                                                      grpc.StatusCode.UNKNOWN))
+                self.metrics.observe_request("ModelInfer", model, outcome,
+                                             time.perf_counter() - started)
 
     # ---- bidirectional stream ----------------------------------------------------------
     async def model_stream_infer(self, request_iterator, context: grpc.aio.ServicerContext):
         """Each request is inspected on its own; a refused one gets a ModelStreamInferResponse
         with ``error_message`` (Triton's per-request error) and the stream goes on."""
         stream_id = forwarding.new_request_id()
+        span = telemetry.start_stream_span(MODEL_STREAM_INFER, context)
         call = self.passthrough.upstream.stream(MODEL_STREAM_INFER)(
-            metadata=forwarding.upstream_metadata(context, stream_id),
+            metadata=telemetry.inject_headers(forwarding.upstream_metadata(context, stream_id),
+                                              span),
             timeout=forwarding.deadline(context, self.passthrough.default_timeout_s))
         outbox: asyncio.Queue = asyncio.Queue()
         done = object()
@@ -174,11 +216,16 @@ class InferenceHandler:
                 except Rejected as rejected:
                     self.metrics.observe_request("ModelStreamInfer", "", rejected.code.name,
                                                  time.perf_counter() - started)
+                    self._audit(context, request_id, _model_name(raw), "ModelStreamInfer",
+                                rejected.code.name, rejected.verdict, rejected.reason)
                     reply = pb.ModelStreamInferResponse(error_message=rejected.details)
                     await outbox.put(reply.SerializeToString())
                     continue
                 self.metrics.observe_request("ModelStreamInfer", inspected.model, "forwarded",
                                              time.perf_counter() - started)
+                if inspected.verdict is not None:
+                    self._audit(context, request_id, inspected.model, "ModelStreamInfer",
+                                "OK", inspected.verdict)
                 if inspected.verdict is not None and policy.needs_annotation(inspected.verdict):
                     client_id = pb.ModelInferRequest.FromString(raw).id
                     pending.append((client_id, inspected, request_id))
@@ -230,6 +277,8 @@ class InferenceHandler:
             for task in (requests_task, responses_task):
                 task.cancel()
             call.cancel()
+            if span is not None:
+                span.end()
         trailing = forwarding.response_metadata(await call.trailing_metadata())
         if trailing:
             context.set_trailing_metadata(trailing)

@@ -40,6 +40,16 @@ class Metrics:
         self.upstream_ready = Gauge(
             "bastion_upstream_ready", "1 when the upstream answers ServerReady with ready=true.",
             registry=self.registry)
+        self.reloads = Counter(
+            "bastion_config_reloads", "Config reload attempts by result.", ["result"],
+            registry=self.registry)
+        self.last_reload = Gauge(
+            "bastion_config_last_reload_success_timestamp_seconds",
+            "Unix time of the last successful config load (start-up counts).",
+            registry=self.registry)
+        self.last_reload.set_to_current_time()
+        self.draining = Gauge(
+            "bastion_draining", "1 while the sidecar drains after SIGTERM.", registry=self.registry)
         Info("bastion_build", "Bastion version.", registry=self.registry).info(
             {"version": bastion.__version__})
 
@@ -57,6 +67,11 @@ class Metrics:
             return "_other"
         self._model_labels.add(model)
         return model
+
+    def observe_reload(self, ok: bool) -> None:
+        self.reloads.labels("success" if ok else "failure").inc()
+        if ok:
+            self.last_reload.set_to_current_time()
 
     def observe_stage(self, model: str, stage: str, seconds: float, error: str | None) -> None:
         self.stage_seconds.labels(model, stage).observe(seconds)

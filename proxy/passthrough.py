@@ -10,7 +10,7 @@ from __future__ import annotations
 import grpc
 
 from bastion.protos import SERVICE
-from bastion.proxy import forwarding
+from bastion.proxy import forwarding, telemetry
 from bastion.proxy.upstream import Upstream
 
 # Unary RPCs of KServe v2 and Triton's GRPCInferenceService (ModelInfer and ModelStreamInfer are
@@ -32,7 +32,14 @@ class Passthrough:
     def handler_for(self, method: str) -> grpc.RpcMethodHandler:
         if method in KNOWN_UNARY:
             async def unary(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
-                return await self.forward_unary(method, request, context)
+                with telemetry.server_span(method, context) as span:
+                    try:
+                        reply = await self.forward_unary(method, request, context)
+                    except grpc.aio.AbortError:
+                        telemetry.record_status(span, context.code() or grpc.StatusCode.UNKNOWN)
+                        raise
+                    telemetry.record_status(span, grpc.StatusCode.OK)
+                    return reply
             return grpc.unary_unary_rpc_method_handler(unary)
 
         async def stream(request_iterator, context: grpc.aio.ServicerContext):
@@ -44,13 +51,17 @@ class Passthrough:
                             context: grpc.aio.ServicerContext,
                             request_id: str | None = None) -> bytes:
         request_id = request_id or forwarding.new_request_id()
-        call = self.upstream.unary(method)(
-            request, metadata=forwarding.upstream_metadata(context, request_id),
-            timeout=forwarding.deadline(context, self.default_timeout_s))
-        try:
-            reply = await call
-        except grpc.aio.AioRpcError as error:
-            await forwarding.pass_error(context, error, self.upstream)
+        with telemetry.upstream_span(method, self.upstream.target) as span:
+            call = self.upstream.unary(method)(
+                request, metadata=telemetry.inject_headers(
+                    forwarding.upstream_metadata(context, request_id)),
+                timeout=forwarding.deadline(context, self.default_timeout_s))
+            try:
+                reply = await call
+            except grpc.aio.AioRpcError as error:
+                telemetry.record_status(span, error.code())
+                await forwarding.pass_error(context, error, self.upstream)
+            telemetry.record_status(span, grpc.StatusCode.OK)
         initial = forwarding.response_metadata(await call.initial_metadata())
         if initial:
             await context.send_initial_metadata(initial)
@@ -61,9 +72,11 @@ class Passthrough:
 
     async def forward_stream(self, method: str, request_iterator,
                              context: grpc.aio.ServicerContext):
+        span = telemetry.start_stream_span(method, context)
         call = self.upstream.stream(method)(
             request_iterator,
-            metadata=forwarding.upstream_metadata(context, forwarding.new_request_id()),
+            metadata=telemetry.inject_headers(
+                forwarding.upstream_metadata(context, forwarding.new_request_id()), span),
             timeout=forwarding.deadline(context, self.default_timeout_s))
         try:
             initial = forwarding.response_metadata(await call.initial_metadata())
@@ -72,12 +85,15 @@ class Passthrough:
             async for reply in call:
                 yield reply
         except grpc.aio.AioRpcError as error:
+            telemetry.record_status(span, error.code())
             await forwarding.pass_error(context, error, self.upstream)
         finally:
             # Cancelling our task does not end a stream call awaited only for metadata: end it
             # explicitly so a client's cancel always reaches the upstream.
             if not call.done():
                 call.cancel()
+            if span is not None:
+                span.end()
         trailing = forwarding.response_metadata(await call.trailing_metadata())
         if trailing:
             context.set_trailing_metadata(trailing)

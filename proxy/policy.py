@@ -39,6 +39,7 @@ class Verdict:
     deciding: Decision | None   # the most severe acting decision
     reasons: tuple[str, ...]
     scores: dict[str, float]
+    thresholds: dict[str, float] = dataclasses.field(default_factory=dict)
 
     @property
     def blocks(self) -> bool:
@@ -59,7 +60,8 @@ def decide(decisions: list[Decision], scores: dict[str, float], mode: str) -> Ve
             tagged = f"shadow:{reason}" if decision.shadow else reason
             if tagged not in reasons:
                 reasons.append(tagged)
-    return Verdict(action, mode == "enforce", deciding, tuple(reasons), dict(scores))
+    thresholds = {d.stage: d.threshold for d in decisions if d.threshold is not None}
+    return Verdict(action, mode == "enforce", deciding, tuple(reasons), dict(scores), thresholds)
 
 
 def refusal(verdict: Verdict, request_id: str, retry_after_ms: int = 1000):

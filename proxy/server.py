@@ -3,19 +3,24 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import pathlib
 import signal
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from bastion.config import Config
-from bastion.protos import SERVICE
+from bastion.protos import SERVICE, pb
+from bastion.proxy import telemetry
 from bastion.proxy.admin import AdminServer
+from bastion.proxy.audit import AuditLog
 from bastion.proxy.inference import MODEL_INFER, MODEL_STREAM_INFER, InferenceHandler
 from bastion.proxy.metrics import Metrics
 from bastion.proxy.passthrough import Passthrough, PassthroughHandler
+from bastion.proxy.reload import ConfigReloader
 from bastion.proxy.state import SidecarState
 from bastion.proxy.upstream import Upstream
+from bastion.transforms.validate import specs_from_metadata
 
 log = logging.getLogger("bastion.server")
 
@@ -40,9 +45,12 @@ class Sidecar:
         self.state = SidecarState(config, self.metrics)
         self.upstream = Upstream(config.upstream)
         self.passthrough = Passthrough(self.upstream, config.upstream.timeout_s)
-        self.inference = InferenceHandler(self.state, self.passthrough, self.metrics)
+        self.audit = AuditLog(config.audit)
+        self.inference = InferenceHandler(self.state, self.passthrough, self.metrics, self.audit)
         self.health = health.aio.HealthServicer()
-        self.admin = AdminServer(self.metrics.registry, lambda: self.upstream.ready)
+        self.draining = False
+        self.admin = AdminServer(self.metrics.registry,
+                                 lambda: self.upstream.ready and not self.draining)
         self.server: grpc.aio.Server | None = None
         self.grpc_port = 0
         self.admin_port = 0
@@ -69,32 +77,83 @@ class Sidecar:
         log.info("listening grpc=%s admin=%s upstream=%s", self.grpc_port, self.admin_port,
                  self.upstream.target)
 
-    async def _set_health(self, ready: bool) -> None:
-        status = (health_pb2.HealthCheckResponse.SERVING if ready
+    async def _learn_inputs(self) -> None:
+        """Fetch ModelMetadata for configured models so requests can be checked against it."""
+        call = self.upstream.channel.unary_unary(
+            f"/{SERVICE}/ModelMetadata", request_serializer=pb.ModelMetadataRequest.SerializeToString,
+            response_deserializer=pb.ModelMetadataResponse.FromString)
+        for name, model in self.state.current.config.models.items():
+            if not model.learn_inputs:
+                continue
+            try:
+                metadata = await call(pb.ModelMetadataRequest(name=name), timeout=5)
+            except grpc.aio.AioRpcError as err:
+                log.warning("no ModelMetadata for %s from the upstream (%s): its requests are "
+                            "checked against config only", name, err.code().name)
+                continue
+            self.state.learned[name] = specs_from_metadata(metadata, finite=False)
+            log.info("learned inputs of %s: %s", name, ", ".join(
+                f"{k} {v.datatype} {list(v.shape or ())}" for k, v in self.state.learned[name].items()))
+
+    async def refresh_learned_inputs(self) -> None:
+        if self.upstream.ready:
+            await self._learn_inputs()
+
+    async def _set_health(self, upstream_ready: bool) -> None:
+        if upstream_ready and not self.draining:
+            await self._learn_inputs()
+        self.metrics.upstream_ready.set(1 if upstream_ready else 0)
+        serving = upstream_ready and not self.draining
+        status = (health_pb2.HealthCheckResponse.SERVING if serving
                   else health_pb2.HealthCheckResponse.NOT_SERVING)
-        self.metrics.upstream_ready.set(1 if ready else 0)
         for service in ("", SERVICE):
             await self.health.set(service, status)
+
+    async def drain(self) -> None:
+        """SIGTERM: readiness false first, keep serving through the drain delay (so endpoints
+        are withdrawn before anything is refused), then refuse new calls and give in-flight ones
+        the grace period."""
+        shutdown = self.config.shutdown
+        self.draining = True
+        self.metrics.draining.set(1)
+        await self._set_health(self.upstream.ready)
+        log.info("draining: not ready; refusing new calls in %.1fs, grace %.1fs",
+                 shutdown.drain_delay_s, shutdown.grace_s)
+        await asyncio.sleep(shutdown.drain_delay_s)
+        await self.stop(shutdown.grace_s)
 
     async def stop(self, grace_s: float = 5.0) -> None:
         if self.server is not None:
             await self.server.stop(grace_s)
         await self.admin.stop()
         await self.upstream.close()
+        self.audit.close()
 
 
-async def serve(config: Config, ready_message: bool = True) -> None:
-    """Run until SIGTERM/SIGINT, then drain in-flight calls and exit."""
+async def serve(config: Config, config_path: pathlib.Path | None = None,
+                ready_message: bool = True) -> None:
+    """Run until SIGTERM/SIGINT, then drain and exit; SIGHUP or a file change reloads config."""
+    telemetry.setup_tracing(config.tracing)
     sidecar = Sidecar(config)
     await sidecar.start()
+    reloader = None
+    loop = asyncio.get_running_loop()
+    if config_path is not None:
+        reloader = ConfigReloader(config_path, sidecar.state, sidecar.metrics,
+                                  on_reloaded=sidecar.refresh_learned_inputs)
+        reloader.start(config.reload.watch_interval_s)
+        loop.add_signal_handler(signal.SIGHUP,
+                                lambda: loop.create_task(reloader.reload("SIGHUP")))
     if ready_message:
         # One machine-readable line, so tools (and tests) using port 0 learn the real ports.
         print(f"bastion: serving grpc={sidecar.grpc_port} admin={sidecar.admin_port} "
               f"upstream={config.upstream.target}", flush=True)
     stopping = asyncio.Event()
-    loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
     await stopping.wait()
-    log.info("shutting down")
-    await sidecar.stop()
+    if reloader is not None:
+        await reloader.stop()
+    await sidecar.drain()
+    telemetry.shutdown_tracing()
+    log.info("stopped")

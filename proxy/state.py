@@ -9,6 +9,7 @@ import dataclasses
 
 from bastion.config import Config
 from bastion.proxy.pipeline import Pipeline, build_pipeline
+from bastion.transforms.validate import TensorSpec
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,7 +27,28 @@ class SidecarState:
     def __init__(self, config: Config, metrics=None):
         self.metrics = metrics
         self.current = build_snapshot(config, metrics)
+        # Input specs learned from the upstream's ModelMetadata, per model; kept across reloads.
+        self.learned: dict[str, dict[str, TensorSpec]] = {}
 
-    def replace(self, config: Config) -> None:
-        """Build the new snapshot fully, then swap it in with one assignment."""
-        self.current = build_snapshot(config, self.metrics)
+    def input_specs(self, model_name: str) -> dict[str, TensorSpec]:
+        """Datatype/shape rules for a configured model: learned, overridden by config."""
+        model = self.current.config.models.get(model_name)
+        if model is None:
+            return {}
+        specs = dict(self.learned.get(model_name, {})) if model.learn_inputs else {}
+        for name, declared in model.inputs.items():
+            datatype = declared.datatype or ("BYTES" if declared.kind == "text" else None)
+            if datatype or declared.shape:
+                learned = specs.get(name)
+                specs[name] = TensorSpec(
+                    datatype=datatype or (learned.datatype if learned else None),
+                    shape=tuple(declared.shape) if declared.shape else
+                    (learned.shape if learned else None), finite=False)
+        return specs
+
+    def build(self, config: Config) -> Snapshot:
+        return build_snapshot(config, self.metrics)
+
+    def replace_snapshot(self, snapshot: Snapshot) -> None:
+        """Swap in a fully built snapshot with one assignment (atomic between requests)."""
+        self.current = snapshot

@@ -108,7 +108,11 @@ class Upstream:
         if request_log:
             args += ["--request-log", str(request_log)]
         self.proc = bastion(*args)
-        self.proc.wait_for(r"bastion upstream: serving", timeout=60)
+        try:
+            self.proc.wait_for(r"bastion upstream: serving", timeout=60)
+        except BaseException:
+            self.proc.stop()
+            raise
 
     def requests_seen(self) -> int:
         if not self.request_log or not self.request_log.exists():
@@ -134,9 +138,13 @@ class Sidecar:
             path.write_text(config)
             args += ["-c", str(path)]
         self.proc = bastion(*args, *extra_args)
-        self.proc.wait_for(r"bastion: serving grpc=", timeout=30)
-        if wait_ready:
-            wait_health(self.address, serving=True)
+        try:
+            self.proc.wait_for(r"bastion: serving grpc=", timeout=30)
+            if wait_ready:
+                wait_health(self.address, serving=True)
+        except BaseException:
+            self.stop()
+            raise
 
     def stop(self) -> int:
         code = self.proc.stop()

@@ -1,0 +1,100 @@
+"""Audit log: one JSON line per non-allow decision, refused request and (with client limits)
+tier change.
+
+Lines validate against docs/audit-log.schema.json. Client identities are keyed hashes and raw
+inputs are never written.
+"""
+from __future__ import annotations
+
+import datetime
+import hashlib
+import hmac
+import json
+import logging
+import logging.handlers
+import os
+import secrets
+import sys
+
+from opentelemetry import trace
+
+SCHEMA_VERSION = 1
+
+
+def _trace_id() -> str | None:
+    context = trace.get_current_span().get_span_context()
+    return f"{context.trace_id:032x}" if context.is_valid else None
+
+
+class AuditLog:
+    def __init__(self, config):
+        self.enabled = config.enabled
+        self.logger = logging.getLogger(f"bastion.audit.{id(self)}")
+        self.logger.propagate = False
+        self.logger.setLevel(logging.INFO)
+        if config.output == "stdout":
+            handler: logging.Handler = logging.StreamHandler(sys.stdout)
+        else:
+            handler = logging.handlers.RotatingFileHandler(
+                config.output, maxBytes=config.max_bytes, backupCount=config.backup_count,
+                encoding="utf-8")
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        self.logger.addHandler(handler)
+        key = os.environ.get(config.client_hash_key_env)
+        self._key = key.encode() if key else secrets.token_bytes(32)
+
+    def client_hash(self, identity: str) -> str:
+        return hmac.new(self._key, identity.encode(), hashlib.sha256).hexdigest()[:32]
+
+    def _write(self, record: dict) -> None:
+        if self.enabled:
+            self.logger.info(json.dumps(record, separators=(",", ":"), sort_keys=True))
+
+    def decision(self, *, request_id: str, client: str, model: str, method: str, status: str,
+                 verdict=None, reason: str | None = None) -> None:
+        """A refused request, or one whose verdict is not allow (monitor mode included)."""
+        record = {
+            "schema": SCHEMA_VERSION,
+            "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds"),
+            "event": "decision",
+            "request_id": request_id,
+            "trace_id": _trace_id(),
+            "client": self.client_hash(client),
+            "model": model,
+            "method": method,
+            "status": status,
+        }
+        if verdict is not None:
+            deciding = verdict.deciding
+            record.update({
+                "mode": "enforce" if verdict.enforced else "monitor",
+                "verdict": verdict.action,
+                "reasons": list(verdict.reasons),
+                "stage": deciding.stage if deciding else None,
+                "scores": {k: round(v, 6) for k, v in verdict.scores.items()},
+                "thresholds": verdict.thresholds,
+            })
+        else:
+            record.update({"mode": None, "verdict": "invalid", "reasons": [reason or "malformed"],
+                           "stage": None, "scores": {}, "thresholds": {}})
+        self._write(record)
+
+    def tier_change(self, *, client: str, old: str, new: str, score: float, model: str | None) -> None:
+        self._write({
+            "schema": SCHEMA_VERSION,
+            "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds"),
+            "event": "tier_change", "client": self.client_hash(client), "model": model,
+            "from": old, "to": new, "suspicion": round(score, 6)})
+
+    def close(self) -> None:
+        for handler in list(self.logger.handlers):
+            handler.close()
+            self.logger.removeHandler(handler)
+
+
+def client_identity(context) -> str:
+    """The peer's address without its port (the sidecar sees one connection per client)."""
+    peer = context.peer() or "unknown"
+    kind, _, rest = peer.partition(":")
+    host = rest.rsplit(":", 1)[0] if kind in ("ipv4", "ipv6") else rest or peer
+    return f"peer:{host}"
