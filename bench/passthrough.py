@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 
 import grpc
 import numpy as np
@@ -267,7 +268,7 @@ def percentile(sorted_values: list[float], q: float) -> float:
 
 
 # ---- orchestration ----------------------------------------------------------------------------
-async def measure(addresses: dict[str, str], pid_of: dict[str, callable], upstream_pid: int,
+async def measure(addresses: dict[str, str], pid_of: dict[str, Callable[[], list[int]]], upstream_pid: int,
                   payloads: list[int], concurrencies: list[int], rounds: int,
                   duration_s: float, warmup_s: float) -> dict:
     channels = {t: grpc.aio.insecure_channel(a, options=CHANNEL_OPTIONS)
@@ -347,17 +348,19 @@ def ratios(rows: list[dict]) -> list[dict]:
     index = {(r["target"], r["payload_bytes"], r["in_flight"]): r for r in rows}
     out = []
     for (target, payload, in_flight), row in index.items():
-        if target not in ("bastion", "nginx"):
+        if target == "direct":
             continue
         bare = index.get(("bare_proxy", payload, in_flight))
         direct = index.get(("direct", payload, in_flight))
         entry = {"target": target, "payload_bytes": payload, "in_flight": in_flight}
-        if bare and bare["proxy_cpu_us_per_req"] and row["proxy_cpu_us_per_req"] is not None:
-            entry["cpu_per_req_vs_bare"] = row["proxy_cpu_us_per_req"] / bare["proxy_cpu_us_per_req"]
+        if (target != "bare_proxy" and bare and bare["proxy_cpu_us_per_req"]
+                and row["proxy_cpu_us_per_req"] is not None):
+            entry["cpu_per_req_vs_bare"] = (row["proxy_cpu_us_per_req"]
+                                            / bare["proxy_cpu_us_per_req"])
             # Paired by round: the two windows of a round ran back to back.
             entry["cpu_per_req_vs_bare_rounds"] = [
-                a / b for a, b in zip(row["proxy_cpu_us_per_req_rounds"],
-                                      bare["proxy_cpu_us_per_req_rounds"]) if a and b]
+                a / b for a, b in zip(row.get("proxy_cpu_us_per_req_rounds") or [],
+                                      bare.get("proxy_cpu_us_per_req_rounds") or []) if a and b]
         if direct and direct["throughput_rps"]:
             entry["throughput_vs_direct"] = row["throughput_rps"] / direct["throughput_rps"]
             entry["throughput_vs_direct_rounds"] = [
@@ -397,7 +400,8 @@ def markdown(result: dict) -> str:
     lines += ["", "| target | payload | in flight | proxy CPU/req vs bare_proxy (target ≤ 1.2×) "
               "| per-round range | req/s vs direct (target ≥ 0.6× at 16 in flight) "
               "| per-round range |", "|---|---|---:|---:|---:|---:|---:|"]
-    for e in sorted(result["ratios"], key=lambda e: (e["target"] != "bastion", e["target"],
+    order = {"bastion": 0, "bare_proxy": 1, "nginx": 2}
+    for e in sorted(result["ratios"], key=lambda e: (order.get(e["target"], 3), e["target"],
                                                      e["payload_bytes"], e["in_flight"])):
         cpu = e.get("cpu_per_req_vs_bare")
         tput = e.get("throughput_vs_direct")
@@ -435,7 +439,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--targets", default=",".join(ALL_TARGETS))
     parser.add_argument("--quick", action="store_true", help="smoke run: 1 round of 0.5 s windows")
     parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--report", metavar="JSON",
+                        help="measure nothing: print the tables of a saved --json result")
     args = parser.parse_args(argv)
+    if args.report:
+        saved = json.loads(pathlib.Path(args.report).read_text())
+        saved["ratios"] = ratios(saved["rows"])
+        print(markdown(saved))
+        return 0
     if args.quick:
         args.duration, args.warmup, args.rounds = 0.5, 0.1, 1
     payloads = [int(x) for x in args.payloads.split(",")]
@@ -489,7 +500,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(tmp, ignore_errors=True)
 
     result["meta"] = {
-        "command": " ".join([os.path.relpath(sys.argv[0], REPO) if sys.argv[0] else "",
+        "command": " ".join(["python", os.path.relpath(sys.argv[0], REPO) if sys.argv[0] else "",
                              *(argv if argv is not None else sys.argv[1:])]),
         "date_utc": started_at.strftime("%Y-%m-%d %H:%M UTC"),
         "duration_s": args.duration, "warmup_s": args.warmup, "rounds": args.rounds,

@@ -1,7 +1,7 @@
 """Forwarding rules shared by every proxied call: metadata, deadlines and status pass-through."""
 from __future__ import annotations
 
-import uuid
+import os
 
 import grpc
 
@@ -20,7 +20,8 @@ HOP_BY_HOP = frozenset({
 
 
 def new_request_id() -> str:
-    return uuid.uuid4().hex
+    # 128 random bits, unpredictable to clients (per-request noise seeds derive from it).
+    return os.urandom(16).hex()
 
 
 def upstream_metadata(context: grpc.aio.ServicerContext,

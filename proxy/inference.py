@@ -81,8 +81,11 @@ class InferenceHandler:
 
     def _audit(self, context, request_id: str, model: str, method: str, status: str,
                verdict: policy.Verdict | None, reason: str | None = None) -> None:
-        if verdict is not None and verdict.action == "allow" and status == "OK":
-            return
+        if verdict is not None and status == "OK" and not policy.needs_annotation(verdict):
+            return  # plainly allowed: nothing to audit
+        if verdict is not None and status == "OK" and not verdict.enforced \
+                and verdict.action == "allow" and not verdict.reasons:
+            return  # monitor mode, nothing would have happened
         self.audit.decision(request_id=request_id, client=client_identity(context), model=model,
                             method=method, status=status, verdict=verdict, reason=reason)
 
@@ -165,16 +168,21 @@ class InferenceHandler:
                 inspected = await self.inspect(raw, request_id)
                 model = inspected.model
                 telemetry.record_verdict(span, inspected.verdict)
+                forward_started = time.perf_counter()
                 reply = await self.passthrough.forward_unary(MODEL_INFER, inspected.body, context,
                                                              request_id)
                 outcome = "OK"
+                upstream_s = time.perf_counter() - forward_started
                 if inspected.verdict is not None:
                     self._audit(context, request_id, model, "ModelInfer", outcome, inspected.verdict)
-                return self.annotated(reply, inspected, request_id)
+                reply = self.annotated(reply, inspected, request_id)
+                self.metrics.observe_added(model, time.perf_counter() - started - upstream_s)
+                return reply
             except Rejected as rejected:
                 outcome = rejected.code.name
+                model = model or _model_name(raw)
                 telemetry.record_verdict(span, rejected.verdict)
-                self._audit(context, request_id, model or _model_name(raw), "ModelInfer", outcome,
+                self._audit(context, request_id, model, "ModelInfer", outcome,
                             rejected.verdict, rejected.reason)
                 trailers = rejected.trailers or ((forwarding.REQUEST_ID_KEY, request_id),)
                 await context.abort(rejected.code, rejected.details, trailers)

@@ -5,6 +5,14 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 import bastion
 
+# Method label values are bounded: forwarded methods outside the v2/Triton service share one.
+KNOWN_METHODS = frozenset(f"/inference.GRPCInferenceService/{name}" for name in (
+    "ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelInfer",
+    "ModelStreamInfer", "ModelConfig", "ModelStatistics", "RepositoryIndex", "RepositoryModelLoad",
+    "RepositoryModelUnload", "SystemSharedMemoryStatus", "SystemSharedMemoryRegister",
+    "SystemSharedMemoryUnregister", "CudaSharedMemoryStatus", "CudaSharedMemoryRegister",
+    "CudaSharedMemoryUnregister", "TraceSetting", "LogSettings"))
+
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
 
@@ -37,12 +45,40 @@ class Metrics:
             "bastion_stage_score", "Scores stages gave requests (detector score or characters/"
             "elements a transform changed).", ["model", "stage"],
             buckets=(0, 0.1, 0.25, 0.5, 1, 2, 3, 5, 10, 20, 50, 100, 1000), registry=self.registry)
+        self.thresholds = Gauge(
+            "bastion_stage_threshold", "Configured threshold of each acting stage (same units as "
+            "bastion_stage_score).", ["model", "stage"], registry=self.registry)
+        self.upstream_requests = Counter(
+            "bastion_upstream_requests", "Unary calls forwarded to the upstream, by method and "
+            "the status the upstream (or the transport) returned.", ["method", "code"],
+            registry=self.registry)
+        self.upstream_seconds = Histogram(
+            "bastion_upstream_duration_seconds", "Time waiting for the upstream on unary calls.",
+            ["method"], buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.added_seconds = Histogram(
+            "bastion_added_latency_seconds", "Latency the sidecar adds to ModelInfer (total time "
+            "minus time waiting for the upstream).", ["model"],
+            buckets=(0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
+                     0.1, 0.25, 1), registry=self.registry)
+        self.throttled = Counter(
+            "bastion_throttled_requests", "Requests refused by client limits, by model and "
+            "reason (rate_limit, tier_throttled, tier_blocked, backend_unavailable).",
+            ["model", "reason"], registry=self.registry)
+        self.tier_changes = Counter(
+            "bastion_client_tier_changes", "Client suspicion tier changes, by new tier "
+            "(client ids go to the audit log, never to labels).", ["tier"],
+            registry=self.registry)
+        self.clients_tracked = Gauge(
+            "bastion_clients_tracked", "Client entries held by the local limiter backend.",
+            registry=self.registry)
         self.upstream_ready = Gauge(
             "bastion_upstream_ready", "1 when the upstream answers ServerReady with ready=true.",
             registry=self.registry)
         self.reloads = Counter(
             "bastion_config_reloads", "Config reload attempts by result.", ["result"],
             registry=self.registry)
+        for result in ("success", "failure"):  # exported from the start, so increase() works
+            self.reloads.labels(result)
         self.last_reload = Gauge(
             "bastion_config_last_reload_success_timestamp_seconds",
             "Unix time of the last successful config load (start-up counts).",
@@ -54,6 +90,7 @@ class Metrics:
             {"version": bastion.__version__})
 
         self._model_labels: set[str] = set()
+        self._request_children: dict[tuple, tuple] = {}
 
     MAX_MODEL_LABELS = 100
 
@@ -67,6 +104,22 @@ class Metrics:
             return "_other"
         self._model_labels.add(model)
         return model
+
+    def set_thresholds(self, snapshot) -> None:
+        self.thresholds.clear()
+        for model, pipeline in snapshot.pipelines.items():
+            for runner in pipeline.runners:
+                threshold = runner.config.common.threshold
+                if threshold is not None:
+                    self.thresholds.labels(model, runner.config.stage_id).set(threshold)
+
+    def observe_upstream(self, method: str, code: str, seconds: float) -> None:
+        name = method.rsplit("/", 1)[-1] if method in KNOWN_METHODS else "_other"
+        self.upstream_requests.labels(name, code).inc()
+        self.upstream_seconds.labels(name).observe(seconds)
+
+    def observe_added(self, model: str, seconds: float) -> None:
+        self.added_seconds.labels(self.model_label(model)).observe(seconds)
 
     def observe_reload(self, ok: bool) -> None:
         self.reloads.labels("success" if ok else "failure").inc()
@@ -88,5 +141,13 @@ class Metrics:
                 self.reasons.labels(model, reason).inc()
 
     def observe_request(self, method: str, model: str, code: str, seconds: float) -> None:
-        self.requests.labels(self.model_label(model), method, code).inc()
-        self.request_seconds.labels(method).observe(seconds)
+        # Hot path: label children are cached (labels() takes a lock and builds a key each call).
+        key = (method, model, code)
+        children = self._request_children.get(key)
+        if children is None:
+            children = (self.requests.labels(self.model_label(model), method, code),
+                        self.request_seconds.labels(method))
+            if len(self._request_children) < 4096:
+                self._request_children[key] = children
+        children[0].inc()
+        children[1].observe(seconds)

@@ -7,6 +7,8 @@ on the wire, so a method Bastion has never heard of still works.
 """
 from __future__ import annotations
 
+import time
+
 import grpc
 
 from bastion.protos import SERVICE
@@ -25,9 +27,10 @@ KNOWN_UNARY = frozenset(f"/{SERVICE}/{name}" for name in (
 
 
 class Passthrough:
-    def __init__(self, upstream: Upstream, default_timeout_s: float):
+    def __init__(self, upstream: Upstream, default_timeout_s: float, metrics=None):
         self.upstream = upstream
         self.default_timeout_s = default_timeout_s
+        self.metrics = metrics
 
     def handler_for(self, method: str) -> grpc.RpcMethodHandler:
         if method in KNOWN_UNARY:
@@ -56,11 +59,17 @@ class Passthrough:
                 request, metadata=telemetry.inject_headers(
                     forwarding.upstream_metadata(context, request_id)),
                 timeout=forwarding.deadline(context, self.default_timeout_s))
+            started = time.perf_counter()
             try:
                 reply = await call
             except grpc.aio.AioRpcError as error:
+                if self.metrics is not None:
+                    self.metrics.observe_upstream(method, error.code().name,
+                                                  time.perf_counter() - started)
                 telemetry.record_status(span, error.code())
                 await forwarding.pass_error(context, error, self.upstream)
+            if self.metrics is not None:
+                self.metrics.observe_upstream(method, "OK", time.perf_counter() - started)
             telemetry.record_status(span, grpc.StatusCode.OK)
         initial = forwarding.response_metadata(await call.initial_metadata())
         if initial:

@@ -81,9 +81,10 @@ def refusal(verdict: Verdict, request_id: str, retry_after_ms: int = 1000):
 
 
 def needs_annotation(verdict: Verdict) -> bool:
-    """Monitor mode annotates every response; enforce mode only non-allow ones, so allowed
-    traffic stays byte-identical to what the upstream sent."""
-    return not verdict.enforced or verdict.action != "allow"
+    """Monitor mode annotates every response; enforce mode only those with something to say
+    (a non-allow verdict, a shadow stage that would have acted, a stage that failed open), so
+    plainly allowed traffic stays byte-identical to what the upstream sent."""
+    return not verdict.enforced or verdict.action != "allow" or bool(verdict.reasons)
 
 
 def annotate(response: pb.ModelInferResponse, verdict: Verdict, request_id: str) -> None:

@@ -44,7 +44,7 @@ class Sidecar:
         self.metrics = metrics or Metrics()
         self.state = SidecarState(config, self.metrics)
         self.upstream = Upstream(config.upstream)
-        self.passthrough = Passthrough(self.upstream, config.upstream.timeout_s)
+        self.passthrough = Passthrough(self.upstream, config.upstream.timeout_s, self.metrics)
         self.audit = AuditLog(config.audit)
         self.inference = InferenceHandler(self.state, self.passthrough, self.metrics, self.audit)
         self.health = health.aio.HealthServicer()

@@ -23,10 +23,16 @@ def build_snapshot(config: Config, metrics=None) -> Snapshot:
                              for name, model in config.models.items()})
 
 
+def _publish(snapshot: Snapshot, metrics) -> Snapshot:
+    if metrics is not None:
+        metrics.set_thresholds(snapshot)
+    return snapshot
+
+
 class SidecarState:
     def __init__(self, config: Config, metrics=None):
         self.metrics = metrics
-        self.current = build_snapshot(config, metrics)
+        self.current = _publish(build_snapshot(config, metrics), metrics)
         # Input specs learned from the upstream's ModelMetadata, per model; kept across reloads.
         self.learned: dict[str, dict[str, TensorSpec]] = {}
 
@@ -51,4 +57,4 @@ class SidecarState:
 
     def replace_snapshot(self, snapshot: Snapshot) -> None:
         """Swap in a fully built snapshot with one assignment (atomic between requests)."""
-        self.current = snapshot
+        self.current = _publish(snapshot, self.metrics)

@@ -5,8 +5,8 @@ Needs ART, which is not a runtime dependency of Bastion and installs without any
     pip install adversarial-robustness-toolbox==1.20.1
 
 (pulls only ART itself plus numpy/scipy/scikit-learn/six/tqdm; Pillow must be present for JPEG).
-Without it these tests are skipped with that reason, which ``-ra`` prints. When ART *is*
-importable, any difference fails.
+It is in the `test` extra, so CI always runs these; without it the module fails to import
+(loudly, never skipped). Any difference fails.
 
 What is compared, and how exactly:
 
@@ -27,9 +27,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-art = pytest.importorskip(
-    "art", reason="IBM ART not installed: pip install adversarial-robustness-toolbox==1.20.1")
-
+import art  # noqa: E402
 from art.defences.preprocessor import (FeatureSqueezing, GaussianAugmentation,  # noqa: E402
                                        JpegCompression, SpatialSmoothing)
 

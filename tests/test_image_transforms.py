@@ -76,7 +76,7 @@ def test_shape_dtype_range_and_counts(name, layout, datatype, channels, batch):
     before = x.copy()
     result = transform.apply(x, ctx(datatype))
     out = result.array
-    assert out.shape == x.shape and out.dtype == x.dtype
+    assert out.shape == x.shape and out.dtype == x.dtype and out.flags.c_contiguous
     lo, hi = bounds(datatype)
     assert as_float(out).min() >= lo and as_float(out).max() <= hi
     assert np.isfinite(as_float(out)).all()
@@ -235,6 +235,22 @@ def test_median_removes_an_impulse_without_mixing_channels(layout):
     assert result.array.max() == 190 and result.array[result.array > 0].min() == 10
 
 
+@pytest.mark.parametrize("k", [2, 3, 4, 5])
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+@pytest.mark.parametrize("dtype", ["UINT8", "FP32", "FP64"])
+@pytest.mark.parametrize("hw", [(1, 1), (1, 5), (2, 2), (3, 7), (17, 16)])
+def test_median_equals_scipy_median_filter(k, layout, dtype, hw):
+    """The k=3 fast path (a sorting network) and the scipy path give scipy's exact result."""
+    from scipy.ndimage import median_filter
+
+    x = random_image(dtype, layout, n=2, c=3, h=hw[0], w=hw[1], seed=k)
+    size = (1, 1, k, k) if layout == "NCHW" else (1, k, k, 1)
+    expected = median_filter(x, size=size, mode="reflect")
+    np.testing.assert_array_equal(Median(k, layout=layout).apply(x, ctx(dtype)).array, expected)
+    single = Median(k, layout=layout).apply(x[0], ctx(dtype)).array
+    np.testing.assert_array_equal(single, expected[0])
+
+
 # --------------------------------------------------------------------------------------------
 # JPEG
 # --------------------------------------------------------------------------------------------
@@ -263,6 +279,11 @@ def test_jpeg_uint8_q95_and_grid_values():
     # float inputs on the 1/255 grid give the uint8 result scaled
     out_float = Jpeg(95).apply(x.astype(np.float32) / 255, ctx()).array
     np.testing.assert_array_equal(np.rint(out_float * 255).astype(np.uint8), out)
+
+
+def test_jpeg_rejects_images_beyond_its_size_limit():
+    with pytest.raises(InputRejected, match=r"^input 'image': jpeg supports images up to 65500 "):
+        Jpeg(50).apply(np.zeros((1, 1, 1, 65501), np.float32), ctx())
 
 
 def test_jpeg_is_deterministic():
@@ -368,6 +389,15 @@ def test_bad_options(name, options, message):
     with pytest.raises(ValueError, match=message) as info:
         stages.registry()[name].options.model_validate(options)
     assert isinstance(info.value, ValidationError)
+
+
+def test_missing_optional_dependency_is_a_config_error(monkeypatch):
+    import sys
+    spec = stages.registry()["transform.jpeg"]
+    options = spec.options.model_validate({"quality": 50})
+    monkeypatch.setitem(sys.modules, "PIL.Image", None)  # import fails
+    with pytest.raises(ValueError, match="transform.jpeg needs the pillow package"):
+        spec.build(options)
 
 
 def test_constructors_check_options_too():

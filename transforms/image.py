@@ -4,19 +4,19 @@ These are the classic "input transformation" defences (Xu et al. 2017 feature sq
 al. 2017 JPEG / median), with the semantics of IBM ART's preprocessors so results can be compared
 one to one:
 
-================  ==============================  ============================================
-stage             ART preprocessor                what it does
-================  ==============================  ============================================
-transform.bit_depth  ``FeatureSqueezing``         ``x' = rint(x_n * (2^b - 1)) / (2^b - 1)``
-                                                  on ``x_n = (x - lo) / (hi - lo)``
-transform.median  ``SpatialSmoothing``            ``scipy.ndimage.median_filter``, a k x k window
-                                                  over the spatial dims only, mode "reflect"
-transform.jpeg    ``JpegCompression``             encode/decode with Pillow at quality q, one
-                                                  image at a time (3 channels: "RGB", otherwise
-                                                  each channel as "L")
-transform.noise   ``GaussianAugmentation``        ``x + N(0, sigma^2)``, clipped to the range
-                  (``augmentation=False``)
-================  ==============================  ============================================
+* ``transform.bit_depth`` {bits} - ART ``FeatureSqueezing``:
+  ``x' = rint(x_n * (2^b - 1)) / (2^b - 1)`` on ``x_n = (x - lo) / (hi - lo)``, scaled back.
+* ``transform.median`` {k} - ART ``SpatialSmoothing``: ``scipy.ndimage.median_filter`` with a
+  k x k window over the spatial dims only (1 over batch and channels), mode "reflect". k = 3 uses
+  an exact, faster sorting network (tests check it against scipy element for element).
+* ``transform.jpeg`` {quality} - ART ``JpegCompression``: to uint8 0..255, encode/decode with
+  Pillow at quality q one image at a time (3 channels as mode "RGB", any other channel count one
+  channel at a time as mode "L"), back to the range.
+* ``transform.noise`` {sigma} - ART ``GaussianAugmentation(augmentation=False)``:
+  ``x + N(0, sigma^2)``, clipped to the range, seeded per request.
+
+All take ``layout`` ("NCHW" | "NHWC", default "NCHW") and ``range`` ([lo, hi], default [0, 1]).
+JPEG and median are registered with ``offload=True`` (milliseconds per 224 x 224 image).
 
 Tensors
     Layout NCHW (default) or NHWC; a 3-D tensor is one image without the batch dimension (CHW or
@@ -36,17 +36,19 @@ Values outside the range
 
 Differences from ART (all covered by tests/test_image_art_parity.py)
     * bit_depth, UINT8: ART returns floats; here the quantised levels are rounded to the nearest
-      integer (e.g. 3 bits: levels 0, 36, 73, ..., 255). FP32 / FP64 results equal ART's exactly.
+      integer (e.g. 3 bits: levels 0, 36, 73, ..., 255). FP32 / FP64 results equal ART's (cast to
+      the input dtype) bit for bit. median: equal to ART's bit for bit, even k included.
     * jpeg, floats: ART converts to uint8 by truncating ``x * 255`` (so its output is darker by
-      0.5/255 on average); here the value is rounded (``rint((x - lo) / (hi - lo) * 255)``).
+      0.5/255 on average); here the value is rounded (``rint((x - lo) * 255 / (hi - lo))``).
       FP32/FP64 inputs on the 1/255 grid give ART's result exactly; other inputs can land one
       input level apart, which JPEG spreads over the 8x8 block: measured mean |ours - ART|
       0.6-1.5/255 on smooth images, up to 2.4/255 on white noise. ART also only supports ranges
       [0, 1] and [0, 255]; any [lo, hi] works here. UINT8 results equal ART's exactly (same
       Pillow).
     * noise: ART draws from the global ``np.random`` state; here the generator is seeded from
-      sha256(request id, input name), so one request always gets the same noise (replays and
-      retries are reproducible) while requests differ. UINT8 results are rounded to integers.
+      sha256(request id, input name), so the same request id always gets the same noise
+      (reproducible for debugging) while requests differ; the proxy makes a fresh uuid4 id per
+      request, so a client cannot choose or predict the seed. UINT8 results are rounded to integers.
       ``sigma`` is in the data's own units (0..255 for UINT8), as in ART.
 
 Counts: ``{key: number of elements whose value changed}`` with the key "bit_depth", "median",
@@ -61,6 +63,7 @@ every request on every thread.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import io
 import math
 from typing import ClassVar, Literal
@@ -77,6 +80,7 @@ IMAGE_DATATYPES = frozenset({"UINT8", "FP16", "FP32", "FP64", "BF16"})
 
 Layout = Literal["NCHW", "NHWC"]
 _UINT8_RANGE = (0.0, 255.0)
+_JPEG_MAX_SIDE = 65_500  # libjpeg's limit is 65535
 
 
 # --------------------------------------------------------------------------------------------
@@ -150,12 +154,14 @@ def _is_float(dtype: np.dtype) -> bool:
     return dtype.kind == "f" or dtype == ml_dtypes.bfloat16
 
 
-def count_changed(before: np.ndarray, after: np.ndarray) -> int:
-    """Elements whose value differs (NaN -> NaN counts as unchanged)."""
-    differs = before != after
-    if _is_float(before.dtype):
-        differs &= ~(np.isnan(before) & np.isnan(after))
-    return int(np.count_nonzero(differs))
+def _require(module: str, package: str, stage: str) -> None:
+    """Import an optional dependency when a stage is built, so a config naming the stage fails
+    validation with a clear message instead of every request failing later."""
+    try:
+        importlib.import_module(module)
+    except ImportError as err:
+        raise ValueError(f"{stage} needs the {package} package ({err}); "
+                         f"install it with: pip install {package}") from None
 
 
 def noise_seed(request_id: str, input_name: str) -> int:
@@ -197,18 +203,22 @@ class ImageTransform(Transform):
             out = self._run(array, *_UINT8_RANGE, channel_axis, ctx)
             if out.dtype != np.uint8:
                 out = np.clip(np.rint(out), 0, 255).astype(np.uint8)
+            out = np.ascontiguousarray(out)
         elif _is_float(dtype):
             lo, hi = self.range
             compute = np.float64 if dtype == np.float64 else np.float32
             work = array.astype(compute)  # always a copy
-            np.nan_to_num(work, copy=False, nan=lo, posinf=hi, neginf=lo)
-            np.clip(work, lo, hi, out=work)
+            np.clip(work, lo, hi, out=work)  # maps +-Inf to the bounds, keeps NaN
+            nan = np.isnan(work)
+            if nan.any():
+                work[nan] = lo
             out = self._run(work, lo, hi, channel_axis, ctx)
-            out = np.clip(out, lo, hi).astype(dtype, copy=False)
+            out = np.ascontiguousarray(np.clip(out, lo, hi).astype(dtype, copy=False))
         else:
             raise InputRejected(f"input '{ctx.input_name}': {self.key} accepts "
                                 f"{', '.join(sorted(IMAGE_DATATYPES))}, got {ctx.datatype}")
-        return TransformResult(out, {self.key: count_changed(array, out)})
+        # `out` never holds NaN, so a NaN input element counts as changed.
+        return TransformResult(out, {self.key: int(np.count_nonzero(array != out))})
 
 
 # --------------------------------------------------------------------------------------------
@@ -242,16 +252,46 @@ class BitDepth(ImageTransform):
         return self._squeeze(work, lo, hi)
 
 
+# Devillard's 19-exchange median-of-9 network (after Paeth, Graphics Gems): after these
+# compare-exchanges element 4 holds the median.
+_MEDIAN9 = ((1, 2), (4, 5), (7, 8), (0, 1), (3, 4), (6, 7), (1, 2), (4, 5), (7, 8), (0, 3),
+            (5, 8), (4, 7), (3, 6), (1, 4), (2, 5), (4, 7), (4, 2), (6, 4), (4, 2))
+
+
+def _median3(x: np.ndarray) -> np.ndarray:
+    """3 x 3 median over the last two axes, mode "reflect": equal, element for element, to
+    ``scipy.ndimage.median_filter(x, size=(1, ..., 1, 3, 3), mode="reflect")`` (the median of 9
+    values is one of them, whatever the algorithm) and 3-10x faster, with whole-array min/max
+    instead of a per-pixel selection. ``x`` must not contain NaN."""
+    h, w = x.shape[-2:]
+    # scipy's "reflect" (d c b a | a b c d) is numpy's "symmetric".
+    padded = np.pad(x, [(0, 0)] * (x.ndim - 2) + [(1, 1), (1, 1)], mode="symmetric")
+    v = [np.ascontiguousarray(padded[..., i:i + h, j:j + w]) for i in range(3) for j in range(3)]
+    spare = np.empty_like(v[0])
+    for a, b in _MEDIAN9:
+        np.minimum(v[a], v[b], out=spare)
+        np.maximum(v[a], v[b], out=v[b])
+        v[a], spare = spare, v[a]
+    return v[4]
+
+
 class Median(ImageTransform):
     """Spatial smoothing: median over a k x k window of each channel of each image."""
     key = "median"
 
     def __init__(self, k: int, layout: Layout = "NCHW", range: tuple[float, float] = (0.0, 1.0)):
         MedianOptions(k=k, layout=layout, range=range)
+        if k != 3:
+            _require("scipy.ndimage", "scipy", "transform.median")
         super().__init__(layout, range)
         self.k = k
 
     def _run(self, work, lo, hi, channel_axis, ctx):
+        if self.k == 3:
+            # Put the channel axis just before H, W (a view), filter, and put it back.
+            spatial_last = np.moveaxis(work, channel_axis, -3)
+            return np.moveaxis(_median3(spatial_last), -3, channel_axis)
+
         from scipy.ndimage import median_filter
 
         size = [self.k] * work.ndim
@@ -270,6 +310,7 @@ class Jpeg(ImageTransform):
     def __init__(self, quality: int, layout: Layout = "NCHW",
                  range: tuple[float, float] = (0.0, 1.0)):
         JpegOptions(quality=quality, layout=layout, range=range)
+        _require("PIL.Image", "pillow", "transform.jpeg")
         super().__init__(layout, range)
         self.quality = quality
 
@@ -295,6 +336,10 @@ class Jpeg(ImageTransform):
             pixels = pixels[None]
         if channel_axis in (0, 1):  # NCHW / CHW
             pixels = pixels.transpose(0, 2, 3, 1)
+        if max(pixels.shape[1:3]) > _JPEG_MAX_SIDE:
+            raise InputRejected(f"input '{ctx.input_name}': jpeg supports images up to "
+                                f"{_JPEG_MAX_SIDE} pixels a side, got {pixels.shape[1]} x "
+                                f"{pixels.shape[2]}")
         out = np.empty_like(pixels)
         for n in range(pixels.shape[0]):
             if pixels.shape[-1] == 3:
@@ -312,7 +357,10 @@ class Jpeg(ImageTransform):
 
 
 class Noise(ImageTransform):
-    """Additive Gaussian noise N(0, sigma^2), seeded by (request id, input name)."""
+    """Additive Gaussian noise N(0, sigma^2), seeded by (request id, input name).
+
+    The noise is drawn in the tensor's memory order, so the same image sent as NCHW and as NHWC
+    gets different (equally distributed) noise."""
     key = "noise"
 
     def __init__(self, sigma: float, layout: Layout = "NCHW",

@@ -1,0 +1,608 @@
+"""Per-client admission: token-bucket rate limits and a decaying suspicion score with tiers.
+
+Every client (see ``bastion.proxy.identity``) has
+
+* a token bucket (``limits``: ``rps`` refill, ``burst`` capacity) and one per (client, model)
+  (``model_limits``); a request takes one token from each, or from neither;
+* a suspicion score: each request's reasons and stage outcomes add their configured weights, and
+  the score halves every ``half_life_s`` (score(t) = score(t0) * 2^(-(t - t0) / half_life_s));
+* a tier derived from them: ``blocked`` for ``block_cooldown_s`` after the score reaches
+  ``block_at`` (refused outright), else ``throttled`` while the score is at least ``throttle_at``
+  (the client bucket refills at ``throttled_rps`` and holds ``throttled_burst``), else ``normal``.
+  Tiers fall back as the score decays; a client whose cool-down ends while its score is still high
+  is throttled, and its next suspicious request blocks it again.
+
+Nothing runs in the background: buckets refill and scores decay lazily from timestamps.
+
+Backends: ``memory`` (an LRU of at most ``max_clients`` clients, O(1) per call, per replica) and
+``redis`` (the same state in Redis, updated by Lua scripts in one round-trip, so every replica
+shares one limit; Redis's clock is used). Each Redis call is bounded by ``redis.timeout_ms``; a
+failure opens a short circuit (``redis.retry_after_failure_ms``) during which Redis is not tried.
+While Redis is unreachable ``on_backend_error: open`` serves each request from the local memory
+backend (limits then hold per replica, and suspicion learnt from Redis is kept locally), and
+``closed`` refuses admission with reason ``backend_unavailable``.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import hashlib
+import logging
+import math
+import time
+from collections.abc import Callable
+from typing import Literal
+
+import grpc
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from bastion.proxy import identity as identity_mod
+
+log = logging.getLogger("bastion.limiter")
+
+TIERS = ("normal", "throttled", "blocked")
+NORMAL, THROTTLED, BLOCKED = 0, 1, 2
+REASONS = ("ok", "rate_limit", "model_rate_limit", "tier_blocked", "backend_unavailable")
+
+
+# ---- configuration ---------------------------------------------------------------------------
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RateLimit(_Strict):
+    rps: float = Field(gt=0)
+    burst: int = Field(ge=1)
+
+
+class SuspicionConfig(_Strict):
+    # Reason-code prefix ("signature:") or exact stage id ("detect.perplexity") -> weight. Each
+    # reason adds the weight of its longest matching prefix; each stage whose outcome is in
+    # `stage_actions` adds its weight.
+    weights: dict[str, float] = {}
+    stage_actions: list[str] = ["flag", "throttle", "block"]
+    half_life_s: float = Field(300.0, gt=0)
+    throttle_at: float = Field(5.0, gt=0)
+    block_at: float = Field(20.0, gt=0)
+    throttled_rps: float = Field(1.0, gt=0)
+    throttled_burst: int = Field(1, ge=1)
+    block_cooldown_s: float = Field(300.0, ge=0)
+
+    @field_validator("weights")
+    @classmethod
+    def _finite(cls, weights: dict[str, float]) -> dict[str, float]:
+        for key, weight in weights.items():
+            if not key:
+                raise ValueError("a weight key must not be empty")
+            if not math.isfinite(weight) or weight < 0:
+                raise ValueError(f"weight for {key!r} must be a finite number >= 0")
+        return weights
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "SuspicionConfig":
+        if self.block_at < self.throttle_at:
+            raise ValueError("block_at must be >= throttle_at")
+        return self
+
+
+class RedisConfig(_Strict):
+    url: str = "redis://127.0.0.1:6379/0"
+    # Every Redis call is bounded by this; past it the request is served per on_backend_error.
+    timeout_ms: int = Field(50, ge=1)
+    key_prefix: str = "bastion:"
+    # After a failure Redis is not tried again for this long (each request falls back at once).
+    retry_after_failure_ms: int = Field(1000, ge=0)
+
+
+class ClientsConfig(_Strict):
+    # Ordered identity sources: "header:NAME", "mtls", "peer" (see bastion.proxy.identity).
+    identity: list[str] = ["peer"]
+    key_secret_env: str = identity_mod.DEFAULT_KEY_SECRET_ENV
+    # Peers allowed to name the client in x-forwarded-for (CIDRs).
+    trusted_proxies: list[str] = []
+    limits: RateLimit | None = None
+    model_limits: RateLimit | None = None
+    suspicion: SuspicionConfig = SuspicionConfig()
+    backend: Literal["memory", "redis"] = "memory"
+    # Memory backend (and the Redis fallback): clients kept, least recently used evicted.
+    max_clients: int = Field(100_000, ge=1)
+    redis: RedisConfig = RedisConfig()
+    on_backend_error: Literal["open", "closed"] = "open"
+    # Refusals carry retry-after-ms of at least this (and never more than the cool-down left).
+    min_retry_after_ms: int = Field(1, ge=0)
+
+    @field_validator("identity")
+    @classmethod
+    def _sources(cls, sources: list[str]) -> list[str]:
+        if not sources:
+            raise ValueError("at least one identity source is needed")
+        return [identity_mod.check_source(s) for s in sources]
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, cidrs: list[str]) -> list[str]:
+        identity_mod.parse_networks(cidrs)
+        return cidrs
+
+    @model_validator(mode="after")
+    def _throttle_is_lower(self) -> "ClientsConfig":
+        if self.limits is not None and self.suspicion.throttled_rps > self.limits.rps:
+            raise ValueError("suspicion.throttled_rps must not exceed limits.rps")
+        return self
+
+
+# ---- results ---------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class TierChange:
+    old: str
+    new: str
+    score: float
+
+
+@dataclasses.dataclass(frozen=True)
+class Admission:
+    allowed: bool
+    tier: str                    # normal | throttled | blocked
+    retry_after_ms: int          # 0 when allowed
+    reason: str                  # ok | rate_limit | model_rate_limit | tier_blocked | backend_unavailable
+    change: TierChange | None = None   # a tier move this call noticed (decay, cool-down over)
+    backend: str = "memory"      # memory | redis | fallback (local memory while Redis is down)
+
+
+def refusal(admission: Admission, request_id: str):
+    """(status code, details, trailers) for a refused admission, in policy.refusal's shape:
+    rate limits and throttling -> RESOURCE_EXHAUSTED, a blocked client -> PERMISSION_DENIED,
+    no backend (on_backend_error: closed) -> UNAVAILABLE; all with ``retry-after-ms``."""
+    trailers = (("bastion-verdict", "block" if admission.reason == "tier_blocked" else "throttle"),
+                ("bastion-reasons", f"client:{admission.reason}"),
+                ("bastion-request-id", request_id),
+                ("retry-after-ms", str(admission.retry_after_ms)))
+    if admission.reason == "tier_blocked":
+        return (grpc.StatusCode.PERMISSION_DENIED,
+                "bastion: client blocked (suspicion score over the limit)", trailers)
+    if admission.reason == "backend_unavailable":
+        return (grpc.StatusCode.UNAVAILABLE, "bastion: client limiter unavailable", trailers)
+    return (grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"bastion: client rate limit ({admission.reason}, tier {admission.tier})", trailers)
+
+
+# ---- suspicion weights -----------------------------------------------------------------------
+class _Weights:
+    """Sum of configured weights for one request's reasons and stage outcomes."""
+
+    CACHE = 4096
+
+    def __init__(self, config: SuspicionConfig):
+        # Longest prefix first, so the most specific key wins.
+        self.prefixes = sorted(config.weights.items(), key=lambda kv: -len(kv[0]))
+        self.stages = dict(config.weights)
+        self.acting = frozenset(config.stage_actions)
+        self._cache: dict[str, float] = {}
+
+    def reason_weight(self, reason: str) -> float:
+        weight = self._cache.get(reason)
+        if weight is None:
+            weight = next((w for key, w in self.prefixes if reason.startswith(key)), 0.0)
+            if len(self._cache) < self.CACHE:
+                self._cache[reason] = weight
+        return weight
+
+    def total(self, reasons, stages) -> float:
+        added = 0.0
+        for reason in reasons or ():
+            added += self.reason_weight(reason)
+        if stages:
+            for stage, outcome in stages.items():
+                if outcome in self.acting:
+                    added += self.stages.get(stage, 0.0)
+        return added
+
+
+# ---- memory backend --------------------------------------------------------------------------
+class _Client:
+    __slots__ = ("tokens", "ts", "score", "score_ts", "blocked_until", "tier")
+
+    def __init__(self, now: float):
+        self.tokens = math.inf        # full: capped to the tier's burst on first use
+        self.ts = now
+        self.score = 0.0
+        self.score_ts = now
+        self.blocked_until = -math.inf
+        self.tier = NORMAL            # the last tier reported (to notice moves)
+
+
+class _Bucket:
+    __slots__ = ("tokens", "ts")
+
+    def __init__(self, now: float):
+        self.tokens = math.inf
+        self.ts = now
+
+
+def _refill(bucket, now: float, rate: float, cap: float) -> float:
+    elapsed = now - bucket.ts
+    tokens = bucket.tokens + elapsed * rate if elapsed > 0 else bucket.tokens
+    tokens = cap if tokens > cap else tokens
+    bucket.tokens = tokens
+    if elapsed > 0:
+        bucket.ts = now
+    return tokens
+
+
+class MemoryBackend:
+    """Per-replica state: clients and (client, model) buckets in two LRUs of ``max_clients``."""
+
+    def __init__(self, config: ClientsConfig, clock: Callable[[], float]):
+        self.config = config
+        self.clock = clock
+        self.clients: collections.OrderedDict[str, _Client] = collections.OrderedDict()
+        self.buckets: collections.OrderedDict[tuple[str, str], _Bucket] = collections.OrderedDict()
+        s = config.suspicion
+        self._decay = math.log(2) / s.half_life_s
+
+    def _client(self, identity: str, now: float) -> _Client:
+        client = self.clients.get(identity)
+        if client is None:
+            client = self.clients[identity] = _Client(now)
+            if len(self.clients) > self.config.max_clients:
+                self.clients.popitem(last=False)
+        else:
+            self.clients.move_to_end(identity)
+        return client
+
+    def _score(self, client: _Client, now: float) -> float:
+        elapsed = now - client.score_ts
+        if elapsed <= 0 or client.score == 0.0:
+            return client.score
+        return client.score * math.exp(-elapsed * self._decay)
+
+    def _tier(self, client: _Client, now: float, score: float) -> int:
+        if now < client.blocked_until:
+            return BLOCKED
+        return THROTTLED if score >= self.config.suspicion.throttle_at else NORMAL
+
+    def _change(self, client: _Client, tier: int, score: float) -> TierChange | None:
+        if tier == client.tier:
+            return None
+        change = TierChange(TIERS[client.tier], TIERS[tier], score)
+        client.tier = tier
+        return change
+
+    def admit(self, identity: str, model: str, backend: str = "memory") -> Admission:
+        config = self.config
+        now = self.clock()
+        client = self._client(identity, now)
+        score = self._score(client, now)
+        tier = self._tier(client, now, score)
+        change = self._change(client, tier, score)
+        if tier == BLOCKED:
+            wait = client.blocked_until - now
+            return Admission(False, "blocked", self._ms(wait), "tier_blocked", change, backend)
+        limits, suspicion = config.limits, config.suspicion
+        rate = cap = 0.0
+        if tier == THROTTLED:
+            rate, cap = suspicion.throttled_rps, suspicion.throttled_burst
+            if limits is not None:
+                rate, cap = min(rate, limits.rps), min(cap, limits.burst)
+        elif limits is not None:
+            rate, cap = limits.rps, limits.burst
+        wait_client = wait_model = 0.0
+        tokens = 0.0
+        if rate > 0:
+            tokens = _refill(client, now, rate, cap)
+            if tokens < 1.0:
+                wait_client = (1.0 - tokens) / rate
+        bucket = None
+        model_limits = config.model_limits
+        if model_limits is not None:
+            bucket = self._bucket(identity, model, now)
+            model_tokens = _refill(bucket, now, model_limits.rps, model_limits.burst)
+            if model_tokens < 1.0:
+                wait_model = (1.0 - model_tokens) / model_limits.rps
+        name = TIERS[tier]
+        if wait_client > 0 or wait_model > 0:
+            if wait_client >= wait_model:
+                return Admission(False, name, self._ms(wait_client), "rate_limit", change, backend)
+            return Admission(False, name, self._ms(wait_model), "model_rate_limit", change, backend)
+        if rate > 0:
+            client.tokens = tokens - 1.0
+        if bucket is not None:
+            bucket.tokens -= 1.0
+        return Admission(True, name, 0, "ok", change, backend)
+
+    def _bucket(self, identity: str, model: str, now: float) -> _Bucket:
+        key = (identity, model)
+        bucket = self.buckets.get(key)
+        if bucket is None:
+            bucket = self.buckets[key] = _Bucket(now)
+            if len(self.buckets) > self.config.max_clients:
+                self.buckets.popitem(last=False)
+        else:
+            self.buckets.move_to_end(key)
+        return bucket
+
+    def _ms(self, seconds: float) -> int:
+        return max(self.config.min_retry_after_ms, math.ceil(seconds * 1000))
+
+    def observe(self, identity: str, added: float) -> TierChange | None:
+        now = self.clock()
+        suspicion = self.config.suspicion
+        client = self._client(identity, now)
+        score = self._score(client, now) + added
+        client.score, client.score_ts = score, now
+        if added > 0 and score >= suspicion.block_at:
+            client.blocked_until = max(client.blocked_until, now + suspicion.block_cooldown_s)
+        return self._change(client, self._tier(client, now, score), score)
+
+    def sync(self, identity: str, tier: int, score: float, blocked_for_s: float) -> None:
+        """Mirror what Redis said about a client, so a fallback starts from it."""
+        now = self.clock()
+        client = self._client(identity, now)
+        client.score, client.score_ts, client.tier = score, now, tier
+        client.blocked_until = now + blocked_for_s if blocked_for_s > 0 else -math.inf
+
+    def state(self, identity: str) -> tuple[str, float]:
+        """(tier, current score) without touching the LRU order; for tests and debugging."""
+        now = self.clock()
+        client = self.clients.get(identity)
+        if client is None:
+            return "normal", 0.0
+        score = self._score(client, now)
+        return TIERS[self._tier(client, now, score)], score
+
+
+# ---- Redis backend ---------------------------------------------------------------------------
+# Shared helpers: Redis's clock, decayed score, tier. Numbers are stored as strings (HSET) and
+# floats are returned as strings (Lua numbers become integers on the way out).
+_LUA_COMMON = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) * 1e-6
+local function fmt(x) return string.format('%.17g', x) end
+local function decayed(score, st, hl)
+  if score > 0 and now > st then return score * 2 ^ (-(now - st) / hl) end
+  return score
+end
+local function tier_of(score, bu, throttle_at)
+  if now < bu then return 2 end
+  if score >= throttle_at then return 1 end
+  return 0
+end
+local function keep_ms(score, eps, hl, bu)
+  local keep = 1
+  if score > eps then keep = keep + hl * math.log(score / eps) / math.log(2) end
+  if bu - now + 1 > keep then keep = bu - now + 1 end
+  return keep
+end
+"""
+
+# KEYS: client hash, (client, model) bucket hash.
+# ARGV: rps, burst, model rps, model burst (0 = no such limit), throttled rps, throttled burst,
+#       half-life, throttle_at, eps (score worth keeping).
+# Returns: allowed, tier, retry (s), reason (0 ok 1 rate 2 model 3 blocked), old tier, score,
+#          blocked seconds left.
+ADMIT_LUA = _LUA_COMMON + """
+local rps, burst = tonumber(ARGV[1]), tonumber(ARGV[2])
+local mrps, mburst = tonumber(ARGV[3]), tonumber(ARGV[4])
+local trps, tburst = tonumber(ARGV[5]), tonumber(ARGV[6])
+local hl, throttle_at, eps = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
+local c = redis.call('HMGET', KEYS[1], 'tk', 'ts', 'sc', 'st', 'bu', 'tr')
+local score = decayed(tonumber(c[3]) or 0, tonumber(c[4]) or now, hl)
+local bu = tonumber(c[5]) or 0
+local old = tonumber(c[6]) or 0
+local tier = tier_of(score, bu, throttle_at)
+local allowed, retry, reason = 1, 0, 0
+local keep = 0
+if tier == 2 then
+  allowed, retry, reason = 0, bu - now, 3
+else
+  local rate, cap = 0, 0
+  if tier == 1 then
+    rate, cap = trps, tburst
+    if rps > 0 then rate, cap = math.min(rate, rps), math.min(cap, burst) end
+  elseif rps > 0 then
+    rate, cap = rps, burst
+  end
+  local tk, mtk = nil, nil
+  local wait1, wait2 = 0, 0
+  if rate > 0 then
+    tk = tonumber(c[1])
+    local ts = tonumber(c[2]) or now
+    if tk == nil then tk = cap elseif now > ts then tk = math.min(cap, tk + (now - ts) * rate)
+    else tk = math.min(cap, tk) end
+    if tk < 1 then wait1 = (1 - tk) / rate end
+  end
+  if mrps > 0 then
+    local m = redis.call('HMGET', KEYS[2], 'tk', 'ts')
+    mtk = tonumber(m[1])
+    local mts = tonumber(m[2]) or now
+    if mtk == nil then mtk = mburst elseif now > mts then mtk = math.min(mburst, mtk + (now - mts) * mrps)
+    else mtk = math.min(mburst, mtk) end
+    if mtk < 1 then wait2 = (1 - mtk) / mrps end
+  end
+  if wait1 > 0 or wait2 > 0 then
+    allowed = 0
+    if wait1 >= wait2 then retry, reason = wait1, 1 else retry, reason = wait2, 2 end
+  else
+    if tk then tk = tk - 1 end
+    if mtk then mtk = mtk - 1 end
+  end
+  if tk then
+    redis.call('HSET', KEYS[1], 'tk', fmt(tk), 'ts', fmt(now))
+    keep = (cap - tk) / rate + 1
+  end
+  if mtk then
+    redis.call('HSET', KEYS[2], 'tk', fmt(mtk), 'ts', fmt(now))
+    redis.call('PEXPIRE', KEYS[2], math.ceil(((mburst - mtk) / mrps + 1) * 1000))
+  end
+end
+if tier ~= old then redis.call('HSET', KEYS[1], 'tr', tier) end
+if keep > 0 or tier ~= old then
+  local k = keep_ms(score, eps, hl, bu)
+  if keep > k then k = keep end
+  redis.call('PEXPIRE', KEYS[1], math.ceil(k * 1000))
+end
+local left = 0
+if bu > now then left = bu - now end
+return {allowed, tier, fmt(retry), reason, old, fmt(score), fmt(left)}
+"""
+
+# KEYS: client hash. ARGV: added, half-life, throttle_at, block_at, cool-down, eps.
+# Returns: old tier, tier, score, blocked seconds left.
+OBSERVE_LUA = _LUA_COMMON + """
+local added, hl = tonumber(ARGV[1]), tonumber(ARGV[2])
+local throttle_at, block_at = tonumber(ARGV[3]), tonumber(ARGV[4])
+local cooldown, eps = tonumber(ARGV[5]), tonumber(ARGV[6])
+local c = redis.call('HMGET', KEYS[1], 'sc', 'st', 'bu', 'tr')
+local score = decayed(tonumber(c[1]) or 0, tonumber(c[2]) or now, hl) + added
+local bu = tonumber(c[3]) or 0
+local old = tonumber(c[4]) or 0
+if added > 0 and score >= block_at and now + cooldown > bu then bu = now + cooldown end
+local tier = tier_of(score, bu, throttle_at)
+local pttl = redis.call('PTTL', KEYS[1])
+redis.call('HSET', KEYS[1], 'sc', fmt(score), 'st', fmt(now), 'bu', fmt(bu), 'tr', tier)
+local k = math.ceil(keep_ms(score, eps, hl, bu) * 1000)
+if pttl > k then k = pttl end
+redis.call('PEXPIRE', KEYS[1], k)
+local left = 0
+if bu > now then left = bu - now end
+return {old, tier, fmt(score), fmt(left)}
+"""
+
+_REASON_CODES = {0: "ok", 1: "rate_limit", 2: "model_rate_limit", 3: "tier_blocked"}
+
+
+class BackendUnavailable(Exception):
+    """Redis did not answer in time (or the circuit is open)."""
+
+
+def _key_hash(text: str) -> str:
+    return hashlib.blake2b(text.encode("utf-8", "surrogateescape"), digest_size=12).hexdigest()
+
+
+class RedisBackend:
+    """Shared state in Redis. Keys: ``{prefix}{<client hash>}`` (a hash: bucket, score, block,
+    tier) and ``{prefix}{<client hash>}:m:<model hash>`` (that client's bucket for one model);
+    the hash tag keeps one client's keys in one Redis Cluster slot. All keys expire when idle."""
+
+    def __init__(self, config: ClientsConfig, client=None):
+        import redis.asyncio as aioredis
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
+
+        self.config = config
+        rc = config.redis
+        self.timeout_s = rc.timeout_ms / 1000
+        self.retry_after_s = rc.retry_after_failure_ms / 1000
+        self.redis = client or aioredis.Redis.from_url(
+            rc.url, socket_timeout=self.timeout_s, socket_connect_timeout=self.timeout_s,
+            retry=Retry(NoBackoff(), 1), health_check_interval=0)
+        self._admit = self.redis.register_script(ADMIT_LUA)
+        self._observe = self.redis.register_script(OBSERVE_LUA)
+        self._errors = (asyncio.TimeoutError, OSError, aioredis.RedisError)
+        s, lim, mlim = config.suspicion, config.limits, config.model_limits
+        eps = s.throttle_at / 100
+        self._admit_args = (lim.rps if lim else 0, lim.burst if lim else 0,
+                            mlim.rps if mlim else 0, mlim.burst if mlim else 0,
+                            s.throttled_rps, s.throttled_burst, s.half_life_s, s.throttle_at, eps)
+        self._observe_args = (s.half_life_s, s.throttle_at, s.block_at, s.block_cooldown_s, eps)
+        self.healthy = True
+        self._retry_at = 0.0
+        self._probing = False
+        self.failures = 0          # calls that failed (timeout, connection error)
+        self.skipped = 0           # calls not tried because the circuit was open
+
+    def keys(self, identity: str, model: str) -> tuple[str, str]:
+        base = f"{self.config.redis.key_prefix}{{{_key_hash(identity)}}}"
+        return base, f"{base}:m:{_key_hash(model)}"
+
+    async def _call(self, script, keys, args):
+        probe = False
+        if not self.healthy:
+            if time.monotonic() < self._retry_at or self._probing:
+                self.skipped += 1
+                raise BackendUnavailable("circuit open")
+            self._probing = probe = True
+        try:
+            async with asyncio.timeout(self.timeout_s):      # no extra task, unlike wait_for
+                result = await script(keys=keys, args=args)
+        except self._errors as err:
+            self.failures += 1
+            if self.healthy:
+                log.warning("limiter: Redis unavailable (%s: %s); on_backend_error=%s",
+                            type(err).__name__, err, self.config.on_backend_error)
+            self.healthy = False
+            self._retry_at = time.monotonic() + self.retry_after_s
+            raise BackendUnavailable(str(err) or type(err).__name__) from None
+        finally:
+            if probe:
+                self._probing = False
+        if not self.healthy:
+            log.warning("limiter: Redis is back")
+            self.healthy = True
+        return result
+
+    async def admit(self, identity: str, model: str):
+        return await self._call(self._admit, self.keys(identity, model), self._admit_args)
+
+    async def observe(self, identity: str, added: float):
+        keys = (self.keys(identity, "")[0],)
+        return await self._call(self._observe, keys, (added, *self._observe_args))
+
+    async def close(self) -> None:
+        await self.redis.aclose()
+
+
+# ---- the guard -------------------------------------------------------------------------------
+class ClientGuard:
+    """``admit`` before a request is inspected, ``observe`` after, with its reasons."""
+
+    def __init__(self, config: ClientsConfig, clock: Callable[[], float] = time.monotonic,
+                 redis_client=None):
+        self.config = config
+        self.weights = _Weights(config.suspicion)
+        self.memory = MemoryBackend(config, clock)
+        self.redis = RedisBackend(config, redis_client) if config.backend == "redis" else None
+
+    def suspicion(self, reasons, stages) -> float:
+        """What one request adds to its client's score."""
+        return self.weights.total(reasons, stages)
+
+    async def admit(self, identity: str, model: str) -> Admission:
+        if self.redis is None:
+            return self.memory.admit(identity, model)
+        try:
+            result = await self.redis.admit(identity, model)
+        except BackendUnavailable:
+            if self.config.on_backend_error == "closed":
+                return Admission(False, self.memory.state(identity)[0],
+                                 max(1, self.config.redis.retry_after_failure_ms),
+                                 "backend_unavailable", None, "redis")
+            return self.memory.admit(identity, model, backend="fallback")
+        allowed, tier, retry, reason, old, score, left = result
+        tier, old, score, left = int(tier), int(old), float(score), float(left)
+        self.memory.sync(identity, tier, score, left)
+        change = TierChange(TIERS[old], TIERS[tier], score) if old != tier else None
+        retry_ms = self.memory._ms(float(retry)) if not int(allowed) else 0
+        return Admission(bool(int(allowed)), TIERS[tier], retry_ms, _REASON_CODES[int(reason)],
+                         change, "redis")
+
+    async def observe(self, identity: str, model: str, reasons, stages) -> TierChange | None:
+        """Add this request's suspicion; a TierChange when the client's tier moved. Requests
+        that add nothing do not touch the backend (admit reports tiers falling with decay)."""
+        added = self.weights.total(reasons, stages)
+        if added <= 0:
+            return None
+        if self.redis is None:
+            return self.memory.observe(identity, added)
+        try:
+            old, tier, score, left = await self.redis.observe(identity, added)
+        except BackendUnavailable:
+            return self.memory.observe(identity, added)
+        old, tier, score, left = int(old), int(tier), float(score), float(left)
+        self.memory.sync(identity, tier, score, left)
+        return TierChange(TIERS[old], TIERS[tier], score) if old != tier else None
+
+    async def close(self) -> None:
+        if self.redis is not None:
+            await self.redis.close()

@@ -1,0 +1,216 @@
+"""ClientGuard with the Redis backend against a real redis-server (loopback, free port): one
+global limit across two replicas, bounded latency and on_backend_error while Redis is dead or
+hung, and recovery when it comes back on the same port."""
+from __future__ import annotations
+
+import asyncio
+import shutil
+import signal
+import time
+
+import pytest
+
+from bastion.proxy.limiter import ClientGuard, ClientsConfig
+from tests.harness import Proc, free_port
+
+TIMEOUT_MS = 50
+# Slack over timeout_ms for one admit() while Redis is down or hung: event-loop scheduling and
+# closing the dead connection, on a shared 2-core machine.
+MARGIN_MS = 40
+RETRY_AFTER_FAILURE_MS = 200
+
+
+class RedisServer:
+    def __init__(self):
+        self.binary = shutil.which("redis-server")
+        if self.binary is None:
+            pytest.fail("redis-server is not installed (apt-get install redis-server); the Redis "
+                        "backend tests need a real server", pytrace=False)
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: Proc | None = None
+
+    def start(self) -> None:
+        self.proc = Proc([self.binary, "--port", str(self.port), "--bind", "127.0.0.1",
+                          "--save", "", "--appendonly", "no", "--protected-mode", "yes"])
+        self.proc.wait_for(r"Ready to accept connections", timeout=20)
+
+    def kill(self) -> None:
+        self.proc.signal(signal.SIGKILL)
+        self.proc.popen.wait(10)
+        self.proc.stop()
+
+    def pause(self) -> None:
+        self.proc.signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        self.proc.signal(signal.SIGCONT)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.resume()
+            self.proc.stop()
+
+
+@pytest.fixture
+def redis_server():
+    server = RedisServer()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def config(server: RedisServer, on_error: str = "open", **extra) -> ClientsConfig:
+    return ClientsConfig(backend="redis", on_backend_error=on_error,
+                         redis={"url": server.url, "timeout_ms": TIMEOUT_MS,
+                                "key_prefix": "bastion-test:",
+                                "retry_after_failure_ms": RETRY_AFTER_FAILURE_MS},
+                         **extra)
+
+
+# A bucket that barely refills during a test: burst is the whole budget.
+GLOBAL = {"limits": {"rps": 0.001, "burst": 10},
+          "suspicion": {"weights": {"signature:": 1.0}, "throttle_at": 2.5, "block_at": 4.5,
+                        "throttled_rps": 0.001, "half_life_s": 600, "block_cooldown_s": 600}}
+
+
+async def timed_admit(guard: ClientGuard, identity: str, model: str = "m"):
+    start = time.perf_counter()
+    admission = await guard.admit(identity, model)
+    return admission, (time.perf_counter() - start) * 1000
+
+
+def test_two_replicas_share_one_global_limit(redis_server):
+    async def scenario():
+        a, b = ClientGuard(config(redis_server, **GLOBAL)), ClientGuard(config(redis_server, **GLOBAL))
+        try:
+            results = []
+            for _ in range(10):
+                results.append(await a.admit("shared", "m"))
+                results.append(await b.admit("shared", "m"))
+            assert all(r.backend == "redis" for r in results)
+            assert sum(r.allowed for r in results) == 10, [r.allowed for r in results]
+            refused = [r for r in results if not r.allowed]
+            assert {r.reason for r in refused} == {"rate_limit"}
+            assert all(r.retry_after_ms > 100_000 for r in refused)   # 1 token at 0.001 rps
+            # Another client has its own bucket.
+            assert (await b.admit("someone-else", "m")).allowed
+            # Suspicion is shared too: observed on a, blocked on b.
+            changes = [await a.observe("bad", "m", ["signature:x"], {}) for _ in range(5)]
+            assert [c.new for c in changes if c] == ["throttled", "blocked"]
+            on_b = await b.admit("bad", "m")
+            assert not on_b.allowed and on_b.reason == "tier_blocked" and on_b.tier == "blocked"
+            assert 590_000 < on_b.retry_after_ms <= 600_000
+            # Keys expire when idle: once the score has decayed to 1% of throttle_at (600 s
+            # half-life: 600 * log2(5 / 0.025) = 4586 s), or the bucket is full again.
+            key = a.redis.keys("bad", "m")[0]
+            assert 4_500_000 < await a.redis.redis.pttl(key) <= 4_600_000
+            assert 0 < await a.redis.redis.pttl(a.redis.keys("someone-else", "m")[0]) <= 1_002_000
+        finally:
+            await a.close()
+            await b.close()
+
+    asyncio.run(scenario())
+
+
+def test_model_limits_shared_across_replicas(redis_server):
+    async def scenario():
+        cfg = config(redis_server, model_limits={"rps": 0.001, "burst": 3})
+        a, b = ClientGuard(cfg), ClientGuard(cfg)
+        try:
+            got = [await (a if i % 2 else b).admit("c", "m1") for i in range(6)]
+            assert [g.allowed for g in got] == [True] * 3 + [False] * 3
+            assert got[-1].reason == "model_rate_limit"
+            assert (await a.admit("c", "m2")).allowed
+        finally:
+            await a.close()
+            await b.close()
+
+    asyncio.run(scenario())
+
+
+def _check_bounded(latencies: list[float]) -> None:
+    worst = max(latencies)
+    print(f"admit() while Redis unavailable: {len(latencies)} calls, max {worst:.1f} ms, "
+          f"p50 {sorted(latencies)[len(latencies) // 2]:.2f} ms")
+    assert worst <= TIMEOUT_MS + MARGIN_MS, f"an admit() took {worst:.1f} ms"
+
+
+@pytest.mark.parametrize("on_error", ["open", "closed"])
+def test_redis_killed_mid_run_then_restarted(redis_server, on_error):
+    async def scenario():
+        a = ClientGuard(config(redis_server, on_error, **GLOBAL))
+        b = ClientGuard(config(redis_server, on_error, **GLOBAL))
+        try:
+            assert (await a.admit("c", "m")).backend == "redis"
+            for _ in range(5):
+                await a.observe("bad", "m", ["signature:x"], {})   # blocked in Redis
+            redis_server.kill()
+
+            latencies, seen = [], []
+            deadline = time.monotonic() + 1.0     # several circuit cycles (200 ms each)
+            while time.monotonic() < deadline:
+                admission, ms = await timed_admit(a, "c")
+                latencies.append(ms)
+                seen.append(admission)
+                await asyncio.sleep(0.005)
+            _check_bounded(latencies)
+            assert a.redis.failures >= 2, "the circuit should probe Redis again after 200 ms"
+            assert a.redis.skipped > len(seen) / 2, "most calls should skip the dead Redis"
+            if on_error == "open":
+                assert all(s.backend == "fallback" for s in seen)
+                # Local limit per replica: the fresh local bucket holds the burst (10).
+                assert sum(s.allowed for s in seen) == 10
+                # What Redis said about "bad" was kept: still blocked without Redis.
+                bad = await a.admit("bad", "m")
+                assert not bad.allowed and bad.reason == "tier_blocked"
+            else:
+                assert not any(s.allowed for s in seen)
+                assert {s.reason for s in seen} == {"backend_unavailable"}
+                assert all(s.retry_after_ms > 0 for s in seen)
+            # observe() never blocks either, and falls back to local state.
+            start = time.perf_counter()
+            await a.observe("c", "m", ["signature:x"], {})
+            assert (time.perf_counter() - start) * 1000 <= TIMEOUT_MS + MARGIN_MS
+
+            redis_server.start()                   # same port, empty state
+            await asyncio.sleep(RETRY_AFTER_FAILURE_MS / 1000 + 0.05)
+            recovered = [await a.admit("after", "m") for _ in range(6)]
+            recovered += [await b.admit("after", "m") for _ in range(6)]
+            assert all(r.backend == "redis" for r in recovered), [r.backend for r in recovered]
+            assert sum(r.allowed for r in recovered) == 10       # one global bucket again
+            assert a.redis.healthy and b.redis.healthy
+        finally:
+            await a.close()
+            await b.close()
+
+    asyncio.run(scenario())
+
+
+def test_redis_hung_every_call_bounded_by_timeout(redis_server):
+    """SIGSTOP: connections are accepted by the kernel but nothing answers: the timeout path."""
+    async def scenario():
+        g = ClientGuard(config(redis_server, "open", **GLOBAL))
+        try:
+            assert (await g.admit("c", "m")).backend == "redis"
+            redis_server.pause()
+            latencies, seen = [], []
+            # Concurrent callers too: none may wait past the timeout.
+            for _ in range(6):
+                batch = await asyncio.gather(*(timed_admit(g, f"c{i}") for i in range(20)))
+                latencies += [ms for _, ms in batch]
+                seen += [adm for adm, _ in batch]
+                await asyncio.sleep(0.1)
+            _check_bounded(latencies)
+            assert all(s.backend == "fallback" for s in seen)
+            assert g.redis.failures >= 2
+            redis_server.resume()
+            await asyncio.sleep(RETRY_AFTER_FAILURE_MS / 1000 + 0.05)
+            back = await g.admit("c", "m")
+            assert back.backend == "redis" and g.redis.healthy
+        finally:
+            await g.close()
+
+    asyncio.run(scenario())
