@@ -12,6 +12,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from bastion.detectors.extraction import ExtractionConfig
+from bastion.proxy.limiter import ClientsConfig
 from bastion.transforms.tensor import DATATYPES
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
@@ -109,6 +111,13 @@ class InputSpec(_Strict):
         return self
 
 
+class ModelExtractionConfig(ExtractionConfig):
+    """PRADA model-extraction monitoring of one model: which input is the query, and which
+    output gives the predicted class (its argmax), so distances are grouped by class."""
+    input: str
+    class_output: str | None = None
+
+
 class ModelConfig(_Strict):
     mode: Literal["enforce", "monitor"] = "enforce"
     inputs: dict[str, InputSpec] = {}
@@ -120,6 +129,9 @@ class ModelConfig(_Strict):
     # Check each request's datatypes and shapes against the upstream's ModelMetadata (fetched
     # when the upstream becomes ready); `inputs` entries above override what is learned.
     learn_inputs: bool = True
+    # Off unless set: per-client PRADA extraction monitoring; a flag adds the reason
+    # `extraction:prada` to the client's suspicion (weight it under clients.suspicion.weights).
+    extraction: ModelExtractionConfig | None = None
     # Sent in the `retry-after-ms` trailer when a stage's action is `throttle`.
     retry_after_ms: int = Field(1000, ge=0)
     # Ordered stages, each a one-key mapping {stage-name: {options}}; see bastion.proxy.pipeline.
@@ -143,6 +155,7 @@ class Config(_Strict):
     limits: LimitsConfig = LimitsConfig()
     shutdown: ShutdownConfig = ShutdownConfig()
     reload: ReloadConfig = ReloadConfig()
+    clients: ClientsConfig = ClientsConfig()
     tracing: TracingConfig = TracingConfig()
     audit: AuditConfig = AuditConfig()
     models: dict[str, ModelConfig] = {}

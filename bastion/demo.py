@@ -23,20 +23,30 @@ from bastion import traffic
 from bastion.protos import SERVICE
 
 DEMO_CONFIG = """\
-# Written by `bastion demo`. Pipelines fill in as defenses land; empty = decode, validate, forward.
+# Written by `bastion demo`: the embedded default, with every defense that has landed.
 listen: {listen}
 admin: {admin}
 upstream: {{target: {upstream}, timeout_s: 10}}
+audit: {{output: {audit}}}
 models:
   fashion-mnist:
     mode: enforce
     inputs: {{image: {{datatype: FP32, shape: [-1, 1, 28, 28], kind: tensor}}}}
-    pipeline: []
+    pipeline:
+      - validate.tensor: {{min: 0.0, max: 1.0, finite: true}}
+      - transform.bit_depth: {{bits: 5}}
   text-classifier:
-    mode: monitor
+    mode: enforce
     inputs: {{prompt: {{datatype: BYTES, kind: text}}}}
-    pipeline: []
+    pipeline:
+      - limit.text: {{max_bytes: 65536, max_elements: 64}}
+      - sanitize.unicode: {{fold_confusables: true, threshold: 16, action: block}}
+      - detect.signatures: {{threshold: 1, action: block}}
 """
+
+# How gRPC outcomes read in the summary.
+OUTCOME_NAMES = {"OK": "allowed", "PERMISSION_DENIED": "blocked", "INVALID_ARGUMENT": "invalid",
+                 "RESOURCE_EXHAUSTED": "throttled"}
 
 
 def _free_port() -> int:
@@ -80,11 +90,13 @@ class Tally:
         self.latency_ms: dict[str, list[float]] = collections.defaultdict(list)
 
     def add(self, record: traffic.Record, code: str, latency_ms: float) -> None:
-        self.counts[(record.model, record.label)][code] += 1
+        self.counts[(record.model, record.label)][OUTCOME_NAMES.get(code, code)] += 1
         self.latency_ms[record.model].append(latency_ms)
 
     def render(self, elapsed: float) -> str:
-        codes = sorted({c for counter in self.counts.values() for c in counter})
+        order = list(OUTCOME_NAMES.values())
+        codes = sorted({c for counter in self.counts.values() for c in counter},
+                       key=lambda c: (order.index(c) if c in order else len(order), c))
         header = ["model", "traffic", "sent", *codes]
         rows = [header]
         for (model, label), counter in sorted(self.counts.items()):
@@ -144,13 +156,20 @@ async def _send_traffic(target: str, rate: float, duration_s: float | None, tall
 
 
 def _bastion_metrics(admin: str) -> str:
+    """Verdict totals and the top reasons, read back from the sidecar's own /metrics."""
     try:
         with urllib.request.urlopen(f"http://{admin}/metrics", timeout=5) as reply:
             text = reply.read().decode()
     except OSError as err:
         return f"(metrics unavailable: {err})"
-    return "\n".join(line for line in text.splitlines()
-                     if line.startswith("bastion_requests_total"))
+    verdicts = [line for line in text.splitlines() if line.startswith("bastion_verdicts_total")]
+    reasons = []
+    for line in text.splitlines():
+        if line.startswith("bastion_reasons_total{"):
+            series, value = line.rsplit(" ", 1)
+            reasons.append((float(value), series))
+    top = [f"{series} {value:.0f}" for value, series in sorted(reasons, reverse=True)[:8]]
+    return "\n".join(verdicts + (["top reasons:"] + top if top else []))
 
 
 def run_demo(duration_s: float | None = None, rate: float = 50.0) -> int:
@@ -159,7 +178,8 @@ def run_demo(duration_s: float | None = None, rate: float = 50.0) -> int:
     listen = f"127.0.0.1:{_free_port()}"
     admin = f"127.0.0.1:{_free_port()}"
     config = workdir / "bastion.yaml"
-    config.write_text(DEMO_CONFIG.format(listen=listen, admin=admin, upstream=upstream))
+    config.write_text(DEMO_CONFIG.format(listen=listen, admin=admin, upstream=upstream,
+                                         audit=workdir / "audit.jsonl"))
     procs = []
     try:
         print(f"bastion demo: reference upstream on {upstream} (demo models)", flush=True)
@@ -172,7 +192,8 @@ def run_demo(duration_s: float | None = None, rate: float = 50.0) -> int:
         procs.append(sidecar)
         _wait_line(sidecar, workdir / "sidecar.log", "bastion: serving", 30)
         print(f"bastion demo: sidecar pid {sidecar.pid}", flush=True)
-        print(f"bastion demo: metrics at http://{admin}/metrics, logs in {workdir}", flush=True)
+        print(f"bastion demo: metrics at http://{admin}/metrics, logs and audit log in {workdir}",
+              flush=True)
         print(f"bastion demo: sending benign, attack and malformed traffic at {rate:.0f} req/s"
               f"{'' if duration_s is None else f' for {duration_s:.0f}s'} (Ctrl-C stops)",
               flush=True)

@@ -108,6 +108,11 @@ class Rule:
     weight: float
     #: True for ignore_case rules: ``regex`` is lower-case and runs on the folded text.
     folded: bool = True
+    #: The pattern began with \b, which is checked outside sre (a leading \b defeats sre's
+    #: literal-prefix search, which makes a rule several times slower).
+    lead_boundary: bool = False
+    #: Reject a match whose preceding text (up to 32 characters) matches this at its end.
+    not_after: re.Pattern | None = None
     examples_match: tuple[str, ...] = ()
     examples_no_match: tuple[str, ...] = ()
 
@@ -187,7 +192,7 @@ def _parse_rule(entry: Any, index: int, macros: dict[str, str], seen: set[str]) 
     if not isinstance(entry, dict):
         raise ValueError(f"{where}: must be a mapping")
     known = {"id", "family", "description", "pattern", "literal", "keywords", "ignore_case",
-             "weight", "examples"}
+             "weight", "examples", "not_after"}
     unknown = sorted(set(entry) - known)
     if unknown:
         raise ValueError(f"{where}: unknown keys {unknown}")
@@ -213,6 +218,13 @@ def _parse_rule(entry: Any, index: int, macros: dict[str, str], seen: set[str]) 
     pattern, literal = entry.get("pattern"), entry.get("literal")
     if (pattern is None) == (literal is None):
         raise ValueError(f"{where}: give exactly one of pattern and literal")
+
+    def expand(match: re.Match) -> str:
+        name = match.group(1)
+        if name not in macros:
+            raise ValueError(f"{where}: unknown macro {{{{{name}}}}}")
+        return macros[name]
+
     keywords = _parse_keywords(entry.get("keywords"), where, ignore_case)
     if literal is not None:
         if not isinstance(literal, str) or not literal:
@@ -223,17 +235,26 @@ def _parse_rule(entry: Any, index: int, macros: dict[str, str], seen: set[str]) 
     elif not isinstance(pattern, str) or not pattern:
         raise ValueError(f"{where}: pattern must be a non-empty string")
     else:
-        def expand(match: re.Match) -> str:
-            name = match.group(1)
-            if name not in macros:
-                raise ValueError(f"{where}: unknown macro {{{{{name}}}}}")
-            return macros[name]
         pattern = _MACRO_RE.sub(expand, pattern)
     flags = 0
     try:
         regex = re.compile(pattern, flags)
     except re.error as err:
         raise ValueError(f"{where}: invalid pattern: {err}") from None
+    lead_boundary = False
+    first = _sre_parse.parse(pattern, flags).data[:1]
+    if pattern.startswith("\\b") and first and first[0] == (_sre_parse.AT,
+                                                                _sre_parse.AT_BOUNDARY):
+        lead_boundary = True
+        regex = re.compile(pattern[2:], flags)
+    not_after = entry.get("not_after")
+    if not_after is not None:
+        if not isinstance(not_after, str) or not not_after:
+            raise ValueError(f"{where}: not_after must be a non-empty regex string")
+        try:
+            not_after = re.compile(_MACRO_RE.sub(expand, not_after), flags)
+        except re.error as err:
+            raise ValueError(f"{where}: invalid not_after: {err}") from None
     if ignore_case:
         upper = _uppercase_literals(pattern)
         if upper:
@@ -249,7 +270,7 @@ def _parse_rule(entry: Any, index: int, macros: dict[str, str], seen: set[str]) 
     if not isinstance(examples, dict) or set(examples) - {"match", "no_match"}:
         raise ValueError(f"{where}: examples must be a mapping with match / no_match lists")
     rule = Rule(rule_id, family, description, regex, keywords, float(weight), ignore_case,
-                _as_str_list(examples.get("match"), f"{where}: examples.match"),
+                lead_boundary, not_after, _as_str_list(examples.get("match"), f"{where}: examples.match"),
                 _as_str_list(examples.get("no_match"), f"{where}: examples.no_match"))
     # The rule's own examples are part of its contract: check them now, so a broken edit to a
     # rule file fails at config load, not silently in production.
@@ -266,7 +287,7 @@ def _parse_rule(entry: Any, index: int, macros: dict[str, str], seen: set[str]) 
 
 def rule_matches(rule: Rule, text: str) -> bool:
     """Whether one rule matches ``text`` itself (no keyword prefilter, no decoding)."""
-    return _search(rule.regex, _fold(text) if rule.folded else text)
+    return _search(rule, _fold(text) if rule.folded else text)
 
 
 def load_rules(source: str | Path | None = None) -> list[Rule]:
@@ -312,22 +333,54 @@ def parse_rules(data: Any) -> list[Rule]:
 # --------------------------------------------------------------------------------------------
 
 
-def _search(regex: re.Pattern, text: str) -> bool:
-    """Whether ``regex`` matches anywhere in ``text``, searching long texts window by window."""
+def _is_word(char: str) -> bool:
+    return char.isalnum() or char == "_"  # exactly sre's \\w for str patterns
+
+
+def _search(rule: Rule, text: str, start: int = 0, stop: int | None = None) -> bool:
+    """Whether ``rule`` matches inside ``text[start:stop]``, window by window when long.
+
+    A match touching ``stop`` (or a window's end) before the real end of the text may owe its
+    end to the cut (``\\b``, ``$``), so it is not taken: the next window, which starts
+    ``OVERLAP`` characters earlier, sees such a match whole, with its real context; lookbehinds
+    and ``\\b`` at ``start`` see the real text before it. A rule's leading ``\\b`` and its
+    ``not_after`` context are checked here, on each candidate match.
+    """
+    regex, lead_boundary, not_after = rule.regex, rule.lead_boundary, rule.not_after
     n = len(text)
-    if n <= WINDOW:
-        return regex.search(text) is not None
-    start = 0
+    stop = n if stop is None else min(stop, n)
     while True:
-        end = min(start + WINDOW, n)
-        for match in regex.finditer(text, start, end):
-            # A match touching the window's end may owe its end to the cut (\b, $): the next
-            # window, which starts at most OVERLAP earlier, sees it whole with its real context.
-            if match.end() < end or end == n:
-                return True
-        if end == n:
+        end = min(start + WINDOW, stop)
+        pos = start
+        while pos < end:
+            match = regex.search(text, pos, end)
+            if match is None:
+                break
+            at = match.start()
+            pos = at + 1
+            if match.end() >= end and end != n:
+                continue
+            if lead_boundary and (at > 0 and _is_word(text[at - 1])) == _is_word(text[at]):
+                continue
+            if not_after is not None and not_after.search(text, max(0, at - 32), at):
+                continue
+            return True
+        if end >= stop:
             return False
         start += WINDOW - OVERLAP
+
+
+def _merge_ranges(regions: list[tuple[int, int]], margin: int,
+                  n: int) -> list[tuple[int, int]]:
+    """``regions`` widened by ``margin`` on both sides, clipped to [0, n], overlaps merged."""
+    out: list[tuple[int, int]] = []
+    for a, b in sorted(regions):
+        a, b = max(0, a - margin), min(n, b + margin)
+        if out and a <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], b))
+        else:
+            out.append((a, b))
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -340,6 +393,9 @@ _HEX_RE = re.compile(
     r"|(?:[0-9A-Fa-f]{2}[ :,-]){%d,}[0-9A-Fa-f]{2}(?![0-9A-Fa-f])"    # 49 67 6e / 49:67:6e
     r"|(?:(?:\\x|0x)[0-9A-Fa-f]{2}[ ,]{0,2}){%d,}"                    # \x49\x67 / 0x49 0x67
     % (MIN_HEX_BYTES, MIN_HEX_BYTES - 1, MIN_HEX_BYTES))
+# Cheap test for anything _HEX_RE could match (it has no literal prefix and is slower).
+_HEX_GATE_RE = re.compile(r"[0-9A-Fa-f]{16}|[0-9A-Fa-f]{2}[ :,-][0-9A-Fa-f]{2}[ :,-]|\\x[0-9A-Fa-f]"
+                          r"|0x[0-9A-Fa-f]")
 _HEX_STRIP_RE = re.compile(r"\\x|0x|[^0-9A-Fa-f]")
 _PCT_RE = re.compile(r"%[0-9A-Fa-f]{2}")
 _UNPRINTABLE_RE = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ufffd]")
@@ -349,8 +405,10 @@ _LEET_COMMON = {"4": "a", "@": "a", "8": "b", "3": "e", "6": "g", "9": "g", "!":
                 "|": "l", "0": "o", "5": "s", "$": "s", "7": "t", "+": "t", "2": "z"}
 _LEET_I = str.maketrans({**_LEET_COMMON, "1": "i"})
 _LEET_L = str.maketrans({**_LEET_COMMON, "1": "l"})
-# A letter next to a leet symbol ("1gn0r3"): only then is the leet reading tried.
-_LEET_HINT_RE = re.compile(r"[A-Za-z][0-9@$|!+]|[0-9@$|!+][A-Za-z]")
+# A word with a leet symbol inside ("pr3v10u5", "h4ck") or a digit, @ or $ before a letter
+# ("1gn0r3", "4ll", "$ecret"); "mp3", "COVID-19" or "Hello!" are not leet tokens.
+_LEET_TOKEN_RE = re.compile(r"[A-Za-z0-9@$|!+]{0,40}?(?:[A-Za-z][0-9@$|!+][A-Za-z0-9]|[0-9@$]"
+                            r"[A-Za-z])[A-Za-z0-9@$|!+]{0,40}")
 _ASCII_LETTER_RE = re.compile(r"[A-Za-z]")
 
 
@@ -404,17 +462,28 @@ def _hex(span: str) -> str | None:
     return _bytes_to_text(raw)
 
 
-def _replace_spans(text: str, pattern: re.Pattern, decode) -> str | None:
+# A decoding is (decoded text, regions): regions are the [start, stop) ranges of the decoded
+# text that differ from the text it was decoded from, or None when all of it may differ. Rules
+# need only be searched near those ranges: a match elsewhere was already a match before.
+Decoded = tuple[str, "list[tuple[int, int]] | None"]
+
+
+def _replace_spans(text: str, pattern: re.Pattern, decode) -> Decoded | None:
     """``text`` with each decodable span of ``pattern`` replaced by its decoding (bounded)."""
     pieces: list[str] = []
-    last = attempts = decoded_count = 0
+    regions: list[tuple[int, int]] = []
+    last = attempts = decoded_count = length = 0
     for match in pattern.finditer(text):
         attempts += 1
         span = match.group()[:MAX_SPAN_CHARS]
         decoded = decode(span)
         if decoded is not None:
-            pieces.append(text[last:match.start()])
+            before = text[last:match.start()]
+            pieces.append(before)
             pieces.append(f" {decoded} ")
+            length += len(before)
+            regions.append((length, length + len(decoded) + 2))
+            length += len(decoded) + 2
             last = match.end()
             decoded_count += 1
             if decoded_count >= MAX_SPANS:
@@ -424,20 +493,22 @@ def _replace_spans(text: str, pattern: re.Pattern, decode) -> str | None:
     if not decoded_count:
         return None
     pieces.append(text[last:])
-    return "".join(pieces)
+    return "".join(pieces), regions
 
 
-def _decode_base64(text: str) -> list[str]:
+def _decode_base64(text: str) -> list[Decoded]:
     out = _replace_spans(text, _BASE64_RE, _b64)
     return [out] if out is not None else []
 
 
-def _decode_hex(text: str) -> list[str]:
+def _decode_hex(text: str) -> list[Decoded]:
+    if _HEX_GATE_RE.search(text) is None:
+        return []
     out = _replace_spans(text, _HEX_RE, _hex)
     return [out] if out is not None else []
 
 
-def _decode_url(text: str) -> list[str]:
+def _decode_url(text: str) -> list[Decoded]:
     count = 0
     for _ in _PCT_RE.finditer(text):
         count += 1
@@ -446,22 +517,31 @@ def _decode_url(text: str) -> list[str]:
     else:
         return []
     decoded = urllib.parse.unquote_plus(text, errors="replace")
-    return [decoded] if decoded != text else []
+    return [(decoded, None)] if decoded != text else []
 
 
-def _decode_rot13(text: str) -> list[str]:
+def _decode_rot13(text: str) -> list[Decoded]:
     if _ASCII_LETTER_RE.search(text) is None:
         return []
-    return [text.translate(_ROT13)]
+    return [(text.translate(_ROT13), None)]
 
 
-def _decode_leetspeak(text: str) -> list[str]:
-    if _LEET_HINT_RE.search(text) is None:
+def _decode_leetspeak(text: str) -> list[Decoded]:
+    """Read the leet tokens ("1gn0r3") as letters; two readings of 1 (i and l)."""
+    spans = [match.span() for match in _LEET_TOKEN_RE.finditer(text)]
+    if not spans:
         return []
-    out = [text.translate(_LEET_I)]
-    if "1" in text:
-        out.append(text.translate(_LEET_L))
-    return [candidate for candidate in out if candidate != text]
+    out: list[Decoded] = []
+    tables = (_LEET_I, _LEET_L) if any("1" in text[a:b] for a, b in spans) else (_LEET_I,)
+    for table in tables:
+        pieces, last = [], 0
+        for a, b in spans:
+            pieces.append(text[last:a])
+            pieces.append(text[a:b].translate(table))
+            last = b
+        pieces.append(text[last:])
+        out.append(("".join(pieces), spans))
+    return out
 
 
 _DECODERS = {"base64": _decode_base64, "hex": _decode_hex, "url": _decode_url,
@@ -470,7 +550,7 @@ _DECODERS = {"base64": _decode_base64, "hex": _decode_hex, "url": _decode_url,
 
 def decode_candidates(text: str, scheme: str) -> list[str]:
     """The decodings of ``text`` under ``scheme`` (empty when there is nothing to decode)."""
-    return _DECODERS[scheme](text)
+    return [decoded for decoded, _ in _DECODERS[scheme](text)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -499,6 +579,8 @@ class SignatureDetector(TextDetector):
         self._raw_keywords = tuple(sorted({k for rule in self.rules if not rule.folded
                                            for group in rule.keywords for k in group}))
         self._max_weight = max(rule.weight for rule in self.rules)
+        self._max_width = max(_max_width(rule.regex.pattern, rule.regex.flags)[1]
+                              for rule in self.rules)
 
     @classmethod
     def from_yaml(cls, path: str | Path | None = None, **kwargs) -> "SignatureDetector":
@@ -506,21 +588,36 @@ class SignatureDetector(TextDetector):
 
     # -- matching ------------------------------------------------------------------------------
 
-    def matching_rules(self, text: str) -> set[int]:
-        """Indices of the rules matching ``text`` itself (no decoding)."""
-        folded = _fold(text)
-        present = {k for k in self._folded_keywords if k in folded}
-        present_raw = {k for k in self._raw_keywords if k in text}
+    def matching_rules(self, text: str,
+                       regions: list[tuple[int, int]] | None = None) -> set[int]:
+        """Indices of the rules matching ``text`` itself (no decoding).
+
+        With ``regions``, only matches that overlap one of those ranges are looked for.
+        """
+        folded = _fold(text)  # same length as text: _PREFOLD removed the one expanding case
+        if regions is None:
+            ranges = [(0, len(text))]
+            scope, scope_raw = folded, text
+        else:
+            margin = self._max_width + 16
+            ranges = _merge_ranges(regions, margin, len(text))
+            if not ranges:
+                return set()
+            scope = "\n".join(folded[a:b] for a, b in ranges)
+            scope_raw = "\n".join(text[a:b] for a, b in ranges)
+        present = {k for k in self._folded_keywords if k in scope}
+        present_raw = {k for k in self._raw_keywords if k in scope_raw}
         hits = set()
         for index, rule in enumerate(self.rules):
             found = present if rule.folded else present_raw
             if any(found.isdisjoint(group) for group in rule.keywords):
                 continue
-            if _search(rule.regex, folded if rule.folded else text):
+            target = folded if rule.folded else text
+            if any(_search(rule, target, a, b) for a, b in ranges):
                 hits.add(index)
         return hits
 
-    def _analyze(self, text: str, stop_at_max: bool) -> tuple[set[int], set[str]]:
+    def _analyze(self, text: Any, stop_at_max: bool) -> tuple[set[int], set[str]]:
         """Rules matched by ``text`` or its decodings, and the schemes those matches needed."""
         if not isinstance(text, str):
             text = bytes(text).decode("utf-8", "replace")
@@ -529,30 +626,30 @@ class SignatureDetector(TextDetector):
         if stop_at_max and hits and max(self.rules[i].weight for i in hits) >= self._max_weight:
             return hits, schemes
         budget = 4 * len(text) + 65536
-        # (candidate, its parent's hits, scheme chain)
-        frontier: list[tuple[str, set[int], tuple[str, ...]]] = [(text, hits, ())]
+        # (candidate, the hits of it and its ancestors, scheme chain)
+        frontier: list[tuple[str, set[int], tuple[str, ...]]] = [(text, set(hits), ())]
         for depth in range(self.max_decode_depth):
             next_frontier = []
-            for candidate, parent_hits, chain in frontier:
+            for candidate, known, chain in frontier:
                 for scheme in self.decode:
                     if chain and scheme == chain[-1] and scheme in ("rot13", "leetspeak"):
                         continue  # rot13 twice is the identity; leet twice changes nothing
                     if (depth and scheme in WHOLE_TEXT_SCHEMES
                             and len(candidate) > MAX_NESTED_WHOLE_CHARS):
                         continue
-                    for decoded in _DECODERS[scheme](candidate):
+                    for decoded, regions in _DECODERS[scheme](candidate):
                         budget -= len(decoded)
                         if budget < 0:
                             return hits, schemes
-                        found = self.matching_rules(decoded)
-                        new = found - parent_hits
+                        found = self.matching_rules(decoded, regions)
+                        new = found - known
                         if new:
                             hits |= new
                             schemes.update(chain + (scheme,))
                             if stop_at_max and max(self.rules[i].weight
                                                    for i in hits) >= self._max_weight:
                                 return hits, schemes
-                        next_frontier.append((decoded, parent_hits | found, chain + (scheme,)))
+                        next_frontier.append((decoded, known | found, chain + (scheme,)))
             frontier = next_frontier
         return hits, schemes
 

@@ -90,11 +90,3 @@ class AuditLog:
         for handler in list(self.logger.handlers):
             handler.close()
             self.logger.removeHandler(handler)
-
-
-def client_identity(context) -> str:
-    """The peer's address without its port (the sidecar sees one connection per client)."""
-    peer = context.peer() or "unknown"
-    kind, _, rest = peer.partition(":")
-    host = rest.rsplit(":", 1)[0] if kind in ("ipv4", "ipv6") else rest or peer
-    return f"peer:{host}"

@@ -19,7 +19,8 @@ from bastion.protos import SERVICE, pb
 from bastion.proxy import forwarding
 from bastion.proxy.metrics import Metrics
 from bastion.proxy import policy, telemetry
-from bastion.proxy.audit import AuditLog, client_identity
+from bastion.proxy.audit import AuditLog
+from bastion.proxy.clients import ClientControl
 from bastion.proxy.pipeline import RequestContext
 from bastion.proxy.passthrough import Passthrough
 from bastion.proxy.state import SidecarState
@@ -53,6 +54,7 @@ class Inspected:
     model: str
     body: bytes                      # what to forward
     verdict: policy.Verdict | None   # None: no configured model, nothing to say
+    inputs: dict | None = None       # decoded inputs (for monitors that need the query)
 
 
 def _model_name(raw: bytes) -> str:
@@ -73,29 +75,52 @@ def _invalid(message: str) -> Rejected:
 
 class InferenceHandler:
     def __init__(self, state: SidecarState, passthrough: Passthrough, metrics: Metrics,
-                 audit: AuditLog):
+                 audit: AuditLog, clients: ClientControl):
         self.state = state
         self.passthrough = passthrough
         self.metrics = metrics
         self.audit = audit
+        self.clients = clients
 
-    def _audit(self, context, request_id: str, model: str, method: str, status: str,
+    def _audit(self, identity: str, request_id: str, model: str, method: str, status: str,
                verdict: policy.Verdict | None, reason: str | None = None) -> None:
         if verdict is not None and status == "OK" and not policy.needs_annotation(verdict):
             return  # plainly allowed: nothing to audit
         if verdict is not None and status == "OK" and not verdict.enforced \
                 and verdict.action == "allow" and not verdict.reasons:
             return  # monitor mode, nothing would have happened
-        self.audit.decision(request_id=request_id, client=client_identity(context), model=model,
+        self.audit.decision(request_id=request_id, client=identity, model=model,
                             method=method, status=status, verdict=verdict, reason=reason)
 
     # ---- shared inspection -------------------------------------------------------------
-    async def inspect(self, raw: bytes, request_id: str) -> Inspected:
-        """Decode, run the pipeline and apply the policy; raises Rejected to refuse."""
+    async def inspect(self, raw: bytes, request_id: str, identity: str) -> Inspected:
+        """Admit the client, decode, run the pipeline and apply the policy; raises Rejected to
+        refuse. What the request showed (verdict reasons, malformed input) feeds the client's
+        suspicion."""
         try:
             request = pb.ModelInferRequest.FromString(raw)
         except DecodeError:
+            await self.clients.observe(identity, "", ["malformed"], {})
             raise _invalid("request is not a valid ModelInferRequest message") from None
+        refusal = await self.clients.admit(identity, request.model_name, request_id)
+        if refusal is not None:
+            code, details, trailers, reason = refusal
+            raise Rejected(code, details, reason, trailers)
+        try:
+            inspected = await self._inspect(request, raw, request_id)
+        except Rejected as rejected:
+            reasons = rejected.verdict.reasons if rejected.verdict else [rejected.reason]
+            stages = ({d.stage: d.action for d in rejected.verdict.decisions}
+                      if rejected.verdict else {})
+            await self.clients.observe(identity, request.model_name, reasons, stages)
+            raise
+        if inspected.verdict is not None and inspected.verdict.reasons:
+            await self.clients.observe(identity, request.model_name, inspected.verdict.reasons,
+                                       {d.stage: d.action for d in inspected.verdict.decisions})
+        return inspected
+
+    async def _inspect(self, request: pb.ModelInferRequest, raw: bytes,
+                       request_id: str) -> Inspected:
         snapshot = self.state.current
         model_name = request.model_name
         model = snapshot.config.models.get(model_name)
@@ -116,7 +141,7 @@ class InferenceHandler:
             raise _invalid(str(err)) from None
         pipeline = snapshot.pipelines[model_name]
         ctx = RequestContext(request_id=request_id, model_name=model_name,
-                             model_version=request.model_version, inputs=inputs,
+                             model_version=request.model_version, inputs=dict(inputs),
                              datatypes={t.name: t.datatype for t in request.inputs},
                              invalid_utf8=model.invalid_utf8)
         try:
@@ -130,8 +155,8 @@ class InferenceHandler:
             raise Rejected(code, details, verdict.action, trailers, verdict)
         if ctx.changed and verdict.forwards_transformed:
             tensor.encode_request(request, ctx.inputs, ctx.datatypes)
-            return Inspected(model_name, request.SerializeToString(), verdict)
-        return Inspected(model_name, raw, verdict)
+            return Inspected(model_name, request.SerializeToString(), verdict, inputs)
+        return Inspected(model_name, raw, verdict, inputs)
 
     def _out_of_band(self, request, raw: bytes, request_id: str, model, names: list[str]) -> Inspected:
         """Tensor data in shared memory cannot be inspected: the model's policy decides."""
@@ -147,6 +172,10 @@ class InferenceHandler:
             raise Rejected(code, details, "shared_memory", trailers, verdict)
         return Inspected(request.model_name, raw, verdict)
 
+    def _extraction(self, model: str):
+        config = self.state.current.config.models.get(model)
+        return config.extraction if config is not None else None
+
     @staticmethod
     def annotated(reply: bytes, inspected: Inspected, request_id: str) -> bytes:
         if inspected.verdict is None or not policy.needs_annotation(inspected.verdict):
@@ -159,13 +188,14 @@ class InferenceHandler:
     async def model_infer(self, raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
         started = time.perf_counter()
         request_id = forwarding.new_request_id()
+        identity = self.clients.identity(context)
         model = ""
         outcome = "error"
         with telemetry.server_span(MODEL_INFER, context) as span:
             if span is not None:
                 span.set_attribute("bastion.request_id", request_id)
             try:
-                inspected = await self.inspect(raw, request_id)
+                inspected = await self.inspect(raw, request_id, identity)
                 model = inspected.model
                 telemetry.record_verdict(span, inspected.verdict)
                 forward_started = time.perf_counter()
@@ -174,7 +204,11 @@ class InferenceHandler:
                 outcome = "OK"
                 upstream_s = time.perf_counter() - forward_started
                 if inspected.verdict is not None:
-                    self._audit(context, request_id, model, "ModelInfer", outcome, inspected.verdict)
+                    self._audit(identity, request_id, model, "ModelInfer", outcome, inspected.verdict)
+                settings = self._extraction(model)
+                if settings is not None:
+                    await self.clients.observe_extraction(identity, model, settings,
+                                                          inspected.inputs, reply)
                 reply = self.annotated(reply, inspected, request_id)
                 self.metrics.observe_added(model, time.perf_counter() - started - upstream_s)
                 return reply
@@ -182,7 +216,7 @@ class InferenceHandler:
                 outcome = rejected.code.name
                 model = model or _model_name(raw)
                 telemetry.record_verdict(span, rejected.verdict)
-                self._audit(context, request_id, model, "ModelInfer", outcome,
+                self._audit(identity, request_id, model, "ModelInfer", outcome,
                             rejected.verdict, rejected.reason)
                 trailers = rejected.trailers or ((forwarding.REQUEST_ID_KEY, request_id),)
                 await context.abort(rejected.code, rejected.details, trailers)
@@ -203,6 +237,7 @@ class InferenceHandler:
         """Each request is inspected on its own; a refused one gets a ModelStreamInferResponse
         with ``error_message`` (Triton's per-request error) and the stream goes on."""
         stream_id = forwarding.new_request_id()
+        identity = self.clients.identity(context)
         span = telemetry.start_stream_span(MODEL_STREAM_INFER, context)
         call = self.passthrough.upstream.stream(MODEL_STREAM_INFER)(
             metadata=telemetry.inject_headers(forwarding.upstream_metadata(context, stream_id),
@@ -220,11 +255,11 @@ class InferenceHandler:
                 started = time.perf_counter()
                 request_id = forwarding.new_request_id()
                 try:
-                    inspected = await self.inspect(raw, request_id)
+                    inspected = await self.inspect(raw, request_id, identity)
                 except Rejected as rejected:
                     self.metrics.observe_request("ModelStreamInfer", "", rejected.code.name,
                                                  time.perf_counter() - started)
-                    self._audit(context, request_id, _model_name(raw), "ModelStreamInfer",
+                    self._audit(identity, request_id, _model_name(raw), "ModelStreamInfer",
                                 rejected.code.name, rejected.verdict, rejected.reason)
                     reply = pb.ModelStreamInferResponse(error_message=rejected.details)
                     await outbox.put(reply.SerializeToString())
@@ -232,7 +267,7 @@ class InferenceHandler:
                 self.metrics.observe_request("ModelStreamInfer", inspected.model, "forwarded",
                                              time.perf_counter() - started)
                 if inspected.verdict is not None:
-                    self._audit(context, request_id, inspected.model, "ModelStreamInfer",
+                    self._audit(identity, request_id, inspected.model, "ModelStreamInfer",
                                 "OK", inspected.verdict)
                 if inspected.verdict is not None and policy.needs_annotation(inspected.verdict):
                     client_id = pb.ModelInferRequest.FromString(raw).id

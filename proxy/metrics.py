@@ -68,6 +68,9 @@ class Metrics:
             "bastion_client_tier_changes", "Client suspicion tier changes, by new tier "
             "(client ids go to the audit log, never to labels).", ["tier"],
             registry=self.registry)
+        self.extraction_flags = Counter(
+            "bastion_extraction_flags", "Queries after which a client's PRADA test flagged it "
+            "as a likely model-extraction attempt.", ["model"], registry=self.registry)
         self.clients_tracked = Gauge(
             "bastion_clients_tracked", "Client entries held by the local limiter backend.",
             registry=self.registry)

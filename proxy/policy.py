@@ -40,6 +40,7 @@ class Verdict:
     reasons: tuple[str, ...]
     scores: dict[str, float]
     thresholds: dict[str, float] = dataclasses.field(default_factory=dict)
+    decisions: tuple[Decision, ...] = ()
 
     @property
     def blocks(self) -> bool:
@@ -61,7 +62,8 @@ def decide(decisions: list[Decision], scores: dict[str, float], mode: str) -> Ve
             if tagged not in reasons:
                 reasons.append(tagged)
     thresholds = {d.stage: d.threshold for d in decisions if d.threshold is not None}
-    return Verdict(action, mode == "enforce", deciding, tuple(reasons), dict(scores), thresholds)
+    return Verdict(action, mode == "enforce", deciding, tuple(reasons), dict(scores), thresholds,
+                   tuple(decisions))
 
 
 def refusal(verdict: Verdict, request_id: str, retry_after_ms: int = 1000):

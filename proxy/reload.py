@@ -21,7 +21,8 @@ from bastion.proxy.state import SidecarState
 log = logging.getLogger("bastion.reload")
 
 # Keys bound to sockets and channels at start-up: a reload keeps the running values.
-RESTART_ONLY = ("listen", "admin", "upstream", "limits", "shutdown", "reload", "tracing", "audit")
+RESTART_ONLY = ("listen", "admin", "upstream", "limits", "shutdown", "reload", "tracing", "audit",
+                "clients")
 
 
 def _fingerprint(path: pathlib.Path) -> tuple | None:

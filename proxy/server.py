@@ -14,6 +14,7 @@ from bastion.protos import SERVICE, pb
 from bastion.proxy import telemetry
 from bastion.proxy.admin import AdminServer
 from bastion.proxy.audit import AuditLog
+from bastion.proxy.clients import ClientControl
 from bastion.proxy.inference import MODEL_INFER, MODEL_STREAM_INFER, InferenceHandler
 from bastion.proxy.metrics import Metrics
 from bastion.proxy.passthrough import Passthrough, PassthroughHandler
@@ -46,7 +47,9 @@ class Sidecar:
         self.upstream = Upstream(config.upstream)
         self.passthrough = Passthrough(self.upstream, config.upstream.timeout_s, self.metrics)
         self.audit = AuditLog(config.audit)
-        self.inference = InferenceHandler(self.state, self.passthrough, self.metrics, self.audit)
+        self.clients = ClientControl(config.clients, self.metrics, self.audit)
+        self.inference = InferenceHandler(self.state, self.passthrough, self.metrics, self.audit,
+                                          self.clients)
         self.health = health.aio.HealthServicer()
         self.draining = False
         self.admin = AdminServer(self.metrics.registry,
@@ -127,6 +130,7 @@ class Sidecar:
             await self.server.stop(grace_s)
         await self.admin.stop()
         await self.upstream.close()
+        await self.clients.close()
         self.audit.close()
 
 

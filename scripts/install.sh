@@ -12,7 +12,7 @@ mode="${1:-runtime}"
 PIP=(python3 -m pip install --quiet --disable-pip-version-check --no-input)
 
 # Debian packages the tests drive as real peers (none needed at runtime).
-TEST_APT_PACKAGES=()
+TEST_APT_PACKAGES=(redis-server prometheus)
 
 case "$mode" in
   runtime|--runtime)

@@ -125,7 +125,7 @@ class Upstream:
 
 class Sidecar:
     def __init__(self, upstream: str, config: str | None = None, wait_ready: bool = True,
-                 extra_args: tuple[str, ...] = ()):
+                 extra_args: tuple[str, ...] = (), env: dict | None = None):
         self.port = free_port()
         self.admin_port = free_port()
         self.address = f"127.0.0.1:{self.port}"
@@ -137,7 +137,7 @@ class Sidecar:
             path = pathlib.Path(self._config_dir.name) / "bastion.yaml"
             path.write_text(config)
             args += ["-c", str(path)]
-        self.proc = bastion(*args, *extra_args)
+        self.proc = bastion(*args, *extra_args, env=env)
         try:
             self.proc.wait_for(r"bastion: serving grpc=", timeout=30)
             if wait_ready:

@@ -35,15 +35,17 @@ def check_output(code, out):
     rows = {tuple(line.split()[:2]): line.split() for line in final.splitlines()
             if line.startswith(("fashion-mnist", "text-classifier"))}
     header = next(l.split() for l in final.splitlines() if l.startswith("model"))
-    ok = header.index("OK")
-    assert int(rows[("fashion-mnist", "benign")][ok]) > 0
-    assert int(rows[("text-classifier", "attack")][ok]) > 0
+    allowed, blocked = header.index("allowed"), header.index("blocked")
+    assert int(rows[("fashion-mnist", "benign")][allowed]) > 0
+    assert int(rows[("text-classifier", "benign")][allowed]) > 0
+    assert int(rows[("text-classifier", "attack")][blocked]) > 0  # the defenses act
     malformed = [r for k, r in rows.items() if k[1] == "malformed"]
     assert malformed, final
-    invalid = header.index("INVALID_ARGUMENT")
+    invalid = header.index("invalid")
     assert all(r[2] == r[invalid] for r in malformed), final
     assert re.search(r"latency through bastion, fashion-mnist: p50 [\d.]+ ms", final)
-    assert re.search(r'bastion_requests_total\{code="INVALID_ARGUMENT"', out)
+    assert re.search(r'bastion_verdicts_total\{action="block",enforced="true"', out)
+    assert "top reasons:" in out
     for pid in re.findall(r"(?:upstream|sidecar) pid (\d+)", out):
         assert not pid_alive(int(pid)), f"demo left process {pid} running"
     assert "stopped upstream and sidecar" in out

@@ -1,0 +1,84 @@
+"""Client-side defenses on the request path: identity, admission (rate limits and suspicion
+tiers), suspicion from verdicts, and PRADA extraction monitoring.
+
+Glue only: the mechanisms live in proxy/identity.py, proxy/limiter.py and
+detectors/extraction.py; this module turns their results into refusals, metrics and audit lines.
+"""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from bastion.detectors.extraction import ExtractionMonitor
+from bastion.proxy import limiter
+from bastion.proxy.identity import resolve_identity
+from bastion.transforms import tensor
+
+log = logging.getLogger("bastion.clients")
+
+EXTRACTION_REASON = "extraction:prada"
+
+
+class ClientControl:
+    def __init__(self, config: limiter.ClientsConfig, metrics, audit):
+        self.config = config
+        self.metrics = metrics
+        self.audit = audit
+        self.guard = limiter.ClientGuard(config)
+        # Nothing to enforce or score: skip the limiter entirely on the hot path.
+        self.active = bool(config.limits or config.model_limits or config.suspicion.weights)
+        self.monitors: dict[str, ExtractionMonitor] = {}
+
+    def identity(self, context) -> str:
+        return resolve_identity(context, self.config)
+
+    def _tier_change(self, identity: str, model: str, change) -> None:
+        if change is None:
+            return
+        self.metrics.tier_changes.labels(change.new).inc()
+        self.audit.tier_change(client=identity, old=change.old, new=change.new,
+                               score=change.score, model=model or None)
+        log.info("client tier %s -> %s (suspicion %.2f)", change.old, change.new, change.score)
+
+    async def admit(self, identity: str, model: str, request_id: str):
+        """None when admitted, else (code, details, trailers, reason) to refuse with."""
+        if not self.active:
+            return None
+        admission = await self.guard.admit(identity, model)
+        self._tier_change(identity, model, admission.change)
+        self.metrics.clients_tracked.set(len(self.guard.memory.clients))
+        if admission.allowed:
+            return None
+        self.metrics.throttled.labels(self.metrics.model_label(model), admission.reason).inc()
+        code, details, trailers = limiter.refusal(admission, request_id)
+        return code, details, trailers, f"client_{admission.reason}"
+
+    async def observe(self, identity: str, model: str, reasons, stages: dict[str, str]) -> None:
+        if not self.active:
+            return
+        self._tier_change(identity, model, await self.guard.observe(identity, model, list(reasons),
+                                                                    stages))
+
+    async def observe_extraction(self, identity: str, model: str, settings, inputs, reply: bytes):
+        """Feed one answered query to the model's PRADA monitor; a flag raises suspicion."""
+        if settings is None or settings.input not in (inputs or {}):
+            return
+        monitor = self.monitors.get(model)
+        if monitor is None or monitor.config != settings:
+            monitor = self.monitors[model] = ExtractionMonitor(settings)
+        predicted = None
+        if settings.class_output:
+            from bastion.protos import pb
+            outputs = tensor.decode_response(pb.ModelInferResponse.FromString(reply))
+            scores = outputs.get(settings.class_output)
+            if scores is not None and scores.size:
+                predicted = int(np.argmax(scores.reshape(scores.shape[0], -1)[0]))
+        query = np.asarray(inputs[settings.input], dtype=np.float32)
+        result = monitor.observe(identity, model, query, predicted)
+        if result.flagged:
+            self.metrics.extraction_flags.labels(model).inc()
+            await self.observe(identity, model, [EXTRACTION_REASON], {})
+
+    async def close(self) -> None:
+        await self.guard.close()
