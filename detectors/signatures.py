@@ -82,6 +82,7 @@ MAX_NESTED_WHOLE_CHARS = 65536
 MIN_BASE64_CHARS = 16
 MIN_HEX_BYTES = 8
 MIN_URL_ESCAPES = 3
+MAX_LEET_TOKENS = 256
 
 _ID_RE = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}")
 _MACRO_RE = re.compile(r"\{\{([A-Za-z_][A-Za-z0-9_]*)\}\}")
@@ -124,9 +125,9 @@ _PREFOLD = {0x130: "i", 0x131: "i", 0x17F: "s"}  # İ, dotless ı, long ſ (lowe
 
 
 def _fold(text: str) -> str:
-    if text.isascii():
-        return text.lower()
-    return text.translate(_PREFOLD).lower()
+    if not text.isascii() and ("\u0130" in text or "\u0131" in text or "\u017f" in text):
+        text = text.translate(_PREFOLD)
+    return text.lower()
 
 
 def _uppercase_literals(pattern: str) -> list[str]:
@@ -393,11 +394,17 @@ _HEX_RE = re.compile(
     r"|(?:[0-9A-Fa-f]{2}[ :,-]){%d,}[0-9A-Fa-f]{2}(?![0-9A-Fa-f])"    # 49 67 6e / 49:67:6e
     r"|(?:(?:\\x|0x)[0-9A-Fa-f]{2}[ ,]{0,2}){%d,}"                    # \x49\x67 / 0x49 0x67
     % (MIN_HEX_BYTES, MIN_HEX_BYTES - 1, MIN_HEX_BYTES))
-# Cheap test for anything _HEX_RE could match (it has no literal prefix and is slower).
-_HEX_GATE_RE = re.compile(r"[0-9A-Fa-f]{16}|[0-9A-Fa-f]{2}[ :,-][0-9A-Fa-f]{2}[ :,-]|\\x[0-9A-Fa-f]"
-                          r"|0x[0-9A-Fa-f]")
+# Runs of the characters _HEX_RE spans consist of: a single-class scan, much cheaper than
+# _HEX_RE, which then runs on the runs only.
+_HEX_RUN_RE = re.compile(r"[0-9A-Fa-fx\\ :,-]{16,}")
 _HEX_STRIP_RE = re.compile(r"\\x|0x|[^0-9A-Fa-f]")
 _PCT_RE = re.compile(r"%[0-9A-Fa-f]{2}")
+_PCT_RUN_RE = re.compile(r"(?:%[0-9A-Fa-f]{2}|\+)*%[0-9A-Fa-f]{2}(?:%[0-9A-Fa-f]{2}|\+)*")
+# rot13 of common English and attack words (the, and, you, your, this, with, ...), lower case.
+_ROT13_HINT_RE = re.compile(
+    r"(?:gur|naq|lbh|lbhe|guvf|jvgu|sbe|abg|ner|nyy|jung|nal|"
+    r"vtaber|cerivbhf|vafgehpgvbaf|ehyrf|flfgrz|cebzcg|qvfertneq|sbetrg|cergraq|nalguvat|"
+    r"zbqr|qrirybcre|erirny|nobir)\b")
 _UNPRINTABLE_RE = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ufffd]")
 _ROT13 = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz",
                        "NOPQRSTUVWXYZABCDEFGHIJKLMnopqrstuvwxyzabcdefghijklm")
@@ -409,7 +416,7 @@ _LEET_L = str.maketrans({**_LEET_COMMON, "1": "l"})
 # ("1gn0r3", "4ll", "$ecret"); "mp3", "COVID-19" or "Hello!" are not leet tokens.
 _LEET_TOKEN_RE = re.compile(r"[A-Za-z0-9@$|!+]{0,40}?(?:[A-Za-z][0-9@$|!+][A-Za-z0-9]|[0-9@$]"
                             r"[A-Za-z])[A-Za-z0-9@$|!+]{0,40}")
-_ASCII_LETTER_RE = re.compile(r"[A-Za-z]")
+_DIGIT_RUN_RE = re.compile(r"[0-9]{3}")
 
 
 def _texty(decoded: str) -> bool:
@@ -502,13 +509,34 @@ def _decode_base64(text: str) -> list[Decoded]:
 
 
 def _decode_hex(text: str) -> list[Decoded]:
-    if _HEX_GATE_RE.search(text) is None:
+    pieces: list[str] = []
+    regions: list[tuple[int, int]] = []
+    last = length = attempts = decoded_count = 0
+    for run in _HEX_RUN_RE.finditer(text):
+        for match in _HEX_RE.finditer(text, run.start(), run.end()):
+            attempts += 1
+            decoded = _hex(match.group()[:MAX_SPAN_CHARS])
+            if decoded is not None:
+                before = text[last:match.start()]
+                pieces.append(before)
+                pieces.append(f" {decoded} ")
+                length += len(before)
+                regions.append((length, length + len(decoded) + 2))
+                length += len(decoded) + 2
+                last = match.end()
+                decoded_count += 1
+            if decoded_count >= MAX_SPANS or attempts >= MAX_SPAN_ATTEMPTS:
+                break
+        if decoded_count >= MAX_SPANS or attempts >= MAX_SPAN_ATTEMPTS:
+            break
+    if not decoded_count:
         return []
-    out = _replace_spans(text, _HEX_RE, _hex)
-    return [out] if out is not None else []
+    pieces.append(text[last:])
+    return [("".join(pieces), regions)]
 
 
 def _decode_url(text: str) -> list[Decoded]:
+    """Percent-decode runs of %XX escapes (and '+' inside them, as in query strings)."""
     count = 0
     for _ in _PCT_RE.finditer(text):
         count += 1
@@ -516,19 +544,46 @@ def _decode_url(text: str) -> list[Decoded]:
             break
     else:
         return []
-    decoded = urllib.parse.unquote_plus(text, errors="replace")
-    return [(decoded, None)] if decoded != text else []
+    pieces: list[str] = []
+    regions: list[tuple[int, int]] = []
+    last = length = 0
+    for match in _PCT_RUN_RE.finditer(text):
+        before = text[last:match.start()]
+        decoded = urllib.parse.unquote_plus(match.group(), errors="replace")
+        pieces.append(before)
+        pieces.append(decoded)
+        length += len(before)
+        regions.append((length, length + len(decoded)))
+        length += len(decoded)
+        last = match.end()
+    pieces.append(text[last:])
+    return [("".join(pieces), regions)]
 
 
 def _decode_rot13(text: str) -> list[Decoded]:
-    if _ASCII_LETTER_RE.search(text) is None:
+    # Only text with a word that is the rot13 of a common English or attack word ("gur",
+    # "lbhe", "vtaber") is read as rot13: prose and noise skip a whole-text rescan.
+    folded = _fold(text)
+    for hint in _ROT13_HINT_RE.finditer(folded):  # (no leading \b: sre is faster without)
+        if hint.start() == 0 or not _is_word(folded[hint.start() - 1]):
+            break
+    else:
         return []
     return [(text.translate(_ROT13), None)]
 
 
 def _decode_leetspeak(text: str) -> list[Decoded]:
     """Read the leet tokens ("1gn0r3") as letters; two readings of 1 (i and l)."""
-    spans = [match.span() for match in _LEET_TOKEN_RE.finditer(text)]
+    spans = []
+    for number, match in enumerate(_LEET_TOKEN_RE.finditer(text)):
+        if number >= MAX_LEET_TOKENS:
+            break
+        token = match.group()
+        # Not leet: fewer than two letters ("11T13"), numbers ("yos2000"), e-mail addresses.
+        if (sum(ch.isalpha() for ch in token) < 2 or _DIGIT_RUN_RE.search(token)
+                or ("@" in token and text[match.end():match.end() + 1] == ".")):
+            continue
+        spans.append(match.span())
     if not spans:
         return []
     out: list[Decoded] = []

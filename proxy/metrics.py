@@ -109,6 +109,11 @@ class Metrics:
         return model
 
     def set_thresholds(self, snapshot) -> None:
+        """Publish what a config promises: stage thresholds, and zeroed counters for the
+        extraction monitors it enables (so rates exist before the first flag)."""
+        for name, model in snapshot.config.models.items():
+            if model.extraction is not None:
+                self.extraction_flags.labels(name)
         self.thresholds.clear()
         for model, pipeline in snapshot.pipelines.items():
             for runner in pipeline.runners:

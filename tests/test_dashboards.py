@@ -64,6 +64,7 @@ models:
     mode: monitor
     inputs:
       image: {datatype: FP32, shape: [-1, 1, 28, 28], kind: tensor}
+    extraction: {input: image, class_output: logits}
     pipeline:
       - debug.fault: {id: fault, error_rate: 0.2, on_error: open}
 """
