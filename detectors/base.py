@@ -18,6 +18,13 @@ from bastion.transforms.base import TEXT_DATATYPES
 class Detector(abc.ABC):
     #: v2 datatypes of the inputs this detector scores.
     accepts: ClassVar[frozenset[str]]
+    #: True for detectors that score through a MicroBatcher (ONNX models): the pipeline then
+    #: awaits ``ascore`` on the event loop instead of calling ``score`` inline.
+    is_async: ClassVar[bool] = False
+
+    async def ascore(self, batch: Sequence[Any]) -> np.ndarray:
+        """Async scoring (batched detectors override this); the default calls ``score``."""
+        return self.score(batch)
 
     def fit(self, reference: Any) -> "Detector":
         """Learn from benign reference data. Rule-based detectors need nothing."""

@@ -11,8 +11,9 @@ Rule files (the bundled one is ``bastion/data/signatures/default.yaml``)::
         family: instruction_override
         description: ...
         pattern: '\\bignore\\b ...'           # Python regex; or `literal: some text`
-        keywords: [ignore, disregard]         # optional, see below
-        ignore_case: true                     # default true
+        keywords: [[ignore, disregard], [instruction, rule]]   # optional prefilter, see below
+        not_after: '(?:n''t|\\bnot)\\W{1,3}$'  # optional: reject a match preceded by this
+        ignore_case: true                     # default true: write the pattern in lower case
         weight: 1.0                           # 0 < weight <= 1, default 1.0
         examples:                             # optional, checked when the file is loaded
           match: ["..."]
@@ -21,14 +22,19 @@ Rule files (the bundled one is ``bastion/data/signatures/default.yaml``)::
 Scoring: :meth:`SignatureDetector.score` is the largest weight of the rules that match the text
 or a decoding of it (0.0 if none); :meth:`SignatureDetector.reasons` lists
 ``signature:<rule id>`` for each rule matched and ``encoded:<scheme>`` for each scheme a match
-had to be decoded through.
+had to be decoded through. Neither ever contains input text.
+
+Matching: ``ignore_case`` rules are compiled without IGNORECASE and run on the lower-cased text
+(sre is about 3x faster that way), so their patterns must be lower case (checked at load). A
+leading ``\\b`` is checked outside sre, which then keeps its fast literal-prefix search.
 
 Cost bounds (per text):
 
-* ``keywords`` (casefolded literals, at least one of which occurs in every match) are a
-  prefilter: a rule runs only when one of its keywords occurs in the casefolded text, which is
-  a plain substring search. A rule without keywords always runs; ``literal`` rules get their
-  literal as keyword.
+* ``keywords`` are a prefilter: literals (lower case for ignore_case rules), either one list
+  (at least one must occur) or a list of lists (one of each list must occur). They must be
+  necessary: every match contains them (the tests check this by generating matches). A rule
+  runs only when its keywords occur in the text, which is a plain substring search; a rule
+  without keywords always runs, a ``literal`` rule gets its literal as keyword.
 * Every pattern must match at least 1 and at most ``MAX_MATCH_WIDTH`` characters (checked at
   load: bound every repeat, ``\\w{1,24}`` rather than ``\\w+``). Texts longer than ``WINDOW``
   characters are searched in windows that overlap by ``OVERLAP`` > ``MAX_MATCH_WIDTH``
@@ -37,9 +43,11 @@ Cost bounds (per text):
   repeats, atomic groups or possessive quantifiers where in doubt).
 * Decoding is bounded: at most ``max_decode_depth`` (<= 2) nested decodings, at most
   ``MAX_SPANS`` decoded spans per scheme and text (``MAX_SPAN_ATTEMPTS`` tried), spans of at
-  most ``MAX_SPAN_CHARS`` characters, whole-text schemes at depth 2 only on candidates of at
-  most ``MAX_NESTED_WHOLE_CHARS`` characters, and ``4 * len(text) + 65536`` decoded characters
-  in all.
+  most ``MAX_SPAN_CHARS`` characters, at most ``MAX_LEET_TOKENS`` leet tokens, whole-text
+  schemes at depth 2 only on candidates of at most ``MAX_NESTED_WHOLE_CHARS`` characters, and
+  ``4 * len(text) + 65536`` decoded characters in all. A decoding is rescanned only near what
+  it changed (a match elsewhere was a match before). rot13 is tried only on text containing the
+  rot13 of a common English or attack word, leetspeak only on tokens such as "1gn0r3".
 """
 from __future__ import annotations
 

@@ -197,18 +197,29 @@ class StageRunner:
                     total += result.changed
                     reasons.extend(f"{self.config.stage_id}:{k}" for k in sorted(result.counts))
             return float(total), reasons, replacements
-        items, owners = [], []
-        for name in targets:
-            values = ctx.texts(name) if self.is_text else ctx.inputs[name]
-            batch = list(values.reshape(-1)) if self.is_text else [values]
-            items.extend(batch)
-            owners.extend([name] * len(batch))
+        items = self._items(ctx, targets)
         if not items:
             return 0.0, [], {}
-        scores = np.asarray(impl.score(items), dtype=np.float64)
+        return self._summarize(items, impl.score(items))
+
+    def _items(self, ctx: RequestContext, targets: list[str]) -> list:
+        items = []
+        for name in targets:
+            values = ctx.texts(name) if self.is_text else ctx.inputs[name]
+            items.extend(list(values.reshape(-1)) if self.is_text else [values])
+        return items
+
+    def _summarize(self, items: list, scores) -> tuple[float, list[str], dict]:
+        scores = np.asarray(scores, dtype=np.float64)
         worst = int(np.argmax(scores))
-        reasons = impl.reasons(items[worst]) if scores[worst] > 0 else []
+        reasons = self.config.impl.reasons(items[worst]) if scores[worst] > 0 else []
         return float(scores[worst]), reasons, {}
+
+    async def _run_async(self, ctx: RequestContext, targets: list[str]):
+        items = self._items(ctx, targets)
+        if not items:
+            return 0.0, [], {}
+        return self._summarize(items, await self.config.impl.ascore(items))
 
     async def run(self, ctx: RequestContext) -> Decision | None:
         common = self.config.common
@@ -220,9 +231,12 @@ class StageRunner:
         with tracer.start_as_current_span(f"bastion.stage {stage_id}") as span:
             error = None
             try:
-                if self.config.spec.offload:
+                timeout = common.budget_ms / 1000 if common.budget_ms else None
+                if getattr(self.config.impl, "is_async", False):
+                    work = self._run_async(ctx, targets)
+                    score, reasons, replacements = await asyncio.wait_for(work, timeout)
+                elif self.config.spec.offload:
                     work = asyncio.to_thread(self._run_sync, ctx, targets)
-                    timeout = common.budget_ms / 1000 if common.budget_ms else None
                     score, reasons, replacements = await asyncio.wait_for(work, timeout)
                 else:
                     score, reasons, replacements = self._run_sync(ctx, targets)

@@ -10,6 +10,11 @@ raw text and after sanitization, then which rules fired how often.
     python tools/measure_signatures.py --data-dir DIR --rules my_rules.yaml
     python tools/measure_signatures.py --corpus 3000         # + benign prose paragraphs
     python tools/measure_signatures.py --show-benign         # ids + reasons of flagged benign rows
+    python tools/measure_signatures.py --obfuscate           # + re-detection of obfuscated attacks
+
+``--obfuscate`` takes every attack text the detector flags as-is, disguises it three ways
+(Cyrillic/Greek homoglyphs, a zero-width space between letters, fullwidth forms) and reports
+how many are still flagged without and with ``sanitize.unicode``: what the sanitizer buys.
 
 The data's attack rows are harmful text: this script never prints them.
 """
@@ -19,6 +24,7 @@ import argparse
 import collections
 import gzip
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -53,6 +59,22 @@ def corpus_paragraphs(path: Path, limit: int) -> list[str]:
     return out
 
 
+# Latin letters -> look-alikes from other scripts (a fixed, hand-picked set).
+HOMOGLYPHS = str.maketrans({
+    "a": "\u0430", "c": "\u0441", "e": "\u0435", "i": "\u0456", "o": "\u043e", "p": "\u0440",
+    "x": "\u0445", "y": "\u0443", "s": "\u0455", "j": "\u0458", "A": "\u0391", "B": "\u0392",
+    "E": "\u0395", "H": "\u0397", "I": "\u0399", "K": "\u039a", "M": "\u039c", "N": "\u039d",
+    "O": "\u039f", "P": "\u03a1", "T": "\u03a4", "X": "\u03a7"})
+FULLWIDTH = {cp: cp + 0xFEE0 for cp in range(0x21, 0x7F)}
+_BETWEEN_LETTERS = re.compile(r"(?<=[A-Za-z])(?=[A-Za-z])")
+
+
+def obfuscations(text: str) -> dict[str, str]:
+    return {"homoglyphs": text.translate(HOMOGLYPHS),
+            "zero_width": _BETWEEN_LETTERS.sub("\u200b", text),
+            "fullwidth": text.translate(FULLWIDTH)}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-dir", default=DEFAULT_DATA_DIR,
@@ -66,6 +88,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="also measure N paragraphs of each corpus/*.txt.gz (benign prose)")
     parser.add_argument("--show-benign", action="store_true",
                         help="print id and reasons of every flagged benign row")
+    parser.add_argument("--obfuscate", action="store_true",
+                        help="also re-detect flagged attacks after homoglyph / zero-width / "
+                             "fullwidth obfuscation, without and with sanitize.unicode")
     args = parser.parse_args(argv)
 
     data_dir = Path(args.data_dir)
@@ -89,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
                                         enumerate(corpus_paragraphs(path, args.corpus))]
 
     rule_hits: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    obfuscated: dict[tuple[str, str], list[int]] = {}  # (family, kind) -> [n, raw, sanitized]
     rows = []
     started = time.perf_counter()
     for (family, label), items in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])):
@@ -105,6 +131,15 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"  benign flagged: {item['id']}: {', '.join(reasons)}")
         rows.append((family, label, len(items), int((raw_scores > 0).sum()),
                      int((scores > 0).sum())))
+        if args.obfuscate and label == "attack":
+            for text, score in zip(texts, raw_scores):
+                if score <= 0:
+                    continue
+                for kind, variant in obfuscations(text).items():
+                    tally = obfuscated.setdefault((family, kind), [0, 0, 0])
+                    tally[0] += 1
+                    tally[1] += int(detector.score([variant])[0] > 0)
+                    tally[2] += int(detector.score([sanitizer.apply_text(variant)[0]])[0] > 0)
     elapsed = time.perf_counter() - started
 
     print(f"\nsignature flag rates (score > 0), data: {data_dir}")
@@ -115,6 +150,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{family:<34} {label:<7} {n:>6} {raw / n:>8.1%} {flagged / n:>10.1%} "
               f"{flagged:>8}")
     print(f"({sum(r[2] for r in rows)} texts in {elapsed:.1f} s)\n")
+
+    if obfuscated:
+        print("flagged attacks, obfuscated: still flagged without / with sanitize.unicode")
+        print(f"{'family':<34} {'obfuscation':<12} {'n':>6} {'raw':>8} {'sanitized':>10}")
+        for (family, kind), (n, raw, clean) in sorted(obfuscated.items()):
+            print(f"{family:<34} {kind:<12} {n:>6} {raw / n:>8.1%} {clean / n:>10.1%}")
+        print()
 
     families = [r[0] for r in rows]
     print("reasons by family (sanitized texts):")

@@ -229,7 +229,11 @@ def _build_fold_table() -> dict[int, str]:
     disarm keeps case (Greek capital iota -> ``I``, not TR39's skeleton ``l``) and never folds
     ASCII itself, which is what downstream case-insensitive rules need.
     """
-    import disarm  # runtime dependency of fold_confusables only
+    try:
+        import disarm  # runtime dependency of confusable folding only
+    except ImportError as err:
+        raise ImportError("confusable folding needs the 'disarm' package "
+                          "(pip install 'disarm>=0.17,<1')") from err
 
     cps = [cp for cp in range(0x80, 0x110000) if not 0xD800 <= cp <= 0xDFFF]
     chars = [chr(cp) for cp in cps]
