@@ -3,11 +3,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import logging
 import pathlib
 import sys
 
 from bastion import __version__
+
+
+# Sub-command modules (optional: a module that is absent simply adds no command).
+COMMAND_MODULES = (
+    "bastion.calibrate",      # bastion calibrate
+    "bastion.replay",         # bastion replay
+    "bastion.models",         # bastion models export ...
+    "bastion.signature_library",  # bastion signatures add ...
+)
 
 
 def _run(coro) -> None:
@@ -88,6 +98,17 @@ def build_parser() -> argparse.ArgumentParser:
                       help="seconds to run (default: until Ctrl-C)")
     demo.add_argument("--rate", type=float, default=50.0, help="requests per second")
     demo.set_defaults(func=_cmd_demo)
+
+    # Tools that live in their own modules add their own sub-commands: each module exposes
+    # `add_parser(subparsers)`, which sets `func` on its parser.
+    for module_name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as err:
+            if err.name != module_name:
+                raise
+            continue
+        module.add_parser(sub)
     return parser
 
 

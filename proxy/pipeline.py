@@ -127,7 +127,7 @@ def parse_stage(entry: dict, model: ModelConfig, path: str) -> StageConfig:
         message = "unknown key" if item["type"] == "extra_forbidden" else item["msg"]
         message = message.removeprefix("Value error, ")
         raise ValueError(f"{path}.{name}{'.' + key if key else ''}: {message}") from None
-    except (TypeError, ValueError) as err:
+    except (TypeError, ValueError, ImportError, OSError) as err:
         raise ValueError(f"{path}.{name}: {err}") from None
     if common.action is None and common.threshold is not None:
         common = common.model_copy(update={"action": "block"})
