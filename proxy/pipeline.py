@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
+import pathlib
 import time
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -29,7 +31,8 @@ if TYPE_CHECKING:
 tracer = trace.get_tracer("bastion.pipeline")
 
 # Options every stage takes, handled here rather than by the stage itself.
-COMMON_KEYS = ("id", "inputs", "threshold", "action", "on_error", "budget_ms", "shadow")
+COMMON_KEYS = ("id", "inputs", "threshold", "threshold_file", "action", "on_error", "budget_ms",
+               "shadow")
 
 
 class CommonOptions(BaseModel):
@@ -37,6 +40,8 @@ class CommonOptions(BaseModel):
     id: str | None = Field(None, pattern=r"^[A-Za-z0-9_.\-]+$")
     inputs: list[str] | None = None
     threshold: float | None = None
+    # A file `bastion calibrate` wrote ({"threshold": ...}); used when `threshold` is not set.
+    threshold_file: str | None = None
     action: Literal["flag", "block", "throttle"] | None = None
     on_error: Literal["open", "closed"] = "open"
     budget_ms: float | None = Field(None, gt=0)
@@ -129,12 +134,26 @@ def parse_stage(entry: dict, model: ModelConfig, path: str) -> StageConfig:
         raise ValueError(f"{path}.{name}{'.' + key if key else ''}: {message}") from None
     except (TypeError, ValueError, ImportError, OSError) as err:
         raise ValueError(f"{path}.{name}: {err}") from None
+    if common.threshold is None and common.threshold_file is not None:
+        common = common.model_copy(update={"threshold": _read_threshold(common.threshold_file,
+                                                                        f"{path}.{name}")})
     if common.action is None and common.threshold is not None:
         common = common.model_copy(update={"action": "block"})
     if spec.kind == "detector" and common.threshold is None and common.action is not None:
         raise ValueError(f"{path}.{name}.action: needs a threshold to act on")
     _check_inputs(name, impl, common, model, path)
     return StageConfig(name, common.id or name, common, spec, impl)
+
+
+def _read_threshold(path: str, where: str) -> float:
+    try:
+        data = json.loads(pathlib.Path(path).read_text())
+        return float(data["threshold"])
+    except OSError as err:
+        raise ValueError(f"{where}.threshold_file: cannot read {path}: {err.strerror}") from None
+    except (ValueError, KeyError, TypeError):
+        raise ValueError(f"{where}.threshold_file: {path} has no numeric `threshold` (write it "
+                         "with `bastion calibrate`)") from None
 
 
 def _check_inputs(name: str, impl, common: CommonOptions, model: ModelConfig, path: str) -> None:

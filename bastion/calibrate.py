@@ -1,0 +1,178 @@
+"""`bastion calibrate`: fit a stage's detector on benign data and set its threshold at a target FPR.
+
+    bastion calibrate -c CONFIG --model NAME --stage ID --data benign.jsonl[.gz] \
+        [--target-fpr 0.01] [--fit-fraction 0.5] [--out thresholds/NAME.ID.json]
+
+Records are JSON lines with a text field (default `text`); rows with a `label` other than
+`benign` are ignored, so a labelled dev file can be passed as is. The configured pipeline runs
+as in the sidecar (sanitizers before the detector), so the threshold matches what production
+scores. Detectors that learn (``needs_fit``) are fitted on one part of the data and the
+threshold is set on the other, and their state is saved where the stage's `state` option says.
+The result is a JSON file that the stage's `threshold_file` option reads.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import gzip
+import json
+import pathlib
+import random
+import sys
+
+import numpy as np
+
+
+def read_texts(path: str, field: str = "text", label: str | None = "benign") -> list[str]:
+    opener = gzip.open if path.endswith(".gz") else open
+    texts = []
+    with opener(path, "rt", encoding="utf-8") as handle:
+        for line in handle:
+            if not line.strip():
+                continue
+            record = json.loads(line)
+            if label is not None and record.get("label", label) != label:
+                continue
+            texts.append(record[field])
+    return texts
+
+
+def _find_runner(pipeline, stage_id: str):
+    for index, runner in enumerate(pipeline.runners):
+        if runner.config.stage_id == stage_id:
+            return index, runner
+    known = ", ".join(r.config.stage_id for r in pipeline.runners) or "none"
+    raise SystemExit(f"bastion calibrate: model has no stage {stage_id!r} (stages: {known})")
+
+
+async def score_texts(pipeline, stage_id: str, input_name: str, texts: list[str],
+                      concurrency: int = 32, progress: bool = False) -> np.ndarray:
+    """Each text through the model's pipeline as the sidecar runs it; the stage's scores."""
+    from bastion.proxy.pipeline import RequestContext
+    from bastion.transforms.tensor import as_bytes_array
+
+    index, _ = _find_runner(pipeline, stage_id)
+    runners = pipeline.runners[:index + 1]  # stages after this one cannot change its score
+    scores = np.full(len(texts), np.nan)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=len(texts), unit="text", file=sys.stderr)
+
+    async def one(i: int, text: str) -> None:
+        ctx = RequestContext(f"calibrate-{i}", pipeline.model_name, "",
+                             {input_name: as_bytes_array([text], (1, 1))}, {input_name: "BYTES"},
+                             invalid_utf8="replace")
+        for runner in runners:
+            await runner.run(ctx)
+        scores[i] = ctx.scores.get(stage_id, np.nan)
+        if bar is not None:
+            bar.update(1)
+
+    for start in range(0, len(texts), concurrency):
+        await asyncio.gather(*(one(i, texts[i])
+                               for i in range(start, min(start + concurrency, len(texts)))))
+    if bar is not None:
+        bar.close()
+    return scores
+
+
+def threshold_at_fpr(scores: np.ndarray, target_fpr: float) -> float:
+    """The smallest threshold with at most ``target_fpr`` of benign scores at or above it
+    (the policy acts on score >= threshold)."""
+    ordered = np.sort(scores)
+    allowed = int(np.floor(target_fpr * len(ordered)))  # benign items that may reach it
+    if allowed >= len(ordered):
+        return float(ordered[0])
+    cut = ordered[len(ordered) - allowed - 1]
+    return float(np.nextafter(cut, np.inf))
+
+
+def describe(scores: np.ndarray) -> str:
+    quantiles = [0.5, 0.9, 0.95, 0.99, 0.999]
+    values = np.quantile(scores, quantiles)
+    parts = [f"p{q * 100:g}={v:.4g}" for q, v in zip(quantiles, values)]
+    return f"n={len(scores)} min={scores.min():.4g} " + " ".join(parts) + f" max={scores.max():.4g}"
+
+
+def calibrate(args: argparse.Namespace) -> int:
+    from bastion.config import ConfigError, load_config
+    from bastion.proxy.pipeline import build_pipeline
+
+    try:
+        config = load_config(args.config)
+    except ConfigError as err:
+        print(err, file=sys.stderr)
+        return 2
+    model = config.models.get(args.model)
+    if model is None:
+        print(f"bastion calibrate: {args.config} has no model {args.model!r}", file=sys.stderr)
+        return 2
+    pipeline = build_pipeline(args.model, model)
+    _, runner = _find_runner(pipeline, args.stage)
+    input_name = args.input or next((n for n, s in model.inputs.items()
+                                     if s.kind == "text" or s.datatype == "BYTES"), "prompt")
+    texts = read_texts(args.data, args.text_field)
+    if args.limit:
+        texts = texts[:args.limit]
+    if len(texts) < 20:
+        print(f"bastion calibrate: only {len(texts)} benign texts in {args.data}", file=sys.stderr)
+        return 2
+    detector = runner.config.impl
+    fit_note = "none (the detector does not learn)"
+    held_out = texts
+    if getattr(detector, "needs_fit", False):
+        rng = random.Random(args.seed)
+        shuffled = texts[:]
+        rng.shuffle(shuffled)
+        cut = int(len(shuffled) * args.fit_fraction)
+        fit_texts, held_out = shuffled[:cut], shuffled[cut:]
+        detector.fit(fit_texts)
+        saved = detector.save() if hasattr(detector, "save") else None
+        fit_note = f"fitted on {len(fit_texts)} texts" + (f", state saved to {saved}" if saved else "")
+        print(f"bastion calibrate: {fit_note}", file=sys.stderr)
+    scores = asyncio.run(score_texts(pipeline, args.stage, input_name, held_out,
+                                     progress=sys.stderr.isatty() or args.progress))
+    scores = scores[np.isfinite(scores)]
+    threshold = threshold_at_fpr(scores, args.target_fpr)
+    observed = float(np.mean(scores >= threshold))
+    out = pathlib.Path(args.out or f"thresholds/{args.model}.{args.stage}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    result = {
+        "threshold": threshold,
+        "target_fpr": args.target_fpr,
+        "observed_fpr": observed,
+        "model": args.model,
+        "stage": args.stage,
+        "data": str(args.data),
+        "scored": int(len(scores)),
+        "fit": fit_note,
+        "quantiles": {f"p{q * 100:g}": float(v) for q, v in
+                      zip([0.5, 0.9, 0.95, 0.99, 0.999], np.quantile(scores, [0.5, 0.9, 0.95, 0.99, 0.999]))},
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"scores on benign data: {describe(scores)}")
+    print(f"threshold {threshold:.6g} at target FPR {args.target_fpr:g} (observed {observed:.4f} "
+          f"on {len(scores)} held-out benign texts) -> {out}")
+    print(f"use it with:  - {runner.config.kind_name}: {{threshold_file: {out}, ...}}")
+    return 0
+
+
+def add_parser(sub) -> None:
+    parser = sub.add_parser("calibrate", help="fit a detector on benign data and set its "
+                                              "threshold at a target false-positive rate")
+    parser.add_argument("-c", "--config", required=True)
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--stage", required=True, help="stage id (or name) in the model's pipeline")
+    parser.add_argument("--data", required=True, help="benign reference .jsonl[.gz]")
+    parser.add_argument("--text-field", default="text")
+    parser.add_argument("--input", help="the model's text input name (default: from config)")
+    parser.add_argument("--target-fpr", type=float, default=0.01)
+    parser.add_argument("--fit-fraction", type=float, default=0.5)
+    parser.add_argument("--limit", type=int)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", help="threshold file (default thresholds/MODEL.STAGE.json)")
+    parser.add_argument("--progress", action="store_true", help="progress bar even without a TTY")
+    parser.set_defaults(func=calibrate)

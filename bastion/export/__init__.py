@@ -1,0 +1,1 @@
+"""Exporters behind `bastion models export` (optional `export` extra)."""
