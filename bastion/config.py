@@ -90,6 +90,65 @@ class AuditConfig(_Strict):
     client_hash_key_env: str = "BASTION_AUDIT_KEY"
 
 
+class TLSServerConfig(_Strict):
+    """TLS on the gRPC front (off unless cert_file is set). PEM files; re-read when they change."""
+    cert_file: str | None = None
+    key_file: str | None = None
+    # CA bundle that client certificates must chain to (mTLS); needs require_client_cert.
+    client_ca_file: str | None = None
+    require_client_cert: bool = False
+    # How often the files' inode/mtime/size are polled; a change is loaded for new connections.
+    reload_interval_s: float = Field(5.0, gt=0)
+
+    @model_validator(mode="after")
+    def _complete(self) -> "TLSServerConfig":
+        if bool(self.cert_file) != bool(self.key_file):
+            raise ValueError("cert_file and key_file must be set together")
+        if self.require_client_cert and not self.client_ca_file:
+            raise ValueError("require_client_cert needs client_ca_file (the CA client certificates "
+                             "must chain to)")
+        if self.client_ca_file and not self.require_client_cert:
+            raise ValueError("client_ca_file is set but require_client_cert is false; gRPC cannot "
+                             "ask for an optional client certificate, so set require_client_cert: "
+                             "true (mTLS) or remove client_ca_file")
+        if (self.client_ca_file or self.require_client_cert) and not self.cert_file:
+            raise ValueError("client certificates need server TLS: set cert_file and key_file")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.cert_file)
+
+
+class TLSUpstreamConfig(_Strict):
+    """TLS to the model server: on when `enabled` is true or any file is set."""
+    enabled: bool = False
+    # CA bundle the upstream's certificate must chain to (unset: the system roots).
+    ca_file: str | None = None
+    # Client certificate for mTLS to the upstream.
+    cert_file: str | None = None
+    key_file: str | None = None
+    # Name checked against the upstream's certificate when it differs from upstream.target's host.
+    server_name: str | None = None
+
+    @model_validator(mode="after")
+    def _complete(self) -> "TLSUpstreamConfig":
+        if bool(self.cert_file) != bool(self.key_file):
+            raise ValueError("cert_file and key_file must be set together")
+        if self.server_name is not None and not self.server_name.strip():
+            raise ValueError("server_name must not be empty")
+        return self
+
+    @property
+    def active(self) -> bool:
+        return bool(self.enabled or self.ca_file or self.cert_file)
+
+
+class TLSConfig(_Strict):
+    server: TLSServerConfig = TLSServerConfig()
+    upstream: TLSUpstreamConfig = TLSUpstreamConfig()
+
+
 class InputSpec(_Strict):
     """What the sidecar knows about one model input; stages check they fit it."""
     datatype: str | None = None
@@ -159,6 +218,8 @@ class Config(_Strict):
     tracing: TracingConfig = TracingConfig()
     audit: AuditConfig = AuditConfig()
     models: dict[str, ModelConfig] = {}
+    # TLS and mTLS on the front and to the upstream (restart-only; certificates reload).
+    tls: TLSConfig = TLSConfig()
 
     @field_validator("listen", "admin")
     @classmethod

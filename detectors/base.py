@@ -7,6 +7,7 @@ detector, so the same fitted detector serves monitor and enforce alike.
 from __future__ import annotations
 
 import abc
+import dataclasses
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
@@ -41,3 +42,37 @@ class Detector(abc.ABC):
 
 class TextDetector(Detector):
     accepts = TEXT_DATATYPES
+
+
+@dataclasses.dataclass
+class ResponseResult:
+    """What a response stage found in the upstream's answer."""
+    score: float
+    reasons: list[str] = dataclasses.field(default_factory=list)
+    #: Extra response parameters to return (e.g. ``bastion.certified_radius``).
+    parameters: dict[str, float | int | str | bool] = dataclasses.field(default_factory=dict)
+    #: Refuse the answer regardless of thresholds: (gRPC status code name, reason code), e.g.
+    #: randomized smoothing abstaining. In monitor mode this only annotates.
+    refusal: tuple[str, str] | None = None
+    #: Extra work this answer cost the upstream (squeezed variants, noisy samples), for metrics.
+    extra_items: int = 0
+
+
+class ResponseStage(abc.ABC):
+    """A stage that needs the model's answer (Envoy's response filters): it may change the
+    request before it is forwarded (ask for an extra output, batch squeezed variants), make
+    extra upstream calls, score the response, and rewrite it before the client sees it.
+
+    ``prepare`` runs after the request stages, on the request about to be forwarded, and
+    returns whatever ``on_response`` needs later; both must be free of per-call instance state.
+    """
+    accepts: ClassVar[frozenset[str]]
+
+    @abc.abstractmethod
+    def prepare(self, request, inputs: dict[str, np.ndarray], request_id: str) -> Any:
+        """Modify ``request`` (a ModelInferRequest) in place; return state for on_response."""
+
+    @abc.abstractmethod
+    async def on_response(self, state: Any, response, call_upstream) -> ResponseResult:
+        """Score ``response`` (a ModelInferResponse, modified in place to what the client gets).
+        ``await call_upstream(request)`` sends an extra ModelInferRequest upstream."""

@@ -163,7 +163,8 @@ class IdentityResolver:
             auth = context.auth_context() or {}
         except Exception:  # noqa: BLE001 - no auth context: no certificate
             return None
-        for key in ("x509_subject_name", "x509_common_name"):
+        # gRPC core names the verified subject "x509_subject"; "x509_subject_name" kept for fakes.
+        for key in ("x509_subject", "x509_subject_name", "x509_common_name"):
             values = auth.get(key)
             if values:
                 value = values[0]

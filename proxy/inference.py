@@ -55,6 +55,11 @@ class Inspected:
     body: bytes                      # what to forward
     verdict: policy.Verdict | None   # None: no configured model, nothing to say
     inputs: dict | None = None       # decoded inputs (for monitors that need the query)
+    # Response stages to run on the answer: (runner, prepared state); with the request's
+    # decisions and mode so the verdict can be completed once the answer is in.
+    plan: list | None = None
+    ctx: RequestContext | None = None
+    mode: str = "enforce"
 
 
 def _model_name(raw: bytes) -> str:
@@ -93,7 +98,8 @@ class InferenceHandler:
                             method=method, status=status, verdict=verdict, reason=reason)
 
     # ---- shared inspection -------------------------------------------------------------
-    async def inspect(self, raw: bytes, request_id: str, identity: str) -> Inspected:
+    async def inspect(self, raw: bytes, request_id: str, identity: str,
+                      response_stages: bool = True) -> Inspected:
         """Admit the client, decode, run the pipeline and apply the policy; raises Rejected to
         refuse. What the request showed (verdict reasons, malformed input) feeds the client's
         suspicion."""
@@ -107,7 +113,7 @@ class InferenceHandler:
             code, details, trailers, reason = refusal
             raise Rejected(code, details, reason, trailers)
         try:
-            inspected = await self._inspect(request, raw, request_id)
+            inspected = await self._inspect(request, raw, request_id, response_stages)
         except Rejected as rejected:
             reasons = rejected.verdict.reasons if rejected.verdict else [rejected.reason]
             stages = ({d.stage: d.action for d in rejected.verdict.decisions}
@@ -119,8 +125,8 @@ class InferenceHandler:
                                        {d.stage: d.action for d in inspected.verdict.decisions})
         return inspected
 
-    async def _inspect(self, request: pb.ModelInferRequest, raw: bytes,
-                       request_id: str) -> Inspected:
+    async def _inspect(self, request: pb.ModelInferRequest, raw: bytes, request_id: str,
+                       response_stages: bool = True) -> Inspected:
         snapshot = self.state.current
         model_name = request.model_name
         model = snapshot.config.models.get(model_name)
@@ -149,14 +155,57 @@ class InferenceHandler:
         except (tensor.TensorError, InputRejected) as err:
             raise _invalid(str(err)) from None
         verdict = policy.decide(ctx.decisions, ctx.scores, model.mode)
-        self.metrics.observe_verdict(model_name, verdict)
+        respond = bool(pipeline.response_runners) and response_stages
+        if verdict.blocks or not respond:
+            self.metrics.observe_verdict(model_name, verdict)
         if verdict.blocks:
             code, details, trailers = policy.refusal(verdict, request_id, model.retry_after_ms)
             raise Rejected(code, details, verdict.action, trailers, verdict)
         if ctx.changed and verdict.forwards_transformed:
             tensor.encode_request(request, ctx.inputs, ctx.datatypes)
-            return Inspected(model_name, request.SerializeToString(), verdict, inputs)
-        return Inspected(model_name, raw, verdict, inputs)
+            raw = None
+        if respond:
+            try:
+                plan = [(runner, runner.prepare(request, ctx)) for runner in pipeline.response_runners]
+            except (tensor.TensorError, InputRejected) as err:
+                raise _invalid(str(err)) from None
+            return Inspected(model_name, request.SerializeToString(), verdict, inputs, plan, ctx,
+                             model.mode)
+        return Inspected(model_name, raw if raw is not None else request.SerializeToString(),
+                         verdict, inputs)
+
+    async def complete(self, inspected: Inspected, reply: bytes, context, request_id: str) -> bytes:
+        """Run response stages on the upstream's answer, finish the verdict, and return what the
+        client gets (raises Rejected when a response stage refuses it)."""
+        if not inspected.plan:
+            return self.annotated(reply, inspected, request_id)
+        response = pb.ModelInferResponse.FromString(reply)
+        upstream = self.passthrough.upstream.unary(MODEL_INFER)
+
+        async def call_upstream(request: pb.ModelInferRequest) -> pb.ModelInferResponse:
+            raw = await upstream(request.SerializeToString(),
+                                 metadata=forwarding.upstream_metadata(context, request_id),
+                                 timeout=forwarding.deadline(context, self.passthrough.default_timeout_s))
+            return pb.ModelInferResponse.FromString(raw)
+
+        ctx = inspected.ctx
+        extra: dict = {}
+        for runner, prepared in inspected.plan:
+            decision, parameters, _ = await runner.finish(prepared, response, call_upstream)
+            ctx.decisions.append(decision)
+            if decision.score is not None:
+                ctx.scores[decision.stage] = decision.score
+            extra.update(parameters)
+        verdict = policy.decide(ctx.decisions, ctx.scores, inspected.mode)
+        inspected.verdict = verdict
+        self.metrics.observe_verdict(inspected.model, verdict)
+        if verdict.blocks:
+            code, details, trailers = policy.refusal(verdict, request_id)
+            raise Rejected(code, details, verdict.action, trailers, verdict)
+        policy.set_parameters(response, extra)
+        if policy.needs_annotation(verdict):
+            policy.annotate(response, verdict, request_id)
+        return response.SerializeToString()
 
     def _out_of_band(self, request, raw: bytes, request_id: str, model, names: list[str]) -> Inspected:
         """Tensor data in shared memory cannot be inspected: the model's policy decides."""
@@ -201,15 +250,15 @@ class InferenceHandler:
                 forward_started = time.perf_counter()
                 reply = await self.passthrough.forward_unary(MODEL_INFER, inspected.body, context,
                                                              request_id)
-                outcome = "OK"
                 upstream_s = time.perf_counter() - forward_started
-                if inspected.verdict is not None:
-                    self._audit(identity, request_id, model, "ModelInfer", outcome, inspected.verdict)
                 settings = self._extraction(model)
                 if settings is not None:
                     await self.clients.observe_extraction(identity, model, settings,
                                                           inspected.inputs, reply)
-                reply = self.annotated(reply, inspected, request_id)
+                reply = await self.complete(inspected, reply, context, request_id)
+                outcome = "OK"
+                if inspected.verdict is not None:
+                    self._audit(identity, request_id, model, "ModelInfer", outcome, inspected.verdict)
                 self.metrics.observe_added(model, time.perf_counter() - started - upstream_s)
                 return reply
             except Rejected as rejected:
@@ -255,7 +304,10 @@ class InferenceHandler:
                 started = time.perf_counter()
                 request_id = forwarding.new_request_id()
                 try:
-                    inspected = await self.inspect(raw, request_id, identity)
+                    # Response stages need one answer per request; a stream's answers are not
+                    # matched to requests reliably enough, so streams get request stages only.
+                    inspected = await self.inspect(raw, request_id, identity,
+                                                   response_stages=False)
                 except Rejected as rejected:
                     self.metrics.observe_request("ModelStreamInfer", "", rejected.code.name,
                                                  time.perf_counter() - started)

@@ -45,6 +45,10 @@ class Metrics:
             "bastion_stage_score", "Scores stages gave requests (detector score or characters/"
             "elements a transform changed).", ["model", "stage"],
             buckets=(0, 0.1, 0.25, 0.5, 1, 2, 3, 5, 10, 20, 50, 100, 1000), registry=self.registry)
+        self.extra_upstream = Counter(
+            "bastion_extra_upstream_items", "Extra inputs response stages sent the upstream "
+            "(squeezed variants, smoothing samples): the cost of those defenses.",
+            ["model", "stage"], registry=self.registry)
         self.thresholds = Gauge(
             "bastion_stage_threshold", "Configured threshold of each acting stage (same units as "
             "bastion_stage_score).", ["model", "stage"], registry=self.registry)
@@ -125,6 +129,9 @@ class Metrics:
         name = method.rsplit("/", 1)[-1] if method in KNOWN_METHODS else "_other"
         self.upstream_requests.labels(name, code).inc()
         self.upstream_seconds.labels(name).observe(seconds)
+
+    def observe_extra_upstream(self, model: str, stage: str, items: int) -> None:
+        self.extra_upstream.labels(model, stage).inc(items)
 
     def observe_added(self, model: str, seconds: float) -> None:
         self.added_seconds.labels(self.model_label(model)).observe(seconds)

@@ -193,6 +193,7 @@ class StageRunner:
         self.config = config
         self.metrics = metrics
         self.is_transform = isinstance(config.impl, Transform)
+        self.kind = config.spec.kind
         self.is_text = config.impl.accepts == {"BYTES"}
 
     def _targets(self, ctx: RequestContext) -> list[str]:
@@ -298,16 +299,79 @@ class StageRunner:
                             threshold=common.threshold, shadow=common.shadow)
 
 
-class Pipeline:
-    """An ordered chain of stages for one model."""
+class ResponseRunner(StageRunner):
+    """Runs a response stage: ``prepare`` on the request about to be forwarded, ``finish`` on
+    the upstream's answer, with the same timing, budget, on_error, metrics and span as any stage."""
 
-    def __init__(self, model_name: str, model: ModelConfig, runners: list[StageRunner]):
+    def prepare(self, request, ctx: RequestContext):
+        """(ok, state): a stage that fails here follows on_error at finish time."""
+        try:
+            return True, self.config.impl.prepare(request, ctx.inputs, ctx.request_id)
+        except (InputRejected, TensorError):
+            raise
+        except Exception:  # noqa: BLE001
+            return False, None
+
+    async def finish(self, prepared, response, call_upstream) -> tuple[Decision, dict, int]:
+        common = self.config.common
+        stage_id = self.config.stage_id
+        ok, state = prepared
+        started = time.perf_counter()
+        with tracer.start_as_current_span(f"bastion.stage {stage_id}") as span:
+            error, result = None, None
+            if not ok:
+                error = "error"
+            else:
+                try:
+                    timeout = common.budget_ms / 1000 if common.budget_ms else None
+                    result = await asyncio.wait_for(
+                        self.config.impl.on_response(state, response, call_upstream), timeout)
+                except asyncio.TimeoutError:
+                    error = "budget_exceeded"
+                except Exception as exc:  # noqa: BLE001 - handled by on_error
+                    error = "error"
+                    span.record_exception(exc)
+            elapsed = time.perf_counter() - started
+            if self.metrics is not None:
+                self.metrics.observe_stage(self.model_name, stage_id, elapsed, error)
+            if error is not None:
+                span.set_attribute("bastion.stage.error", error)
+                action = "block" if common.on_error == "closed" else "allow"
+                reason = f"stage_{error}" + ("" if action == "block" else ":fail_open")
+                return Decision(stage_id, action, None, [reason], shadow=common.shadow), {}, 0
+            if self.metrics is not None:
+                self.metrics.observe_score(self.model_name, stage_id, result.score)
+                if result.extra_items:
+                    self.metrics.observe_extra_upstream(self.model_name, stage_id,
+                                                        result.extra_items)
+            span.set_attribute("bastion.stage.score", result.score)
+            if result.refusal is not None:
+                status, reason = result.refusal
+                decision = Decision(stage_id, "block", result.score, [reason] + result.reasons,
+                                    threshold=common.threshold, shadow=common.shadow,
+                                    status=status)
+            elif common.threshold is not None and result.score >= common.threshold:
+                decision = Decision(stage_id, common.action or "block", result.score,
+                                    result.reasons, threshold=common.threshold,
+                                    shadow=common.shadow)
+            else:
+                decision = Decision(stage_id, "allow", result.score, [],
+                                    threshold=common.threshold, shadow=common.shadow)
+            return decision, result.parameters, result.extra_items
+
+
+class Pipeline:
+    """An ordered chain of stages for one model: request stages, then response stages."""
+
+    def __init__(self, model_name: str, model: ModelConfig, runners: list[StageRunner],
+                 response_runners: list[ResponseRunner] | None = None):
         self.model_name = model_name
         self.model = model
         self.runners = runners
+        self.response_runners = response_runners or []
 
     def __bool__(self) -> bool:
-        return bool(self.runners)
+        return bool(self.runners or self.response_runners)
 
     async def run(self, ctx: RequestContext, stop_on_block: bool) -> RequestContext:
         for runner in self.runners:
@@ -322,11 +386,17 @@ class Pipeline:
 
 
 def build_pipeline(model_name: str, model: ModelConfig, metrics: Metrics | None = None) -> Pipeline:
-    runners = []
+    runners, response_runners = [], []
     for index, entry in enumerate(model.pipeline):
         config = parse_stage(entry, model, f"models.{model_name}.pipeline.{index}")
-        runners.append(StageRunner(model_name, config, metrics))
-    return Pipeline(model_name, model, runners)
+        if config.spec.kind == "response":
+            response_runners.append(ResponseRunner(model_name, config, metrics))
+        elif response_runners:
+            raise ValueError(f"models.{model_name}.pipeline.{index}: request stages must come "
+                             "before response stages")
+        else:
+            runners.append(StageRunner(model_name, config, metrics))
+    return Pipeline(model_name, model, runners, response_runners)
 
 
 def validate_pipelines(config: Config) -> list[str]:
@@ -334,6 +404,7 @@ def validate_pipelines(config: Config) -> list[str]:
     problems = []
     for model_name, model in config.models.items():
         ids: dict[str, int] = {}
+        seen_response = False
         for index, entry in enumerate(model.pipeline):
             path = f"models.{model_name}.pipeline.{index}"
             try:
@@ -341,6 +412,10 @@ def validate_pipelines(config: Config) -> list[str]:
             except ValueError as err:
                 problems.append(str(err))
                 continue
+            if stage.spec.kind == "response":
+                seen_response = True
+            elif seen_response:
+                problems.append(f"{path}: request stages must come before response stages")
             if stage.stage_id in ids:
                 problems.append(f"{path}: stage id {stage.stage_id!r} is already used by stage "
                                 f"{ids[stage.stage_id]}; give one an `id`")

@@ -30,6 +30,9 @@ class Decision:
     reasons: list[str]
     threshold: float | None = None
     shadow: bool = False
+    # gRPC status code name to refuse with instead of the action's default (e.g. a smoothing
+    # stage abstaining with UNAVAILABLE).
+    status: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +81,9 @@ def refusal(verdict: Verdict, request_id: str, retry_after_ms: int = 1000):
         trailers.append(("retry-after-ms", str(retry_after_ms)))
         return (grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"bastion: throttled by {stage} ({reason})", tuple(trailers))
+    if deciding is not None and deciding.status:
+        return (getattr(grpc.StatusCode, deciding.status),
+                f"bastion: refused by {stage} ({reason})", tuple(trailers))
     return (grpc.StatusCode.PERMISSION_DENIED, f"bastion: blocked by {stage} ({reason})",
             tuple(trailers))
 
@@ -87,6 +93,15 @@ def needs_annotation(verdict: Verdict) -> bool:
     (a non-allow verdict, a shadow stage that would have acted, a stage that failed open), so
     plainly allowed traffic stays byte-identical to what the upstream sent."""
     return not verdict.enforced or verdict.action != "allow" or bool(verdict.reasons)
+
+
+def set_parameters(response: pb.ModelInferResponse, values: dict) -> None:
+    """Typed response parameters from python values (bool, int, float, str)."""
+    params = response.parameters
+    for key, value in values.items():
+        field = {bool: "bool_param", int: "int64_param", float: "double_param",
+                 str: "string_param"}[type(value)]
+        setattr(params[key], field, value)
 
 
 def annotate(response: pb.ModelInferResponse, verdict: Verdict, request_id: str) -> None:

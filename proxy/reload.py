@@ -22,7 +22,7 @@ log = logging.getLogger("bastion.reload")
 
 # Keys bound to sockets and channels at start-up: a reload keeps the running values.
 RESTART_ONLY = ("listen", "admin", "upstream", "limits", "shutdown", "reload", "tracing", "audit",
-                "clients")
+                "clients", "tls")
 
 
 def _fingerprint(path: pathlib.Path) -> tuple | None:

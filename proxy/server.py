@@ -11,7 +11,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from bastion.config import Config
 from bastion.protos import SERVICE, pb
-from bastion.proxy import telemetry
+from bastion.proxy import telemetry, tls
 from bastion.proxy.admin import AdminServer
 from bastion.proxy.audit import AuditLog
 from bastion.proxy.clients import ClientControl
@@ -44,7 +44,7 @@ class Sidecar:
         self.config = config
         self.metrics = metrics or Metrics()
         self.state = SidecarState(config, self.metrics)
-        self.upstream = Upstream(config.upstream)
+        self.upstream = Upstream(config.upstream, config.tls.upstream)
         self.passthrough = Passthrough(self.upstream, config.upstream.timeout_s, self.metrics)
         self.audit = AuditLog(config.audit)
         self.clients = ClientControl(config.clients, self.metrics, self.audit)
@@ -70,7 +70,7 @@ class Sidecar:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self.server.add_generic_rpc_handlers((_InferenceMethods(self.inference),
                                               PassthroughHandler(self.passthrough)))
-        self.grpc_port = self.server.add_insecure_port(self.config.listen)
+        self.grpc_port = tls.add_port(self.server, self.config)  # TLS/mTLS when configured
         if not self.grpc_port:
             raise OSError(f"cannot listen on {self.config.listen}")
         await self._set_health(False)

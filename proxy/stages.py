@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
-StageKind = Literal["transform", "detector"]
+StageKind = Literal["transform", "detector", "response"]
 
 # Modules whose import registers stages (kept here, not discovered, so the set is explicit).
 STAGE_MODULES = (

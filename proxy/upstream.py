@@ -8,6 +8,7 @@ import grpc
 
 from bastion.config import UpstreamConfig
 from bastion.protos import SERVICE, pb
+from bastion.proxy import tls
 
 log = logging.getLogger("bastion.upstream")
 
@@ -29,17 +30,18 @@ def is_transport_failure(error: grpc.aio.AioRpcError) -> bool:
 class Upstream:
     """One long-lived channel to the model server; callables are cached per method path."""
 
-    def __init__(self, config: UpstreamConfig):
+    def __init__(self, config: UpstreamConfig, tls_config=None):
         self.config = config
         self.target = config.target
-        self.channel = grpc.aio.insecure_channel(config.target, options=[
+        # Plaintext unless tls.upstream is configured (bastion.proxy.tls).
+        self.channel = tls.upstream_channel(config.target, options=[
             ("grpc.max_receive_message_length", config.max_receive_message_bytes),
             ("grpc.max_send_message_length", config.max_send_message_bytes),
             # Reconnect quickly after the model server restarts (default backoff reaches 120 s).
             ("grpc.initial_reconnect_backoff_ms", 100),
             ("grpc.max_reconnect_backoff_ms", 2000),
             ("grpc.enable_retries", 0),
-        ])
+        ], tls=tls_config)
         self._unary: dict[str, grpc.aio.UnaryUnaryMultiCallable] = {}
         self._stream: dict[str, grpc.aio.StreamStreamMultiCallable] = {}
         self.ready = False
