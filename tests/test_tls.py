@@ -220,6 +220,7 @@ LIMITED = """\
 clients:
   identity: ["mtls"]
   limits: {rps: 0.001, burst: 2}
+  suspicion: {throttled_rps: 0.001}
 """
 
 
