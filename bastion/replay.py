@@ -307,11 +307,16 @@ def thresholds_from_admin(admin: str, model: str) -> dict[str, float]:
         raise ReplayError(f"bastion replay: cannot read {url}/metrics: {err}", EXIT_RUNTIME) from None
 
 
-def thresholds_from_config(config, model: str) -> dict[str, float]:
+def pipeline_of_config(config, model: str):
+    """The model's pipeline built from ``config`` (None if the model is not configured)."""
     from bastion.proxy.pipeline import build_pipeline
     if model not in config.models:
-        return {}
-    return thresholds_of_pipeline(build_pipeline(model, config.models[model]))
+        return None
+    return build_pipeline(model, config.models[model])
+
+
+def stage_ids(pipeline) -> list[str]:
+    return [runner.config.stage_id for runner in pipeline.runners] if pipeline else []
 
 
 def load_config_or_exit(path: str):
@@ -421,9 +426,10 @@ def _family_order(outcomes: list[Outcome]) -> list[str]:
     return sorted(labels, key=lambda f: ("attack" in labels[f], f))
 
 
-def compute_report(outcomes: list[Outcome], thresholds: dict[str, float], target_fpr: float
-                   ) -> tuple[dict, dict[str, Scored]]:
-    """The report's numbers, and the per-slice score arrays (``overall`` and each stage)."""
+def compute_report(outcomes: list[Outcome], thresholds: dict[str, float], target_fpr: float,
+                   stage_order: list[str] | None = None) -> tuple[dict, dict[str, Scored]]:
+    """The report's numbers, and the per-slice score arrays (``overall`` and each stage).
+    Stages are listed in ``stage_order`` (the pipeline's, when known), then the rest by name."""
     valid = [o for o in outcomes if not o.error]
     labels = np.asarray([o.label == "attack" for o in valid], dtype=bool)
     detected = np.asarray([o.detected for o in valid], dtype=bool)
@@ -456,8 +462,9 @@ def compute_report(outcomes: list[Outcome], thresholds: dict[str, float], target
     overall = summary(np.ones(len(valid), bool), outcomes, arrays["overall"])
     overall["score"] = score_kind
 
+    order = list(stage_order or []) + [s for s in thresholds if s not in (stage_order or [])]
     stage_ids = sorted({s for o in valid for s in o.scores} | set(thresholds),
-                       key=lambda s: (list(thresholds).index(s) if s in thresholds else 1 << 20, s))
+                       key=lambda s: (order.index(s) if s in order else len(order), s))
     stages = {}
     for stage in stage_ids:
         have = np.asarray([stage in o.scores for o in valid], dtype=bool)
@@ -714,8 +721,10 @@ def render_markdown(report: dict) -> str:
     meta = report["run"]
     overall = report["overall"]
     target = meta["fpr_target"]
-    lines = ["# Bastion replay report", "",
-             "Reproduce with:", "", "```", meta["command"], "```", ""]
+    lines = ["# Bastion replay report", "", "Reproduce with:", "", "```",
+             meta.get("reproduce") or meta["command"], "```", ""]
+    if meta.get("reproduce"):
+        lines += ["which ran:", "", "```", meta["command"], "```", ""]
     if meta.get("note"):
         lines += [meta["note"], ""]
     where = (f"offline (pipeline in-process, config `{meta['config']}`)" if meta["offline"]
@@ -750,8 +759,8 @@ def render_markdown(report: dict) -> str:
               f"| {_fmt(overall['tpr_at_fpr']['tpr'])} | {overall['errors']} "
               f"| {_ms(overall['latency']['p50_ms'])} | {_ms(overall['latency']['p99_ms'])} |",
               "", f"Overall score (for AUROC and TPR @ FPR): {overall['score']}."
-              f"{' AUROC ' + overall['auroc_note'] + '.' if overall['auroc_note'] else ''}",
-              f" Latency is {'the pipeline in-process' if meta['offline'] else 'client-side, through the sidecar'}.",
+              f"{' AUROC ' + overall['auroc_note'] + '.' if overall['auroc_note'] else ''}"
+              f" Latency: {'the pipeline in-process' if meta['offline'] else 'client-side, through the sidecar'}.",
               ""]
 
     lines += ["## Per family", "",
@@ -868,6 +877,19 @@ def _command_line(args: argparse.Namespace) -> str:
     argv = getattr(args, "argv", None)
     if argv is None and len(sys.argv) > 1 and "replay" in sys.argv[1:]:
         argv = sys.argv[sys.argv.index("replay") + 1:]
+    if argv is not None:  # report-only options say nothing about what was measured
+        kept, skip = [], False
+        for item in argv:
+            if skip:
+                skip = False
+                continue
+            if item in ("--note", "--reproduce"):
+                skip = True
+                continue
+            if item.startswith(("--note=", "--reproduce=")):
+                continue
+            kept.append(item)
+        argv = kept
     if argv is None:
         argv = []
         for key in ("target", "admin", "config", "model", "data", "input", "concurrency",
@@ -934,14 +956,16 @@ def run(args: argparse.Namespace) -> int:
     except corpus.CorpusError as err:
         raise ReplayError(f"bastion replay: {err}") from None
 
-    # Thresholds for per-stage rates and the plots' vertical lines.
+    # Thresholds for per-stage rates and the plots' vertical lines; stage order for the tables.
+    pipeline = runner.pipeline if args.offline else (
+        pipeline_of_config(config, args.model) if config is not None else None)
     if args.offline:
         thresholds, source = runner.thresholds(), f"config {args.config}"
     elif args.admin:
         thresholds, source = thresholds_from_admin(args.admin, args.model), \
             f"{args.admin}/metrics"
-    elif config is not None:
-        thresholds, source = thresholds_from_config(config, args.model), f"config {args.config}"
+    elif pipeline is not None:
+        thresholds, source = thresholds_of_pipeline(pipeline), f"config {args.config}"
     else:
         thresholds, source = {}, None
 
@@ -954,7 +978,7 @@ def run(args: argparse.Namespace) -> int:
                                              args.timeout, progress))
     duration = time.perf_counter() - started
 
-    report, arrays = compute_report(outcomes, thresholds, args.fpr)
+    report, arrays = compute_report(outcomes, thresholds, args.fpr, stage_ids(pipeline))
     warnings = []
     modes = report["annotations"]["modes"]
     if not args.offline and modes.get("none", 0) == len(outcomes) - report["overall"]["errors"] \
@@ -971,7 +995,7 @@ def run(args: argparse.Namespace) -> int:
             errors[o.status]["example"] = errors[o.status]["example"] or o.detail
     report = {
         "bastion_replay": 1,
-        "run": {"command": _command_line(args), "note": args.note,
+        "run": {"command": _command_line(args), "reproduce": args.reproduce, "note": args.note,
                 "generated": datetime.datetime.now(datetime.timezone.utc)
                 .replace(microsecond=0).isoformat(),
                 "offline": bool(args.offline), "target": None if args.offline else args.target,
@@ -1077,6 +1101,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         help="show the progress bar even when stderr is not a terminal")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     parser.add_argument("--note", help="a line of Markdown put under the command in report.md")
+    parser.add_argument("--reproduce", metavar="COMMAND", help="the command report.md shows as "
+                        "the way to reproduce it (default: this replay command)")
     parser.set_defaults(func=_cmd_replay)
     return parser
 
