@@ -66,7 +66,7 @@ def _cmd_upstream(args: argparse.Namespace) -> int:
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from bastion.demo import run_demo
-    return run_demo(duration_s=args.duration, rate=args.rate)
+    return run_demo(duration_s=args.duration, rate=args.rate, data=args.data)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -97,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--duration", type=float, default=None,
                       help="seconds to run (default: until Ctrl-C)")
     demo.add_argument("--rate", type=float, default=50.0, help="requests per second")
+    demo.add_argument("--data", help="labelled .jsonl[.gz] prompts for the text model "
+                                     "(default: the bundled sample)")
     demo.set_defaults(func=_cmd_demo)
 
     # Tools that live in their own modules add their own sub-commands: each module exposes

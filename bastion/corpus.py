@@ -109,12 +109,14 @@ class TensorLoader:
         self.base_dir = base_dir
         self._files: dict[pathlib.Path, object] = {}
 
-    def _file(self, path: pathlib.Path):
+    def _file(self, path: pathlib.Path, where: str):
         if path not in self._files:
             try:
                 loaded = np.load(path, allow_pickle=False)
-            except (OSError, ValueError) as err:
-                raise CorpusError(f"{path}: cannot load: {err}") from None
+            except OSError as err:
+                raise CorpusError(f"{where}: {path}: cannot load: {err.strerror or err}") from None
+            except ValueError as err:
+                raise CorpusError(f"{where}: {path}: cannot load: {err}") from None
             if isinstance(loaded, np.lib.npyio.NpzFile):
                 loaded = {key: loaded[key] for key in loaded.files}
             self._files[path] = loaded
@@ -127,7 +129,7 @@ class TensorLoader:
                               "'x.npz#key' or 'x.npz#key[index]')")
         path = pathlib.Path(match["path"])
         path = path if path.is_absolute() else self.base_dir / path
-        data = self._file(path)
+        data = self._file(path, where)
         key, index = match["key"], match["index"]
         if isinstance(data, dict):
             if key is None:

@@ -19,7 +19,7 @@ import urllib.request
 
 import grpc
 
-from bastion import traffic
+from bastion import corpus, traffic
 from bastion.protos import SERVICE
 
 DEMO_CONFIG = """\
@@ -114,8 +114,8 @@ class Tally:
 
 
 async def _send_traffic(target: str, rate: float, duration_s: float | None, tally: Tally,
-                        admin: str, stop: asyncio.Event) -> None:
-    records = traffic.labelled_records()
+                        admin: str, stop: asyncio.Event, data: str | None = None) -> None:
+    records = corpus.demo_records(data)
     stream = traffic.mixed_stream(records, seed=7)
     async with grpc.aio.insecure_channel(target) as channel:
         infer = channel.unary_unary(f"/{SERVICE}/ModelInfer")
@@ -172,7 +172,7 @@ def _bastion_metrics(admin: str) -> str:
     return "\n".join(verdicts + (["top reasons:"] + top if top else []))
 
 
-def run_demo(duration_s: float | None = None, rate: float = 50.0) -> int:
+def run_demo(duration_s: float | None = None, rate: float = 50.0, data: str | None = None) -> int:
     workdir = pathlib.Path(tempfile.mkdtemp(prefix="bastion-demo-"))
     upstream = f"127.0.0.1:{_free_port()}"
     listen = f"127.0.0.1:{_free_port()}"
@@ -204,7 +204,7 @@ def run_demo(duration_s: float | None = None, rate: float = 50.0) -> int:
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(sig, stop.set)
-            await _send_traffic(listen, rate, duration_s, tally, admin, stop)
+            await _send_traffic(listen, rate, duration_s, tally, admin, stop, data)
 
         asyncio.run(main())
         print(f"\nsidecar metrics (http://{admin}/metrics):\n{_bastion_metrics(admin)}", flush=True)

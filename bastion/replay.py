@@ -141,7 +141,8 @@ def _outcome_from_error(record, err: grpc.aio.AioRpcError, latency_ms: float) ->
 
 
 async def replay_online(records, target: str, concurrency: int, rate: float | None,
-                        timeout: float, progress: bool, connect_timeout: float = 15.0) -> list[Outcome]:
+                        timeout: float, progress: bool,
+                        connect_timeout: float = 15.0) -> list[Outcome]:
     """Send every record's request bytes to ``target``'s ModelInfer, at most ``concurrency`` at
     a time and (with ``rate``) no faster than ``rate`` per second."""
     from bastion.protos import SERVICE
@@ -200,7 +201,8 @@ class OfflinePipeline:
     def __init__(self, config, model_name: str):
         from bastion.proxy.state import SidecarState
         if model_name not in config.models:
-            raise ReplayError(f"bastion replay: model {model_name!r} is not configured (configured: "
+            raise ReplayError(f"bastion replay: model {model_name!r} is not configured "
+                              f"(configured: "
                               f"{', '.join(config.models) or 'none'})")
         self.config = config
         self.model_name = model_name
@@ -210,7 +212,11 @@ class OfflinePipeline:
         self.specs = state.input_specs(model_name)
 
     def thresholds(self) -> dict[str, float]:
-        return thresholds_of_pipeline(self.pipeline)
+        return thresholds_of_pipeline(self.pipeline, response=False)
+
+    def skipped_stages(self) -> list[str]:
+        """Response stages: they need the model's answer, so offline mode cannot run them."""
+        return [r.config.stage_id for r in getattr(self.pipeline, "response_runners", [])]
 
     async def inspect(self, record) -> Outcome:
         from google.protobuf.message import DecodeError
@@ -251,9 +257,8 @@ class OfflinePipeline:
         outcome.mode = "enforce" if verdict.enforced else "monitor"
         outcome.scores = {stage: float(score) for stage, score in verdict.scores.items()}
         outcome.reasons = list(verdict.reasons)
-        if verdict.blocks:  # what the sidecar would have answered in enforce mode
-            outcome.status = ("RESOURCE_EXHAUSTED" if verdict.action == "throttle"
-                              else "PERMISSION_DENIED")
+        if verdict.blocks:  # what the sidecar answers in enforce mode
+            outcome.status = policy.refusal(verdict, record.id)[0].name
         return outcome
 
 
@@ -276,9 +281,18 @@ _THRESHOLD_LINE = re.compile(r"^bastion_stage_threshold\{(?P<labels>[^}]*)\}\s+(
 _LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
 
 
-def thresholds_of_pipeline(pipeline) -> dict[str, float]:
+def _runners(pipeline, response: bool = True) -> list:
+    """The pipeline's request stages, then (``response``) its response stages."""
+    if pipeline is None:
+        return []
+    return list(pipeline.runners) + (list(getattr(pipeline, "response_runners", []))
+                                      if response else [])
+
+
+def thresholds_of_pipeline(pipeline, response: bool = True) -> dict[str, float]:
     return {runner.config.stage_id: float(runner.config.common.threshold)
-            for runner in pipeline.runners if runner.config.common.threshold is not None}
+            for runner in _runners(pipeline, response)
+            if runner.config.common.threshold is not None}
 
 
 def thresholds_from_metrics(text: str, model: str) -> dict[str, float]:
@@ -304,7 +318,8 @@ def thresholds_from_admin(admin: str, model: str) -> dict[str, float]:
         with urllib.request.urlopen(f"{url.rstrip('/')}/metrics", timeout=10) as reply:
             return thresholds_from_metrics(reply.read().decode("utf-8", "replace"), model)
     except OSError as err:
-        raise ReplayError(f"bastion replay: cannot read {url}/metrics: {err}", EXIT_RUNTIME) from None
+        raise ReplayError(f"bastion replay: cannot read {url}/metrics: {err}",
+                          EXIT_RUNTIME) from None
 
 
 def pipeline_of_config(config, model: str):
@@ -315,8 +330,8 @@ def pipeline_of_config(config, model: str):
     return build_pipeline(model, config.models[model])
 
 
-def stage_ids(pipeline) -> list[str]:
-    return [runner.config.stage_id for runner in pipeline.runners] if pipeline else []
+def stage_ids(pipeline, response: bool = True) -> list[str]:
+    return [runner.config.stage_id for runner in _runners(pipeline, response)]
 
 
 def load_config_or_exit(path: str):
@@ -683,6 +698,8 @@ def write_plots(out: pathlib.Path, arrays: dict[str, Scored], thresholds: dict[s
             low, high = min(low, threshold), max(high, threshold)
         if high - low < 1e-9:
             low, high = low - 0.5, high + 0.5
+        pad = (high - low) * 0.04  # keep a threshold at the edge visible
+        low, high = low - pad, high + pad
         bins = np.linspace(low, high, min(40, max(10, int(np.unique(data.scores).size) * 2)) + 1)
         for label, values, color in (("benign", data.benign, "tab:blue"),
                                      ("attack", data.attack, "tab:red")):
@@ -717,66 +734,88 @@ def _ms(value) -> str:
     return "n/a" if value is None else f"{value:.2f}"
 
 
+def _row(*cells) -> str:
+    return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
+def _header(*names: str, left: int = 1) -> list[str]:
+    """A table header; the first ``left`` columns are left-aligned, the rest right-aligned."""
+    return [_row(*names), "|" + "---|" * left + "---:|" * (len(names) - left)]
+
+
+def _pairs(mapping: dict, fmt=str) -> str:
+    return ", ".join(f"{k}: {fmt(v)}" for k, v in mapping.items())
+
+
 def render_markdown(report: dict) -> str:
     meta = report["run"]
     overall = report["overall"]
     target = meta["fpr_target"]
+    pct = f"{target * 100:g}%"
     lines = ["# Bastion replay report", "", "Reproduce with:", "", "```",
              meta.get("reproduce") or meta["command"], "```", ""]
     if meta.get("reproduce"):
         lines += ["which ran:", "", "```", meta["command"], "```", ""]
     if meta.get("note"):
         lines += [meta["note"], ""]
+
     where = (f"offline (pipeline in-process, config `{meta['config']}`)" if meta["offline"]
              else f"sidecar at `{meta['target']}`")
+    sample = (f", sample of {meta['limit']} with seed {meta['seed']}" if meta.get("limit")
+              else "")
+    thresholds = ", ".join(f"`{k}` {v:g}" for k, v in report["thresholds"].items()) or "none"
+    source = report["threshold_source"] or "nowhere: no --admin or --config"
+    rate = f", rate {meta['rate']:g}/s" if meta.get("rate") else ""
     lines += ["| run | |", "|---|---|",
-              f"| generated | {meta['generated']} |",
-              f"| through | {where} |",
-              f"| model | `{meta['model']}` |",
-              f"| data | `{meta['data']}` ({meta['records']} records"
-              f"{', sample of ' + str(meta['limit']) + ' with seed ' + str(meta['seed']) if meta.get('limit') else ''}) |",
-              f"| annotations seen | {', '.join(f'{k}: {v}' for k, v in report['annotations']['modes'].items())} |",
-              f"| verdicts | {', '.join(f'{k}: {v}' for k, v in sorted(report['annotations']['verdicts'].items()))} |",
-              f"| thresholds | {', '.join(f'`{k}` {v:g}' for k, v in report['thresholds'].items()) or 'none'}"
-              f" (from {report['threshold_source'] or 'nowhere: no --admin or --config'}) |",
-              f"| duration | {meta['duration_s']:.2f} s ({meta['throughput_rps']:.1f} req/s, "
-              f"concurrency {meta['concurrency']}"
-              f"{', rate ' + format(meta['rate'], 'g') + '/s' if meta.get('rate') else ''}) |",
+              _row("generated", meta["generated"]),
+              _row("through", where),
+              _row("model", f"`{meta['model']}`"),
+              _row("data", f"`{meta['data']}` ({meta['records']} records{sample})"),
+              _row("annotations seen", _pairs(report["annotations"]["modes"])),
+              _row("verdicts", _pairs(dict(sorted(report["annotations"]["verdicts"].items())))),
+              _row("thresholds", f"{thresholds} (from {source})"),
+              _row("duration", f"{meta['duration_s']:.2f} s ({meta['throughput_rps']:.1f} req/s, "
+                               f"concurrency {meta['concurrency']}{rate})"),
               ""]
     if report.get("warnings"):
         lines += [*(f"> **Warning:** {w}" for w in report["warnings"]), ""]
 
-    pct = f"{target * 100:g}%"
+    latency_kind = ("the pipeline in-process" if meta["offline"]
+                    else "client-side, through the sidecar")
+    auroc_note = f" AUROC {overall['auroc_note']}." if overall["auroc_note"] else ""
     lines += ["## Overall", "",
               "A record is *detected* when its verdict is flag, throttle or block (response "
               "annotations) or the call was refused (PERMISSION_DENIED / RESOURCE_EXHAUSTED). "
               "Errors (any other status) are left out of the rates.", "",
-              f"| records | benign | attack | TP | FN | FP | TN | TPR | FPR | AUROC | TPR @ {pct} FPR | errors | p50 ms | p99 ms |",
-              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-              f"| {overall['records']} | {overall['benign']} | {overall['attack']} | {overall['tp']} "
-              f"| {overall['fn']} | {overall['fp']} | {overall['tn']} | {_fmt(overall['tpr'])} "
-              f"| {_fmt(overall['fpr'])} | {_fmt(overall['auroc'])} "
-              f"| {_fmt(overall['tpr_at_fpr']['tpr'])} | {overall['errors']} "
-              f"| {_ms(overall['latency']['p50_ms'])} | {_ms(overall['latency']['p99_ms'])} |",
-              "", f"Overall score (for AUROC and TPR @ FPR): {overall['score']}."
-              f"{' AUROC ' + overall['auroc_note'] + '.' if overall['auroc_note'] else ''}"
-              f" Latency: {'the pipeline in-process' if meta['offline'] else 'client-side, through the sidecar'}.",
-              ""]
+              *_header("records", "benign", "attack", "TP", "FN", "FP", "TN", "TPR", "FPR",
+                       "AUROC", f"TPR @ {pct} FPR", "errors", "p50 ms", "p99 ms", left=0),
+              _row(overall["records"], overall["benign"], overall["attack"], overall["tp"],
+                   overall["fn"], overall["fp"], overall["tn"], _fmt(overall["tpr"]),
+                   _fmt(overall["fpr"]), _fmt(overall["auroc"]),
+                   _fmt(overall["tpr_at_fpr"]["tpr"]), overall["errors"],
+                   _ms(overall["latency"]["p50_ms"]), _ms(overall["latency"]["p99_ms"])),
+              "", f"Overall score (for AUROC and TPR @ FPR): {overall['score']}.{auroc_note} "
+                  f"Latency: {latency_kind}.", ""]
+    if overall["benign"] and overall["benign"] * target < 1:
+        lines += [f"With {overall['benign']} benign records the smallest non-zero FPR is "
+                  f"1/{overall['benign']} = {1 / overall['benign']:.3f}, so \"TPR @ {pct} FPR\" "
+                  "means: at the lowest cut that flags no benign record of this corpus.", ""]
 
     lines += ["## Per family", "",
-              f"Attack families: TPR = share detected; AUROC and TPR @ {pct} FPR compare the family "
-              "with all benign records (threshold set on benign scores). Benign families: FPR.", "",
-              f"| family | label | records | detected | TPR | FPR | AUROC | TPR @ {pct} FPR | errors | p50 ms | p99 ms |",
-              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              f"Attack families: TPR = share detected; AUROC and TPR @ {pct} FPR compare the "
+              "family with all benign records (threshold set on benign scores). Benign "
+              "families: FPR.", "",
+              *_header("family", "label", "records", "detected", "TPR", "FPR", "AUROC",
+                       f"TPR @ {pct} FPR", "errors", "p50 ms", "p99 ms", left=2)]
     notes = []
     for family, entry in report["families"].items():
         if entry["auroc"] is None and entry["auroc_note"]:
             notes.append(f"`{family}`: AUROC {entry['auroc_note']}")
-        lines.append(f"| `{family}` | {entry['label']} | {entry['records']} | {entry['detected']} "
-                     f"| {_fmt(entry['tpr'])} | {_fmt(entry['fpr'])} | {_fmt(entry['auroc'])} "
-                     f"| {_fmt(entry['tpr_at_fpr']['tpr']) if entry['attack'] else 'n/a'} "
-                     f"| {entry['errors']} | {_ms(entry['latency']['p50_ms'])} "
-                     f"| {_ms(entry['latency']['p99_ms'])} |")
+        lines.append(_row(f"`{family}`", entry["label"], entry["records"], entry["detected"],
+                          _fmt(entry["tpr"]), _fmt(entry["fpr"]), _fmt(entry["auroc"]),
+                          _fmt(entry["tpr_at_fpr"]["tpr"]) if entry["attack"] else "n/a",
+                          entry["errors"], _ms(entry["latency"]["p50_ms"]),
+                          _ms(entry["latency"]["p99_ms"])))
     if notes:
         lines += ["", *(f"- {n}" for n in notes)]
     lines.append("")
@@ -785,9 +824,10 @@ def render_markdown(report: dict) -> str:
         lines += ["## Per stage", "",
                   "From the `bastion.score.<stage>` annotations (monitor mode annotates every "
                   "response; enforce mode only non-allow ones). TPR/FPR at the stage's threshold "
-                  "(`score >= threshold`).", "",
-                  f"| stage | threshold | scored | TP | FN | FP | TN | TPR | FPR | AUROC | TPR @ {pct} FPR (cut) | mean score benign / attack |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  f"(`score >= threshold`); TPR @ {pct} FPR at the cut set on benign scores "
+                  "(`score > cut`).", "",
+                  *_header("stage", "threshold", "scored", "TP", "FN", "FP", "TN", "TPR", "FPR",
+                           "AUROC", f"TPR @ {pct} FPR (cut)", "mean score benign / attack")]
         stage_notes = []
         for stage, entry in report["stages"].items():
             point = entry["tpr_at_fpr"]
@@ -796,29 +836,25 @@ def render_markdown(report: dict) -> str:
             if entry.get("note"):
                 stage_notes.append(f"`{stage}`: {entry['note']}")
             cut = "" if point.get("threshold") is None else f" (> {point['threshold']:g})"
-            lines.append(
-                f"| `{stage}` | {_fmt(entry['threshold'], 4) if entry['threshold'] is not None else 'n/a'} "
-                f"| {entry['scored']} | {_fmt(entry['tp'])} | {_fmt(entry['fn'])} "
-                f"| {_fmt(entry['fp'])} | {_fmt(entry['tn'])} | {_fmt(entry['tpr'])} "
-                f"| {_fmt(entry['fpr'])} | {_fmt(entry['auroc'])} | {_fmt(point.get('tpr'))}{cut} "
-                f"| {_fmt(entry['score_mean']['benign'])} / {_fmt(entry['score_mean']['attack'])} |")
+            means = entry["score_mean"]
+            lines.append(_row(f"`{stage}`", _fmt(entry["threshold"], 4), entry["scored"],
+                              _fmt(entry["tp"]), _fmt(entry["fn"]), _fmt(entry["fp"]),
+                              _fmt(entry["tn"]), _fmt(entry["tpr"]), _fmt(entry["fpr"]),
+                              _fmt(entry["auroc"]), _fmt(point.get("tpr")) + cut,
+                              f"{_fmt(means['benign'])} / {_fmt(means['attack'])}"))
         if stage_notes:
             lines += ["", *(f"- {n}" for n in stage_notes)]
         stage_ids = list(report["stages"])
         lines += ["", "Detection by stage and family (share with `score >= threshold`; "
                   "FPR for benign families):", "",
-                  "| family | " + " | ".join(f"`{s}`" for s in stage_ids) + " |",
-                  "|---|" + "---:|" * len(stage_ids)]
+                  *_header("family", *(f"`{s}`" for s in stage_ids))]
         for family, entry in report["families"].items():
             cells = []
             for stage in stage_ids:
-                item = entry["stages"].get(stage)
-                if item is None or ("tpr" not in item and "fpr" not in item):
-                    cells.append("n/a")
-                else:
-                    cells.append(_fmt(item.get("tpr") if item.get("tpr") is not None
-                                      else item.get("fpr")))
-            lines.append(f"| `{family}` | " + " | ".join(cells) + " |")
+                item = entry["stages"].get(stage) or {}
+                value = item.get("tpr") if item.get("tpr") is not None else item.get("fpr")
+                cells.append(_fmt(value))
+            lines.append(_row(f"`{family}`", *cells))
         lines.append("")
 
     plots = report.get("plots") or {}
@@ -833,20 +869,22 @@ def render_markdown(report: dict) -> str:
 
     lines += ["## Errors", ""]
     if report["errors"]["total"]:
-        lines += ["| status | count | example detail |", "|---|---:|---|"]
+        lines += _header("status", "count", "example detail")
+        lines[-1] = "|---|---:|---|"
         for code, item in report["errors"]["by_code"].items():
-            detail = item["example"].replace("|", "\\|")
-            lines.append(f"| {code} | {item['count']} | {detail} |")
+            lines.append(_row(code, item["count"], item["example"].replace("|", "\\|")))
     else:
         lines.append("None.")
     lines.append("")
 
     if report["gates"]:
-        lines += ["## Gates", "", "| gate | value | result |", "|---|---:|---|"]
+        lines += ["## Gates", "", *_header("gate", "value", "result")]
+        lines[-1] = "|---|---:|---|"
         for gate in report["gates"]:
-            lines.append(f"| `{gate['gate']}` | {_fmt(gate['value'], 4)} "
-                         f"| {'pass' if gate['ok'] else 'FAIL: ' + gate['message']} |")
-        lines += ["", f"**{'All gates met.' if report['gates_passed'] else 'Some gates unmet.'}**", ""]
+            lines.append(_row(f"`{gate['gate']}`", _fmt(gate["value"], 4),
+                              "pass" if gate["ok"] else "FAIL: " + gate["message"]))
+        verdict = "All gates met." if report["gates_passed"] else "Some gates unmet."
+        lines += ["", f"**{verdict}**", ""]
     lines += ["Per-record results (ids, statuses, verdicts, scores; no texts): "
               "[records.jsonl](records.jsonl). Machine-readable: [report.json](report.json).", ""]
     return "\n".join(lines)
@@ -978,8 +1016,16 @@ def run(args: argparse.Namespace) -> int:
                                              args.timeout, progress))
     duration = time.perf_counter() - started
 
-    report, arrays = compute_report(outcomes, thresholds, args.fpr, stage_ids(pipeline))
+    report, arrays = compute_report(outcomes, thresholds, args.fpr,
+                                    stage_ids(pipeline, response=not args.offline))
+    if source is not None:  # thresholds were read: a stage without one has none configured
+        for entry in report["stages"].values():
+            if entry.get("note") and entry["threshold"] is None:
+                entry["note"] = "no threshold configured"
     warnings = []
+    if args.offline and runner.skipped_stages():
+        warnings.append("offline mode runs request stages only; not run (they need the model's "
+                        f"answer): {', '.join(runner.skipped_stages())}")
     modes = report["annotations"]["modes"]
     if not args.offline and modes.get("none", 0) == len(outcomes) - report["overall"]["errors"] \
             and len(outcomes) > report["overall"]["errors"]:
@@ -1017,7 +1063,13 @@ def run(args: argparse.Namespace) -> int:
 
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    report["plots"] = write_plots(out, arrays, thresholds, report) if not args.no_plots else {}
+    report["plots"] = {}
+    if not args.no_plots:
+        try:
+            report["plots"] = write_plots(out, arrays, thresholds, report)
+        except ImportError as err:  # matplotlib is optional: the numbers do not need it
+            report["warnings"].append(f"no plots: {err.name or err} is not installed "
+                                      "(pip install matplotlib)")
     report = _clean(report)
     (out / "report.json").write_text(json.dumps(report, indent=2, default=_json_default) + "\n")
     (out / "report.md").write_text(render_markdown(report))
@@ -1040,7 +1092,8 @@ def summary_text(report: dict, out: pathlib.Path) -> str:
     lines = [f"bastion replay: {report['run']['records']} records in "
              f"{report['run']['duration_s']:.1f}s; TPR {_fmt(overall['tpr'])}, FPR "
              f"{_fmt(overall['fpr'])}, AUROC {_fmt(overall['auroc'])}, errors {overall['errors']}, "
-             f"p50 {_ms(overall['latency']['p50_ms'])} ms, p99 {_ms(overall['latency']['p99_ms'])} ms"]
+             f"p50 {_ms(overall['latency']['p50_ms'])} ms, "
+             f"p99 {_ms(overall['latency']['p99_ms'])} ms"]
     for family, entry in report["families"].items():
         rate = (f"TPR {_fmt(entry['tpr'])}" if entry["label"] == "attack"
                 else f"FPR {_fmt(entry['fpr'])}")
@@ -1048,9 +1101,11 @@ def summary_text(report: dict, out: pathlib.Path) -> str:
                      f"AUROC {_fmt(entry['auroc'])}")
     for stage, entry in report["stages"].items():
         lines.append(f"  stage {stage:<18} threshold {_fmt(entry['threshold'], 4)}  TPR "
-                     f"{_fmt(entry['tpr'])}  FPR {_fmt(entry['fpr'])}  AUROC {_fmt(entry['auroc'])}")
+                     f"{_fmt(entry['tpr'])}  FPR {_fmt(entry['fpr'])}  "
+                     f"AUROC {_fmt(entry['auroc'])}")
     for gate in report["gates"]:
-        lines.append(f"  gate {gate['gate']}: {'pass' if gate['ok'] else 'FAIL (' + gate['message'] + ')'}")
+        result = "pass" if gate["ok"] else f"FAIL ({gate['message']})"
+        lines.append(f"  gate {gate['gate']}: {result}")
     for warning in report.get("warnings", []):
         lines.append(f"  warning: {warning}")
     lines.append(f"report: {out / 'report.md'} (and report.json, plots)")

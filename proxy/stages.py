@@ -21,6 +21,8 @@ STAGE_MODULES = (
     "bastion.transforms.validate",
     "bastion.detectors.signatures",
     "bastion.detectors.fault",
+    "bastion.detectors.squeeze",
+    "bastion.detectors.smoothing",
 )
 
 

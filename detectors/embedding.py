@@ -1,0 +1,445 @@
+"""Text embeddings inside the sidecar, and the ``detect.embedding`` anomaly stage.
+
+:class:`Encoder` runs a sentence encoder exported to ONNX (``bastion models export minilm``:
+all-MiniLM-L6-v2 with mean pooling and L2 normalisation inside the graph) with the
+``tokenizers`` library and onnxruntime. Concurrent requests' texts are gathered by one
+:class:`~bastion.detectors.batcher.MicroBatcher` per encoder, so one ONNX call serves many
+requests; encoders are shared by every stage that names the same model file and settings
+(:func:`get_encoder`), and recent texts' embeddings are cached, so a pipeline with
+``detect.embedding`` and ``detect.attack_library`` encodes each prompt once.
+
+Long texts: the model sees at most ``max_length`` tokens (256 for MiniLM). A longer text is cut
+into windows of ``max_length`` tokens (a quarter overlapping); the first ``max_chunks`` windows
+are embedded, or, when there are more, ``max_chunks`` windows spread evenly from the first to
+the last (the cost is bounded; the end of the text is always seen). Detectors score every
+window and keep the worst. ``max_chunks: 1`` is plain truncation, as sentence-transformers does.
+
+Options shared by the encoder stages: ``encoder`` (the exported folder, or a ``.onnx`` file
+with ``tokenizer.json`` beside it; ``model_int8.onnx`` for the int8 model), ``providers``
+(default: ``BASTION_ONNX_PROVIDERS``, comma-separated, else CPU), ``threads`` (onnxruntime
+intra-op threads), ``max_batch``, ``max_wait_ms`` (micro-batching), ``max_chunks``.
+
+``detect.embedding`` {encoder, method: mahalanobis|knn|iforest, k, state}: anomaly score of
+the prompt's embedding against a benign reference (see :mod:`bastion.detectors.anomaly`).
+``bastion calibrate`` fits it (``needs_fit``) and ``save()`` writes ``state``; the state
+records the encoder's identity (name, variant, sha256 of the model file) and is refused by an
+encoder it was not fitted with.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import pathlib
+import threading
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import Field
+
+from bastion.detectors.anomaly import (AnomalyModel, StateError, load_state, make_model,
+                                       save_state)
+from bastion.detectors.base import TextDetector
+from bastion.detectors.batcher import MicroBatcher
+from bastion.proxy.stages import StageOptions, register
+
+__all__ = ["Encoder", "EncoderOptions", "get_encoder", "resolve_encoder_path",
+           "default_providers", "EmbeddingAnomalyDetector", "EmbeddingOptions", "sha256_file"]
+
+log = logging.getLogger("bastion.embedding")
+
+PROVIDERS_ENV = "BASTION_ONNX_PROVIDERS"
+DEFAULT_MAX_CHUNKS = 8
+
+
+def default_providers() -> list[str]:
+    value = os.environ.get(PROVIDERS_ENV, "").strip()
+    if value:
+        return [p.strip() for p in value.split(",") if p.strip()]
+    return ["CPUExecutionProvider"]
+
+
+_SHA_CACHE: dict[tuple[str, int, int], str] = {}
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """sha256 of a file, cached by (path, mtime, size)."""
+    stat = os.stat(path)
+    key = (str(pathlib.Path(path).resolve()), stat.st_mtime_ns, stat.st_size)
+    cached = _SHA_CACHE.get(key)
+    if cached is None:
+        digest = hashlib.sha256()
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        cached = _SHA_CACHE[key] = digest.hexdigest()
+    return cached
+
+
+def resolve_encoder_path(path: str | os.PathLike) -> tuple[pathlib.Path, pathlib.Path,
+                                                            pathlib.Path | None]:
+    """(model.onnx, tokenizer.json, encoder.json or None) for a folder or a model file."""
+    path = pathlib.Path(path)
+    model = path / "model.onnx" if path.is_dir() else path
+    folder = model.parent
+    if not model.exists():
+        raise FileNotFoundError(f"encoder model {model} does not exist (export it with "
+                                "`bastion models export minilm --out DIR`)")
+    tokenizer = folder / "tokenizer.json"
+    if not tokenizer.exists():
+        raise FileNotFoundError(f"no tokenizer.json next to {model}")
+    manifest = folder / "encoder.json"
+    return model, tokenizer, manifest if manifest.exists() else None
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderOptions:
+    providers: tuple[str, ...] | None = None
+    threads: int = 1
+    max_batch: int = 16
+    max_wait_ms: float = 2.0
+    max_chunks: int = DEFAULT_MAX_CHUNKS
+    cache_size: int = 2048
+
+
+class Encoder:
+    """Tokenizer + ONNX sentence encoder, batched across concurrent callers.
+
+    ``embed(texts)`` (blocking) and ``await aembed(text)`` return, per text, a float32 array
+    [windows, dim] of L2-normalised window embeddings (one row for a text that fits).
+    ``encode(texts)`` returns [n, dim], each text's first window (plain truncation).
+    """
+
+    def __init__(self, path: str | os.PathLike, options: EncoderOptions = EncoderOptions()):
+        import onnxruntime as ort
+        from tokenizers import Tokenizer
+
+        self.model_path, tokenizer_path, manifest_path = resolve_encoder_path(path)
+        self.options = options
+        self.manifest: dict = (json.loads(manifest_path.read_text()) if manifest_path else {})
+        self.sha256 = sha256_file(self.model_path)
+        entry = self.manifest.get("models", {}).get(self.model_path.name, {})
+        if entry.get("sha256") and entry["sha256"] != self.sha256:
+            raise ValueError(f"{self.model_path}: sha256 differs from {manifest_path} (the "
+                             "model file was replaced; re-run the export)")
+        self.name = self.manifest.get("name") or self.model_path.parent.name
+        self.variant = entry.get("variant") or ("int8" if "int8" in self.model_path.name
+                                                else "fp32")
+        #: Exact feature source: states fitted with another model file are refused.
+        self.identity = f"encoder:{self.name}:{self.variant}:sha256={self.sha256}"
+        weights = self.manifest.get("source", {}).get("weights_sha256") or self.sha256
+        #: The weights the embeddings come from, whatever the export (fp32 / int8 / re-export):
+        #: what an attack library built with this encoder must match.
+        self.weights_identity = f"{self.name}:weights={weights}"
+
+        if options.max_chunks < 1:
+            raise ValueError("max_chunks must be >= 1")
+        self.tokenizer = Tokenizer.from_file(str(tokenizer_path))
+        self.tokenizer.no_truncation()
+        self.tokenizer.no_padding()
+        self.max_length = int(self.manifest.get("max_length", 256))
+        self.pad_id = int(self.manifest.get("pad_id", 0))
+        self.prefix, self.suffix = self._special_ids()
+        self.window = self.max_length - len(self.prefix) - len(self.suffix)
+        if self.window < 8:
+            raise ValueError(f"max_length {self.max_length} leaves no room for text")
+        self.stride = max(1, self.window - self.window // 4)
+
+        session_options = ort.SessionOptions()
+        session_options.intra_op_num_threads = max(1, options.threads)
+        session_options.inter_op_num_threads = 1
+        wanted = list(options.providers) if options.providers else default_providers()
+        available = set(ort.get_available_providers())
+        providers = [p for p in wanted if p in available] or ["CPUExecutionProvider"]
+        if providers != wanted:
+            log.warning("onnx providers %s not available; using %s", wanted, providers)
+        self.session = ort.InferenceSession(str(self.model_path), session_options,
+                                            providers=providers)
+        names = {i.name for i in self.session.get_inputs()}
+        self._token_types = "token_type_ids" in names
+        self.output = self.manifest.get("output") or self.session.get_outputs()[0].name
+        self.dim = int(self.session.get_outputs()[0].shape[-1]) if isinstance(
+            self.session.get_outputs()[0].shape[-1], int) else int(self.manifest.get("dim", 0))
+        self.batcher: MicroBatcher[str, np.ndarray] = MicroBatcher(
+            self._embed_batch, max_batch=options.max_batch, max_wait_ms=options.max_wait_ms,
+            threads=1, name=f"encoder-{self.name}")
+        self._cache: collections.OrderedDict[bytes, np.ndarray] = collections.OrderedDict()
+        self._cache_lock = threading.Lock()
+        self.calls = 0  # ONNX runs (for tests and benchmarks)
+
+    def _special_ids(self) -> tuple[list[int], list[int]]:
+        cls, sep = self.manifest.get("cls_token"), self.manifest.get("sep_token")
+        if cls and sep:
+            ids = [self.tokenizer.token_to_id(cls), self.tokenizer.token_to_id(sep)]
+            if None in ids:
+                raise ValueError(f"tokenizer has no {cls} / {sep} token")
+            return [ids[0]], [ids[1]]
+        # No manifest: what the tokenizer's post-processor wraps an empty text in.
+        empty = self.tokenizer.encode("", add_special_tokens=True).ids
+        return (empty[:1], empty[1:2]) if len(empty) == 2 else (list(empty), [])
+
+    # -- tokenization --------------------------------------------------------------------------
+
+    def windows(self, ids: Sequence[int]) -> list[list[int]]:
+        """Token ids (without special tokens) -> model inputs of at most max_length tokens."""
+        ids = list(ids)
+        if len(ids) <= self.window:
+            starts = [0]
+        else:
+            last = len(ids) - self.window
+            count = -(-last // self.stride) + 1  # windows needed to cover everything
+            if count <= self.options.max_chunks:
+                starts = [min(i * self.stride, last) for i in range(count)]
+            elif self.options.max_chunks == 1:
+                starts = [0]
+            else:
+                starts = [round(i * last / (self.options.max_chunks - 1))
+                          for i in range(self.options.max_chunks)]
+        return [self.prefix + ids[s:s + self.window] + self.suffix for s in starts]
+
+    def tokenize(self, texts: Sequence[str]) -> list[list[list[int]]]:
+        encodings = self.tokenizer.encode_batch([_as_str(t) for t in texts],
+                                                add_special_tokens=False)
+        return [self.windows(e.ids) for e in encodings]
+
+    # -- model ---------------------------------------------------------------------------------
+
+    def _run(self, units: list[list[int]]) -> np.ndarray:
+        """Embed token-id lists, in sub-batches of max_batch sorted by length (less padding)."""
+        out = np.empty((len(units), self.dim or 1), dtype=np.float32)
+        order = sorted(range(len(units)), key=lambda i: len(units[i]))
+        step = max(1, self.options.max_batch)
+        for start in range(0, len(order), step):
+            chosen = order[start:start + step]
+            width = max(len(units[i]) for i in chosen)
+            ids = np.full((len(chosen), width), self.pad_id, dtype=np.int64)
+            mask = np.zeros((len(chosen), width), dtype=np.int64)
+            for row, i in enumerate(chosen):
+                ids[row, :len(units[i])] = units[i]
+                mask[row, :len(units[i])] = 1
+            feeds = {"input_ids": ids, "attention_mask": mask}
+            if self._token_types:
+                feeds["token_type_ids"] = np.zeros_like(ids)
+            result = self.session.run([self.output], feeds)[0]
+            self.calls += 1
+            if out.shape[1] != result.shape[1]:
+                out = np.empty((len(units), result.shape[1]), dtype=np.float32)
+                self.dim = int(result.shape[1])
+            out[chosen] = result
+        return out
+
+    def _embed_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
+        per_text = self.tokenize(texts)
+        units = [unit for windows in per_text for unit in windows]
+        flat = self._run(units)
+        results, position = [], 0
+        for windows in per_text:
+            results.append(flat[position:position + len(windows)])
+            position += len(windows)
+        return results
+
+    # -- cache ---------------------------------------------------------------------------------
+
+    @staticmethod
+    def _key(text: str) -> bytes:
+        return hashlib.blake2b(_as_str(text).encode("utf-8", "surrogatepass"),
+                               digest_size=16).digest()
+
+    def cached(self, text: str) -> np.ndarray | None:
+        if not self.options.cache_size:
+            return None
+        key = self._key(text)
+        with self._cache_lock:
+            value = self._cache.get(key)
+            if value is not None:
+                self._cache.move_to_end(key)
+            return value
+
+    def _remember(self, text: str, value: np.ndarray) -> None:
+        if not self.options.cache_size:
+            return
+        value.setflags(write=False)
+        with self._cache_lock:
+            self._cache[self._key(text)] = value
+            while len(self._cache) > self.options.cache_size:
+                self._cache.popitem(last=False)
+
+    # -- public --------------------------------------------------------------------------------
+
+    def embed(self, texts: Sequence[str], chunk: int = 64) -> list[np.ndarray]:
+        """Blocking: per text, its window embeddings [windows, dim]."""
+        out: list[np.ndarray | None] = [self.cached(t) for t in texts]
+        missing = [i for i, v in enumerate(out) if v is None]
+        for start in range(0, len(missing), chunk):
+            indices = missing[start:start + chunk]
+            for i, value in zip(indices, self._embed_batch([texts[i] for i in indices])):
+                self._remember(texts[i], value)
+                out[i] = value
+        return out  # type: ignore[return-value]
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        """Blocking: [n, dim], each text's first window (truncation)."""
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        return np.stack([windows[0] for windows in self.embed(texts)])
+
+    async def aembed(self, text: str) -> np.ndarray:
+        value = self.cached(text)
+        if value is None:
+            value = await self.batcher.submit(text)
+            self._remember(text, value)
+        return value
+
+    async def aembed_many(self, texts: Sequence[str]) -> list[np.ndarray]:
+        if len(texts) == 1:
+            return [await self.aembed(texts[0])]
+        return list(await asyncio.gather(*(self.aembed(t) for t in texts)))
+
+    def close(self) -> None:
+        self.batcher.close()
+
+
+def _as_str(text: Any) -> str:
+    if isinstance(text, str):
+        return text
+    if isinstance(text, (bytes, bytearray, memoryview)):
+        return bytes(text).decode("utf-8", "replace")
+    return str(text)
+
+
+_ENCODERS: dict[tuple, Encoder] = {}
+_ENCODERS_LOCK = threading.Lock()
+
+
+def get_encoder(path: str | os.PathLike, options: EncoderOptions = EncoderOptions()) -> Encoder:
+    """One shared :class:`Encoder` per model file (and its version on disk) and settings."""
+    model, _, _ = resolve_encoder_path(path)
+    stat = model.stat()
+    key = (str(model.resolve()), stat.st_mtime_ns, stat.st_size, options)
+    with _ENCODERS_LOCK:
+        encoder = _ENCODERS.get(key)
+        if encoder is None:
+            encoder = _ENCODERS[key] = Encoder(model, options)
+        return encoder
+
+
+class EncoderStageOptions(StageOptions):
+    #: Exported encoder folder (``bastion models export minilm --out DIR``) or a .onnx file.
+    encoder: str = "models/minilm"
+    providers: list[str] | None = None
+    threads: int = Field(default=1, ge=1, le=64)
+    max_batch: int = Field(default=16, ge=1, le=1024)
+    max_wait_ms: float = Field(default=2.0, ge=0, le=1000)
+    max_chunks: int = Field(default=DEFAULT_MAX_CHUNKS, ge=1, le=64)
+
+    def encoder_options(self) -> EncoderOptions:
+        return EncoderOptions(providers=tuple(self.providers) if self.providers else None,
+                              threads=self.threads, max_batch=self.max_batch,
+                              max_wait_ms=self.max_wait_ms, max_chunks=self.max_chunks)
+
+
+# --------------------------------------------------------------------------------------------
+# detect.embedding
+# --------------------------------------------------------------------------------------------
+
+
+class EmbeddingOptions(EncoderStageOptions):
+    method: Literal["mahalanobis", "knn", "iforest"] = "mahalanobis"
+    #: State file: written by ``bastion calibrate`` (save()), read when the stage is built.
+    state: str
+    k: int = Field(default=10, ge=1)
+    reduce: Literal["mean", "kth"] = "mean"
+    n_estimators: int = Field(default=200, ge=1)
+    seed: int = 0
+
+
+class EmbeddingAnomalyDetector(TextDetector):
+    """Anomaly score of a text's embedding (its most anomalous window) against benign texts."""
+
+    is_async = True
+    needs_fit = True
+
+    def __init__(self, encoder: Encoder, model: AnomalyModel, state: str | os.PathLike | None):
+        self.encoder = encoder
+        self.model = model
+        self.state = pathlib.Path(state) if state is not None else None
+
+    @classmethod
+    def from_options(cls, options: EmbeddingOptions,
+                     encoder: Encoder | None = None) -> "EmbeddingAnomalyDetector":
+        encoder = encoder or get_encoder(options.encoder, options.encoder_options())
+        state = pathlib.Path(options.state)
+        if state.exists():
+            model, _ = load_state(state, source=encoder.identity, method=options.method)
+        else:  # not fitted yet: `bastion calibrate` fits it and writes the state
+            model = make_model(options.method, k=options.k, reduce=options.reduce,
+                               n_estimators=options.n_estimators, seed=options.seed)
+        return cls(encoder, model, state)
+
+    # -- fitting -------------------------------------------------------------------------------
+
+    def features(self, texts: Sequence[str]) -> np.ndarray:
+        windows = self.encoder.embed(list(texts))
+        return np.concatenate(windows) if windows else np.zeros((0, self.encoder.dim))
+
+    def fit(self, reference: Sequence[str]) -> "EmbeddingAnomalyDetector":
+        texts = [_as_str(t) for t in reference]
+        self.model.fit(self.features(texts))
+        self._fitted_texts = len(texts)
+        return self
+
+    def save(self, path: str | os.PathLike | None = None) -> pathlib.Path:
+        target = pathlib.Path(path) if path is not None else self.state
+        if target is None:
+            raise ValueError("no state path to save to")
+        return save_state(target, self.model, self.encoder.identity,
+                          extra={"texts": getattr(self, "_fitted_texts", None),
+                                 "max_chunks": self.encoder.options.max_chunks})
+
+    # -- scoring -------------------------------------------------------------------------------
+
+    def _check_fitted(self) -> None:
+        if not self.model.fitted:
+            raise RuntimeError(f"detect.embedding: no fitted state at {self.state} (run "
+                               "`bastion calibrate` for this stage)")
+
+    def _scores(self, windows: list[np.ndarray]) -> np.ndarray:
+        flat = self.model.score(np.concatenate(windows))
+        out, position = np.empty(len(windows)), 0
+        for index, w in enumerate(windows):
+            out[index] = flat[position:position + len(w)].max()
+            position += len(w)
+        return out
+
+    def score(self, batch: Sequence[Any]) -> np.ndarray:
+        self._check_fitted()
+        if not len(batch):
+            return np.zeros(0)
+        return self._scores(self.encoder.embed([_as_str(t) for t in batch]))
+
+    async def ascore(self, batch: Sequence[Any]) -> np.ndarray:
+        self._check_fitted()
+        if not len(batch):
+            return np.zeros(0)
+        windows = await self.encoder.aembed_many([_as_str(t) for t in batch])
+        if self.model.heavy:
+            return await asyncio.to_thread(self._scores, windows)
+        return self._scores(windows)
+
+    def reasons(self, item: Any) -> list[str]:
+        return [f"embedding:{self.model.method}"]
+
+
+def build_embedding_detector(options: EmbeddingOptions) -> EmbeddingAnomalyDetector:
+    try:
+        return EmbeddingAnomalyDetector.from_options(options)
+    except StateError as err:
+        raise ValueError(f"state: {err}") from None
+
+
+register("detect.embedding", "detector", EmbeddingOptions, build_embedding_detector)

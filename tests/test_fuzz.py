@@ -1,0 +1,446 @@
+"""Fuzzing the sidecar with malformed inference requests and raw bytes (hypothesis).
+
+One sidecar per module, running the demo pipelines (bastion/demo.py's DEMO_CONFIG models) in
+front of the reference upstream, both real processes. Every example must leave the sidecar alive
+and end with a documented status:
+
+* ModelInfer: OK; INVALID_ARGUMENT whose details start with ``bastion: `` (refused by the
+  sidecar) or that the upstream itself gives for the same bytes; PERMISSION_DENIED ``bastion:
+  blocked by ...`` (a defense acted); NOT_FOUND / INVALID_ARGUMENT / UNAVAILABLE passed through
+  from the upstream (checked by sending the same bytes to the upstream directly).
+* Any other method (known or unknown, random bytes): exactly what the upstream answers for the
+  same bytes (UNIMPLEMENTED for a method it does not have).
+* ModelStreamInfer: the stream ends OK; every refused request is answered in band.
+
+The strategies are shared with ``bench/fuzz.py`` (1e5 cases, and in-process codec fuzzing).
+"""
+from __future__ import annotations
+
+import math
+import struct
+import sys
+
+import grpc
+import numpy as np
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from bastion import traffic
+from bastion.demo import DEMO_CONFIG
+from bastion.protos import SERVICE, pb
+from bastion.transforms import tensor
+from tests.harness import Sidecar, Upstream, wait_health
+
+MODEL_INFER = f"/{SERVICE}/ModelInfer"
+MODEL_STREAM_INFER = f"/{SERVICE}/ModelStreamInfer"
+KNOWN_MODELS = (traffic.IMAGE_MODEL, traffic.TEXT_MODEL)
+CALL_TIMEOUT_S = 10
+EXAMPLES = 300
+
+# ---- strategies ------------------------------------------------------------------------------
+
+BAD_DATATYPES = ("", "FP8", "fp32", "STRING", "INT4", "BYTES\x00", "UINT128", "F" * 200)
+datatypes = st.one_of(st.sampled_from(tensor.DATATYPES), st.sampled_from(BAD_DATATYPES),
+                      st.text(max_size=10))
+small_dims = st.integers(-2, 6)
+huge_dims = st.sampled_from([2**31 - 1, 2**31, 2**32 + 1, 2**53, 2**62, 2**63 - 1, -1, -(2**63)])
+shapes = st.one_of(
+    st.lists(small_dims, max_size=5),
+    st.lists(st.one_of(small_dims, huge_dims), min_size=1, max_size=5),
+    st.lists(st.integers(0, 1), min_size=33, max_size=80),   # more dimensions than numpy has
+)
+names = st.one_of(st.sampled_from(["image", "prompt", "x", "", "image "]),
+                  st.text(max_size=20))
+INVALID_UTF8 = (b"\xff\xfe", b"\xc3\x28", b"\xed\xa0\x80", b"\xf4\x90\x80\x80", b"\xc0\xaf",
+                b"abc\x80", b"\xe2\x82")
+elements = st.one_of(st.binary(max_size=64), st.sampled_from(INVALID_UTF8),
+                     st.text(max_size=64).map(lambda s: s.encode("utf-8", "surrogatepass")))
+special_floats = st.one_of(st.floats(allow_nan=True, allow_infinity=True),
+                           st.sampled_from([math.nan, math.inf, -math.inf, -0.0, 1e308, 5e-324]))
+
+parameter_values = st.one_of(
+    st.builds(lambda v: pb.InferParameter(bool_param=v), st.booleans()),
+    st.builds(lambda v: pb.InferParameter(int64_param=v), st.integers(-(2**63), 2**63 - 1)),
+    st.builds(lambda v: pb.InferParameter(uint64_param=v), st.integers(0, 2**64 - 1)),
+    st.builds(lambda v: pb.InferParameter(double_param=v), special_floats),
+    st.builds(lambda v: pb.InferParameter(string_param=v), st.text(max_size=40)),
+    st.just(pb.InferParameter()),
+)
+parameter_keys = st.one_of(
+    st.sampled_from(["shared_memory_region", "shared_memory_byte_size", "binary_data_size",
+                     "sequence_id", "priority", "timeout", "classification",
+                     "bastion.verdict"]),
+    st.text(max_size=16))
+parameters = st.dictionaries(parameter_keys, parameter_values, max_size=4)
+
+
+def _fill_parameters(target, values: dict) -> None:
+    for key, value in values.items():
+        target[key].CopyFrom(value)
+
+
+def bytes_elements(items: list[bytes]) -> bytes:
+    return b"".join(struct.pack("<I", len(item)) + item for item in items)
+
+
+def _count(shape: list[int]) -> int | None:
+    if any(d < 0 for d in shape):
+        return None
+    return math.prod(shape)
+
+
+@st.composite
+def raw_blob(draw, datatype: str, shape: list[int]) -> bytes:
+    """Raw contents for a tensor: right-sized most of the time, else off by a little or random."""
+    count = _count(shape)
+    how = draw(st.sampled_from(["fit", "fit", "fit", "off", "random"]))
+    if how == "random" or count is None or count > 1600:
+        return draw(st.binary(max_size=512))
+    if datatype == "BYTES":
+        blob = bytes_elements(draw(st.lists(elements, min_size=count, max_size=count)))
+    else:
+        itemsize = tensor.NUMPY_DTYPES[datatype].itemsize if datatype in tensor.NUMPY_DTYPES else 4
+        if datatype in ("FP32", "FP64", "FP16") and draw(st.booleans()):
+            dtype = tensor.NUMPY_DTYPES[datatype]
+            values = draw(st.lists(special_floats, min_size=count, max_size=count))
+            with np.errstate(over="ignore"):
+                blob = np.asarray(values, dtype=np.float64).astype(dtype).tobytes()
+        else:
+            blob = draw(st.binary(min_size=count * itemsize, max_size=count * itemsize))
+    if how == "off":
+        cut = draw(st.integers(-3, 3))
+        blob = blob[:cut] if cut < 0 else blob + bytes(cut)
+    return blob
+
+
+TYPED_VALUES = {
+    "bool_contents": st.booleans(),
+    "int_contents": st.integers(-(2**31), 2**31 - 1),
+    "int64_contents": st.integers(-(2**63), 2**63 - 1),
+    "uint_contents": st.integers(0, 2**32 - 1),
+    "uint64_contents": st.integers(0, 2**64 - 1),
+    "fp32_contents": special_floats.map(lambda v: v if abs(v) < 3e38 or not math.isfinite(v)
+                                        else math.copysign(math.inf, v)),
+    "fp64_contents": special_floats,
+    "bytes_contents": elements,
+}
+
+
+@st.composite
+def typed_contents(draw, datatype: str, shape: list[int]) -> pb.InferTensorContents:
+    """Typed contents: usually the datatype's field with the right count, sometimes another field
+    or a wrong count, sometimes several fields at once."""
+    count = _count(shape)
+    field = tensor.TYPED_FIELD.get(datatype)
+    if field is None or draw(st.integers(0, 4)) == 0:
+        field = draw(st.sampled_from(sorted(TYPED_VALUES)))
+    if count is None or count > 2048 or draw(st.integers(0, 4)) == 0:
+        size = draw(st.integers(0, 16))
+    else:
+        size = count
+    contents = pb.InferTensorContents()
+    getattr(contents, field).extend(draw(st.lists(TYPED_VALUES[field], min_size=size,
+                                                  max_size=size)))
+    if draw(st.integers(0, 6)) == 0:
+        other = draw(st.sampled_from(sorted(TYPED_VALUES)))
+        getattr(contents, other).extend(draw(st.lists(TYPED_VALUES[other], max_size=3)))
+    return contents
+
+
+@st.composite
+def input_tensors(draw, name=None, datatype=None, shape=None):
+    """(InferInputTensor without data, raw blob or None, typed contents or None)."""
+    name = draw(names) if name is None else name
+    datatype = draw(datatypes) if datatype is None else datatype
+    shape = draw(shapes) if shape is None else shape
+    tensor_msg = pb.ModelInferRequest.InferInputTensor(name=name, datatype=datatype, shape=shape)
+    _fill_parameters(tensor_msg.parameters, draw(parameters))
+    form = draw(st.sampled_from(["raw", "raw", "typed", "none"]))
+    raw = draw(raw_blob(datatype, shape)) if form == "raw" else None
+    typed = draw(typed_contents(datatype, shape)) if form == "typed" else None
+    return tensor_msg, raw, typed
+
+
+def _image_input(draw):
+    shape = draw(st.one_of(st.just([1, 1, 28, 28]), st.just([2, 1, 28, 28]), shapes))
+    datatype = draw(st.one_of(st.just("FP32"), datatypes))
+    return draw(input_tensors(name="image", datatype=datatype, shape=shape))
+
+
+def _text_input(draw):
+    count = draw(st.integers(0, 3))
+    shape = draw(st.one_of(st.just([1, count]), st.just([count]), shapes))
+    datatype = draw(st.one_of(st.just("BYTES"), datatypes))
+    return draw(input_tensors(name="prompt", datatype=datatype, shape=shape))
+
+
+@st.composite
+def infer_requests(draw) -> pb.ModelInferRequest:
+    """A ModelInferRequest that is usually broken in one or more ways."""
+    kind = draw(st.sampled_from(["image", "text", "random", "random", "many"]))
+    model = {"image": traffic.IMAGE_MODEL, "text": traffic.TEXT_MODEL}.get(kind) or draw(
+        st.one_of(st.sampled_from(KNOWN_MODELS + ("m", "")), st.text(max_size=20)))
+    request = pb.ModelInferRequest(model_name=model, id=draw(st.text(max_size=12)),
+                                   model_version=draw(st.sampled_from(["", "", "1", "2", "x"])))
+    _fill_parameters(request.parameters, draw(parameters))
+    if kind == "image":
+        tensors = [_image_input(draw)] + draw(st.lists(input_tensors(), max_size=1))
+    elif kind == "text":
+        tensors = [_text_input(draw)] + draw(st.lists(input_tensors(), max_size=1))
+    elif kind == "random":
+        tensors = draw(st.lists(input_tensors(), max_size=4))
+    else:  # thousands of inputs: one drawn tensor, repeated under distinct (or equal) names
+        template = draw(input_tensors(shape=draw(st.lists(st.integers(0, 3), max_size=2))))
+        copies = draw(st.integers(1000, 3000))
+        same_name = draw(st.integers(0, 9)) == 0
+        tensors = []
+        for index in range(copies):
+            msg = pb.ModelInferRequest.InferInputTensor()
+            msg.CopyFrom(template[0])
+            msg.name = template[0].name if same_name else f"{template[0].name}{index}"
+            tensors.append((msg, template[1], template[2]))
+    # How raw and typed contents combine across inputs: all raw, all typed, or deeply mixed
+    # (raw_input_contents not lining up with inputs, raw and typed on the same input).
+    mix = draw(st.sampled_from(["as drawn", "as drawn", "raw for all", "drop raw", "extra raw"]))
+    for msg, raw, typed in tensors:
+        added = request.inputs.add()
+        added.CopyFrom(msg)
+        if typed is not None:
+            added.contents.CopyFrom(typed)
+        if raw is not None or mix == "raw for all":
+            request.raw_input_contents.append(raw if raw is not None else b"")
+    if mix == "drop raw" and request.raw_input_contents:
+        del request.raw_input_contents[-1]
+    elif mix == "extra raw":
+        request.raw_input_contents.append(draw(st.binary(max_size=16)))
+    for _ in range(draw(st.integers(0, 2))):
+        output = request.outputs.add(name=draw(st.one_of(st.sampled_from(["logits", "probs"]),
+                                                         st.text(max_size=10))))
+        _fill_parameters(output.parameters, draw(parameters))
+    return request
+
+
+@st.composite
+def mutated_payloads(draw) -> bytes:
+    """A valid labelled request, then byte-level damage: flips, truncation, insertion."""
+    payload = bytearray(draw(st.sampled_from(_seed_payloads())))
+    for _ in range(draw(st.integers(1, 6))):
+        op = draw(st.sampled_from(["flip", "truncate", "insert", "delete"]))
+        if not payload:
+            break
+        at = draw(st.integers(0, len(payload) - 1))
+        if op == "flip":
+            payload[at] ^= 1 << draw(st.integers(0, 7))
+        elif op == "truncate":
+            del payload[at:]
+        elif op == "insert":
+            payload[at:at] = draw(st.binary(min_size=1, max_size=8))
+        else:
+            del payload[at:at + draw(st.integers(1, 8))]
+    return bytes(payload)
+
+
+_SEEDS: list[bytes] = []
+
+
+def _seed_payloads() -> list[bytes]:
+    if not _SEEDS:
+        records = traffic.labelled_records()
+        step = max(1, len(records) // 64)
+        _SEEDS.extend(r.payload for r in records[::step])
+    return _SEEDS
+
+
+# Raw bytes for ModelInfer: random, a damaged real request, or a generated one re-serialized.
+model_infer_payloads = st.one_of(
+    st.binary(max_size=2048),
+    mutated_payloads(),
+    infer_requests().map(lambda r: r.SerializeToString()),
+)
+
+method_names = st.builds(
+    lambda package, service, name: f"/{package}.{service}/{name}",
+    st.text("abcdefghijklmnopqrstuvwxyz0123456789_.", min_size=1, max_size=16),
+    st.text("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz", min_size=1, max_size=16),
+    st.text("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789", min_size=1,
+            max_size=16))
+KNOWN_OTHER_METHODS = tuple(f"/{SERVICE}/{name}" for name in (
+    "ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelConfig",
+    "ModelStatistics", "RepositoryIndex"))
+generic_methods = st.one_of(method_names, st.sampled_from(KNOWN_OTHER_METHODS))
+
+
+# ---- oracles ---------------------------------------------------------------------------------
+
+
+def call(channel: grpc.Channel, method: str, payload: bytes) -> tuple[grpc.StatusCode, str]:
+    try:
+        channel.unary_unary(method)(payload, timeout=CALL_TIMEOUT_S)
+        return grpc.StatusCode.OK, ""
+    except grpc.RpcError as err:
+        return err.code(), err.details() or ""
+
+
+UPSTREAM_PASSED = {grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT,
+                   grpc.StatusCode.UNAVAILABLE}
+
+
+def judge_infer(code: grpc.StatusCode, details: str, direct) -> str | None:
+    """None if the ModelInfer outcome is documented, else why not. ``direct()`` gives the
+    upstream's own (code, details) for the same bytes."""
+    if code == grpc.StatusCode.OK:
+        return None
+    if details.startswith("bastion: "):
+        if code == grpc.StatusCode.INVALID_ARGUMENT:
+            return None
+        if code == grpc.StatusCode.PERMISSION_DENIED and details.startswith("bastion: blocked by"):
+            return None
+        return f"bastion answered {code.name}: {details[:200]}"
+    if code in UPSTREAM_PASSED:
+        upstream_code, _ = direct()
+        if upstream_code == code:
+            return None
+        return (f"{code.name} without 'bastion: ' prefix, but the upstream answers "
+                f"{upstream_code.name}: {details[:200]}")
+    return f"undocumented status {code.name}: {details[:200]}"
+
+
+def judge_generic(outcome, direct_outcome) -> str | None:
+    if outcome == direct_outcome:
+        return None
+    return f"pass-through changed the outcome: {direct_outcome} -> {outcome}"
+
+
+def judge_stream(replies: list[bytes], code: grpc.StatusCode, details: str, sent: int) -> str | None:
+    if code != grpc.StatusCode.OK:
+        return f"stream ended {code.name}: {details[:200]}"
+    if len(replies) > sent:
+        return f"{len(replies)} replies to {sent} requests"
+    for raw in replies:
+        try:
+            reply = pb.ModelStreamInferResponse.FromString(raw)
+        except Exception:  # noqa: BLE001
+            return "a stream reply is not a ModelStreamInferResponse"
+        if not reply.error_message and not reply.HasField("infer_response"):
+            return "an empty stream reply"
+    return None
+
+
+def stream_outcome(channel, payloads: list[bytes]):
+    replies = []
+    try:
+        for reply in channel.stream_stream(MODEL_STREAM_INFER)(iter(payloads),
+                                                               timeout=CALL_TIMEOUT_S):
+            replies.append(reply)
+        return replies, grpc.StatusCode.OK, ""
+    except grpc.RpcError as err:
+        return replies, err.code(), err.details() or ""
+
+
+def fuzz_config() -> str:
+    """The demo's models (the shipped defenses), nothing else."""
+    demo = yaml.safe_load(DEMO_CONFIG.format(listen="127.0.0.1:1", admin="127.0.0.1:2",
+                                             upstream="127.0.0.1:3", audit="stdout"))
+    return yaml.safe_dump({"models": demo["models"], "audit": {"output": "stdout"}})
+
+
+class Target:
+    """The running pair: sidecar in front of the reference upstream, with channels to both."""
+
+    def __init__(self):
+        self.upstream = Upstream()
+        try:
+            self.sidecar = Sidecar(self.upstream.address, fuzz_config())
+        except BaseException:
+            self.upstream.stop()
+            raise
+        self.channel = grpc.insecure_channel(self.sidecar.address)
+        self.direct = grpc.insecure_channel(self.upstream.address)
+
+    def alive(self) -> bool:
+        return self.sidecar.proc.popen.poll() is None
+
+    def healthy(self) -> None:
+        assert self.alive(), f"sidecar died:\n{self.sidecar.proc.output()[-3000:]}"
+        wait_health(self.sidecar.address, serving=True, timeout=10)
+        reply = self.channel.unary_unary(MODEL_INFER)(
+            traffic.image_request(np.zeros((28, 28), np.float32), "health").SerializeToString(),
+            timeout=CALL_TIMEOUT_S)
+        assert pb.ModelInferResponse.FromString(reply).id == "health"
+
+    def infer(self, payload: bytes) -> tuple[grpc.StatusCode, str, str | None]:
+        code, details = call(self.channel, MODEL_INFER, payload)
+        problem = judge_infer(code, details, lambda: call(self.direct, MODEL_INFER, payload))
+        return code, details, problem
+
+    def generic(self, method: str, payload: bytes) -> tuple[grpc.StatusCode, str, str | None]:
+        outcome = call(self.channel, method, payload)
+        return outcome[0], outcome[1], judge_generic(outcome, call(self.direct, method, payload))
+
+    def stream(self, payloads: list[bytes]) -> tuple[grpc.StatusCode, str, str | None]:
+        replies, code, details = stream_outcome(self.channel, payloads)
+        return code, details, judge_stream(replies, code, details, len(payloads))
+
+    def close(self) -> int:
+        self.channel.close()
+        self.direct.close()
+        code = self.sidecar.stop()
+        self.upstream.stop()
+        return code
+
+
+# ---- tests -----------------------------------------------------------------------------------
+
+FUZZ_SETTINGS = settings(max_examples=EXAMPLES, deadline=None, database=None,
+                         suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                                HealthCheck.large_base_example,
+                                                HealthCheck.function_scoped_fixture])
+
+
+@pytest.fixture(scope="module")
+def target():
+    target = Target()
+    yield target
+    target.healthy()
+    assert target.close() == 0
+
+
+def _check(target: Target, result) -> None:
+    code, details, problem = result
+    assert target.alive(), f"the sidecar died on this input:\n{target.sidecar.proc.output()[-3000:]}"
+    assert problem is None, problem
+
+
+@FUZZ_SETTINGS
+@given(request=infer_requests())
+def test_malformed_model_infer_requests(target, request):
+    _check(target, target.infer(request.SerializeToString()))
+
+
+@FUZZ_SETTINGS
+@given(payload=st.one_of(st.binary(max_size=4096), mutated_payloads()))
+def test_raw_bytes_to_model_infer(target, payload):
+    _check(target, target.infer(payload))
+
+
+@FUZZ_SETTINGS
+@given(method=generic_methods, payload=st.binary(max_size=1024))
+def test_raw_bytes_to_other_methods_pass_through_unchanged(target, method, payload):
+    _check(target, target.generic(method, payload))
+
+
+@settings(FUZZ_SETTINGS, max_examples=EXAMPLES // 3)
+@given(payloads=st.lists(model_infer_payloads, min_size=1, max_size=5))
+def test_malformed_requests_in_a_stream(target, payloads):
+    _check(target, target.stream(payloads))
+
+
+def test_sidecar_still_healthy_after_fuzzing(target):
+    target.healthy()
+
+
+if __name__ == "__main__":  # pragma: no cover - a quick manual look at generated requests
+    for example in range(int(sys.argv[1]) if len(sys.argv) > 1 else 3):
+        print(infer_requests().example())

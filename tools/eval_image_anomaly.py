@@ -1,0 +1,292 @@
+#!/usr/bin/env python3
+"""Feature-space anomaly detectors against FGSM / PGD on the Fashion-MNIST demo model; writes
+docs/quality-image-anomaly.md (between its GENERATED markers).
+
+Run from the repository root (torch only for the attacks):
+
+    pip install torch==2.13.0          # local CPU wheel; no other torch spec
+    python3 tools/eval_image_anomaly.py                # ~3 min on 2 cores; --help for sizes
+
+What it does
+
+* Data: Debian ``dataset-fashion-mnist`` (60,000 training, 10,000 test images), pixels / 255.
+* Model: the shipped ``bastion/demo_models/fashion-mnist/model.onnx``. For gradients the CNN is
+  rebuilt in torch (``build_model`` of tools/training/train_fashion_mnist.py) with the ONNX
+  initializers loaded; the script stops unless torch and onnxruntime agree (logits and
+  ``features``, all test images, max |diff| <= 1e-4).
+* Attacks (white-box on the model, not adaptive to the detectors), L-inf, on the test images:
+  FGSM (one step of eps) and PGD (Madry et al.: uniform random start in the eps-ball,
+  ``--pgd-steps`` steps of 2.5 eps / steps, projected on the ball and [0, 1]), eps 0.1 and 0.3.
+* Features: the model's ``features`` output (64-d penultimate ReLU), computed by onnxruntime on
+  the clean / attacked images: what the upstream returns. Also the input itself
+  (``detect.input_anomaly``): the 784 pixels, and 7x7 average-pooled.
+* Detectors (bastion.detectors.anomaly, the stage code): fitted on the 60,000 training images'
+  features (class labels = training labels for the class-conditional Mahalanobis).
+* Protocol: the first half of the test set (clean) sets each detector's threshold at 5 % FPR
+  (``bastion.calibrate.threshold_at_fpr``, as ``bastion calibrate`` does); the second half is
+  scored clean and attacked: AUROC (clean vs attacked), and TPR / FPR at that threshold.
+  "all" = every attacked image; "successful" = those the model got right clean and wrong
+  attacked.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import pathlib
+import sys
+import time
+
+import numpy as np
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+ONNX_PATH = REPO / "bastion" / "demo_models" / "fashion-mnist" / "model.onnx"
+DOC = REPO / "docs" / "quality-image-anomaly.md"
+BEGIN, END = "<!-- BEGIN GENERATED -->", "<!-- END GENERATED -->"
+TARGET_FPR = 0.05
+
+
+def training_module():
+    path = REPO / "tools" / "training" / "train_fashion_mnist.py"
+    spec = importlib.util.spec_from_file_location("train_fashion_mnist", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def onnx_session(threads: int):
+    import onnxruntime as ort
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    return ort.InferenceSession(str(ONNX_PATH), options, providers=["CPUExecutionProvider"])
+
+
+def onnx_outputs(sess, images: np.ndarray, batch: int = 1000) -> tuple[np.ndarray, np.ndarray]:
+    logits, features = [], []
+    for i in range(0, len(images), batch):
+        lo, fe = sess.run(["logits", "features"], {"image": images[i:i + batch]})
+        logits.append(lo)
+        features.append(fe)
+    return np.concatenate(logits), np.concatenate(features)
+
+
+def torch_model(train):
+    """The demo CNN in torch with the ONNX file's weights."""
+    import onnx
+    import torch
+    from onnx import numpy_helper
+    model = train.build_model()
+    weights = {i.name: torch.from_numpy(numpy_helper.to_array(i).copy())
+               for i in onnx.load(str(ONNX_PATH)).graph.initializer}
+    state = model.state_dict()
+    if set(state) != set(weights):
+        raise SystemExit(f"ONNX initializers {sorted(weights)} do not match the torch "
+                         f"parameters {sorted(state)}")
+    model.load_state_dict(weights)
+    return model.eval()
+
+
+def check_rebuild(model, sess, images: np.ndarray) -> float:
+    import torch
+    worst = 0.0
+    for i in range(0, len(images), 1000):
+        with torch.no_grad():
+            t_logits, t_features = (t.numpy() for t in model(torch.from_numpy(images[i:i + 1000])))
+        o_logits, o_features = onnx_outputs(sess, images[i:i + 1000])
+        worst = max(worst, float(np.abs(t_logits - o_logits).max()),
+                    float(np.abs(t_features - o_features).max()))
+    if worst > 1e-4:
+        raise SystemExit(f"rebuilt torch model differs from the ONNX model (max |diff| {worst:.2e})")
+    return worst
+
+
+def pgd(model, x: np.ndarray, y: np.ndarray, eps: float, steps: int, random_start: bool,
+        seed: int, batch: int = 500) -> np.ndarray:
+    """L-inf PGD (FGSM = 1 step of eps from the clean image)."""
+    import torch
+    import torch.nn.functional as F
+    step = eps if steps == 1 else 2.5 * eps / steps
+    generator = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(0, len(x), batch):
+        clean = torch.from_numpy(x[i:i + batch])
+        labels = torch.from_numpy(y[i:i + batch])
+        adv = clean.clone()
+        if random_start:
+            noise = torch.rand(clean.shape, generator=generator) * 2 * eps - eps
+            adv = (clean + noise).clamp(0, 1)
+        for _ in range(steps):
+            adv.requires_grad_(True)
+            loss = F.cross_entropy(model(adv)[0], labels)
+            grad, = torch.autograd.grad(loss, adv)
+            with torch.no_grad():
+                adv = adv + step * grad.sign()
+                adv = torch.min(torch.max(adv, clean - eps), clean + eps).clamp(0, 1)
+        out.append(adv.detach().numpy())
+    return np.concatenate(out).astype(np.float32)
+
+
+def auroc(negative: np.ndarray, positive: np.ndarray) -> float:
+    from sklearn.metrics import roc_auc_score
+    labels = np.r_[np.zeros(len(negative)), np.ones(len(positive))]
+    scores = np.r_[negative, positive]
+    scores = np.nan_to_num(scores, posinf=np.finfo(np.float64).max)
+    return float(roc_auc_score(labels, scores))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--test", type=int, default=10000, help="test images used (<= 10000)")
+    parser.add_argument("--pgd-steps", type=int, default=40)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--no-doc", action="store_true", help="print, do not write the doc")
+    args = parser.parse_args()
+
+    import torch
+
+    from bastion.calibrate import threshold_at_fpr
+    from bastion.detectors.anomaly import (InputAnomalyDetector, load_state, make_model,
+                                           pool_features, save_state)
+
+    torch.set_num_threads(args.threads)
+    started = time.time()
+    train = training_module()
+    x_train_u8, y_train = train.load_split("train")
+    x_test_u8, y_test = train.load_split("t10k")
+    x_train = (x_train_u8.astype(np.float32) / 255.0)[:, None]
+    x_test = (x_test_u8.astype(np.float32) / 255.0)[:args.test, None]
+    y_test = y_test[:args.test]
+
+    sess = onnx_session(args.threads)
+    model = torch_model(train)
+    diff = check_rebuild(model, sess, x_test)
+    print(f"torch rebuild vs onnxruntime, {len(x_test)} test images: max |diff| {diff:.2e}",
+          flush=True)
+
+    train_logits, train_features = onnx_outputs(sess, x_train)
+    clean_logits, clean_features = onnx_outputs(sess, x_test)
+    accuracy = float((clean_logits.argmax(1) == y_test).mean())
+    print(f"clean test accuracy {accuracy:.4f}", flush=True)
+
+    attacks: dict[str, np.ndarray] = {}
+    for eps in (0.1, 0.3):
+        for name, steps, start in (("FGSM", 1, False), ("PGD", args.pgd_steps, True)):
+            t0 = time.time()
+            attacks[f"{name} eps={eps}"] = pgd(model, x_test, y_test, eps, steps, start, args.seed)
+            print(f"{name} eps={eps}: {time.time() - t0:.0f}s", flush=True)
+    attack_outputs = {k: onnx_outputs(sess, v) for k, v in attacks.items()}
+
+    half = len(x_test) // 2
+    calib, held = slice(0, half), slice(half, None)
+
+    # Detectors: (name, source, fit -> scorer(images, logits, features) -> scores)
+    detectors = []
+
+    def add_feature_detector(name, method, classes=None, class_mode="min", **kw):
+        t0 = time.time()
+        m = make_model(method, class_mode=class_mode, **kw).fit(train_features, classes)
+        # Round-trip through the state file, as the stage would load it.
+        path = pathlib.Path("/tmp") / f"bastion-eval-image-{method}.npz"
+        save_state(path, m, "upstream:fashion-mnist:features")
+        m, _ = load_state(path, source="upstream:fashion-mnist:features", method=method)
+        predicted_mode = class_mode == "predicted"
+
+        def scorer(images, logits, features):
+            return m.score(features, logits.argmax(1) if predicted_mode else None)
+        detectors.append((name, "features (64-d)", scorer))
+        print(f"fitted {name} in {time.time() - t0:.1f}s", flush=True)
+
+    add_feature_detector("Mahalanobis, class-conditional (min over classes)", "mahalanobis",
+                         y_train)
+    add_feature_detector("Mahalanobis, class-conditional (predicted class)", "mahalanobis",
+                         y_train, class_mode="predicted")
+    add_feature_detector("Mahalanobis, one Gaussian", "mahalanobis")
+    add_feature_detector("kNN k=10 mean", "knn", k=10)
+    add_feature_detector("kNN k=1", "knn", k=1)
+    add_feature_detector("IsolationForest", "iforest", n_estimators=200)
+
+    for pool, label in ((None, "pixels (784)"), (7, "pixels 7x7 avg-pooled (49)")):
+        for method in ("mahalanobis", "knn"):
+            m = make_model(method, k=10).fit(pool_features(x_train, pool))
+            detector = InputAnomalyDetector(m, pool, "input:fashion-mnist:image")
+
+            def scorer(images, logits, features, detector=detector):
+                return detector.model.score(detector.features(images))
+            detectors.append((f"{method} on input", label, scorer))
+
+    rows = []
+    for name, source, scorer in detectors:
+        clean = scorer(x_test, clean_logits, clean_features)
+        threshold = threshold_at_fpr(clean[calib], TARGET_FPR)
+        clean_held = clean[held]
+        fpr = float(np.mean(clean_held >= threshold))
+        for attack, images in attacks.items():
+            logits, features = attack_outputs[attack]
+            scores = scorer(images, logits, features)[held]
+            success = ((clean_logits[held].argmax(1) == y_test[held])
+                       & (logits[held].argmax(1) != y_test[held]))
+            rows.append({
+                "detector": name, "source": source, "attack": attack,
+                "attack_success": float(success.mean()),
+                "auroc_all": auroc(clean_held, scores),
+                "tpr_all": float(np.mean(scores >= threshold)),
+                "auroc_succ": auroc(clean_held, scores[success]) if success.any() else float("nan"),
+                "tpr_succ": float(np.mean(scores[success] >= threshold)) if success.any() else float("nan"),
+                "fpr": fpr,
+            })
+        print(f"{name} [{source}]: " + ", ".join(
+            f"{r['attack']} AUROC {r['auroc_all']:.4f}" for r in rows if r["detector"] == name
+            and r["source"] == source), flush=True)
+
+    adv_acc = {k: float((v[0].argmax(1) == y_test).mean()) for k, v in attack_outputs.items()}
+    lines = render(args, rows, accuracy, adv_acc, diff, time.time() - started)
+    text = "\n".join(lines)
+    print(text)
+    if not args.no_doc:
+        doc = DOC.read_text()
+        start, stop = doc.index(BEGIN) + len(BEGIN), doc.index(END)
+        DOC.write_text(doc[:start] + "\n" + text + "\n" + doc[stop:])
+        print(f"wrote {DOC}")
+
+
+def render(args, rows, accuracy, adv_acc, diff, seconds) -> list[str]:
+    import onnxruntime
+    import sklearn
+    import torch
+    out = [
+        f"Command: `python3 tools/eval_image_anomaly.py --test {args.test} --pgd-steps "
+        f"{args.pgd_steps} --threads {args.threads} --seed {args.seed}` "
+        f"({seconds / 60:.1f} min; torch {torch.__version__}, onnxruntime "
+        f"{onnxruntime.__version__}, scikit-learn {sklearn.__version__}).",
+        "",
+        f"Rebuilt torch CNN vs the ONNX model on {args.test} test images: max |diff| {diff:.1e} "
+        f"(logits and features). Clean test accuracy {accuracy:.4f}; under attack: "
+        + ", ".join(f"{k} {v:.4f}" for k, v in adv_acc.items()) + ".",
+        "",
+        f"Threshold per detector: {TARGET_FPR:.0%} FPR on test images 0-{args.test // 2 - 1} "
+        f"(clean); everything below is on images {args.test // 2}-{args.test - 1}. "
+        "`FPR` = clean held-out images flagged at that threshold.",
+        "",
+        "### Features the model returns (`features`, 64-d): the target",
+        "",
+    ]
+    out += table([r for r in rows if r["source"].startswith("features")])
+    out += ["", "### The input itself (`detect.input_anomaly`)", ""]
+    out += table([r for r in rows if not r["source"].startswith("features")])
+    return out
+
+
+def table(rows) -> list[str]:
+    out = ["| detector | source | attack | attack success | AUROC (all) | TPR@thr (all) | "
+           "AUROC (successful) | TPR@thr (successful) | FPR@thr |",
+           "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        out.append(f"| {r['detector']} | {r['source']} | {r['attack']} | "
+                   f"{r['attack_success']:.1%} | {r['auroc_all']:.4f} | {r['tpr_all']:.3f} | "
+                   f"{r['auroc_succ']:.4f} | {r['tpr_succ']:.3f} | {r['fpr']:.3f} |")
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())
