@@ -241,6 +241,16 @@ class StageRunner:
             return 0.0, [], {}
         return self._summarize(items, await self.config.impl.ascore(items))
 
+    def _failed(self, error: str, span) -> Decision:
+        """A stage that raised or ran over budget: on_error decides (closed blocks)."""
+        span.set_attribute("bastion.stage.error", error)
+        common = self.config.common
+        if common.on_error == "closed":
+            return Decision(self.config.stage_id, "block", None, [f"stage_{error}"],
+                            shadow=common.shadow)
+        return Decision(self.config.stage_id, "allow", None, [f"stage_{error}:fail_open"],
+                        shadow=common.shadow)
+
     async def run(self, ctx: RequestContext) -> Decision | None:
         common = self.config.common
         stage_id = self.config.stage_id
@@ -274,12 +284,7 @@ class StageRunner:
             if self.metrics is not None:
                 self.metrics.observe_stage(self.model_name, stage_id, elapsed, error)
             if error is not None:
-                span.set_attribute("bastion.stage.error", error)
-                if common.on_error == "closed":
-                    return Decision(stage_id, "block", None, [f"stage_{error}"],
-                                    shadow=common.shadow)
-                return Decision(stage_id, "allow", None, [f"stage_{error}:fail_open"],
-                                shadow=common.shadow)
+                return self._failed(error, span)
             for name, value in replacements.items():
                 ctx.set_texts(name, value) if self.is_text else ctx.set_tensor(name, value)
             ctx.scores[stage_id] = score
@@ -335,10 +340,7 @@ class ResponseRunner(StageRunner):
             if self.metrics is not None:
                 self.metrics.observe_stage(self.model_name, stage_id, elapsed, error)
             if error is not None:
-                span.set_attribute("bastion.stage.error", error)
-                action = "block" if common.on_error == "closed" else "allow"
-                reason = f"stage_{error}" + ("" if action == "block" else ":fail_open")
-                return Decision(stage_id, action, None, [reason], shadow=common.shadow), {}, 0
+                return self._failed(error, span), {}, 0
             if self.metrics is not None:
                 self.metrics.observe_score(self.model_name, stage_id, result.score)
                 if result.extra_items:
