@@ -139,7 +139,8 @@ def main() -> None:
         what = "no sidecar" if name == "direct" else TARGETS[name][1]
         calls = 1 if name == "direct" else TARGETS[name][2]
         side = ("-" if name == "direct" else f"{row['sidecar_cpu_ms']:.2f}")
-        side_ratio = ("-" if name == "direct" else f"{row['sidecar_cpu_ms'] / base['sidecar_cpu_ms']:.2f}x")
+        side_ratio = ("-" if name == "direct"
+                      else f"{row['sidecar_cpu_ms'] / base['sidecar_cpu_ms']:.2f}x")
         print(f"| {name} | {what} | {calls} | {extras.get(name, 0)} | {row['p50_ms']:.2f} | "
               f"{row['p50_ms'] / base['p50_ms']:.2f}x | {row['upstream_cpu_ms']:.2f} | "
               f"{row['upstream_cpu_ms'] / base['upstream_cpu_ms']:.2f}x | {side} | {side_ratio} |")

@@ -54,6 +54,8 @@ class ResponseResult:
     #: Refuse the answer regardless of thresholds: (gRPC status code name, reason code), e.g.
     #: randomized smoothing abstaining. In monitor mode this only annotates.
     refusal: tuple[str, str] | None = None
+    #: Flag the answer with this reason code regardless of thresholds (forwarded, annotated).
+    flag: str | None = None
     #: Extra work this answer cost the upstream (squeezed variants, noisy samples), for metrics.
     extra_items: int = 0
 

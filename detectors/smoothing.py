@@ -294,7 +294,7 @@ class RandomizedSmoothing(ResponseStage):
             return ResponseResult(score, [], parameters, refusal=(o.abstain_status, ABSTAIN_REASON),
                                   extra_items=extra)
         return ResponseResult(score, [ABSTAIN_REASON] if abstained else [], parameters,
-                              extra_items=extra)
+                              flag=ABSTAIN_REASON if abstained else None, extra_items=extra)
 
     def _rewrite(self, response, clean: dict, certificates: list[Certificate]) -> None:
         classes = np.array([c.smoothed_class for c in certificates], dtype=np.int64)

@@ -22,10 +22,11 @@ Batched (the default): ONE upstream request
     first, then squeezer 1's N rows, squeezer 2's, ...), and repeats every other input the same
     way, so the upstream answers N * (1 + V) rows in one call. ``on_response`` slices every
     output back to the first N rows (raw contents re-encoded, shapes fixed), so the client gets
-    exactly what the upstream answers for its own request (with a deterministic CPU model:
-    element for element; onnxruntime's CPU kernels compute each row independently of its
-    batch). Batching needs a batch dimension: a 3-D image, or another input whose first
-    dimension is not N, falls back to unbatched.
+    exactly what the upstream answers for its own request, provided the model computes each
+    row independently of the others (onnxruntime on CPU does, bit for bit, for the demo CNN:
+    tests/test_squeeze_smoothing.py compares with direct calls; a server whose kernels change
+    with the batch size may differ in the last bits). Batching needs a batch dimension: a 3-D
+    image, or another input whose first dimension is not N, falls back to unbatched.
 
 Unbatched (``batched: false``)
     The client's request is forwarded as it is, and ``on_response`` sends one extra request per

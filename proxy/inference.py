@@ -60,6 +60,8 @@ class Inspected:
     plan: list | None = None
     ctx: RequestContext | None = None
     mode: str = "enforce"
+    original: bytes | None = None    # the request as the client sent it (response-stage fallback)
+    retry_after_ms: int = 1000
 
 
 def _model_name(raw: bytes) -> str:
@@ -161,16 +163,17 @@ class InferenceHandler:
         if verdict.blocks:
             code, details, trailers = policy.refusal(verdict, request_id, model.retry_after_ms)
             raise Rejected(code, details, verdict.action, trailers, verdict)
+        original_raw = raw
         if ctx.changed and verdict.forwards_transformed:
             tensor.encode_request(request, ctx.inputs, ctx.datatypes)
-            raw = None
+            original_raw = raw = request.SerializeToString()
         if respond:
             try:
                 plan = [(runner, runner.prepare(request, ctx)) for runner in pipeline.response_runners]
             except (tensor.TensorError, InputRejected) as err:
                 raise _invalid(str(err)) from None
             return Inspected(model_name, request.SerializeToString(), verdict, inputs, plan, ctx,
-                             model.mode)
+                             model.mode, original_raw, model.retry_after_ms)
         return Inspected(model_name, raw if raw is not None else request.SerializeToString(),
                          verdict, inputs)
 
@@ -190,18 +193,27 @@ class InferenceHandler:
 
         ctx = inspected.ctx
         extra: dict = {}
+        failed = False
         for runner, prepared in inspected.plan:
             decision, parameters, _ = await runner.finish(prepared, response, call_upstream)
             ctx.decisions.append(decision)
             if decision.score is not None:
                 ctx.scores[decision.stage] = decision.score
+            else:
+                failed = True
             extra.update(parameters)
         verdict = policy.decide(ctx.decisions, ctx.scores, inspected.mode)
         inspected.verdict = verdict
         self.metrics.observe_verdict(inspected.model, verdict)
         if verdict.blocks:
-            code, details, trailers = policy.refusal(verdict, request_id)
+            code, details, trailers = policy.refusal(verdict, request_id, inspected.retry_after_ms)
             raise Rejected(code, details, verdict.action, trailers, verdict)
+        if failed:
+            # A stage failed (open) after its prepare may have changed the forwarded request
+            # (batched variants, extra outputs): the answer in hand is not the client's. Ask
+            # the upstream again with the request as the client sent it.
+            response = await call_upstream(pb.ModelInferRequest.FromString(inspected.original))
+            extra = {}
         policy.set_parameters(response, extra)
         if policy.needs_annotation(verdict):
             policy.annotate(response, verdict, request_id)
@@ -251,12 +263,12 @@ class InferenceHandler:
                 reply = await self.passthrough.forward_unary(MODEL_INFER, inspected.body, context,
                                                              request_id)
                 upstream_s = time.perf_counter() - forward_started
+                reply = await self.complete(inspected, reply, context, request_id)
+                outcome = "OK"
                 settings = self._extraction(model)
                 if settings is not None:
                     await self.clients.observe_extraction(identity, model, settings,
                                                           inspected.inputs, reply)
-                reply = await self.complete(inspected, reply, context, request_id)
-                outcome = "OK"
                 if inspected.verdict is not None:
                     self._audit(identity, request_id, model, "ModelInfer", outcome, inspected.verdict)
                 self.metrics.observe_added(model, time.perf_counter() - started - upstream_s)

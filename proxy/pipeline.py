@@ -352,6 +352,9 @@ class ResponseRunner(StageRunner):
                 decision = Decision(stage_id, "block", result.score, [reason] + result.reasons,
                                     threshold=common.threshold, shadow=common.shadow,
                                     status=status)
+            elif result.flag is not None:
+                decision = Decision(stage_id, "flag", result.score, [result.flag] + result.reasons,
+                                    threshold=common.threshold, shadow=common.shadow)
             elif common.threshold is not None and result.score >= common.threshold:
                 decision = Decision(stage_id, common.action or "block", result.score,
                                     result.reasons, threshold=common.threshold,

@@ -22,7 +22,6 @@ upstream slower than the deadline          DEADLINE_EXCEEDED at the deadline
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import signal
 import socket
@@ -401,6 +400,20 @@ def rig():
         assert rig.stop() == 0
 
 
+def kill_upstream_after(rig: Rig, delay_s: float) -> tuple[threading.Thread, list[float]]:
+    """SIGKILL the rig's upstream ``delay_s`` from now, on a thread; the list gets the moment."""
+    victim, rig.upstream = rig.upstream, None
+    killed_at: list[float] = []
+
+    def kill() -> None:
+        time.sleep(delay_s)
+        killed_at.append(time.monotonic())
+        victim.kill()
+    thread = threading.Thread(target=kill, daemon=True)
+    thread.start()
+    return thread, killed_at
+
+
 @pytest.fixture
 def fresh(rig):
     rig.up()
@@ -454,15 +467,9 @@ def test_upstream_killed_mid_request_and_mid_stream(fresh):
                    for _ in range(4)]
                 + [lambda: run_infer_stream(channel, deadline, 0, 150) for _ in range(3)]
                 + [lambda: run_ticks(channel, deadline) for _ in range(3)])
-        killed_at = []
-
-        def killer():
-            time.sleep(1.0)
-            killed_at.append(time.monotonic())
-            fresh.upstream.kill()
-            fresh.upstream = None
-        threading.Thread(target=killer, daemon=True).start()
+        killer, killed_at = kill_upstream_after(fresh, 1.0)
         outcomes = in_parallel(jobs)
+        killer.join(30)
     check_outcomes(outcomes, {UNAVAILABLE}, killed_at[0], 2 * MARGIN_S)
     streams = [o for o in outcomes if o.name in ("ModelStreamInfer", "Ticks")]
     assert all(o.replies > 0 for o in streams), streams  # they really were mid-stream
@@ -478,15 +485,9 @@ def test_upstream_killed_repeatedly_under_load(fresh):
             jobs = [lambda i=i: run_unary(channel, MODEL_INFER, infer_payload(f"{i}"), 10,
                                           delay_ms=100 * (i % 8), name="ModelInfer")
                     for i in range(16)]
-            killed_at = []
-
-            def killer():
-                time.sleep(0.35)
-                killed_at.append(time.monotonic())
-                fresh.upstream.kill()
-                fresh.upstream = None
-            threading.Thread(target=killer, daemon=True).start()
+            killer, killed_at = kill_upstream_after(fresh, 0.35)
             outcomes = in_parallel(jobs)
+            killer.join(30)
         check_outcomes(outcomes, {OK, UNAVAILABLE}, killed_at[0], 2 * MARGIN_S)
         codes = {o.code for o in outcomes}
         assert UNAVAILABLE in codes, outcomes  # the kill did land mid-way

@@ -44,6 +44,9 @@ models:
   fmnist-unbatched:
     mode: monitor
     pipeline: [{detect.squeeze: {batched: false}}]
+  fmnist-broken:
+    mode: enforce
+    pipeline: [{detect.squeeze: {output: no_such_output, on_error: open}}]
   fmnist-enforce:
     mode: enforce
     pipeline: [{detect.squeeze: {threshold: 0.5, action: block}}]
@@ -110,7 +113,7 @@ def pixels_model() -> onnx.ModelProto:
 def stack(tmp_path_factory):
     root = tmp_path_factory.mktemp("squeeze")
     models = root / "models"
-    for name in ("fmnist", "fmnist-unbatched", "fmnist-enforce"):
+    for name in ("fmnist", "fmnist-unbatched", "fmnist-enforce", "fmnist-broken"):
         (models / name).mkdir(parents=True)
         (models / name / "model.onnx").symlink_to(CNN / "model.onnx")
     for name in ("const", "const-smooth"):
@@ -242,6 +245,17 @@ def test_output_added_for_scoring_is_removed_again(stack, model):
     assert [t.name for t in reply.outputs] == ["features"]
     assert score(reply) > 0.2
     assert_same_outputs(reply, stack.direct(message))
+
+
+def test_failing_stage_after_prepare_still_answers_the_original(stack):
+    """The squeeze stage batches variants into the forwarded request, then fails (its output
+    does not exist): the sidecar must not hand the client the batched answer, but ask again."""
+    message = request("fmnist-broken", noisy_image(seed=5))
+    got, calls = stack.infer(message)
+    direct = message.__class__(); direct.CopyFrom(message); direct.model_name = "fmnist"
+    assert_same_outputs(got, stack.direct(direct))
+    assert calls == 2  # the batched call, then the client's request again
+    assert got.parameters["bastion.reasons"].string_param == "stage_error:fail_open"
 
 
 def test_typed_contents_request(stack):

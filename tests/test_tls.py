@@ -16,7 +16,6 @@ import signal
 import socket
 import ssl
 import sys
-import threading
 import time
 from concurrent import futures
 
@@ -350,6 +349,37 @@ def test_server_certificate_reloads_for_new_connections(upstream, tmp_path):
         assert proc.stop() == 0
 
 
+def test_certificate_watcher_offers_a_change_once_and_refuses_bad_files(tmp_path):
+    """In-process: the watcher gRPC asks on every handshake offers a new configuration once per
+    change, never one whose key does not match its certificate or whose files are garbage."""
+    from bastion.config import TLSServerConfig
+    from bastion.proxy.tls import CertificateWatcher, TLSError
+    ca = make_ca()
+    pair = make_leaf(ca, "bastion").write(tmp_path, "srv")
+    watcher = CertificateWatcher(TLSServerConfig(cert_file=str(pair.cert_file),
+                                                 key_file=str(pair.key_file)))
+    assert watcher.fetch() is None and not watcher.poll()        # nothing changed
+    fresh = make_leaf(ca, "bastion")
+    replace_file(pair.key_file, fresh.key_pem)                  # key first: a mismatch
+    assert not watcher.poll() and watcher.failures == 1 and watcher.fetch() is None
+    assert not watcher.poll() and watcher.failures == 1          # logged once per change
+    replace_file(pair.cert_file, fresh.cert_pem)                # now consistent
+    assert watcher.poll() and watcher.reloads == 1
+    assert watcher.fetch() is not None and watcher.fetch() is None
+    replace_file(pair.cert_file, b"-----BEGIN CERTIFICATE-----\ngarbage\n")
+    assert not watcher.poll() and watcher.fetch() is None and watcher.failures == 2
+    pair.cert_file.unlink()
+    assert not watcher.poll() and watcher.failures == 3
+    with pytest.raises(TLSError, match="tls.server.cert_file: cannot read"):
+        CertificateWatcher(TLSServerConfig(cert_file=str(pair.cert_file),
+                                           key_file=str(pair.key_file)))
+
+
+def test_tls_is_restart_only_on_reload():
+    from bastion.proxy.reload import RESTART_ONLY
+    assert "tls" in RESTART_ONLY
+
+
 def test_tls_config_is_validated():
     for data, fragment in [
         ({"tls": {"server": {"cert_file": "a.crt"}}}, "tls.server: cert_file and key_file"),
@@ -478,7 +508,8 @@ def test_mtls_to_the_upstream(tmp_path):
         proxies.append(good)
         with grpc.insecure_channel(good.address) as channel:
             assert reverse(channel, b"m") == b"m!"
-        assert server.subjects and server.subjects[-1] == b"O=ml,CN=bastion-sidecar"  # RFC 2253 order
+        # The subject the upstream saw, in RFC 2253 order.
+        assert server.subjects and server.subjects[-1] == b"O=ml,CN=bastion-sidecar"
     finally:
         for proxy in proxies:
             assert proxy.stop() == 0

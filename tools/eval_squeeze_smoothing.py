@@ -139,12 +139,16 @@ def bim(model, x: np.ndarray, y: np.ndarray, eps: float, steps: int = 20,
 # Feature squeezing
 
 
-def squeezer_distances(sess, images: np.ndarray, specs: list[str]) -> dict[str, np.ndarray]:
-    """{squeezer: L1 distance per image}, with the stage's own code."""
+def squeezer_distances(sess, images: np.ndarray, specs: list[str],
+                       labels: dict | None = None) -> dict[str, np.ndarray]:
+    """{squeezer: L1 distance per image}, with the stage's own code; the class the model gives
+    each squeezed image goes to ``labels`` if given."""
     from bastion.detectors.squeeze import FeatureSqueezer, SqueezeOptions, squeeze_distances
     stage = FeatureSqueezer(SqueezeOptions(squeezers=tuple(specs)))
     original = run_logits(sess, images)
     variants = [run_logits(sess, v) for v in stage.variants(images, "eval")]
+    if labels is not None:
+        labels.update({spec: v.argmax(1) for spec, v in zip(specs, variants)})
     distances = squeeze_distances(original, variants, apply_softmax=True)  # [V, N]
     return dict(zip(specs, distances))
 
@@ -156,7 +160,8 @@ def evaluate_squeezing(args, train, model, sess, x_test, y_test) -> tuple[list[s
     x_att, y_att = x_test[held], y_test[held]
     print(f"squeezing: {len(specs)} squeezers, {len(calib)} calibration images, "
           f"{len(x_att)} attacked images", flush=True)
-    clean_cal = squeezer_distances(sess, calib, specs)
+    squeezed_clean: dict = {}
+    clean_cal = squeezer_distances(sess, calib, specs, squeezed_clean)
     clean_held = squeezer_distances(sess, x_att, specs)
     clean_right = run_logits(sess, x_att).argmax(1) == y_att
 
@@ -168,15 +173,18 @@ def evaluate_squeezing(args, train, model, sess, x_test, y_test) -> tuple[list[s
         scores = np.sort(joint(clean_cal, config))
         # Flag when score > t, with at most 5 % of the calibration images above t.
         thresholds[config] = float(scores[int(np.ceil(0.95 * len(scores))) - 1])
-    attacks = {}
+    attacks, kept = {}, {}
     for name, attack in (("FGSM", fgsm), ("BIM", bim)):
         for eps in EPSILONS:
             t0 = time.time()
             adv = attack(model, x_att, y_att, eps)
-            wrong = run_logits(sess, adv).argmax(1) != y_att
-            successful = clean_right & wrong
-            distances = squeezer_distances(sess, adv, specs)
+            predicted = run_logits(sess, adv).argmax(1)
+            successful = clean_right & (predicted != y_att)
+            squeezed: dict = {}
+            distances = squeezer_distances(sess, adv, specs, squeezed)
             attacks[(name, eps)] = (successful, distances)
+            kept[(name, eps)] = {spec: float((squeezed[spec] == predicted)[successful].mean())
+                                 for spec in specs}
             print(f"  {name} eps={eps}: {successful.sum()} successful of {clean_right.sum()} "
                   f"[{time.time() - t0:.0f}s]", flush=True)
 
@@ -201,6 +209,17 @@ def evaluate_squeezing(args, train, model, sess, x_test, y_test) -> tuple[list[s
             cells.append(f"{rate:.3f}")
         name = ", ".join(config) + (" (default)" if config == SQUEEZER_CONFIGS[10] else "")
         lines.append(f"| {name} | {t:.4f} | {fpr:.3f} | " + " | ".join(cells) + " |")
+    keys = [(n, e) for n in ("FGSM", "BIM") for e in EPSILONS]
+    lines += ["", "Why: the model's accuracy on each squeezer's copy of the clean calibration "
+              "images, and the share of successful adversarial examples whose squeezed copy "
+              "still gets the adversarial class (the squeezer did not undo the attack, so the "
+              "two answers agree and the score stays low):", "",
+              "| squeezer | clean acc. squeezed | " + " | ".join(f"{n} {e}" for n, e in keys) +
+              " |", "|---|---|" + "---|" * len(keys)]
+    for spec in specs:
+        acc = float((squeezed_clean[spec] == y_test[:args.calibration]).mean())
+        lines.append(f"| {spec} | {acc:.3f} | " +
+                     " | ".join(f"{kept[k][spec]:.3f}" for k in keys) + " |")
     summary = {"clean_accuracy": float(clean_right.mean()),
                "successful": {k: int(v[0].sum()) for k, v in attacks.items()}, "best": best}
     return lines, summary
@@ -305,7 +324,8 @@ def evaluate_smoothing(args, train, base, sess, x_test, y_test) -> tuple[list[st
             path = pathlib.Path(tmp.name) / f"noise-{sigma}.onnx"
             export_onnx(tuned, path, x_test[:2])
             tuned_sess = session(path)
-            diff = np.abs(run_logits(tuned_sess, x_test[:2000]) - torch_logits(tuned, x_test[:2000]))
+            diff = np.abs(run_logits(tuned_sess, x_test[:2000])
+                          - torch_logits(tuned, x_test[:2000]))
             acc = float((run_logits(tuned_sess, x_test).argmax(1) == y_test).mean())
             noisy_acc = float((run_logits(tuned_sess, np.clip(
                 x_test + sigma * np.random.default_rng(0).standard_normal(x_test.shape,

@@ -54,12 +54,12 @@ CORPORA = {"austen": "janeausten_6_novels.txt.gz",
            "bible": "world_english_bible.txt.gz",
            "python_docs": "python311_docs_rst.txt.gz"}
 # Share of training windows drawn from each source.
-MIX = {"austen": 0.28, "bible": 0.2, "python_docs": 0.32, "conversational": 0.2}
+MIX = {"austen": 0.3, "bible": 0.2, "python_docs": 0.35, "conversational": 0.15}
 EOT = "<|endoftext|>"
 N_BLOCKS, HELD_OUT_EVERY, HELD_OUT_BLOCK = 100, 20, 7   # 5 blocks of 1 % each = 5 %
 DOC_CHARS = 1500            # consecutive units are grouped into documents of about this size
 _UNDERLINE = re.compile(r"^\s*([=#\-~*^+`'\".:_])\1{2,}\s*$")
-_SENTENCE = re.compile(r"[^.!?\n]*?[A-Za-z][^.!?\n]*?[.!?]+(?=\s|$)")
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 _QUOTE = re.compile(r"[“\"]([^”\"]{8,300})[”\"]")
 
 
@@ -119,14 +119,18 @@ def documents(name: str, parts: list[str]) -> list[str]:
     return docs
 
 
+def sentences(unit: str) -> list[str]:
+    return [s for s in _SENTENCE_END.split(unit) if s]
+
+
 def conversational(name: str, parts: list[str]) -> list[str]:
     """Short standalone utterances from training units: questions, and (Austen) quoted speech."""
     out = []
     for unit in parts:
         if "\n" in unit:
             continue  # code
-        for match in _SENTENCE.finditer(unit):
-            sentence = match.group().strip(" \"“”'‘’()")
+        for sentence in sentences(unit):
+            sentence = sentence.strip(" \"“”'‘’()")
             if sentence.endswith("?") and 3 <= len(sentence.split()) <= 30:
                 out.append(sentence)
         if name == "austen":
@@ -144,14 +148,35 @@ def passages(parts: list[str], rng: random.Random, max_chars: int = 600) -> list
         if "\n" in unit:
             pieces = [unit[:max_chars]]
         else:
-            sentences = [m.group().strip() for m in _SENTENCE.finditer(unit)]
+            parts_ = sentences(unit)
             pieces, i = [], 0
-            while i < len(sentences):
+            while i < len(parts_):
                 take = rng.randint(1, 3)
-                pieces.append(" ".join(sentences[i:i + take])[:max_chars])
+                pieces.append(" ".join(parts_[i:i + take])[:max_chars])
                 i += take
         out.extend(p for p in pieces if len(p) >= 12)
     return out
+
+
+def heldout_passages(name: str, seed: int = 1234, limit: int | None = None) -> list[str]:
+    """Prompt-sized passages of one corpus's held-out units (seeded sample of ``limit``)."""
+    _, held = split_corpus(name)
+    found = passages(held, random.Random(seed))
+    if limit is not None and len(found) > limit:
+        found = random.Random(seed + 1).sample(found, limit)
+    return found
+
+
+def write_heldout_sample(path: Path, seed: int = 1234, per_corpus: int = 200) -> None:
+    """Benign reference prompts the model never trained on, bundled for calibration and tests:
+    held-out passages of the public-domain corpora (Austen, the World English Bible)."""
+    rows = []
+    for name in ("austen", "bible"):
+        for index, text in enumerate(heldout_passages(name, seed, per_corpus)):
+            rows.append({"id": f"{name}-heldout-{index}", "text": text, "label": "benign",
+                         "family": f"heldout_{name}", "source": f"{CORPORA[name]} held-out "
+                         f"blocks (block % {HELD_OUT_EVERY} == {HELD_OUT_BLOCK})"})
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
 # --------------------------------------------------------------------------------------------
@@ -338,6 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer.save(str(out_dir / "tokenizer.json"))
     export_onnx(model, out_dir / "model.onnx", tokenizer.get_vocab_size())
+    write_heldout_sample(out_dir / "heldout_sample.jsonl", args.seed)
     (out_dir / "lm.json").write_text(json.dumps({
         "name": "tiny-lm",
         "context": args.context,
@@ -356,7 +382,6 @@ def main(argv: list[str] | None = None) -> int:
     from bastion.detectors.lm import LMRunner
     runner = LMRunner(out_dir, threads=args.threads)
     check_export(model, runner, held_docs["austen"][:4])
-    eval_rng = random.Random(args.seed)
     for name in CORPORA:
         docs = held_docs[name]
         nll = tokens = 0.0
@@ -373,7 +398,6 @@ def main(argv: list[str] | None = None) -> int:
     nll = sum(float(i.nll.sum()) for i in runner.token_nll(snippets))
     print(f"held-out conversational (austen questions/quotes): {len(snippets)} utterances, "
           f"{total} tokens, perplexity {math.exp(nll / total):.2f}")
-    del eval_rng
     for path in sorted(out_dir.iterdir()):
         print(f"{path}: {path.stat().st_size} bytes")
     print(f"done in {time.time() - started:.0f}s", file=sys.stderr)

@@ -1,0 +1,501 @@
+"""Causal language models on ONNX Runtime, and the ``detect.perplexity`` stage.
+
+:class:`LMRunner` runs a causal LM exported to ONNX with its ``tokenizer.json`` (loaded by the
+``tokenizers`` library) and returns the per-token negative log-likelihood (NLL) of each text.
+Two graph shapes are accepted, told apart by the graph's outputs:
+
+* the standard Hugging Face export: ``input_ids`` + ``attention_mask`` [batch, seq] int64 ->
+  ``logits`` [batch, seq, vocab]; the runner computes log-softmax and picks the next token's
+  log-probability (in chunks, so the [batch, seq, vocab] copy stays bounded);
+* a graph that outputs the per-token NLL itself: output ``nll`` [batch, seq], column ``t`` =
+  -log p(token t | tokens < t), column 0 = 0 (the bundled tiny LM and ``bastion models export
+  smollm2`` write this: no [batch, seq, vocab] tensor ever leaves the graph).
+
+A graph input ``position_ids`` is fed ``0..seq-1``. Optional ``lm.json`` beside the model:
+``context`` (tokens per run, default 512), ``overlap`` (default context / 4), ``prefix`` (text
+put before every prompt and never scored, e.g. a BOS token ``<|endoftext|>`` or a chat header
+``<|im_start|>user\\n``; with a prefix every prompt token is scored, without one the first token
+has no context and is not), ``pad_id`` (default 0).
+
+Long prompts are never truncated. A prompt (with its prefix) longer than ``context`` tokens is
+run as overlapping chunks of ``context`` tokens starting every ``context - overlap`` tokens (the
+last chunk ends at the prompt's end); each token's NLL is taken from exactly one chunk, in which
+it has at least ``overlap`` tokens of context, and the per-token NLLs are joined, so every
+score and window below covers the whole prompt.
+
+Batching: rows (chunks) are padded on the right to their length bucket (``buckets``; default
+16, 32, ..., 512), rows of one bucket run together, at most ``max_tokens`` tokens per
+onnxruntime call. Causal attention makes right padding invisible to the real tokens, so a
+text's NLL does not depend on what it is batched with (up to float rounding). Concurrent
+requests are gathered by one :class:`~bastion.detectors.batcher.MicroBatcher` per stage
+(``max_batch``, ``max_wait_ms``), which runs the model in a worker thread.
+
+``detect.perplexity`` scores (option ``score``; higher = more suspicious), over the prompt's
+scored tokens ``nll[0..n)``:
+
+* ``mean_nll``: mean NLL; ``ppl``: exp(mean NLL), the perplexity;
+* ``windowed`` (default): the largest mean NLL of a window of ``window`` tokens, windows every
+  ``stride`` tokens (``stride <= window``) and the last one ending at the prompt's end, so every
+  token lies in some window; a prompt shorter than ``window`` is one window;
+* ``prefix`` / ``suffix``: mean NLL of the first ``prefix_tokens`` / last ``suffix_tokens``;
+* ``length_per_ppl``: Alon & Kamfonas (2023) found that perplexity alone flags short benign
+  prompts and that length and perplexity together separate GCG-style attacks; with no
+  classifier to fit, this is one fixed linear rule in their two features,
+  ``mean NLL + log(tokens)`` = log(tokens x perplexity).
+
+Reasons (never text): ``perplexity:<score>`` and ``perplexity:window@A-B``, the most
+suspicious ``window``-token window in token offsets of the prompt (half-open, prefix excluded).
+
+Options: ``model`` (``builtin:tiny-lm``, or a folder with ``model.onnx`` + ``tokenizer.json``,
+or an ``.onnx`` file with ``tokenizer.json`` beside it), ``score``, ``window``, ``stride``,
+``prefix_tokens``, ``suffix_tokens``, ``max_batch``, ``max_wait_ms``, ``providers`` (default:
+``BASTION_ONNX_PROVIDERS``, comma-separated, else CPU), ``threads`` (onnxruntime intra-op
+threads), ``context`` and ``buckets`` (override ``lm.json``).
+"""
+from __future__ import annotations
+
+import asyncio
+import bisect
+import collections
+import dataclasses
+import hashlib
+import importlib.resources
+import json
+import logging
+import os
+import pathlib
+import threading
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import Field, model_validator
+
+from bastion.detectors.base import TextDetector
+from bastion.detectors.batcher import MicroBatcher
+from bastion.proxy.stages import StageOptions, register
+
+__all__ = ["LMRunner", "TokenNLL", "Analysis", "PerplexityDetector", "PerplexityOptions",
+           "SCORES", "analyze", "chunk_plan", "window_spans", "get_runner", "resolve_model",
+           "default_providers", "DEFAULT_BUCKETS"]
+
+log = logging.getLogger("bastion.lm")
+
+PROVIDERS_ENV = "BASTION_ONNX_PROVIDERS"
+DEFAULT_BUCKETS = (16, 32, 48, 64, 80, 96, 112, 128, 144, 160, 192, 224, 256, 320, 384, 448, 512)
+DEFAULT_CONTEXT = 512
+MAX_TOKENS_PER_RUN = 8192
+# A logits graph materializes [rows, seq, vocab] float32: at most this many floats per run.
+MAX_LOGITS_PER_RUN = 1 << 26
+SCORES = ("mean_nll", "ppl", "windowed", "prefix", "suffix", "length_per_ppl")
+Score = Literal["mean_nll", "ppl", "windowed", "prefix", "suffix", "length_per_ppl"]
+
+
+def default_providers() -> list[str]:
+    value = os.environ.get(PROVIDERS_ENV, "").strip()
+    if value:
+        return [p.strip() for p in value.split(",") if p.strip()]
+    return ["CPUExecutionProvider"]
+
+
+def resolve_model(model: str | os.PathLike) -> tuple[pathlib.Path, pathlib.Path, dict]:
+    """(model.onnx, tokenizer.json, lm.json contents) for ``builtin:NAME``, a folder or a file."""
+    text = str(model)
+    if text.startswith("builtin:"):
+        name = text.removeprefix("builtin:")
+        root = pathlib.Path(str(importlib.resources.files("bastion") / "lm"))
+        path = root / name
+        if not name or "/" in name or not path.is_dir():
+            known = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+            raise ValueError(f"unknown builtin model {text!r} (builtin: "
+                             f"{', '.join('builtin:' + k for k in known) or 'none'})")
+    else:
+        path = pathlib.Path(text)
+    onnx_path = path / "model.onnx" if path.is_dir() else path
+    if not onnx_path.exists():
+        raise FileNotFoundError(f"language model {onnx_path} does not exist (export one with "
+                                "`bastion models export smollm2 --out DIR`)")
+    tokenizer = onnx_path.parent / "tokenizer.json"
+    if not tokenizer.exists():
+        raise FileNotFoundError(f"no tokenizer.json next to {onnx_path}")
+    manifest = onnx_path.parent / "lm.json"
+    config = json.loads(manifest.read_text()) if manifest.exists() else {}
+    return onnx_path, tokenizer, config
+
+
+# --------------------------------------------------------------------------------------------
+# Chunks and windows (pure functions: the coverage guarantees live here)
+# --------------------------------------------------------------------------------------------
+
+
+def chunk_plan(length: int, context: int, overlap: int) -> list[tuple[int, int, int, int]]:
+    """Chunks for a sequence of ``length`` tokens: (start, stop, own_from, own_to).
+
+    Each chunk is ``seq[start:stop]`` (at most ``context`` tokens); it supplies the NLL of the
+    positions ``own_from <= t < own_to``. Positions 1..length-1 are each owned by exactly one
+    chunk, with at least ``overlap`` tokens of context in it (except in the first chunk).
+    """
+    if length < 2:
+        return []
+    if length <= context:
+        return [(0, length, 1, length)]
+    if not 0 <= overlap < context:
+        raise ValueError("overlap must be in [0, context)")
+    step = context - overlap
+    starts = list(range(0, length - context, step)) + [length - context]
+    plan, owned = [], 1
+    for start in starts:
+        stop = start + context
+        if stop > owned:
+            plan.append((start, stop, owned, stop))
+            owned = stop
+    return plan
+
+
+def window_spans(count: int, window: int, stride: int) -> list[tuple[int, int]]:
+    """Half-open windows over ``count`` items: every ``stride`` items, the last one ending at
+    ``count``; with ``stride <= window`` every item lies in some window."""
+    if count <= 0:
+        return []
+    if count <= window:
+        return [(0, count)]
+    starts = list(range(0, count - window, stride)) + [count - window]
+    return [(s, s + window) for s in starts]
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenNLL:
+    """Per-token NLL of one text: ``nll[j]`` is -log p of text token ``first + j``."""
+    nll: np.ndarray
+    first: int
+    tokens: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Analysis:
+    score: float
+    #: The most suspicious window, in the text's token offsets (half-open); None if no tokens.
+    window: tuple[int, int] | None
+    tokens: int
+
+
+def analyze(item: TokenNLL, score: str = "windowed", window: int = 16, stride: int = 8,
+            prefix_tokens: int = 32, suffix_tokens: int = 32) -> Analysis:
+    nll = item.nll
+    count = len(nll)
+    if count == 0:
+        return Analysis(0.0, None, item.tokens)
+    cumulative = np.concatenate([[0.0], np.cumsum(nll, dtype=np.float64)])
+    spans = window_spans(count, window, stride)
+    starts = np.array([a for a, _ in spans])
+    stops = np.array([b for _, b in spans])
+    means = (cumulative[stops] - cumulative[starts]) / (stops - starts)
+    worst = int(np.argmax(means))
+    where = (int(starts[worst]) + item.first, int(stops[worst]) + item.first)
+    mean = float(cumulative[-1] / count)
+    if score == "windowed":
+        value = float(means[worst])
+    elif score == "mean_nll":
+        value = mean
+    elif score == "ppl":
+        value = float(np.exp(mean))
+    elif score == "prefix":
+        value = float(np.mean(nll[:prefix_tokens]))
+    elif score == "suffix":
+        value = float(np.mean(nll[-suffix_tokens:]))
+    elif score == "length_per_ppl":
+        value = mean + float(np.log(item.tokens))
+    else:
+        raise ValueError(f"unknown score {score!r} (known: {', '.join(SCORES)})")
+    return Analysis(value, where, item.tokens)
+
+
+# --------------------------------------------------------------------------------------------
+# The runner
+# --------------------------------------------------------------------------------------------
+
+
+class LMRunner:
+    """Tokenizer + causal LM on onnxruntime: ``token_nll(texts)`` (blocking, thread-safe)."""
+
+    def __init__(self, model: str | os.PathLike, providers: Sequence[str] | None = None,
+                 threads: int = 1, context: int | None = None,
+                 buckets: Sequence[int] | None = None, max_tokens: int = MAX_TOKENS_PER_RUN):
+        import onnxruntime as ort
+        from tokenizers import Tokenizer
+
+        self.model_path, tokenizer_path, self.config = resolve_model(model)
+        self.name = self.config.get("name") or self.model_path.parent.name
+        self.tokenizer = Tokenizer.from_file(str(tokenizer_path))
+        self.tokenizer.no_truncation()
+        self.tokenizer.no_padding()
+        self.context = int(context or self.config.get("context") or DEFAULT_CONTEXT)
+        self.overlap = int(self.config.get("overlap", self.context // 4))
+        if self.context < 8 or not 0 <= self.overlap < self.context:
+            raise ValueError(f"bad context {self.context} / overlap {self.overlap}")
+        self.pad_id = int(self.config.get("pad_id", 0))
+        prefix = self.config.get("prefix") or ""
+        self.prefix_ids: list[int] = (self.tokenizer.encode(prefix, add_special_tokens=False).ids
+                                      if prefix else [])
+        if len(self.prefix_ids) >= self.context:
+            raise ValueError("the prefix does not fit the context")
+        wanted = sorted({int(b) for b in (buckets or DEFAULT_BUCKETS) if 0 < int(b) < self.context})
+        self.buckets = wanted + [self.context]
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = max(1, int(threads))
+        options.inter_op_num_threads = 1
+        wanted_providers = list(providers) if providers else default_providers()
+        available = set(ort.get_available_providers())
+        chosen = [p for p in wanted_providers if p in available] or ["CPUExecutionProvider"]
+        if chosen != wanted_providers:
+            log.warning("onnx providers %s not available; using %s", wanted_providers, chosen)
+        self.session = ort.InferenceSession(str(self.model_path), options, providers=chosen)
+        self.providers = self.session.get_providers()
+        inputs = {i.name for i in self.session.get_inputs()}
+        if "input_ids" not in inputs:
+            raise ValueError(f"{self.model_path}: no input_ids input (inputs: {sorted(inputs)})")
+        unknown = inputs - {"input_ids", "attention_mask", "position_ids"}
+        if unknown:
+            raise ValueError(f"{self.model_path}: unsupported inputs {sorted(unknown)} (export "
+                             "without past key values)")
+        self._inputs = inputs
+        outputs = {o.name: o for o in self.session.get_outputs()}
+        if "nll" in outputs:
+            self.output = "nll"
+        elif "logits" in outputs:
+            self.output = "logits"
+        else:
+            raise ValueError(f"{self.model_path}: needs an output named `nll` [batch, seq] or "
+                             f"`logits` [batch, seq, vocab] (outputs: {sorted(outputs)})")
+        self.max_tokens = max(self.context, int(max_tokens))
+        if self.output == "logits":
+            vocab = outputs["logits"].shape[-1]
+            vocab = vocab if isinstance(vocab, int) else self.tokenizer.get_vocab_size()
+            self.max_tokens = max(self.context, min(self.max_tokens, MAX_LOGITS_PER_RUN // vocab))
+        self.runs = 0  # onnxruntime calls (tests, benchmarks)
+
+    def __repr__(self) -> str:
+        return (f"LMRunner({self.name!r}, output={self.output}, context={self.context}, "
+                f"providers={self.providers})")
+
+    def encode(self, texts: Sequence[str]) -> list[list[int]]:
+        return [e.ids for e in self.tokenizer.encode_batch(list(texts), add_special_tokens=False)]
+
+    def bucket(self, length: int) -> int:
+        return self.buckets[bisect.bisect_left(self.buckets, length)]
+
+    def token_nll(self, texts: Sequence[str]) -> list[TokenNLL]:
+        """Per-token NLL of each text (all of it: long texts run as overlapping chunks)."""
+        encoded = self.encode(texts)
+        prefix = self.prefix_ids
+        first = 0 if prefix else 1
+        rows: list[list[int]] = []
+        owners: list[tuple[int, int, int, int]] = []   # (text, chunk start, own_from, own_to)
+        for index, ids in enumerate(encoded):
+            sequence = prefix + ids
+            for start, stop, own_from, own_to in chunk_plan(len(sequence), self.context,
+                                                            self.overlap):
+                rows.append(sequence[start:stop])
+                owners.append((index, start, own_from, own_to))
+        row_nll = self.run_rows(rows)
+        out = [np.zeros(max(0, len(ids) - first), dtype=np.float64) for ids in encoded]
+        offset = len(prefix)
+        for (index, start, own_from, own_to), values in zip(owners, row_nll):
+            lo = max(own_from, offset + first)  # sequence positions of scored text tokens
+            if own_to > lo:
+                out[index][lo - offset - first:own_to - offset - first] = \
+                    values[lo - start:own_to - start]
+        return [TokenNLL(nll, first, len(ids)) for nll, ids in zip(out, encoded)]
+
+    def run_rows(self, rows: Sequence[Sequence[int]]) -> list[np.ndarray]:
+        """NLL per position of each row (position 0 = 0): rows grouped by bucket, padded right."""
+        results: list[np.ndarray | None] = [None] * len(rows)
+        groups: dict[int, list[int]] = collections.defaultdict(list)
+        for index, row in enumerate(rows):
+            if len(row) > self.context:
+                raise ValueError(f"row of {len(row)} tokens exceeds the context {self.context}")
+            groups[self.bucket(len(row))].append(index)
+        for width, members in sorted(groups.items()):
+            per_run = max(1, self.max_tokens // width)
+            for begin in range(0, len(members), per_run):
+                part = members[begin:begin + per_run]
+                ids = np.full((len(part), width), self.pad_id, dtype=np.int64)
+                mask = np.zeros((len(part), width), dtype=np.int64)
+                for r, index in enumerate(part):
+                    ids[r, :len(rows[index])] = rows[index]
+                    mask[r, :len(rows[index])] = 1
+                values = self._run(ids, mask)
+                for r, index in enumerate(part):
+                    results[index] = values[r, :len(rows[index])]
+        return results  # type: ignore[return-value]
+
+    def _run(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        feeds = {"input_ids": ids}
+        if "attention_mask" in self._inputs:
+            feeds["attention_mask"] = mask
+        if "position_ids" in self._inputs:
+            feeds["position_ids"] = np.broadcast_to(np.arange(ids.shape[1], dtype=np.int64),
+                                                    ids.shape).copy()
+        self.runs += 1
+        out = self.session.run([self.output], feeds)[0]
+        if self.output == "nll":
+            return np.asarray(out, dtype=np.float64) * mask
+        return nll_from_logits(out, ids) * mask
+
+
+def nll_from_logits(logits: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """[batch, seq, vocab] logits -> [batch, seq] NLL of ids[:, t] given ids[:, :t] (col 0 = 0)."""
+    batch, seq = ids.shape
+    out = np.zeros((batch, seq), dtype=np.float64)
+    if seq < 2:
+        return out
+    for b in range(batch):  # one row at a time keeps the float temporaries small
+        row = np.asarray(logits[b, :-1], dtype=np.float32)
+        top = row.max(axis=-1)
+        lse = np.log(np.exp(row - top[:, None]).sum(axis=-1, dtype=np.float64)) + top
+        picked = row[np.arange(seq - 1), ids[b, 1:]]
+        out[b, 1:] = lse - picked
+    return out
+
+
+_RUNNERS: dict[tuple, LMRunner] = {}
+_RUNNERS_LOCK = threading.Lock()
+
+
+def get_runner(model: str, providers: Sequence[str] | None = None, threads: int = 1,
+               context: int | None = None, buckets: Sequence[int] | None = None) -> LMRunner:
+    """One runner (one onnxruntime session) per model and settings, shared by every stage and
+    kept across config reloads."""
+    onnx_path, _, _ = resolve_model(model)
+    key = (str(onnx_path.resolve()), onnx_path.stat().st_mtime_ns,
+           tuple(providers) if providers else tuple(default_providers()), int(threads),
+           context, tuple(buckets) if buckets else None)
+    with _RUNNERS_LOCK:
+        runner = _RUNNERS.get(key)
+        if runner is None:
+            runner = _RUNNERS[key] = LMRunner(model, providers, threads, context, buckets)
+        return runner
+
+
+# --------------------------------------------------------------------------------------------
+# The detector
+# --------------------------------------------------------------------------------------------
+
+
+def _digest(text: str) -> bytes:
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()
+
+
+class PerplexityDetector(TextDetector):
+    """Perplexity-style scores of a prompt under a causal LM; see the module docstring."""
+
+    is_async = True
+
+    def __init__(self, runner: LMRunner, score: str = "windowed", window: int = 16,
+                 stride: int = 8, prefix_tokens: int = 32, suffix_tokens: int = 32,
+                 max_batch: int = 16, max_wait_ms: float = 2.0, cache_size: int = 1024):
+        if score not in SCORES:
+            raise ValueError(f"unknown score {score!r} (known: {', '.join(SCORES)})")
+        if not 1 <= stride <= window:
+            raise ValueError("stride must be between 1 and window (windows must cover every "
+                             "token)")
+        self.runner = runner
+        self.score_name = score
+        self.window, self.stride = window, stride
+        self.prefix_tokens, self.suffix_tokens = prefix_tokens, suffix_tokens
+        self.batcher: MicroBatcher[str, Analysis] = MicroBatcher(
+            self._analyze_batch, max_batch=max_batch, max_wait_ms=max_wait_ms, threads=1,
+            name=f"perplexity-{runner.name}")
+        # Recent results by sha256 of the text, for ``reasons`` (which the pipeline calls right
+        # after ``ascore`` on the worst item): the text is not kept.
+        self._cache: collections.OrderedDict[bytes, Analysis] = collections.OrderedDict()
+        self._cache_size = cache_size
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _text(item: Any) -> str:
+        if isinstance(item, str):
+            return item
+        if isinstance(item, (bytes, bytearray, memoryview, np.bytes_)):
+            return bytes(item).decode("utf-8", "replace")
+        return str(item)
+
+    def _analyze_batch(self, texts: Sequence[str]) -> list[Analysis]:
+        out = [analyze(item, self.score_name, self.window, self.stride, self.prefix_tokens,
+                       self.suffix_tokens) for item in self.runner.token_nll(texts)]
+        with self._lock:
+            for text, result in zip(texts, out):
+                key = _digest(text)
+                self._cache[key] = result
+                self._cache.move_to_end(key)
+            while len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+        return out
+
+    def analyze(self, batch: Sequence[Any]) -> list[Analysis]:
+        return self._analyze_batch([self._text(item) for item in batch])
+
+    async def aanalyze(self, batch: Sequence[Any]) -> list[Analysis]:
+        return list(await asyncio.gather(*(self.batcher.submit(self._text(item))
+                                           for item in batch)))
+
+    def score(self, batch: Sequence[Any]) -> np.ndarray:
+        return np.array([a.score for a in self.analyze(batch)], dtype=np.float64)
+
+    async def ascore(self, batch: Sequence[Any]) -> np.ndarray:
+        return np.array([a.score for a in await self.aanalyze(batch)], dtype=np.float64)
+
+    def reasons(self, item: Any) -> list[str]:
+        text = self._text(item)
+        with self._lock:
+            result = self._cache.get(_digest(text))
+        if result is None:
+            result = self._analyze_batch([text])[0]
+        if result.window is None:
+            return []
+        start, stop = result.window
+        return [f"perplexity:{self.score_name}", f"perplexity:window@{start}-{stop}"]
+
+    def close(self) -> None:
+        self.batcher.close()
+
+
+# --------------------------------------------------------------------------------------------
+# Stage registration
+# --------------------------------------------------------------------------------------------
+
+
+class PerplexityOptions(StageOptions):
+    #: ``builtin:tiny-lm``, a folder with model.onnx + tokenizer.json, or an .onnx file.
+    model: str = "builtin:tiny-lm"
+    score: Score = "windowed"
+    window: int = Field(default=16, ge=1, le=4096)
+    stride: int = Field(default=8, ge=1, le=4096)
+    prefix_tokens: int = Field(default=32, ge=1)
+    suffix_tokens: int = Field(default=32, ge=1)
+    max_batch: int = Field(default=16, ge=1, le=1024)
+    max_wait_ms: float = Field(default=2.0, ge=0, le=1000)
+    providers: tuple[str, ...] | None = None
+    threads: int = Field(default=1, ge=1, le=256)
+    #: Tokens per model run (default: the model's lm.json, else 512).
+    context: int | None = Field(default=None, ge=16, le=65536)
+    buckets: tuple[int, ...] | None = None
+
+    @model_validator(mode="after")
+    def _stride_covers(self) -> "PerplexityOptions":
+        if self.stride > self.window:
+            raise ValueError("stride must be <= window (windows must cover every token)")
+        return self
+
+
+def build_perplexity_detector(options: PerplexityOptions) -> PerplexityDetector:
+    runner = get_runner(options.model, options.providers, options.threads, options.context,
+                        options.buckets)
+    return PerplexityDetector(runner, score=options.score, window=options.window,
+                              stride=options.stride, prefix_tokens=options.prefix_tokens,
+                              suffix_tokens=options.suffix_tokens, max_batch=options.max_batch,
+                              max_wait_ms=options.max_wait_ms)
+
+
+register("detect.perplexity", "detector", PerplexityOptions, build_perplexity_detector)
