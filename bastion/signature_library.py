@@ -3,16 +3,19 @@
     bastion signatures add FILE.jsonl[.gz] [FILE ...] --library PATH [--encoder DIR]
         [--text-field text] [--family-field family | --family NAME]
         [--source-field source | --source NAME] [--label attack] [--dedupe 0.98]
-        [--init empty|starter]
+        [--init empty|starter] [--windows first|all]
     bastion signatures info [--library PATH]
 
 ``add`` embeds each record's text with the encoder (the one the stage uses: the library
 records its identity) and appends an entry (embedding, family, source, id = sha1(text)[:12]) to
-the library (PATH.npz + PATH.json), skipping ids already present and, with ``--dedupe C``,
-texts whose cosine to an entry of the same family is at least C. Records whose ``label`` is
-set to anything but ``--label`` (default ``attack``; ``any`` keeps all) are skipped. A missing
-library is created, empty or (``--init starter``) from the bundled starter library. The
-sidecar picks the change up without a restart. The text itself is never stored.
+the library (PATH.npz + PATH.json): one per text, its first 256-token window (``--windows
+all``: one per window). Ids already present are skipped and, with ``--dedupe C``, texts whose
+cosine to an entry of the same family is at least C. ``--label attack`` (default)
+adds known attacks and reads the records labelled ``attack`` (or unlabelled); ``--label
+benign`` adds benign reference texts (records labelled ``benign`` or unlabelled; family
+``benign`` unless the record has one), which ``detect.attack_library`` subtracts (``contrast``).
+A missing library is created, empty or (``--init starter``) from the bundled starter library.
+The sidecar picks the change up without a restart. The text itself is never stored.
 """
 from __future__ import annotations
 
@@ -33,12 +36,13 @@ def _records(path: str, args: argparse.Namespace):
                 record = json.loads(line)
             except json.JSONDecodeError as err:
                 raise SystemExit(f"{path}:{number}: not JSON ({err.msg})") from None
-            if args.label != "any" and record.get("label", args.label) != args.label:
+            if record.get("label", args.label) != args.label:
                 continue
             text = record.get(args.text_field)
             if not isinstance(text, str) or not text.strip():
                 raise SystemExit(f"{path}:{number}: no text in field {args.text_field!r}")
-            family = args.family or record.get(args.family_field)
+            family = args.family or record.get(args.family_field) or (
+                "benign" if args.label == "benign" else None)
             if not isinstance(family, str) or not family:
                 raise SystemExit(f"{path}:{number}: no family (field {args.family_field!r}; "
                                  "or pass --family)")
@@ -51,10 +55,13 @@ def _cmd_add(args: argparse.Namespace) -> int:
     from bastion.detectors.attack_library import (AttackLibrary, LibraryError,
                                                   default_library_path, entry_id,
                                                   library_paths)
-    from bastion.detectors.embedding import EncoderOptions, Encoder
+    import numpy as np
+
+    from bastion.detectors.embedding import Encoder, EncoderOptions
 
     try:
-        encoder = Encoder(args.encoder, EncoderOptions(threads=args.threads, max_chunks=1))
+        encoder = Encoder(args.encoder, EncoderOptions(threads=args.threads,
+                                                       max_chunks=args.max_chunks))
     except (FileNotFoundError, ValueError) as err:
         print(f"bastion signatures add: {err}", file=sys.stderr)
         return 2
@@ -80,12 +87,20 @@ def _cmd_add(args: argparse.Namespace) -> int:
         print("bastion signatures add: no records to add", file=sys.stderr)
         return 2
     before = len(library)
-    embeddings = encoder.encode(texts)
-    added = library.add(embeddings, families, sources, [entry_id(t) for t in texts],
-                        dedupe=args.dedupe)
+    windows = args.windows
+    rows, row_families, row_sources, row_ids = [], [], [], []
+    for text, family, source, embedded in zip(texts, families, sources, encoder.embed(texts)):
+        for number, row in enumerate(embedded if windows == "all" else embedded[:1]):
+            rows.append(row)
+            row_families.append(family)
+            row_sources.append(source)
+            row_ids.append(entry_id(text) + (f"#{number}" if number else ""))
+    added = library.add(np.stack(rows), row_families, row_sources, row_ids,
+                        dedupe=args.dedupe, label=args.label)
     written = library.save(npz_path)
-    print(f"{npz_path}: {before} -> {len(library)} entries ({added} added, "
-          f"{len(texts) - added} skipped as duplicates); wrote {', '.join(map(str, written))}")
+    print(f"{npz_path}: {before} -> {len(library)} entries ({added} added from {len(texts)} "
+          f"texts, {len(rows) - added} skipped as duplicates); wrote "
+          f"{', '.join(map(str, written))}")
     return 0
 
 
@@ -102,10 +117,12 @@ def _cmd_info(args: argparse.Namespace) -> int:
         print(f"bastion signatures info: {err}", file=sys.stderr)
         return 1
     npz_path, json_path = library_paths(path)
-    print(f"{npz_path} (+ {json_path.name}): {len(library)} entries, encoder "
-          f"{library.encoder.get('weights')}, dim {library.encoder.get('dim')}")
-    for family, count in sorted(collections.Counter(library.families).items()):
-        print(f"  {family}: {count}")
+    print(f"{npz_path} (+ {json_path.name}): {len(library)} entries "
+          f"({library.n_benign} benign), encoder {library.encoder.get('weights')}, "
+          f"dim {library.encoder.get('dim')}")
+    counts = collections.Counter(zip(library.labels, library.families))
+    for (label, family), count in sorted(counts.items()):
+        print(f"  {label} {family}: {count}")
     return 0
 
 
@@ -113,7 +130,8 @@ def add_parser(sub) -> None:
     parser = sub.add_parser("signatures", help="manage the known-attack embedding library "
                                                "(detect.attack_library)")
     commands = parser.add_subparsers(dest="signatures_command", required=True)
-    add = commands.add_parser("add", help="embed attack texts (JSONL) and append them")
+    add = commands.add_parser("add", help="embed attack (or benign) texts from JSONL and "
+                                          "append them")
     add.add_argument("files", nargs="+", metavar="FILE.jsonl")
     add.add_argument("--library", required=True, help="library path (NAME.npz; NAME.json beside)")
     add.add_argument("--encoder", default="models/minilm",
@@ -123,12 +141,16 @@ def add_parser(sub) -> None:
     add.add_argument("--family", help="family for every record (instead of --family-field)")
     add.add_argument("--source-field", default="source")
     add.add_argument("--source", help="source for every record (instead of --source-field)")
-    add.add_argument("--label", default="attack",
-                     help="keep records with this label (or none); 'any' keeps all")
+    add.add_argument("--label", choices=("attack", "benign"), default="attack",
+                     help="add known attacks (default) or benign reference texts; records "
+                          "labelled otherwise are skipped")
     add.add_argument("--dedupe", type=float, default=None, metavar="COSINE",
                      help="skip texts this close to an entry of the same family")
     add.add_argument("--init", choices=("empty", "starter"), default="empty",
                      help="what a new library starts from")
+    add.add_argument("--windows", choices=("first", "all"), default="first",
+                     help="entries per text: its first window (default) or every window")
+    add.add_argument("--max-chunks", type=int, default=8, help="windows per text at most")
     add.add_argument("--threads", type=int, default=2)
     add.set_defaults(func=_cmd_add)
     info = commands.add_parser("info", help="summarise a library (default: the starter)")

@@ -306,7 +306,7 @@ def main() -> int:
         print(f"\nsidecar crashed: {'YES' if report.crashed else 'no'}")
         print(f"known bugs hit: {dict(report.known) or 'none'}")
         for key in report.known:
-            print(f"  {key}: {tf.KNOWN_BUGS[key]}")
+            print(f"  {key}: {tf.KNOWN_BUGS.get(key, key)}")
         print(f"new problems: {len(report.problems)}")
         for problem in report.problems[:10]:
             print(f"  - {problem['kind']}: {problem['problem']}\n    reproducer: "

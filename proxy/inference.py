@@ -315,12 +315,20 @@ class InferenceHandler:
             async for raw in request_iterator:
                 started = time.perf_counter()
                 request_id = forwarding.new_request_id()
+                rejected = None
                 try:
                     # Response stages need one answer per request; a stream's answers are not
                     # matched to requests reliably enough, so streams get request stages only.
                     inspected = await self.inspect(raw, request_id, identity,
                                                    response_stages=False)
-                except Rejected as rejected:
+                except Rejected as refusal:
+                    rejected = refusal
+                except Exception:  # noqa: BLE001 - one bad message must not end the stream
+                    log.exception("inspecting a stream message failed")
+                    rejected = Rejected(grpc.StatusCode.INTERNAL,
+                                        "bastion: internal error while inspecting the request",
+                                        "internal")
+                if rejected is not None:
                     self.metrics.observe_request("ModelStreamInfer", "", rejected.code.name,
                                                  time.perf_counter() - started)
                     self._audit(identity, request_id, _model_name(raw), "ModelStreamInfer",

@@ -7,6 +7,7 @@ on the wire, so a method Bastion has never heard of still works.
 """
 from __future__ import annotations
 
+import asyncio
 import time
 
 import grpc
@@ -24,6 +25,12 @@ KNOWN_UNARY = frozenset(f"/{SERVICE}/{name}" for name in (
     "CudaSharedMemoryStatus", "CudaSharedMemoryRegister", "CudaSharedMemoryUnregister",
     "TraceSetting", "LogSettings",
 ))
+
+
+_END = object()
+# How long an unknown method's stream is read ahead to tell a unary call (one message, then
+# half-close: both arrive together) from a streaming one.
+UNARY_GRACE_S = 0.02
 
 
 class Passthrough:
@@ -81,12 +88,58 @@ class Passthrough:
 
     async def forward_stream(self, method: str, request_iterator,
                              context: grpc.aio.ServicerContext):
+        """Forward a method whose cardinality is unknown. Most such calls are unary, so the
+        client's stream is read a little ahead: one message then half-close goes upstream as a
+        unary call, which keeps the upstream's status exact (a bidi call the upstream ends early,
+        e.g. UNIMPLEMENTED, can lose its status to gRPC's failed write). Anything else streams."""
+        inbox: asyncio.Queue = asyncio.Queue()
+
+        async def read() -> None:
+            try:
+                async for message in request_iterator:
+                    await inbox.put(message)
+            finally:
+                await inbox.put(_END)
+
+        reader = asyncio.get_running_loop().create_task(read())
+        try:
+            buffered = []
+            first = await inbox.get()
+            if first is not _END:
+                try:
+                    second = await asyncio.wait_for(inbox.get(), UNARY_GRACE_S)
+                except asyncio.TimeoutError:
+                    second = None  # the client keeps its stream open: a streaming call
+                if second is _END:
+                    yield await self.forward_unary(method, first, context)
+                    return
+                buffered = [first] + ([second] if second is not None else [])
+            else:
+                inbox.put_nowait(_END)
+            async for reply in self._forward_streaming(method, buffered, inbox, context):
+                yield reply
+        finally:
+            reader.cancel()
+
+    async def _forward_streaming(self, method: str, buffered: list, inbox: asyncio.Queue,
+                                 context: grpc.aio.ServicerContext):
         span = telemetry.start_stream_span(method, context)
         call = self.upstream.stream(method)(
-            request_iterator,
             metadata=telemetry.inject_headers(
                 forwarding.upstream_metadata(context, forwarding.new_request_id()), span),
             timeout=forwarding.deadline(context, self.default_timeout_s))
+
+        async def pump() -> None:
+            try:
+                for message in buffered:
+                    await call.write(message)
+                while (message := await inbox.get()) is not _END:
+                    await call.write(message)
+                await call.done_writing()
+            except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError):
+                pass  # the upstream ended the call; its status is what the client gets
+
+        writer = asyncio.get_running_loop().create_task(pump())
         try:
             initial = forwarding.response_metadata(await call.initial_metadata())
             if initial:
@@ -99,6 +152,7 @@ class Passthrough:
         finally:
             # Cancelling our task does not end a stream call awaited only for metadata: end it
             # explicitly so a client's cancel always reaches the upstream.
+            writer.cancel()
             if not call.done():
                 call.cancel()
             if span is not None:

@@ -23,6 +23,10 @@ STAGE_MODULES = (
     "bastion.detectors.fault",
     "bastion.detectors.squeeze",
     "bastion.detectors.smoothing",
+    "bastion.detectors.lm",
+    "bastion.detectors.anomaly",
+    "bastion.detectors.embedding",
+    "bastion.detectors.attack_library",
 )
 
 

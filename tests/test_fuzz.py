@@ -320,17 +320,10 @@ generic_methods = st.one_of(method_names, st.sampled_from(KNOWN_OTHER_METHODS))
 # KNOWN_BUGS and reproduced by an xfail test below, so fuzzing keeps looking for new ones), or a
 # sentence saying what is wrong.
 
-KNOWN_BUGS = {
-    "codec-valueerror": "transforms/tensor.py lets numpy's ValueError escape decode_request for a "
-                        "zero-element tensor whose shape numpy cannot represent ([0, 2**62]) or "
-                        "one with more than 64 dimensions: ModelInfer ends UNKNOWN, and in "
-                        "ModelStreamInfer the request pump dies and the stream hangs to its "
-                        "deadline",
-    "stream-internal": "an upstream that ends a pass-through (bidi-forwarded) call while the "
-                       "sidecar is writing the client's request (e.g. UNIMPLEMENTED for an "
-                       "unknown method) reaches the client as INTERNAL 'Internal error from "
-                       "Core' (grpc.aio's client-side write failure) instead of its status",
-}
+# Bugs fuzzing found, now fixed (kept as named regressions by the reproducer tests below):
+# numpy ValueError escaping the codec on unrepresentable shapes; gRPC's write race turning an
+# unknown method's UNIMPLEMENTED into INTERNAL.
+KNOWN_BUGS: dict[str, str] = {}
 GRPC_WRITE_RACE = "Internal error from Core"
 
 
@@ -375,7 +368,7 @@ def judge_infer(code: grpc.StatusCode, details: str, payload: bytes, direct) -> 
             return None
         return f"bastion answered {code.name}: {details[:200]}"
     if code == grpc.StatusCode.UNKNOWN and codec_crashes(payload):
-        return "known:codec-valueerror"
+        return "the codec let a non-TensorError escape (regression of codec-valueerror)"
     if code in UPSTREAM_PASSED:
         upstream_code, _ = direct()
         if upstream_code == code:
@@ -388,16 +381,15 @@ def judge_infer(code: grpc.StatusCode, details: str, payload: bytes, direct) -> 
 def judge_generic(outcome, direct_outcome) -> str | None:
     if outcome == direct_outcome:
         return None
-    if outcome == (grpc.StatusCode.INTERNAL, GRPC_WRITE_RACE) and \
-            direct_outcome[0] != grpc.StatusCode.OK:
-        return "known:stream-internal"
+    if outcome == (grpc.StatusCode.INTERNAL, GRPC_WRITE_RACE):
+        return "gRPC write race turned the upstream's status into INTERNAL (regression)"
     return f"pass-through changed the outcome: {direct_outcome} -> {outcome}"
 
 
 def judge_stream(replies: list[bytes], code: grpc.StatusCode, details: str,
                  payloads: list[bytes]) -> str | None:
     if code == grpc.StatusCode.DEADLINE_EXCEEDED and any(map(codec_crashes, payloads)):
-        return "known:codec-valueerror"
+        return "stream hung on a codec crash (regression of codec-valueerror)"
     if code != grpc.StatusCode.OK:
         return f"stream ended {code.name}: {details[:200]}"
     if len(replies) > len(payloads):
@@ -522,8 +514,7 @@ def test_malformed_requests_in_a_stream(target, payloads):
     _check(target, target.stream(payloads))
 
 
-# ---- reproducers of what fuzzing found (strict xfail: they pass, and must be removed, once the
-# bug is fixed) -------------------------------------------------------------------------------
+# ---- reproducers of what fuzzing found (fixed; kept as regression tests) -------------------
 
 
 def _unrepresentable(shape: list[int], raw: bool = True) -> bytes:
@@ -534,7 +525,6 @@ def _unrepresentable(shape: list[int], raw: bool = True) -> bytes:
     return request.SerializeToString()
 
 
-@pytest.mark.xfail(strict=True, reason=KNOWN_BUGS["codec-valueerror"])
 @pytest.mark.parametrize("shape,raw", [([0, 2**62], True), ([0, 2**62], False), ([1] * 65, True)],
                          ids=["zero-by-huge-raw", "zero-by-huge-no-data", "65-dims"])
 def test_found_unrepresentable_shape_is_invalid_argument(target, shape, raw):
@@ -543,7 +533,6 @@ def test_found_unrepresentable_shape_is_invalid_argument(target, shape, raw):
         (code, details)
 
 
-@pytest.mark.xfail(strict=True, reason=KNOWN_BUGS["codec-valueerror"])
 def test_found_unrepresentable_shape_in_a_stream_is_answered_in_band(target):
     started = time.monotonic()
     replies, code, details = stream_outcome(target.channel, [_unrepresentable([0, 2**62])],
@@ -552,7 +541,6 @@ def test_found_unrepresentable_shape_in_a_stream_is_answered_in_band(target):
     assert pb.ModelStreamInferResponse.FromString(replies[0]).error_message.startswith("bastion: ")
 
 
-@pytest.mark.xfail(strict=True, reason=KNOWN_BUGS["stream-internal"])
 def test_found_unknown_method_keeps_the_upstreams_unimplemented(target):
     outcomes = [call(target.channel, "/custom.v1.Nope/Call", b"" if i % 2 else b"x")
                 for i in range(20)]

@@ -64,11 +64,30 @@ def datatype_of(array: np.ndarray) -> str:
     raise TensorError(f"numpy dtype {array.dtype} has no v2 datatype")
 
 
+# numpy's limits on what an array can look like, even with zero elements.
+MAX_DIMS = 32
+MAX_DIM = 2**62
+
+
 def element_count(name: str, shape: Sequence[int], kind: str = "input") -> int:
+    if len(shape) > MAX_DIMS:
+        raise TensorError(f"{kind} '{name}': {len(shape)} dimensions, at most {MAX_DIMS}")
     for dim in shape:
         if dim < 0:
-            raise TensorError(f"{kind} '{name}': shape {list(shape)} has a negative dimension")
+            raise TensorError(f"{kind} '{name}': shape {_shape_text(shape)} has a negative "
+                              "dimension")
+        if dim >= MAX_DIM:
+            raise TensorError(f"{kind} '{name}': a dimension of {dim} cannot be represented")
+    # numpy refuses a shape whose non-zero dimensions multiply past its byte limit even when
+    # another dimension is zero, so the check ignores zeros.
+    if math.prod(d for d in shape if d) * 16 >= MAX_DIM:
+        raise TensorError(f"{kind} '{name}': shape {_shape_text(shape)} has too many elements")
     return math.prod(shape)
+
+
+def _shape_text(shape: Sequence[int]) -> str:
+    dims = list(shape)
+    return str(dims) if len(dims) <= 8 else f"[{', '.join(map(str, dims[:8]))}, ...]"
 
 
 def decode_bytes_elements(name: str, buf: bytes, count: int, kind: str = "input") -> np.ndarray:
@@ -162,6 +181,15 @@ def _decode_tensors(tensors, raw_contents: Sequence[bytes], kind: str,
     if raw_contents and len(raw_contents) != len(tensors):
         raise TensorError(f"request has {len(tensors)} {kind}s but {len(raw_contents)} raw "
                           f"contents entries; each {kind} needs exactly one")
+    try:
+        return _decode_each(tensors, raw_contents, kind, max_elements)
+    except ValueError as err:  # numpy's own limits: never let them escape as a crash
+        if isinstance(err, TensorError):
+            raise
+        raise TensorError(f"{kind} tensors cannot be represented: {str(err)[:120]}") from None
+
+
+def _decode_each(tensors, raw_contents, kind: str, max_elements: int | None) -> dict[str, np.ndarray]:
     out: dict[str, np.ndarray] = {}
     for index, tensor in enumerate(tensors):
         name = tensor.name
