@@ -43,8 +43,9 @@ scored tokens ``nll[0..n)``:
   classifier to fit, this is one fixed linear rule in their two features,
   ``mean NLL + log(tokens)`` = log(tokens x perplexity).
 
-Reasons (never text): ``perplexity:<score>`` and ``perplexity:window@A-B``, the most
-suspicious ``window``-token window in token offsets of the prompt (half-open, prefix excluded).
+Reasons (never text): ``perplexity:window@A-B``, the most suspicious ``window``-token window
+in token offsets of the prompt (half-open, prefix excluded; reported whatever the score), and
+``perplexity:<score>``.
 
 Options: ``model`` (``builtin:tiny-lm``, or a folder with ``model.onnx`` + ``tokenizer.json``,
 or an ``.onnx`` file with ``tokenizer.json`` beside it), ``score``, ``window``, ``stride``,
@@ -455,7 +456,7 @@ class PerplexityDetector(TextDetector):
         if result.window is None:
             return []
         start, stop = result.window
-        return [f"perplexity:{self.score_name}", f"perplexity:window@{start}-{stop}"]
+        return [f"perplexity:window@{start}-{stop}", f"perplexity:{self.score_name}"]
 
     def close(self) -> None:
         self.batcher.close()

@@ -87,3 +87,37 @@ def test_cli_flags_override_file():
     assert config.listen == "127.0.0.1:1" and config.upstream.target == "127.0.0.1:2"
     with pytest.raises(ConfigError, match="command line: upstream.target"):
         with_overrides(Config(), upstream="bad")
+
+
+@pytest.mark.parametrize("model, fragment", [
+    # a stage wired to an input whose datatype it does not accept
+    ({"inputs": {"image": {"datatype": "FP32"}}, "pipeline": [
+        {"sanitize.unicode": {"inputs": ["image"]}}]},
+     "models.m.pipeline.0.sanitize.unicode: input 'image' is FP32, but the stage accepts BYTES"),
+    ({"inputs": {"image": {"datatype": "FP32"}}, "pipeline": [{"detect.signatures": {}}]},
+     "models.m.pipeline.0.detect.signatures: no input of this model fits the stage"),
+    ({"inputs": {"prompt": {"kind": "text"}}, "pipeline": [
+        {"transform.median": {"k": 3, "inputs": ["prompt"]}}]},
+     "models.m.pipeline.0.transform.median: input 'prompt' is BYTES"),
+    # a threshold of the wrong type
+    ({"pipeline": [{"detect.signatures": {"threshold": "high"}}]},
+     "models.m.pipeline.0.detect.signatures.threshold: Input should be a valid number"),
+    # a stage naming an input the model does not have
+    ({"inputs": {"prompt": {"kind": "text"}}, "pipeline": [
+        {"detect.signatures": {"inputs": ["question"]}}]},
+     "models.m.pipeline.0.detect.signatures.inputs: model has no input 'question'"),
+    # stage-specific option errors
+    ({"pipeline": [{"transform.bit_depth": {"bits": 0}}]}, "models.m.pipeline.0.transform.bit_depth"),
+    ({"pipeline": [{"detect.signatures": {"colour": "red"}}]},
+     "models.m.pipeline.0.detect.signatures.colour: unknown key"),
+])
+def test_check_config_rejects_miswired_stages(model, fragment):
+    with pytest.raises(ConfigError) as err:
+        parse_config({"models": {"m": model}})
+    assert fragment in str(err.value), str(err.value)
+
+
+def test_check_config_rejects_a_missing_model_body(tmp_path):
+    result = check_config(tmp_path, "models:\n  chat:\n")
+    assert result.returncode == 1
+    assert "models.chat: Input should be a valid dictionary" in result.stderr

@@ -262,8 +262,9 @@ def test_windowed_reason_points_at_the_suffix(tiny):
     scores = detector.score([benign, attack])
     assert scores[1] > scores[0]
     reasons = detector.reasons(attack)
-    assert reasons[0] == "perplexity:windowed"
-    start, stop = map(int, reasons[1].removeprefix("perplexity:window@").split("-"))
+    assert reasons[1] == "perplexity:windowed"
+    start, stop = map(int, reasons[0].removeprefix("perplexity:window@").split("-"))
+    assert stop - start == 16
     n_benign = len(tiny.encode([benign])[0])
     assert stop > n_benign  # the worst window reaches into the suffix
     assert all("knight" not in r and "Me giving" not in r for r in reasons)
@@ -352,7 +353,7 @@ def test_calibrate_hits_target_fpr_on_held_out_half(tmp_path):
 
 # Threshold on the windowed score: benign held-out corpus passages stay below it (docs/
 # quality-perplexity.md); GCG suffixes are far above.
-E2E_THRESHOLD = 7.0
+E2E_THRESHOLD = 7.3
 
 
 def test_sidecar_blocks_adversarial_suffix_and_passes_benign():

@@ -199,3 +199,45 @@ def test_health_follows_upstream_readiness():
         if server is not None:
             server.stop(0)
         assert proxy.stop() == 0
+
+
+SHM_CONFIG = """
+models:
+  guarded: {mode: enforce, pipeline: [{detect.signatures: {threshold: 1}}]}
+  watched: {mode: monitor, pipeline: [{detect.signatures: {threshold: 1}}]}
+  allowed: {mode: enforce, shared_memory: pass}
+"""
+
+
+def shm_request(model: str) -> bytes:
+    """A Triton shared-memory request: the tensor's bytes live in a region, not the message."""
+    request = pb.ModelInferRequest(model_name=model, id="shm")
+    item = request.inputs.add(name="x", datatype="FP32", shape=[1, 4])
+    item.parameters["shared_memory_region"].string_param = "region0"
+    item.parameters["shared_memory_byte_size"].int64_param = 16
+    return request.SerializeToString()
+
+
+def test_shared_memory_requests_follow_the_model_policy(upstream):
+    proxy = Sidecar(upstream.address, config=SHM_CONFIG)
+    try:
+        before = upstream.count(su.MODEL_INFER)
+        _, _, trailers, code, details = outcome(proxy.address, su.MODEL_INFER,
+                                                shm_request("guarded"), timeout=5)
+        assert code == grpc.StatusCode.PERMISSION_DENIED
+        assert details == "bastion: blocked by policy (shared_memory_uninspectable)"
+        assert upstream.count(su.MODEL_INFER) == before  # deny by default in enforce mode
+        reply, _, _, code, _ = outcome(proxy.address, su.MODEL_INFER, shm_request("watched"),
+                                       timeout=5)
+        assert code == grpc.StatusCode.OK  # monitor: forwarded, annotated
+        params = pb.ModelInferResponse.FromString(reply).parameters
+        assert params["bastion.reasons"].string_param == "shared_memory_uninspectable"
+        _, _, _, code, _ = outcome(proxy.address, su.MODEL_INFER, shm_request("allowed"),
+                                   timeout=5)
+        assert code == grpc.StatusCode.OK  # shared_memory: pass
+        _, _, _, code, _ = outcome(proxy.address, su.MODEL_INFER, shm_request("unlisted"),
+                                   timeout=5)
+        assert code == grpc.StatusCode.OK  # no config for the model: pass-through
+        assert upstream.count(su.MODEL_INFER) == before + 3
+    finally:
+        assert proxy.stop() == 0

@@ -1,31 +1,36 @@
 #!/usr/bin/env python3
 """Quality of `detect.perplexity` on the dev data; writes docs/quality-perplexity.md.
 
-    python3 tools/eval_perplexity.py \\
-        --lm tiny-lm=builtin:tiny-lm \\
-        --lm smollm2-fp32=models/smollm2 --lm smollm2-int8=models/smollm2/model_int8.onnx \\
-        [--max-per-family 150] [--threads 2] [--cache /tmp/ppl-cache] [--out docs/quality-perplexity.md]
+    python3 tools/eval_perplexity.py --full-lm tiny-lm=builtin:tiny-lm \\
+        --lm smollm2-fp32=/tmp/smollm2 --lm smollm2-int8=/tmp/smollm2/model_int8.onnx
+
+(``/tmp/smollm2`` = the folder ``bastion models export smollm2 --out`` wrote.)
 
 For each LM the per-token NLL of every text is computed once (through
 ``bastion.detectors.lm.LMRunner``, the code the sidecar runs; cached as .npz under ``--cache``),
-then every score (``mean_nll ppl windowed prefix suffix length_per_ppl``, window 16 / stride 8,
-prefix/suffix 32 tokens: the stage defaults) is computed from it, plus a ``tokens`` baseline
-(the prompt's token count alone) that shows how much of a result is just length.
+then every score (``mean_nll ppl windowed prefix suffix length_per_ppl`` with the stage
+defaults: window 16, stride 8, prefix/suffix 32 tokens) is computed from it, plus a ``tokens``
+baseline (the prompt's token count alone, no LM) that shows how much of a result is length.
 
-Attacks: the four attack families in ``--data-dir`` (adv_suffix, jailbreak_template, encoding,
-prompt_injection). Benign references, each used on its own:
+Attacks: the four attack families in ``--data-dir``. Benign references, each on its own:
 
 * ``benign_chat``: the 311 benign dev prompts (short chat questions);
 * ``heldout``: prompt-sized passages (1-3 sentences, <= 600 characters) of the tiny LM's
-  held-out 5 % of each corpus (``tools/training/train_tiny_lm.py``: ``split_corpus``), never
-  seen by its tokenizer or weights; ``--heldout-per-corpus`` from each of the three corpora.
+  held-out 5 % of each corpus (``split_corpus`` in ``tools/training/train_tiny_lm.py``), never
+  seen by its tokenizer or weights;
+* ``heldout_docs``: whole held-out documents (paragraphs grouped to ~1500 characters, code
+  blocks included): used only to report the FPR of each threshold on longer benign text.
 
 Per (LM, score, benign reference): AUROC of each attack family against that reference, and the
 TPR at 1 % FPR where the threshold is calibrated on that benign reference only (the smallest
-threshold with at most 1 % of its scores at or above it, as ``bastion calibrate`` does); the
-FPR the same threshold gives on the *other* benign reference is reported beside it.
-``--max-per-family N`` scores a seeded sample of N texts per family (all LMs see the same
-sample), to bound the time the 135M-parameter models take on CPU.
+threshold with at most 1 % of its scores at or above it, exactly as ``bastion calibrate
+--target-fpr 0.01`` does); the FPR the same threshold gives on the other references is shown.
+
+Every LM is scored on a common seeded sample (``--max-per-family`` texts per attack family,
+``--heldout-per-corpus`` passages and ``--docs-per-corpus`` documents per corpus, all 311
+benign_chat prompts), which bounds the time the 135M-parameter models take on CPU. LMs given
+with ``--full-lm`` are also scored on all the dev data (every attack, 400 passages and 50
+documents per corpus), reported in a second section.
 """
 from __future__ import annotations
 
@@ -33,6 +38,7 @@ import argparse
 import datetime
 import hashlib
 import json
+import os
 import pathlib
 import platform
 import random
@@ -45,22 +51,24 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tools" / "training"))
 
 FAMILIES = ["adv_suffix", "jailbreak_template", "encoding", "prompt_injection"]
+REFERENCES = ["benign_chat", "heldout"]
 SCORES = ["mean_nll", "ppl", "windowed", "prefix", "suffix", "length_per_ppl", "tokens"]
 TARGET_FPR = 0.01
+FULL = {"heldout_per_corpus": 400, "docs_per_corpus": 50}
 
 
 def load_jsonl(path: pathlib.Path) -> list[str]:
     return [json.loads(line)["text"] for line in path.read_text().splitlines() if line.strip()]
 
 
-def load_data(data_dir: pathlib.Path, per_corpus: int, max_per_family: int, seed: int
-              ) -> dict[str, list[str]]:
+def load_sets(data_dir: pathlib.Path, heldout_per_corpus: int, docs_per_corpus: int,
+              max_per_family: int, seed: int) -> dict[str, list[str]]:
     import train_tiny_lm as training
-    sets = {"benign_chat": load_jsonl(data_dir / "benign_chat.jsonl")}
-    heldout = []
+    sets = {"benign_chat": load_jsonl(data_dir / "benign_chat.jsonl"),
+            "heldout": [], "heldout_docs": []}
     for name in training.CORPORA:
-        heldout.extend(training.heldout_passages(name, training_seed(), per_corpus))
-    sets["heldout"] = heldout
+        sets["heldout"].extend(training.heldout_passages(name, 1234, heldout_per_corpus))
+        sets["heldout_docs"].extend(training.heldout_documents(name, 1234, docs_per_corpus))
     for family in FAMILIES:
         texts = load_jsonl(data_dir / f"{family}.jsonl")
         if max_per_family and len(texts) > max_per_family:
@@ -69,12 +77,9 @@ def load_data(data_dir: pathlib.Path, per_corpus: int, max_per_family: int, seed
     return sets
 
 
-def training_seed() -> int:
-    return 1234
-
-
-def nll_for(label: str, model: str, texts: list[str], threads: int, cache: pathlib.Path | None,
-            batch: int = 16):
+def nll_for(label: str, model: str, texts: list[str], threads: int,
+            cache: pathlib.Path | None, batch: int = 16):
+    """Per-token NLL of each text (cached by texts + model file); (items, seconds or None)."""
     from bastion.detectors.lm import LMRunner, TokenNLL, resolve_model
     onnx_path, _, _ = resolve_model(model)
     stat = onnx_path.stat()
@@ -88,24 +93,24 @@ def nll_for(label: str, model: str, texts: list[str], threads: int, cache: pathl
                          int(data["tokens"][i])) for i in range(len(texts))], None
     runner = LMRunner(model, threads=threads)
     started = time.perf_counter()
-    out = []
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths together
     results: list = [None] * len(texts)
     for begin in range(0, len(order), batch):
         part = order[begin:begin + batch]
         for index, item in zip(part, runner.token_nll([texts[i] for i in part])):
             results[index] = item
-        if begin // batch % 20 == 0:
+        if begin // batch % 10 == 0:
             print(f"  {label}: {begin + len(part)}/{len(texts)} "
-                  f"({time.perf_counter() - started:.0f}s)", file=sys.stderr)
-    out = results
+                  f"({time.perf_counter() - started:.0f}s)", file=sys.stderr, flush=True)
     elapsed = time.perf_counter() - started
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        offsets = np.cumsum([0] + [len(i.nll) for i in out])
-        np.savez(path, offsets=offsets, values=np.concatenate([i.nll for i in out] + [[]]),
-                 first=np.array([i.first for i in out]), tokens=np.array([i.tokens for i in out]))
-    return out, elapsed
+        offsets = np.cumsum([0] + [len(i.nll) for i in results])
+        np.savez(path, offsets=offsets,
+                 values=np.concatenate([i.nll for i in results] + [np.zeros(0)]),
+                 first=np.array([i.first for i in results]),
+                 tokens=np.array([i.tokens for i in results]))
+    return results, elapsed
 
 
 def score_all(items, score: str) -> np.ndarray:
@@ -120,120 +125,154 @@ def evaluate(scores: dict[str, np.ndarray]) -> dict:
 
     from bastion.calibrate import threshold_at_fpr
     out = {}
-    for reference, other in (("benign_chat", "heldout"), ("heldout", "benign_chat")):
+    for reference in REFERENCES:
         benign = scores[reference]
         threshold = threshold_at_fpr(benign, TARGET_FPR)
-        row = {"threshold": threshold, "fpr_self": float(np.mean(benign >= threshold)),
-               "fpr_other": float(np.mean(scores[other] >= threshold)), "families": {}}
+        row = {"threshold": threshold,
+               "fpr": {name: float(np.mean(scores[name] >= threshold))
+                       for name in ("benign_chat", "heldout", "heldout_docs")},
+               "families": {}}
         for family in FAMILIES:
             attack = scores[family]
             labels = np.r_[np.zeros(len(benign)), np.ones(len(attack))]
-            auroc = float(roc_auc_score(labels, np.r_[benign, attack]))
-            row["families"][family] = {"auroc": auroc,
-                                       "tpr": float(np.mean(attack >= threshold))}
+            row["families"][family] = {
+                "auroc": float(roc_auc_score(labels, np.r_[benign, attack])),
+                "tpr": float(np.mean(attack >= threshold))}
         out[reference] = row
     return out
 
 
-def markdown(results: dict, meta: dict) -> str:
-    lines = ["# Perplexity detector: quality on the dev data", "",
-             f"Generated by `{meta['command']}` on {meta['date']} ({meta['machine']}). "
-             "Do not edit by hand; re-run the command.", "",
-             "Each score is computed from per-token NLLs produced by "
-             "`bastion.detectors.lm.LMRunner` (the sidecar's code). AUROC: attack family "
-             "against the benign reference. TPR@1%: share of the family at or above the "
-             "threshold calibrated on the benign reference alone (at most 1 % of it at or "
-             "above, as `bastion calibrate --target-fpr 0.01` does). `FPR other` is what that "
-             "threshold does to the other benign reference (a transfer check). `tokens` is a "
-             "baseline: the prompt's token count alone, no LM.", "",
-             "Data (`/work/shared/data/text`, see its README):", ""]
-    for name, count in meta["counts"].items():
-        lines.append(f"- `{name}`: {count} texts{meta['notes'].get(name, '')}")
-    lines += ["", "Benign references:", "",
-              "- **benign_chat**: the 311 benign dev prompts (short chat questions, 11-88 "
-              "characters); with 311 texts the 1 % threshold is set by the top 3-4 scores, so "
-              "it is noisy.",
-              "- **heldout**: passages of 1-3 sentences (<= 600 characters) cut from the tiny "
-              "LM's held-out 5 % of each corpus (Austen, World English Bible, Python docs; "
-              "`split_corpus` in `tools/training/train_tiny_lm.py`), text its tokenizer and "
-              "weights never saw. SmolLM2 was trained on web data that may include these "
-              "public texts.", ""]
-    for label, by_score in results.items():
-        info = meta["lms"][label]
-        lines += [f"## {label}", "", f"Model: `{info['model']}`; NLL computed in "
-                  f"{info['seconds']} ({info['tokens']} tokens).", ""]
-        for reference in ("benign_chat", "heldout"):
-            other = "heldout" if reference == "benign_chat" else "benign_chat"
-            lines += [f"Threshold calibrated on **{reference}** (FPR other = on {other}):", "",
-                      "| score | threshold | FPR other | " + " | ".join(
-                          f"{f} AUROC | {f} TPR@1%" for f in FAMILIES) + " |",
-                      "|---|---:|---:|" + "---:|---:|" * len(FAMILIES)]
-            for score, result in by_score.items():
-                row = result[reference]
-                cells = [f"{row['families'][f]['auroc']:.3f} | {row['families'][f]['tpr']:.3f}"
-                         for f in FAMILIES]
-                lines.append(f"| {score} | {row['threshold']:.4g} | {row['fpr_other']:.3f} | "
-                             + " | ".join(cells) + " |")
-            lines.append("")
-    return "\n".join(lines) + "\n"
+def results_for(items_by_set: dict[str, list]) -> dict:
+    by_score = {}
+    for score in SCORES:
+        by_score[score] = evaluate({name: score_all(items, score)
+                                    for name, items in items_by_set.items()})
+    return by_score
+
+
+def tables(label: str, by_score: dict, info: str) -> list[str]:
+    lines = [f"### {label}", "", info, ""]
+    for reference in REFERENCES:
+        others = [n for n in ("benign_chat", "heldout", "heldout_docs") if n != reference]
+        lines += [f"Threshold calibrated on **{reference}** (1 % FPR there); FPR of that "
+                  f"threshold on {' / '.join(others)}; per family AUROC / TPR@1%:", "",
+                  "| score | threshold | FPR " + " | FPR ".join(others) + " | "
+                  + " | ".join(FAMILIES) + " |",
+                  "|---|---:|" + "---:|" * len(others) + "---:|" * len(FAMILIES)]
+        for score, result in by_score.items():
+            row = result[reference]
+            cells = [f"{row['families'][f]['auroc']:.3f} / **{row['families'][f]['tpr']:.3f}**"
+                     if f == "adv_suffix" else
+                     f"{row['families'][f]['auroc']:.3f} / {row['families'][f]['tpr']:.3f}"
+                     for f in FAMILIES]
+            lines.append(f"| {score} | {row['threshold']:.4g} | "
+                         + " | ".join(f"{row['fpr'][o]:.3f}" for o in others) + " | "
+                         + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
+
+
+def summary(label: str, by_score: dict) -> str:
+    parts = []
+    for reference in REFERENCES:
+        row = by_score["windowed"][reference]
+        parts.append(f"calibrated on {reference}: adv_suffix TPR "
+                     f"{row['families']['adv_suffix']['tpr']:.3f} (AUROC "
+                     f"{row['families']['adv_suffix']['auroc']:.3f}), FPR on held-out "
+                     f"documents {row['fpr']['heldout_docs']:.3f}")
+    return f"- **{label}**, `windowed`: " + "; ".join(parts)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--lm", action="append", default=[],
-                        help="LABEL=MODEL (MODEL as the stage's `model` option); repeatable")
+                        help="LABEL=MODEL scored on the common sample; repeatable")
+    parser.add_argument("--full-lm", action="append", default=[],
+                        help="LABEL=MODEL scored on the sample and on all the dev data")
     parser.add_argument("--data-dir", default="/work/shared/data/text")
-    parser.add_argument("--heldout-per-corpus", type=int, default=400)
-    parser.add_argument("--max-per-family", type=int, default=0,
-                        help="seeded sample per attack family (0 = all)")
+    parser.add_argument("--max-per-family", type=int, default=80)
+    parser.add_argument("--heldout-per-corpus", type=int, default=150)
+    parser.add_argument("--docs-per-corpus", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--cache", default="/tmp/bastion-ppl-cache")
     parser.add_argument("--out", default="docs/quality-perplexity.md")
     parser.add_argument("--json", help="also write the numbers as JSON")
     args = parser.parse_args(argv)
-    lms = [tuple(item.split("=", 1)) for item in (args.lm or ["tiny-lm=builtin:tiny-lm"])]
+    split = lambda items: [tuple(item.split("=", 1)) for item in items]  # noqa: E731
+    full_lms, sample_lms = split(args.full_lm), split(args.lm)
+    if not full_lms and not sample_lms:
+        full_lms = [("tiny-lm", "builtin:tiny-lm")]
+    data_dir = pathlib.Path(args.data_dir)
+    cache = pathlib.Path(args.cache) if args.cache else None
 
-    sets = load_data(pathlib.Path(args.data_dir), args.heldout_per_corpus, args.max_per_family,
-                     args.seed)
-    names = list(sets)
-    texts = [t for name in names for t in sets[name]]
-    bounds = np.cumsum([0] + [len(sets[n]) for n in names])
-    results, meta_lms = {}, {}
-    for label, model in lms:
-        print(f"{label}: scoring {len(texts)} texts with {model}", file=sys.stderr)
-        items, seconds = nll_for(label, model, texts, args.threads,
-                                 pathlib.Path(args.cache) if args.cache else None)
-        meta_lms[label] = {"model": model, "tokens": int(sum(i.tokens for i in items)),
-                           "seconds": f"{seconds:.0f} s" if seconds is not None else
-                           "(cached run)"}
-        by_score = {}
-        for score in SCORES:
-            values = score_all(items, score)
-            per_set = {n: values[bounds[i]:bounds[i + 1]] for i, n in enumerate(names)}
-            by_score[score] = evaluate(per_set)
-        results[label] = by_score
-    notes = {}
-    if args.max_per_family:
-        notes = {f: f" (seeded sample of {args.max_per_family})" for f in FAMILIES
-                 if len(load_jsonl(pathlib.Path(args.data_dir) / f"{f}.jsonl"))
-                 > args.max_per_family}
-    notes["heldout"] = f" ({args.heldout_per_corpus} per corpus)"
+    sample = load_sets(data_dir, args.heldout_per_corpus, args.docs_per_corpus,
+                       args.max_per_family, args.seed)
+    full = load_sets(data_dir, FULL["heldout_per_corpus"], FULL["docs_per_corpus"], 0, 0)
+
+    def run(label: str, model: str, sets: dict[str, list[str]]):
+        names = list(sets)
+        texts = [t for n in names for t in sets[n]]
+        print(f"{label}: {len(texts)} texts with {model}", file=sys.stderr, flush=True)
+        items, seconds = nll_for(label, model, texts, args.threads, cache)
+        bounds = np.cumsum([0] + [len(sets[n]) for n in names])
+        by_set = {n: items[bounds[i]:bounds[i + 1]] for i, n in enumerate(names)}
+        tokens = sum(i.tokens for i in items)
+        took = f"{seconds:.0f} s" if seconds is not None else "cached"
+        return results_for(by_set), f"`{model}`: {len(texts)} texts, {tokens} tokens ({took})."
+
+    sample_results, full_results = {}, {}
+    for label, model in full_lms + sample_lms:
+        sample_results[label] = run(label, model, sample)
+    for label, model in full_lms:
+        full_results[label] = run(label, model, full)
+
+    date = datetime.date.today().isoformat()
+    ort_version = __import__("onnxruntime").__version__
     command = "python3 tools/eval_perplexity.py " + " ".join(
-        [f"--lm {label}={model}" for label, model in lms]
-        + ([f"--max-per-family {args.max_per_family}"] if args.max_per_family else [])
-        + ([f"--heldout-per-corpus {args.heldout_per_corpus}"]
-           if args.heldout_per_corpus != 400 else []))
-    meta = {"command": command, "date": datetime.date.today().isoformat(),
-            "machine": f"{platform.machine()}, onnxruntime {__import__('onnxruntime').__version__}",
-            "counts": {n: len(sets[n]) for n in names}, "notes": notes, "lms": meta_lms}
-    report = markdown(results, meta)
+        [f"--full-lm {a}={b}" for a, b in full_lms] + [f"--lm {a}={b}" for a, b in sample_lms])
+    counts = lambda sets: ", ".join(f"{n} {len(t)}" for n, t in sets.items())  # noqa: E731
+    lines = ["# Perplexity detector (`detect.perplexity`): quality on the dev data", "",
+             f"Generated by `{command}` on {date} ({platform.machine()}, {os.cpu_count()} CPUs, "
+             f"onnxruntime {ort_version}, {args.threads} threads). The tables below are the "
+             "script's output; re-run it rather than editing them.", "",
+             "## Headline", ""]
+    lines += [summary(label + " (common sample)", r) for label, (r, _) in sample_results.items()]
+    lines += [summary(label + " (all dev data)", r) for label, (r, _) in full_results.items()]
+    lines += ["", "## Method", "",
+              "- Scores come from per-token NLLs computed by `bastion.detectors.lm.LMRunner` "
+              "(the sidecar's code) with the stage defaults: window 16 / stride 8, prefix and "
+              "suffix 32 tokens. `tokens` is a baseline with no LM: the prompt's length in "
+              "tokens.",
+              "- **Thresholds are calibrated on benign data only**, one benign reference at a "
+              "time, at 1 % FPR on it (`threshold_at_fpr` of `bastion calibrate`). TPR@1% is "
+              "the share of an attack family at or above that threshold. The other columns "
+              "give the FPR the same threshold has on the other benign sets (a transfer check).",
+              "- Benign references: **benign_chat**, the 311 benign dev prompts (short chat "
+              "questions, 11-88 characters; at 1 % the threshold is set by its top 3 scores, "
+              "so it is noisy); **heldout**, passages of 1-3 sentences (<= 600 characters) "
+              "cut from the tiny LM's held-out 5 % of each corpus (Austen, World English "
+              "Bible, Python docs; `split_corpus` in `tools/training/train_tiny_lm.py`), text "
+              "its tokenizer and weights never saw; **heldout_docs** (FPR only): whole "
+              "held-out documents of about 1500 characters, code blocks included. SmolLM2 was "
+              "trained on web-scale data that may include these public texts.",
+              f"- Common sample (every LM): {counts(sample)} (seed {args.seed}).",
+              f"- All dev data: {counts(full)}.", ""]
+    lines += ["## All LMs on the common sample", ""]
+    for label, (result, info) in sample_results.items():
+        lines += tables(label, result, info)
+    if full_results:
+        lines += ["## All dev data", ""]
+        for label, (result, info) in full_results.items():
+            lines += tables(label, result, info)
+    report = "\n".join(lines) + "\n"
     if args.out:
         pathlib.Path(args.out).write_text(report)
         print(f"wrote {args.out}", file=sys.stderr)
     if args.json:
-        pathlib.Path(args.json).write_text(json.dumps({"meta": meta, "results": results},
-                                                      indent=2))
+        pathlib.Path(args.json).write_text(json.dumps(
+            {"sample": {k: v[0] for k, v in sample_results.items()},
+             "full": {k: v[0] for k, v in full_results.items()}}, indent=2))
     print(report)
     return 0
 

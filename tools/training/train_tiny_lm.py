@@ -168,6 +168,15 @@ def heldout_passages(name: str, seed: int = 1234, limit: int | None = None) -> l
     return found
 
 
+def heldout_documents(name: str, seed: int = 1234, limit: int | None = None) -> list[str]:
+    """Held-out documents as the model saw training text (units grouped to ~1500 characters)."""
+    _, held = split_corpus(name)
+    found = documents(name, held)
+    if limit is not None and len(found) > limit:
+        found = random.Random(seed + 2).sample(found, limit)
+    return found
+
+
 def write_heldout_sample(path: Path, seed: int = 1234, per_corpus: int = 200) -> None:
     """Benign reference prompts the model never trained on, bundled for calibration and tests:
     held-out passages of the public-domain corpora (Austen, the World English Bible)."""
