@@ -88,6 +88,10 @@ class AuditConfig(_Strict):
     # Client identities are logged as HMAC-SHA256 with this key (from the named environment
     # variable); without it a random per-process key is used, so hashes do not link restarts.
     client_hash_key_env: str = "BASTION_AUDIT_KEY"
+    # Off by default: with it, a decision line carries a redacted excerpt (digits, e-mail
+    # addresses and URLs masked, at most excerpt_chars) of the text a detector scored highest.
+    include_excerpt: bool = False
+    excerpt_chars: int = Field(120, ge=16, le=400)
 
 
 class TLSServerConfig(_Strict):

@@ -77,6 +77,11 @@ PROBE_TEXTS = (
 )
 
 
+def _clock() -> float:
+    """Monotonic seconds (a function of its own, so tests can move time for this module only)."""
+    return time.monotonic()
+
+
 class LibraryError(ValueError):
     """A library file that must not be used."""
 
@@ -384,7 +389,7 @@ class AttackLibraryDetector(TextDetector):
         self._failed_stamp = None
         self._stamp = self._file_stamp()
         self.library = self._load()  # errors here are configuration errors
-        self._checked_at = time.monotonic()
+        self._checked_at = _clock()
 
     def _file_stamp(self):
         stamps = []
@@ -404,7 +409,7 @@ class AttackLibraryDetector(TextDetector):
 
     def maybe_reload(self, force: bool = False) -> bool:
         """Reload the library if its files changed (checked at most every reload_interval_s)."""
-        now = time.monotonic()
+        now = _clock()
         if not force and now - self._checked_at < self.reload_interval_s:
             return False
         with self._lock:
@@ -469,8 +474,8 @@ class AttackLibraryDetector(TextDetector):
         return found
 
     def reasons(self, item: Any) -> list[str]:
-        _, family = self.nearest_family(item)
-        return [f"library:{family}"] if family else []
+        score, family = self.nearest_family(item)
+        return [f"library:{family}"] if family and score > 0 else []
 
 
 def build_attack_library(options: AttackLibraryOptions) -> AttackLibraryDetector:

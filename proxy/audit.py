@@ -13,12 +13,29 @@ import json
 import logging
 import logging.handlers
 import os
+import re
 import secrets
 import sys
 
 from opentelemetry import trace
 
 SCHEMA_VERSION = 1
+
+
+_EMAIL = re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+")
+_URL = re.compile(r"\b(?:https?|ftp)://\S+", re.I)
+_DIGITS = re.compile(r"\d")
+
+
+def redact(text: str, limit: int) -> str:
+    """An excerpt safe enough for an audit log an operator opted into: URLs, e-mail addresses
+    and every digit masked (numbers carry account ids, phone numbers, keys), whitespace
+    collapsed, cut to ``limit`` characters."""
+    text = _URL.sub("[url]", text)
+    text = _EMAIL.sub("[email]", text)
+    text = _DIGITS.sub("#", text)
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit - 1] + "\u2026"
 
 
 def _trace_id() -> str | None:
@@ -29,6 +46,8 @@ def _trace_id() -> str | None:
 class AuditLog:
     def __init__(self, config):
         self.enabled = config.enabled
+        self.include_excerpt = config.include_excerpt
+        self.excerpt_chars = config.excerpt_chars
         self.logger = logging.getLogger(f"bastion.audit.{id(self)}")
         self.logger.propagate = False
         self.logger.setLevel(logging.INFO)
@@ -74,6 +93,8 @@ class AuditLog:
                 "scores": {k: round(v, 6) for k, v in verdict.scores.items()},
                 "thresholds": verdict.thresholds,
             })
+            if self.include_excerpt and verdict.suspicious_text:
+                record["excerpt"] = redact(verdict.suspicious_text, self.excerpt_chars)
         else:
             record.update({"mode": None, "verdict": "invalid", "reasons": [reason or "malformed"],
                            "stage": None, "scores": {}, "thresholds": {}})

@@ -157,6 +157,8 @@ class InferenceHandler:
         except (tensor.TensorError, InputRejected) as err:
             raise _invalid(str(err)) from None
         verdict = policy.decide(ctx.decisions, ctx.scores, model.mode)
+        if self.audit.include_excerpt and ctx.suspicious_text is not None:
+            verdict = dataclasses.replace(verdict, suspicious_text=ctx.suspicious_text)
         respond = bool(pipeline.response_runners) and response_stages
         if verdict.blocks or not respond:
             self.metrics.observe_verdict(model_name, verdict)

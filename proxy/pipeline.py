@@ -63,6 +63,9 @@ class RequestContext:
     changed: bool = False
     scores: dict[str, float] = dataclasses.field(default_factory=dict)
     decisions: list[Decision] = dataclasses.field(default_factory=list)
+    # The text a detector scored highest so far, for the audit excerpt (never logged raw).
+    suspicious_text: str | None = None
+    _suspicious_score: float = 0.0
     _texts: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
     _texts_changed: set[str] = dataclasses.field(default_factory=set)
 
@@ -220,7 +223,7 @@ class StageRunner:
         items = self._items(ctx, targets)
         if not items:
             return 0.0, [], {}
-        return self._summarize(items, impl.score(items))
+        return self._summarize(items, impl.score(items), ctx)
 
     def _items(self, ctx: RequestContext, targets: list[str]) -> list:
         items = []
@@ -229,9 +232,12 @@ class StageRunner:
             items.extend(list(values.reshape(-1)) if self.is_text else [values])
         return items
 
-    def _summarize(self, items: list, scores) -> tuple[float, list[str], dict]:
+    def _summarize(self, items: list, scores, ctx: RequestContext | None = None
+                   ) -> tuple[float, list[str], dict]:
         scores = np.asarray(scores, dtype=np.float64)
         worst = int(np.argmax(scores))
+        if ctx is not None and isinstance(items[worst], str) and scores[worst] > ctx._suspicious_score:
+            ctx.suspicious_text, ctx._suspicious_score = items[worst], float(scores[worst])
         reasons = self.config.impl.reasons(items[worst]) if scores[worst] > 0 else []
         return float(scores[worst]), reasons, {}
 
@@ -239,7 +245,7 @@ class StageRunner:
         items = self._items(ctx, targets)
         if not items:
             return 0.0, [], {}
-        return self._summarize(items, await self.config.impl.ascore(items))
+        return self._summarize(items, await self.config.impl.ascore(items), ctx)
 
     def _failed(self, error: str, span) -> Decision:
         """A stage that raised or ran over budget: on_error decides (closed blocks)."""

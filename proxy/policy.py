@@ -44,6 +44,8 @@ class Verdict:
     scores: dict[str, float]
     thresholds: dict[str, float] = dataclasses.field(default_factory=dict)
     decisions: tuple[Decision, ...] = ()
+    # Only set when the audit log asks for excerpts: the text behind the highest detector score.
+    suspicious_text: str | None = None
 
     @property
     def blocks(self) -> bool:

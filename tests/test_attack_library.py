@@ -145,7 +145,7 @@ def test_reload_without_restart(tmp_path, encoder_dir, monkeypatch):
     detector = build_pipeline("chat", config.models["chat"]).runners[0].config.impl
     assert isinstance(detector, AttackLibraryDetector) and detector.is_async
     now = [1000.0]
-    monkeypatch.setattr("bastion.detectors.attack_library.time.monotonic", lambda: now[0])
+    monkeypatch.setattr("bastion.detectors.attack_library._clock", lambda: now[0])
     detector._checked_at = now[0]
 
     text = NEW_ATTACK["text"]
