@@ -80,7 +80,8 @@ def fuzz_sidecar(total: int, seed: int) -> Report:
     print(f"sidecar fuzzing: {total} cases; starting `bastion upstream` + `bastion serve` "
           f"(demo pipelines)", flush=True)
     target = tf.Target()
-    shares = {"infer_request": 0.45, "raw_infer": 0.25, "generic": 0.2, "stream": 0.1}
+    shares = {"infer_request": 0.45, "raw_infer": 0.25, "generic": 0.15, "generic_stream": 0.05,
+              "stream": 0.1}
     try:
         def alive_or_stop() -> None:
             if not target.alive():
@@ -110,6 +111,15 @@ def fuzz_sidecar(total: int, seed: int) -> Report:
             alive_or_stop()
             report.progress()
 
+        @_settings(int(total * shares["generic_stream"]), seed)
+        @given(method=tf.generic_methods,
+               payloads=st.lists(st.binary(max_size=256), min_size=1, max_size=3))
+        def generic_streams(method, payloads):
+            report.add("other methods, streams", target.generic_stream(method, payloads),
+                       lambda: {"method": method, "payloads": [p.hex() for p in payloads]})
+            alive_or_stop()
+            report.progress()
+
         @_settings(int(total * shares["stream"]), seed)
         @given(payloads=st.lists(tf.model_infer_payloads, min_size=1, max_size=5))
         def streams(payloads):
@@ -118,7 +128,7 @@ def fuzz_sidecar(total: int, seed: int) -> Report:
             alive_or_stop()
             report.progress()
 
-        for phase in (infer_requests, raw_infer, generic, streams):
+        for phase in (infer_requests, raw_infer, generic, generic_streams, streams):
             phase_started = time.monotonic()
             before = report.cases
             phase()

@@ -209,13 +209,24 @@ class Encoder:
 
     # -- model ---------------------------------------------------------------------------------
 
-    def _run(self, units: list[list[int]]) -> np.ndarray:
-        """Embed token-id lists, in sub-batches of max_batch sorted by length (less padding)."""
-        out = np.empty((len(units), self.dim or 1), dtype=np.float32)
+    def _groups(self, units: list[list[int]]) -> list[list[int]]:
+        """Indices of ``units`` in sub-batches: sorted by length, at most max_batch each, and a
+        new sub-batch whenever a unit is over twice as long as the sub-batch's shortest (a
+        short prompt is never padded to a long one's length)."""
         order = sorted(range(len(units)), key=lambda i: len(units[i]))
         step = max(1, self.options.max_batch)
-        for start in range(0, len(order), step):
-            chosen = order[start:start + step]
+        groups: list[list[int]] = []
+        for i in order:
+            if (not groups or len(groups[-1]) >= step
+                    or len(units[i]) > 2 * len(units[groups[-1][0]]) + 8):
+                groups.append([])
+            groups[-1].append(i)
+        return groups
+
+    def _run(self, units: list[list[int]]) -> np.ndarray:
+        """Embed token-id lists, in length-bucketed sub-batches (see :meth:`_groups`)."""
+        out = np.empty((len(units), self.dim or 1), dtype=np.float32)
+        for chosen in self._groups(units):
             width = max(len(units[i]) for i in chosen)
             ids = np.full((len(chosen), width), self.pad_id, dtype=np.int64)
             mask = np.zeros((len(chosen), width), dtype=np.int64)

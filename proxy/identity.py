@@ -9,7 +9,7 @@ Sources (``clients.identity`` in the config, tried in order; the first that yiel
     it a random per-process secret is used (hashes then differ between replicas and restarts,
     which breaks limits shared through Redis, so a warning is logged).
 ``mtls``
-    The verified client certificate's subject (``x509_subject_name``, else
+    The verified client certificate's subject (``x509_subject``, else
     ``x509_common_name``) from the gRPC auth context: ``mtls:CN=...``. Absent on plaintext.
 ``peer``
     The TCP peer's address without its port: ``peer:10.0.0.7``. When the direct peer is inside

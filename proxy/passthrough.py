@@ -88,10 +88,11 @@ class Passthrough:
 
     async def forward_stream(self, method: str, request_iterator,
                              context: grpc.aio.ServicerContext):
-        """Forward a method whose cardinality is unknown. Most such calls are unary, so the
-        client's stream is read a little ahead: one message then half-close goes upstream as a
-        unary call, which keeps the upstream's status exact (a bidi call the upstream ends early,
-        e.g. UNIMPLEMENTED, can lose its status to gRPC's failed write). Anything else streams."""
+        """Forward a method whose cardinality is unknown. The client's stream is read a little
+        ahead: one message then half-close (a unary or server-streaming call) goes upstream as a
+        unary-stream call, which keeps the upstream's status exact (a bidi call the upstream
+        ends early, e.g. UNIMPLEMENTED, can lose its status to gRPC's failed write). Anything
+        else streams both ways."""
         inbox: asyncio.Queue = asyncio.Queue()
 
         async def read() -> None:
@@ -111,7 +112,8 @@ class Passthrough:
                 except asyncio.TimeoutError:
                     second = None  # the client keeps its stream open: a streaming call
                 if second is _END:
-                    yield await self.forward_unary(method, first, context)
+                    async for reply in self._forward_one_request(method, first, context):
+                        yield reply
                     return
                 buffered = [first] + ([second] if second is not None else [])
             else:
@@ -120,6 +122,34 @@ class Passthrough:
                 yield reply
         finally:
             reader.cancel()
+
+    async def _forward_one_request(self, method: str, message: bytes,
+                                   context: grpc.aio.ServicerContext):
+        """One request message: a unary or a server-streaming method. A unary-stream call sends
+        the message with the call's first batch (no later write to race the upstream's status)
+        and takes any number of replies."""
+        span = telemetry.start_stream_span(method, context)
+        call = self.upstream.channel.unary_stream(method)(
+            message, metadata=telemetry.inject_headers(
+                forwarding.upstream_metadata(context, forwarding.new_request_id()), span),
+            timeout=forwarding.deadline(context, self.default_timeout_s))
+        try:
+            initial = forwarding.response_metadata(await call.initial_metadata())
+            if initial:
+                await context.send_initial_metadata(initial)
+            async for reply in call:
+                yield reply
+        except grpc.aio.AioRpcError as error:
+            telemetry.record_status(span, error.code())
+            await forwarding.pass_error(context, error, self.upstream)
+        finally:
+            if not call.done():
+                call.cancel()
+            if span is not None:
+                span.end()
+        trailing = forwarding.response_metadata(await call.trailing_metadata())
+        if trailing:
+            context.set_trailing_metadata(trailing)
 
     async def _forward_streaming(self, method: str, buffered: list, inbox: asyncio.Queue,
                                  context: grpc.aio.ServicerContext):

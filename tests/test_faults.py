@@ -246,7 +246,8 @@ class Outcome:
         return (self.ended or time.monotonic()) - self.started
 
     def __repr__(self) -> str:
-        return f"{self.name}: {self.code} after {self.elapsed:.2f}s ({self.details[:100]!r})"
+        return (f"{self.name}: {self.code} after {self.elapsed:.2f}s, {self.replies} replies "
+                f"({self.details[:100]!r})")
 
 
 def _finish(outcome: Outcome, error: grpc.RpcError | None) -> None:
@@ -293,15 +294,24 @@ def run_infer_stream(channel, timeout: float, delay_ms: int, messages: int,
     return outcome
 
 
-def run_ticks(channel, timeout: float) -> Outcome:
-    """The pass-through stream: one request, then a tick every 50 ms."""
-    outcome = Outcome("Ticks", timeout)
+def run_ticks(channel, timeout: float, half_close: bool = False) -> Outcome:
+    """A pass-through stream: one request, then a tick every 50 ms. By default the client keeps
+    its side open (a bidi stream); ``half_close`` makes it a server-streaming call."""
+    outcome = Outcome("Ticks" if not half_close else "Ticks (server-streaming)", timeout)
+    done = threading.Event()
+
+    def requests():
+        yield b"go"
+        if not half_close:
+            done.wait(timeout + 5)
     try:
-        for _ in channel.stream_stream(TICKS)(iter([b"go"]), timeout=timeout):
+        for _ in channel.stream_stream(TICKS)(requests(), timeout=timeout):
             outcome.replies += 1
         _finish(outcome, None)
     except grpc.RpcError as err:
         _finish(outcome, err)
+    finally:
+        done.set()
     return outcome
 
 
@@ -579,6 +589,13 @@ def test_slow_upstream_with_16_in_flight(fresh):
         assert len(outcomes) == 16
         check_outcomes(outcomes, {OK})
         assert time.monotonic() - started < 4.0, outcomes
+
+
+def test_server_streaming_method_streams_through(fresh):
+    """One request, half-close, then a tick every 50 ms: ticks arrive as they are sent."""
+    with grpc.insecure_channel(fresh.sidecar.address) as channel:
+        outcome = run_ticks(channel, 1.0, half_close=True)
+    assert outcome.code == DEADLINE and outcome.replies >= 5, outcome
 
 
 def test_resources_back_to_baseline_after_all_faults(rig):

@@ -206,7 +206,8 @@ def main() -> None:
     add_feature_detector("kNN k=1", "knn", k=1)
     add_feature_detector("IsolationForest", "iforest", n_estimators=200)
 
-    for pool, label in ((None, "pixels (784)"), (7, "pixels 7x7 avg-pooled (49)")):
+    for pool, label in ((None, "pixels (784)"), (14, "pixels 14x14 avg-pooled (196)"),
+                        (7, "pixels 7x7 avg-pooled (49)")):
         for method in ("mahalanobis", "knn"):
             m = make_model(method, k=10).fit(pool_features(x_train, pool))
             detector = InputAnomalyDetector(m, pool, "input:fashion-mnist:image")
