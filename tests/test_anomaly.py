@@ -487,8 +487,8 @@ def _minilm_dir() -> pathlib.Path | None:
 def minilm_dir() -> pathlib.Path:
     folder = _minilm_dir()
     if folder is None:
-        pytest.skip("MiniLM not exported (run `bastion models export minilm`, or install the "
-                    "export extra)")
+        pytest.fail("MiniLM is not exported and cannot be: run `bastion models export minilm` "
+                    "or install the export extra (scripts/install.sh --test does)")
     return folder
 
 
