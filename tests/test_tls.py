@@ -578,18 +578,36 @@ def test_sidecar_admin_is_loopback_unless_configured(upstream):
         assert proc.stop() == 0
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/status") as handle:
+            return "State:\tZ" not in handle.read()
+    except OSError:
+        return False
+
+
 def test_demo_and_reference_upstream_bind_loopback():
     """Every socket `bastion demo`'s upstream and sidecar listen on is loopback."""
     proc = Proc([sys.executable, "-m", "bastion", "demo", "--duration", "30", "--rate", "5"])
+    children = []
     try:
-        upstream_pid = int(proc.wait_for(r"upstream pid (\d+)", timeout=90).group(1))
-        sidecar_pid = int(proc.wait_for(r"sidecar pid (\d+)", timeout=60).group(1))
-        for pid in (upstream_pid, sidecar_pid):
+        children.append(int(proc.wait_for(r"upstream pid (\d+)", timeout=90).group(1)))
+        children.append(int(proc.wait_for(r"sidecar pid (\d+)", timeout=60).group(1)))
+        for pid in children:
             listening = listening_addresses(pid)
             assert listening and all(_loopback(address) for address, _ in listening), listening
+        # Ctrl-C once the traffic loop (which handles it) runs; the demo stops its children.
+        proc.wait_for(r"requests in", timeout=60)
     finally:
         proc.signal(signal.SIGINT)
-        proc.stop(grace=20)
+        try:
+            proc.popen.wait(30)
+        finally:
+            proc.stop()
+            leftover = [pid for pid in children if _pid_alive(pid)]
+            for pid in leftover:  # never leave a server behind, even when the demo did
+                os.kill(pid, signal.SIGKILL)
+    assert not leftover, f"bastion demo left {leftover} running"
 
 
 def test_message_size_caps_are_enforced(upstream):

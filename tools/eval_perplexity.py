@@ -57,6 +57,43 @@ TARGET_FPR = 0.01
 FULL = {"heldout_per_corpus": 400, "docs_per_corpus": 50}
 
 
+# Reading of the recorded run (docs/quality-perplexity.md); re-check it when the numbers change.
+FINDINGS = """## Findings
+
+- **Target met by `windowed` on every LM**: adv_suffix TPR >= 0.99 at <= 1 % FPR, whichever
+  benign set the threshold came from (one exception: SmolLM2 int8 calibrated on heldout,
+  0.988 = 79 of 80). The optimised suffix is a run of tokens no LM predicts; a 16-token
+  window over it has a mean NLL far above any window of ordinary text, while whole-prompt
+  scores (`mean_nll`, `ppl`, `prefix`) dilute it with the fluent harmful request in front and
+  miss half or more. `suffix` helps only when the suffix is longer than 32 tokens. Caveat: the
+  260 adv_suffix prompts use only 5 distinct GCG suffixes (see the data README), so the
+  evidence is 5 suffixes wide, not 260; other optimised suffixes, or attacks optimised for low
+  perplexity, may score lower.
+- **Length is a confound**: benign_chat prompts are all short, so the no-LM `tokens` baseline
+  "detects" every family against benign_chat. Thresholds calibrated on benign_chat transfer
+  to the held-out passages and back for the LM scores (FPR 0.6-1.6 %), but read every result against
+  benign_chat together with the heldout columns. `length_per_ppl` (log tokens + mean NLL) is
+  dominated by length: its benign_chat-calibrated threshold flags 15-16 % of held-out passages
+  and 80-100 % of held-out 1500-character documents with tiny-lm. Do not use it without
+  calibrating on benign prompts of the same length as production traffic.
+- **tiny-lm vs SmolLM2**: for adversarial suffixes both work (SmolLM2 fp32 AUROC 1.000 vs
+  0.997 against benign_chat). tiny-lm also "detects" half of the jailbreak and
+  prompt-injection prompts, but that is out-of-domain detection: it was trained on Austen, the
+  Bible and Python docs, so modern chat, markdown and role-play text surprise it, and its
+  `windowed` threshold flags 1.7-2 % of held-out documents (longer benign text has more
+  windows to be unlucky in). SmolLM2, which models modern text well (table above), barely
+  separates jailbreak, encoding and prompt-injection prompts from benign text (`windowed`
+  AUROC 0.45-0.80; whole-prompt scores 0.2-0.4, i.e. these attacks are *more* predictable than
+  the short benign prompts): fluent attacks are not perplexing, the known limit of perplexity
+  filters. Use the
+  perplexity stage for optimised-suffix attacks and pair it with the signature and embedding
+  detectors for the rest.
+- **int8 SmolLM2** (down_proj kept in float32) loses little: adv_suffix AUROC 0.996-0.999 vs
+  0.996-1.000 for fp32; its bits per character are 0.02-0.04 higher. It took 78 % of the fp32
+  time on this shared machine (see bench/bench_perplexity.py for controlled timings).
+"""
+
+
 def load_jsonl(path: pathlib.Path) -> list[str]:
     return [json.loads(line)["text"] for line in path.read_text().splitlines() if line.strip()]
 
@@ -77,20 +114,29 @@ def load_sets(data_dir: pathlib.Path, heldout_per_corpus: int, docs_per_corpus: 
     return sets
 
 
+def file_sha256(path: pathlib.Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def nll_for(label: str, model: str, texts: list[str], threads: int,
             cache: pathlib.Path | None, batch: int = 16):
     """Per-token NLL of each text (cached by texts + model file); (items, seconds or None)."""
     from bastion.detectors.lm import LMRunner, TokenNLL, resolve_model
-    onnx_path, _, _ = resolve_model(model)
-    stat = onnx_path.stat()
-    key = hashlib.sha256(("\0".join(texts) + f"\0{onnx_path.resolve()}\0{stat.st_size}\0"
-                          f"{stat.st_mtime_ns}").encode()).hexdigest()[:16]
+    onnx_path, tokenizer_path, config = resolve_model(model)
+    identity = "\0".join([file_sha256(onnx_path), file_sha256(tokenizer_path),
+                          json.dumps(config, sort_keys=True)])
+    key = hashlib.sha256(("\0".join(texts) + "\0" + identity).encode()).hexdigest()[:16]
     path = cache / f"{label}-{key}.npz" if cache else None
     if path is not None and path.exists():
         data = np.load(path)
         offsets, values = data["offsets"], data["values"]
+        seconds = float(data["seconds"]) if "seconds" in data.files else None
         return [TokenNLL(values[offsets[i]:offsets[i + 1]], int(data["first"][i]),
-                         int(data["tokens"][i])) for i in range(len(texts))], None
+                         int(data["tokens"][i])) for i in range(len(texts))], seconds
     runner = LMRunner(model, threads=threads)
     started = time.perf_counter()
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths together
@@ -109,7 +155,7 @@ def nll_for(label: str, model: str, texts: list[str], threads: int,
         np.savez(path, offsets=offsets,
                  values=np.concatenate([i.nll for i in results] + [np.zeros(0)]),
                  first=np.array([i.first for i in results]),
-                 tokens=np.array([i.tokens for i in results]))
+                 tokens=np.array([i.tokens for i in results]), seconds=elapsed)
     return results, elapsed
 
 
@@ -139,6 +185,23 @@ def evaluate(scores: dict[str, np.ndarray]) -> dict:
                 "auroc": float(roc_auc_score(labels, np.r_[benign, attack])),
                 "tpr": float(np.mean(attack >= threshold))}
         out[reference] = row
+    return out
+
+
+def fit(by_set: dict[str, list], sets: dict[str, list[str]]) -> dict[str, float]:
+    """Bits per character of each benign set (and of each corpus's held-out passages):
+    comparable across tokenizers, unlike per-token perplexity."""
+    import train_tiny_lm as training
+    out = {}
+    groups = {"benign_chat": (by_set["benign_chat"], sets["benign_chat"])}
+    per = len(sets["heldout"]) // len(training.CORPORA)
+    for k, name in enumerate(training.CORPORA):
+        groups[f"heldout {name}"] = (by_set["heldout"][k * per:(k + 1) * per],
+                                     sets["heldout"][k * per:(k + 1) * per])
+    groups["heldout_docs"] = (by_set["heldout_docs"], sets["heldout_docs"])
+    for name, (items, texts) in groups.items():
+        nats = sum(float(i.nll.sum()) for i in items)
+        out[name] = nats / max(1, sum(len(t) for t in texts)) / np.log(2)
     return out
 
 
@@ -218,12 +281,15 @@ def main(argv: list[str] | None = None) -> int:
         bounds = np.cumsum([0] + [len(sets[n]) for n in names])
         by_set = {n: items[bounds[i]:bounds[i + 1]] for i, n in enumerate(names)}
         tokens = sum(i.tokens for i in items)
-        took = f"{seconds:.0f} s" if seconds is not None else "cached"
+        took = (f"NLL in {seconds:.0f} s, {args.threads} threads, shared machine"
+                if seconds is not None else "cached")
+        fit_table[label] = fit(by_set, sets)
         return results_for(by_set), f"`{model}`: {len(texts)} texts, {tokens} tokens ({took})."
 
-    sample_results, full_results = {}, {}
+    sample_results, full_results, fit_table = {}, {}, {}
     for label, model in full_lms + sample_lms:
         sample_results[label] = run(label, model, sample)
+    sample_fit = dict(fit_table)
     for label, model in full_lms:
         full_results[label] = run(label, model, full)
 
@@ -256,8 +322,23 @@ def main(argv: list[str] | None = None) -> int:
               "its tokenizer and weights never saw; **heldout_docs** (FPR only): whole "
               "held-out documents of about 1500 characters, code blocks included. SmolLM2 was "
               "trained on web-scale data that may include these public texts.",
+              "- SmolLM2 models: `HF_HUB_OFFLINE=1 bastion models export smollm2 --out "
+              "/tmp/smollm2` (fp32 `model.onnx`, int8 `model_int8.onnx`; see "
+              "`bastion/export/smollm2.py`). The models are scored with `lm.json` as exported "
+              "(context 512 tokens, prefix `<|im_start|>user\\n`); tiny-lm with context 256, "
+              "prefix `<|endoftext|>`.",
               f"- Common sample (every LM): {counts(sample)} (seed {args.seed}).",
               f"- All dev data: {counts(full)}.", ""]
+    lines += ["## How well each LM models benign text", "",
+              "Bits per character (total NLL / characters / ln 2; comparable across "
+              "tokenizers, lower = the LM finds the text more predictable), common sample. "
+              "The first token of a text is scored after the LM's prefix (`<|endoftext|>` "
+              "for tiny-lm, `<|im_start|>user\\n` for SmolLM2).", "",
+              "| LM | " + " | ".join(next(iter(sample_fit.values()))) + " |",
+              "|---|" + "---:|" * len(next(iter(sample_fit.values())))]
+    for label, values in sample_fit.items():
+        lines.append(f"| {label} | " + " | ".join(f"{v:.3f}" for v in values.values()) + " |")
+    lines += ["", FINDINGS, ""]
     lines += ["## All LMs on the common sample", ""]
     for label, (result, info) in sample_results.items():
         lines += tables(label, result, info)
