@@ -123,16 +123,19 @@ class Passthrough:
         finally:
             reader.cancel()
 
-    async def _forward_one_request(self, method: str, message: bytes,
-                                   context: grpc.aio.ServicerContext):
-        """One request message: a unary or a server-streaming method. A unary-stream call sends
-        the message with the call's first batch (no later write to race the upstream's status)
-        and takes any number of replies."""
-        span = telemetry.start_stream_span(method, context)
-        call = self.upstream.channel.unary_stream(method)(
-            message, metadata=telemetry.inject_headers(
-                forwarding.upstream_metadata(context, forwarding.new_request_id()), span),
-            timeout=forwarding.deadline(context, self.default_timeout_s))
+    def _open(self, method: str, context, span, message: bytes | None = None):
+        """The upstream call for a forwarded stream: unary-stream when the one request message
+        is known, else bidi (the caller writes)."""
+        metadata = telemetry.inject_headers(
+            forwarding.upstream_metadata(context, forwarding.new_request_id()), span)
+        timeout = forwarding.deadline(context, self.default_timeout_s)
+        if message is not None:
+            return self.upstream.channel.unary_stream(method)(message, metadata=metadata,
+                                                             timeout=timeout)
+        return self.upstream.stream(method)(metadata=metadata, timeout=timeout)
+
+    async def _relay(self, call, span, context, writer: asyncio.Task | None = None):
+        """Relay the upstream's metadata, replies, status and trailers to the client."""
         try:
             initial = forwarding.response_metadata(await call.initial_metadata())
             if initial:
@@ -143,6 +146,10 @@ class Passthrough:
             telemetry.record_status(span, error.code())
             await forwarding.pass_error(context, error, self.upstream)
         finally:
+            # Cancelling our task does not end a call awaited only for metadata: end it
+            # explicitly so a client's cancel always reaches the upstream.
+            if writer is not None:
+                writer.cancel()
             if not call.done():
                 call.cancel()
             if span is not None:
@@ -151,13 +158,19 @@ class Passthrough:
         if trailing:
             context.set_trailing_metadata(trailing)
 
+    async def _forward_one_request(self, method: str, message: bytes,
+                                   context: grpc.aio.ServicerContext):
+        """One request message: a unary or a server-streaming method. A unary-stream call sends
+        the message with the call's first batch (no later write to race the upstream's status)
+        and takes any number of replies."""
+        span = telemetry.start_stream_span(method, context)
+        async for reply in self._relay(self._open(method, context, span, message), span, context):
+            yield reply
+
     async def _forward_streaming(self, method: str, buffered: list, inbox: asyncio.Queue,
                                  context: grpc.aio.ServicerContext):
         span = telemetry.start_stream_span(method, context)
-        call = self.upstream.stream(method)(
-            metadata=telemetry.inject_headers(
-                forwarding.upstream_metadata(context, forwarding.new_request_id()), span),
-            timeout=forwarding.deadline(context, self.default_timeout_s))
+        call = self._open(method, context, span)
 
         async def pump() -> None:
             try:
@@ -170,26 +183,8 @@ class Passthrough:
                 pass  # the upstream ended the call; its status is what the client gets
 
         writer = asyncio.get_running_loop().create_task(pump())
-        try:
-            initial = forwarding.response_metadata(await call.initial_metadata())
-            if initial:
-                await context.send_initial_metadata(initial)
-            async for reply in call:
-                yield reply
-        except grpc.aio.AioRpcError as error:
-            telemetry.record_status(span, error.code())
-            await forwarding.pass_error(context, error, self.upstream)
-        finally:
-            # Cancelling our task does not end a stream call awaited only for metadata: end it
-            # explicitly so a client's cancel always reaches the upstream.
-            writer.cancel()
-            if not call.done():
-                call.cancel()
-            if span is not None:
-                span.end()
-        trailing = forwarding.response_metadata(await call.trailing_metadata())
-        if trailing:
-            context.set_trailing_metadata(trailing)
+        async for reply in self._relay(call, span, context, writer):
+            yield reply
 
 
 class PassthroughHandler(grpc.GenericRpcHandler):
