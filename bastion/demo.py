@@ -181,6 +181,11 @@ def run_demo(duration_s: float | None = None, rate: float = 50.0, data: str | No
     config.write_text(DEMO_CONFIG.format(listen=listen, admin=admin, upstream=upstream,
                                          audit=workdir / "audit.jsonl"))
     procs = []
+
+    def interrupted(signum, frame):  # SIGTERM during start-up: unwind so `finally` stops children
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupted)
     try:
         print(f"bastion demo: reference upstream on {upstream} (demo models)", flush=True)
         up = _start(["upstream", "--listen", upstream], workdir / "upstream.log")
@@ -209,7 +214,11 @@ def run_demo(duration_s: float | None = None, rate: float = 50.0, data: str | No
         asyncio.run(main())
         print(f"\nsidecar metrics (http://{admin}/metrics):\n{_bastion_metrics(admin)}", flush=True)
         return 0
+    except KeyboardInterrupt:
+        print("\nbastion demo: interrupted during start-up", flush=True)
+        return 130
     finally:
+        signal.signal(signal.SIGTERM, previous)
         for proc in reversed(procs):
             _stop(proc)
         print("bastion demo: stopped upstream and sidecar", flush=True)
