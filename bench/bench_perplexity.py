@@ -2,7 +2,7 @@
 
     python bench/bench_perplexity.py [--lm tiny-lm=builtin:tiny-lm] \\
         [--lm smollm2-fp32=models/smollm2 --lm smollm2-int8=models/smollm2/model_int8.onnx] \\
-        [--lengths 32,128,512] [--seconds 5] [--threads 1] [--json out.json]
+        [--lengths 32,128,512] [--seconds 5] [--min-calls 30] [--threads 1] [--json out.json]
 
 For each LM and prompt length (in the LM's own tokens; prompts are cut from the bundled held-out
 passages, so they are ordinary English):
@@ -96,7 +96,8 @@ async def throughput(detector: PerplexityDetector, items: list, seconds: float,
     return done / elapsed, (detector.batcher.items - items0) / max(1, batches)
 
 
-def bench_lm(label: str, model: str, lengths: list[int], seconds: float, threads: int) -> list:
+def bench_lm(label: str, model: str, lengths: list[int], seconds: float, threads: int,
+             min_calls: int = 30) -> list:
     runner = LMRunner(model, threads=threads)
     rows = []
     for length in lengths:
@@ -104,14 +105,17 @@ def bench_lm(label: str, model: str, lengths: list[int], seconds: float, threads
         tokens = statistics.mean(len(ids) for ids in runner.encode(items))
         runner.token_nll(items[:4])  # warm-up
         tok = percentiles(time_calls(lambda t: runner.encode([t]), items, seconds / 4))
-        model_t = percentiles(time_calls(lambda t: runner.token_nll([t]), items, seconds))
+        model_samples = time_calls(lambda t: runner.token_nll([t]), items, seconds, min_calls)
+        model_t = percentiles(model_samples)
         stage = PerplexityDetector(runner, max_batch=16, max_wait_ms=2.0)
         stage0 = PerplexityDetector(runner, max_batch=16, max_wait_ms=0.0)
 
         async def run_all():
             await stage.ascore(items[:2])
-            s2 = percentiles(await time_async(lambda t: stage.ascore([t]), items, seconds))
-            s0 = percentiles(await time_async(lambda t: stage0.ascore([t]), items, seconds))
+            s2 = percentiles(await time_async(lambda t: stage.ascore([t]), items, seconds,
+                                              min_calls))
+            s0 = percentiles(await time_async(lambda t: stage0.ascore([t]), items, seconds,
+                                              min_calls))
             rate, batch = await throughput(stage, items, seconds)
             return s2, s0, rate, batch
 
@@ -126,25 +130,30 @@ def bench_lm(label: str, model: str, lengths: list[int], seconds: float, threads
                      "model_p50_ms": model_t[0] * 1e3, "model_p99_ms": model_t[1] * 1e3,
                      "stage_p50_ms": s2[0] * 1e3, "stage_p99_ms": s2[1] * 1e3,
                      "stage0_p50_ms": s0[0] * 1e3, "stage0_p99_ms": s0[1] * 1e3,
-                     "rate16": rate, "mean_batch": batch, "tokenize_rate": tok_rate})
+                     "rate16": rate, "mean_batch": batch, "tokenize_rate": tok_rate,
+                     "calls": len(model_samples)})
         print(f"{label} {length}: model p50 {model_t[0] * 1e3:.2f} ms, stage p50 "
-              f"{s2[0] * 1e3:.2f} ms, 16 in flight {rate:.0f}/s", flush=True)
+              f"{s2[0] * 1e3:.2f} ms, 16 in flight {rate:.3g}/s", flush=True)
     return rows
+
+
+def rate(value: float) -> str:
+    return f"{value:.0f}" if value >= 10 else f"{value:.2g}"
 
 
 def table(rows: list[dict]) -> str:
     lines = ["| LM | tokens | tokenize p50 (baseline) | model p50 / p99 | stage p50 / p99 "
              "(max_wait 2 ms) | stage p50 / p99 (max_wait 0) | model p50 x tok | 16 in flight "
-             "| mean batch | tokenize-only rate |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| mean batch | tokenize-only rate | calls |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(
             f"| {r['lm']} | {r['tokens']:.0f} | {r['tokenize_p50_ms'] * 1e3:.0f} µs | "
             f"{r['model_p50_ms']:.2f} / {r['model_p99_ms']:.2f} ms | "
             f"{r['stage_p50_ms']:.2f} / {r['stage_p99_ms']:.2f} ms | "
             f"{r['stage0_p50_ms']:.2f} / {r['stage0_p99_ms']:.2f} ms | "
-            f"{r['model_p50_ms'] / r['tokenize_p50_ms']:.0f}x | {r['rate16']:.0f} prompts/s | "
-            f"{r['mean_batch']:.1f} | {r['tokenize_rate']:.0f} prompts/s |")
+            f"{r['model_p50_ms'] / r['tokenize_p50_ms']:.0f}x | {rate(r['rate16'])} prompts/s | "
+            f"{r['mean_batch']:.1f} | {r['tokenize_rate']:.0f} prompts/s | {r['calls']} |")
     return "\n".join(lines)
 
 
@@ -154,13 +163,15 @@ def main() -> int:
     parser.add_argument("--lengths", default="32,128,512")
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads")
+    parser.add_argument("--min-calls", type=int, default=30,
+                        help="at least this many timed calls per latency figure")
     parser.add_argument("--json")
     args = parser.parse_args()
     lms = [tuple(x.split("=", 1)) for x in (args.lm or ["tiny-lm=builtin:tiny-lm"])]
     lengths = [int(x) for x in args.lengths.split(",")]
     rows = []
     for label, model in lms:
-        rows.extend(bench_lm(label, model, lengths, args.seconds, args.threads))
+        rows.extend(bench_lm(label, model, lengths, args.seconds, args.threads, args.min_calls))
     load = os.getloadavg()
     print()
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, onnxruntime "

@@ -12,10 +12,11 @@ Two graph shapes are accepted, told apart by the graph's outputs:
   smollm2`` write this: no [batch, seq, vocab] tensor ever leaves the graph).
 
 A graph input ``position_ids`` is fed ``0..seq-1``. Optional ``lm.json`` beside the model:
-``context`` (tokens per run, default 512), ``overlap`` (default context / 4), ``prefix`` (text
-put before every prompt and never scored, e.g. a BOS token ``<|endoftext|>`` or a chat header
-``<|im_start|>user\\n``; with a prefix every prompt token is scored, without one the first token
-has no context and is not), ``pad_id`` (default 0).
+``default_model`` (the file a folder means, default ``model.onnx``), ``context`` (tokens per
+run, default 512), ``overlap`` (default context / 4), ``prefix`` (text put before every prompt
+and never scored, e.g. a BOS token ``<|endoftext|>`` or a chat header ``<|im_start|>user\\n``;
+with a prefix every prompt token is scored, without one the first token has no context and is
+not), ``pad_id`` (default 0).
 
 Long prompts are never truncated. A prompt (with its prefix) longer than ``context`` tokens is
 run as overlapping chunks of ``context`` tokens starting every ``context - overlap`` tokens (the
@@ -47,8 +48,9 @@ Reasons (never text): ``perplexity:window@A-B``, the most suspicious ``window``-
 in token offsets of the prompt (half-open, prefix excluded; reported whatever the score), and
 ``perplexity:<score>``.
 
-Options: ``model`` (``builtin:tiny-lm``, or a folder with ``model.onnx`` + ``tokenizer.json``,
-or an ``.onnx`` file with ``tokenizer.json`` beside it), ``score``, ``window``, ``stride``,
+Options: ``model`` (``builtin:tiny-lm``, the bundled model, int8; ``builtin:tiny-lm/model.onnx``
+for its float32 original; or a folder with ``model.onnx`` + ``tokenizer.json``; or an ``.onnx``
+file with ``tokenizer.json`` beside it), ``score``, ``window``, ``stride``,
 ``prefix_tokens``, ``suffix_tokens``, ``max_batch``, ``max_wait_ms``, ``providers`` (default:
 ``BASTION_ONNX_PROVIDERS``, comma-separated, else CPU), ``threads`` (onnxruntime intra-op
 threads), ``context`` and ``buckets`` (override ``lm.json``).
@@ -100,27 +102,31 @@ def default_providers() -> list[str]:
 
 
 def resolve_model(model: str | os.PathLike) -> tuple[pathlib.Path, pathlib.Path, dict]:
-    """(model.onnx, tokenizer.json, lm.json contents) for ``builtin:NAME``, a folder or a file."""
+    """(model file, tokenizer.json, lm.json contents) for ``builtin:NAME[/FILE]``, a folder
+    (its lm.json ``default_model``, else ``model.onnx``) or an .onnx file."""
     text = str(model)
     if text.startswith("builtin:"):
-        name = text.removeprefix("builtin:")
+        name, _, file = text.removeprefix("builtin:").partition("/")
         root = pathlib.Path(str(importlib.resources.files("bastion") / "lm"))
         path = root / name
-        if not name or "/" in name or not path.is_dir():
+        if not name or not path.is_dir() or "/" in file or file in ("..", "."):
             known = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
             raise ValueError(f"unknown builtin model {text!r} (builtin: "
                              f"{', '.join('builtin:' + k for k in known) or 'none'})")
+        if file:
+            path = path / file
     else:
         path = pathlib.Path(text)
-    onnx_path = path / "model.onnx" if path.is_dir() else path
+    folder = path if path.is_dir() else path.parent
+    manifest = folder / "lm.json"
+    config = json.loads(manifest.read_text()) if manifest.exists() else {}
+    onnx_path = path / config.get("default_model", "model.onnx") if path.is_dir() else path
     if not onnx_path.exists():
         raise FileNotFoundError(f"language model {onnx_path} does not exist (export one with "
                                 "`bastion models export smollm2 --out DIR`)")
-    tokenizer = onnx_path.parent / "tokenizer.json"
+    tokenizer = folder / "tokenizer.json"
     if not tokenizer.exists():
         raise FileNotFoundError(f"no tokenizer.json next to {onnx_path}")
-    manifest = onnx_path.parent / "lm.json"
-    config = json.loads(manifest.read_text()) if manifest.exists() else {}
     return onnx_path, tokenizer, config
 
 

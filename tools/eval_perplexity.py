@@ -71,10 +71,10 @@ FINDINGS = """## Findings
   perplexity, may score lower.
 - **Length is a confound**: benign_chat prompts are all short, so the no-LM `tokens` baseline
   "detects" every family against benign_chat. Thresholds calibrated on benign_chat transfer
-  to the held-out passages and back for the LM scores (FPR 0.6-1.6 %), but read every result against
-  benign_chat together with the heldout columns. `length_per_ppl` (log tokens + mean NLL) is
-  dominated by length: its benign_chat-calibrated threshold flags 15-16 % of held-out passages
-  and 80-100 % of held-out 1500-character documents with tiny-lm. Do not use it without
+  to the held-out passages and back for the LM scores (FPR 0.6-1.6 %), but read every
+  result against benign_chat together with the heldout columns. `length_per_ppl` (log tokens
+  + mean NLL) is dominated by length: its benign_chat-calibrated threshold flags 15-16 % of
+  held-out passages and 80-100 % of held-out 1500-character documents with tiny-lm. Do not use it without
   calibrating on benign prompts of the same length as production traffic.
 - **tiny-lm vs SmolLM2**: for adversarial suffixes both work (SmolLM2 fp32 AUROC 1.000 vs
   0.997 against benign_chat). tiny-lm also "detects" half of the jailbreak and
@@ -85,12 +85,19 @@ FINDINGS = """## Findings
   separates jailbreak, encoding and prompt-injection prompts from benign text (`windowed`
   AUROC 0.45-0.80; whole-prompt scores 0.2-0.4, i.e. these attacks are *more* predictable than
   the short benign prompts): fluent attacks are not perplexing, the known limit of perplexity
-  filters. Use the
-  perplexity stage for optimised-suffix attacks and pair it with the signature and embedding
-  detectors for the rest.
-- **int8 SmolLM2** (down_proj kept in float32) loses little: adv_suffix AUROC 0.996-0.999 vs
-  0.996-1.000 for fp32; its bits per character are 0.02-0.04 higher. It took 78 % of the fp32
-  time on this shared machine (see bench/bench_perplexity.py for controlled timings).
+  filters. Use the perplexity stage for optimised-suffix attacks and pair it with the
+  signature and embedding detectors for the rest.
+- **tiny-lm is int8 by default** (`builtin:tiny-lm` = `model_int8.onnx`, static
+  quantization with activation ranges fixed on training text): every number matches its
+  float32 original (`tiny-lm-fp32` = `builtin:tiny-lm/model.onnx`) to within 0.04 (at most 3
+  of 80 prompts crossing a threshold), and its scores do not depend on batching.
+- **SmolLM2 int8** (`quantize_dynamic`, down_proj kept in float32) loses little here:
+  adv_suffix AUROC 0.996-0.999 vs 0.996-1.000 for fp32, bits per character +0.02-0.04. But
+  dynamic quantization scales activations per batch tensor, so its scores depend on what a
+  prompt is batched with (up to 0.34 on a `windowed` score in a 24-prompt check; these
+  numbers were computed in batches of 16 sorted by length). Prefer fp32, or
+  `bastion models export smollm2 --int8 weight-only`, where thresholds must hold under load.
+  It took 78 % of the fp32 time in this run (shared machine; see bench/bench_perplexity.py).
 """
 
 
@@ -127,8 +134,9 @@ def nll_for(label: str, model: str, texts: list[str], threads: int,
     """Per-token NLL of each text (cached by texts + model file); (items, seconds or None)."""
     from bastion.detectors.lm import LMRunner, TokenNLL, resolve_model
     onnx_path, tokenizer_path, config = resolve_model(model)
+    settings = {k: config.get(k) for k in ("context", "overlap", "prefix", "pad_id")}
     identity = "\0".join([file_sha256(onnx_path), file_sha256(tokenizer_path),
-                          json.dumps(config, sort_keys=True)])
+                          json.dumps(settings, sort_keys=True)])
     key = hashlib.sha256(("\0".join(texts) + "\0" + identity).encode()).hexdigest()[:16]
     path = cache / f"{label}-{key}.npz" if cache else None
     if path is not None and path.exists():

@@ -373,9 +373,12 @@ def main(argv: list[str] | None = None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer.save(str(out_dir / "tokenizer.json"))
     export_onnx(model, out_dir / "model.onnx", tokenizer.get_vocab_size())
+    quantize_int8(out_dir / "model.onnx", out_dir / "model_int8.onnx",
+                  out_dir / "tokenizer.json", calibration_texts(args.seed), args.context)
     write_heldout_sample(out_dir / "heldout_sample.jsonl", args.seed)
     (out_dir / "lm.json").write_text(json.dumps({
         "name": "tiny-lm",
+        "default_model": "model_int8.onnx",
         "context": args.context,
         "prefix": EOT,
         "output": "nll",
@@ -387,11 +390,63 @@ def main(argv: list[str] | None = None) -> int:
                      "threads": args.threads, "torch": torch.__version__},
     }, indent=2) + "\n")
 
-    # Held-out perplexity, measured with the runner the sidecar uses.
+    # Held-out perplexity, measured with the runner the sidecar uses, for both files.
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
     from bastion.detectors.lm import LMRunner
-    runner = LMRunner(out_dir, threads=args.threads)
-    check_export(model, runner, held_docs["austen"][:4])
+    check_export(model, LMRunner(out_dir / "model.onnx", threads=args.threads),
+                 held_docs["austen"][:4])
+    for variant in ("model.onnx", "model_int8.onnx"):
+        print(f"{variant}:")
+        heldout_report(LMRunner(out_dir / variant, threads=args.threads), held_docs)
+    for path in sorted(out_dir.iterdir()):
+        print(f"{path}: {path.stat().st_size} bytes")
+    print(f"done in {time.time() - started:.0f}s", file=sys.stderr)
+    return 0
+
+
+def calibration_texts(seed: int = 1234, per_source: int = 64) -> list[str]:
+    """Training text (never held-out) that sets the int8 model's fixed activation ranges."""
+    rng = random.Random(seed + 3)
+    texts, chat = [], []
+    for name in CORPORA:
+        train_units, _ = split_corpus(name)
+        texts.extend(rng.sample(documents(name, train_units), per_source))
+        chat.extend(conversational(name, train_units))
+    texts.extend(rng.sample(chat, per_source))
+    return texts
+
+
+def quantize_int8(source: Path, target: Path, tokenizer_path: Path, texts: list[str],
+                  context: int) -> None:
+    """Static int8 quantization (QOperator: QLinearMatMul; weights int8 per output channel,
+    activations uint8 with MinMax ranges fixed on training text): about 1.6x faster on CPU,
+    held-out perplexity within 0.1 % (docs/tiny-lm.md). Fixed (not dynamic) activation
+    scales keep a prompt's scores independent of what it is batched with."""
+    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat,
+                                          QuantType, quantize_static)
+    from tokenizers import Tokenizer
+    tokenizer = Tokenizer.from_file(str(tokenizer_path))
+    eot = tokenizer.token_to_id(EOT)
+    feeds = []
+    for text in texts:
+        ids = np.array([[eot] + tokenizer.encode(text, add_special_tokens=False).ids[
+            :context - 1]], dtype=np.int64)
+        feeds.append({"input_ids": ids, "attention_mask": np.ones_like(ids)})
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.items = iter(feeds)
+
+        def get_next(self):
+            return next(self.items, None)
+
+    quantize_static(str(source), str(target), Reader(), quant_format=QuantFormat.QOperator,
+                    per_channel=True, op_types_to_quantize=["MatMul"],
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    calibrate_method=CalibrationMethod.MinMax)
+
+
+def heldout_report(runner, held_docs: dict[str, list[str]]) -> None:
     for name in CORPORA:
         docs = held_docs[name]
         nll = tokens = 0.0
@@ -404,14 +459,11 @@ def main(argv: list[str] | None = None) -> int:
               f"perplexity {math.exp(nll / tokens):.2f}, bits/char {nll / chars / math.log(2):.3f}")
     _, held_units = split_corpus("austen")
     snippets = conversational("austen", held_units)[:2000]
-    total = sum(len(i.nll) for i in runner.token_nll(snippets))
-    nll = sum(float(i.nll.sum()) for i in runner.token_nll(snippets))
+    items = runner.token_nll(snippets)
+    total = sum(len(i.nll) for i in items)
+    nll = sum(float(i.nll.sum()) for i in items)
     print(f"held-out conversational (austen questions/quotes): {len(snippets)} utterances, "
           f"{total} tokens, perplexity {math.exp(nll / total):.2f}")
-    for path in sorted(out_dir.iterdir()):
-        print(f"{path}: {path.stat().st_size} bytes")
-    print(f"done in {time.time() - started:.0f}s", file=sys.stderr)
-    return 0
 
 
 def export_onnx(model, path: Path, vocab: int) -> None:
