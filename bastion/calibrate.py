@@ -9,6 +9,13 @@ as in the sidecar (sanitizers before the detector), so the threshold matches wha
 scores. Detectors that learn (``needs_fit``) are fitted on one part of the data and the
 threshold is set on the other, and their state is saved where the stage's `state` option says.
 The result is a JSON file that the stage's `threshold_file` option reads.
+
+Response stages that score the model's own features (``detect.features``) are calibrated on
+benign *inputs* instead: ``--data benign.npz`` holds one array per model input (e.g. ``image``,
+[n, ...]) and optionally ``labels`` [n]; each batch goes to the upstream (``--upstream``, default
+the config's ``upstream.target``, TLS as configured) asking for the stage's output, the detector
+is fitted on part of the answers (class-conditional on ``labels``, or on the upstream's predicted
+class without them) and the threshold set on the rest.
 """
 from __future__ import annotations
 
@@ -38,12 +45,18 @@ def read_texts(path: str, field: str = "text", label: str | None = "benign") -> 
     return texts
 
 
-def _find_runner(pipeline, stage_id: str):
-    for index, runner in enumerate(pipeline.runners):
+def _find_runner(pipeline, stage_id: str, response: bool = False):
+    runners = pipeline.response_runners if response else pipeline.runners
+    for index, runner in enumerate(runners):
         if runner.config.stage_id == stage_id:
             return index, runner
-    known = ", ".join(r.config.stage_id for r in pipeline.runners) or "none"
+    every = pipeline.runners + pipeline.response_runners
+    known = ", ".join(r.config.stage_id for r in every) or "none"
     raise SystemExit(f"bastion calibrate: model has no stage {stage_id!r} (stages: {known})")
+
+
+def _is_response_stage(pipeline, stage_id: str) -> bool:
+    return any(r.config.stage_id == stage_id for r in pipeline.response_runners)
 
 
 async def score_texts(pipeline, stage_id: str, input_name: str, texts: list[str],
@@ -110,6 +123,9 @@ def calibrate(args: argparse.Namespace) -> int:
         print(f"bastion calibrate: {args.config} has no model {args.model!r}", file=sys.stderr)
         return 2
     pipeline = build_pipeline(args.model, model)
+    if _is_response_stage(pipeline, args.stage):
+        _, runner = _find_runner(pipeline, args.stage, response=True)
+        return calibrate_response_stage(args, config, runner)
     _, runner = _find_runner(pipeline, args.stage)
     input_name = args.input or next((n for n, s in model.inputs.items()
                                      if s.kind == "text" or s.datatype == "BYTES"), "prompt")
@@ -134,11 +150,20 @@ def calibrate(args: argparse.Namespace) -> int:
         print(f"bastion calibrate: {fit_note}", file=sys.stderr)
     scores = asyncio.run(score_texts(pipeline, args.stage, input_name, held_out,
                                      progress=sys.stderr.isatty() or args.progress))
+    return write_threshold(args, runner, scores, fit_note, "texts")
+
+
+def write_threshold(args, runner, scores: np.ndarray, fit_note: str, unit: str) -> int:
+    """Threshold at the target FPR on held-out benign scores -> the stage's threshold file."""
     scores = scores[np.isfinite(scores)]
+    if len(scores) == 0:
+        print("bastion calibrate: no finite scores on the held-out data", file=sys.stderr)
+        return 2
     threshold = threshold_at_fpr(scores, args.target_fpr)
     observed = float(np.mean(scores >= threshold))
     out = pathlib.Path(args.out or f"thresholds/{args.model}.{args.stage}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
+    quantiles = [0.5, 0.9, 0.95, 0.99, 0.999]
     result = {
         "threshold": threshold,
         "target_fpr": args.target_fpr,
@@ -149,15 +174,112 @@ def calibrate(args: argparse.Namespace) -> int:
         "scored": int(len(scores)),
         "fit": fit_note,
         "quantiles": {f"p{q * 100:g}": float(v) for q, v in
-                      zip([0.5, 0.9, 0.95, 0.99, 0.999], np.quantile(scores, [0.5, 0.9, 0.95, 0.99, 0.999]))},
+                      zip(quantiles, np.quantile(scores, quantiles))},
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"scores on benign data: {describe(scores)}")
     print(f"threshold {threshold:.6g} at target FPR {args.target_fpr:g} (observed {observed:.4f} "
-          f"on {len(scores)} held-out benign texts) -> {out}")
+          f"on {len(scores)} held-out benign {unit}) -> {out}")
     print(f"use it with:  - {runner.config.kind_name}: {{threshold_file: {out}, ...}}")
     return 0
+
+
+def read_tensors(path: str) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+    """A benign-input .npz: one array per model input (same first dimension), ``labels``."""
+    with np.load(path, allow_pickle=False) as data:
+        arrays = {name: data[name] for name in data.files}
+    labels = arrays.pop("labels", None)
+    if not arrays:
+        raise SystemExit(f"bastion calibrate: {path} holds no input arrays")
+    rows = {len(a) for a in arrays.values()} | ({len(labels)} if labels is not None else set())
+    if len(rows) != 1:
+        raise SystemExit(f"bastion calibrate: the arrays in {path} differ in length ({sorted(rows)})")
+    return arrays, labels
+
+
+def upstream_outputs(config, model: str, arrays: dict[str, np.ndarray], outputs: list[str],
+                     target: str, batch: int) -> dict[str, np.ndarray]:
+    """The upstream's answers to ``arrays`` (``batch`` rows per request), ``outputs`` only."""
+    import grpc
+
+    from bastion.protos import pb
+    from bastion.proxy.tls import channel_credentials
+    from bastion.transforms import tensor
+
+    tls = config.tls.upstream
+    options = [("grpc.max_receive_message_length", config.upstream.max_receive_message_bytes),
+               ("grpc.max_send_message_length", config.upstream.max_send_message_bytes)]
+    if tls.server_name:
+        options.append(("grpc.ssl_target_name_override", tls.server_name))
+    channel = (grpc.secure_channel(target, channel_credentials(tls), options) if tls.active
+               else grpc.insecure_channel(target, options))
+    infer = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+    total = len(next(iter(arrays.values())))
+    collected: dict[str, list[np.ndarray]] = {name: [] for name in outputs}
+    try:
+        for start in range(0, total, batch):
+            request = pb.ModelInferRequest(model_name=model, id=f"calibrate-{start}")
+            tensor.encode_request(request, {n: a[start:start + batch] for n, a in arrays.items()})
+            for name in outputs:
+                request.outputs.add(name=name)
+            try:
+                raw = infer(request.SerializeToString(), timeout=config.upstream.timeout_s)
+            except grpc.RpcError as err:
+                raise SystemExit(f"bastion calibrate: upstream {target} answered "
+                                 f"{err.code().name}: {err.details()}") from None
+            answer = tensor.decode_response(pb.ModelInferResponse.FromString(raw))
+            for name in outputs:
+                if name not in answer:
+                    raise SystemExit(f"bastion calibrate: the upstream's answer for model "
+                                     f"{model!r} has no output {name!r}")
+                collected[name].append(answer[name])
+    finally:
+        channel.close()
+    return {name: np.concatenate(parts) for name, parts in collected.items()}
+
+
+def calibrate_response_stage(args, config, runner) -> int:
+    """Fit a feature stage on the upstream's answers to benign inputs; threshold on held-out."""
+    stage = runner.config.impl
+    if not hasattr(stage, "fit_features"):
+        print(f"bastion calibrate: stage {args.stage!r} ({runner.config.kind_name}) learns "
+              "nothing from benign data; set its threshold in the config", file=sys.stderr)
+        return 2
+    if not args.data.endswith(".npz"):
+        print("bastion calibrate: a response stage is calibrated on benign inputs: --data "
+              "must be an .npz with one array per model input", file=sys.stderr)
+        return 2
+    arrays, labels = read_tensors(args.data)
+    if args.limit:
+        arrays = {n: a[:args.limit] for n, a in arrays.items()}
+        labels = labels[:args.limit] if labels is not None else None
+    total = len(next(iter(arrays.values())))
+    if total < 20:
+        print(f"bastion calibrate: only {total} benign inputs in {args.data}", file=sys.stderr)
+        return 2
+    target = args.upstream or config.upstream.target
+    wanted = stage.wanted(fitting=True)
+    answers = upstream_outputs(config, args.model, arrays, wanted, target, args.batch_size)
+    features = answers[wanted[0]].reshape(total, -1)
+    predicted = (answers[wanted[1]].reshape(total, -1).argmax(axis=1) if len(wanted) > 1
+                 else None)
+    classes = labels if labels is not None else predicted
+    order = np.random.default_rng(args.seed).permutation(total)
+    cut = int(total * args.fit_fraction)
+    fit_rows, held_rows = order[:cut], order[cut:]
+    source = f"upstream:{args.model}:{wanted[0]}"
+    stage.fit_features(features[fit_rows], classes[fit_rows] if classes is not None else None,
+                       source)
+    saved = stage.save()
+    fit_note = (f"fitted on {len(fit_rows)} inputs' `{wanted[0]}` from {target}"
+                + (" (classes: " + ("labels" if labels is not None else "predicted") + ")"
+                   if classes is not None and len(wanted) > 1 else "")
+                + f", state saved to {saved}")
+    print(f"bastion calibrate: {fit_note}", file=sys.stderr)
+    scores = stage.score_rows(features[held_rows],
+                              predicted[held_rows] if predicted is not None else None)
+    return write_threshold(args, runner, scores, fit_note, "inputs")
 
 
 def add_parser(sub) -> None:
@@ -166,7 +288,8 @@ def add_parser(sub) -> None:
     parser.add_argument("-c", "--config", required=True)
     parser.add_argument("--model", required=True)
     parser.add_argument("--stage", required=True, help="stage id (or name) in the model's pipeline")
-    parser.add_argument("--data", required=True, help="benign reference .jsonl[.gz]")
+    parser.add_argument("--data", required=True, help="benign reference .jsonl[.gz] (text), or "
+                        ".npz of model inputs (+ labels) for a response stage")
     parser.add_argument("--text-field", default="text")
     parser.add_argument("--input", help="the model's text input name (default: from config)")
     parser.add_argument("--target-fpr", type=float, default=0.01)
@@ -175,4 +298,8 @@ def add_parser(sub) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", help="threshold file (default thresholds/MODEL.STAGE.json)")
     parser.add_argument("--progress", action="store_true", help="progress bar even without a TTY")
+    parser.add_argument("--upstream", help="response stages: the model server to ask "
+                                           "(default: the config's upstream.target)")
+    parser.add_argument("--batch-size", type=int, default=256,
+                        help="response stages: inputs per upstream request")
     parser.set_defaults(func=calibrate)

@@ -37,8 +37,8 @@ optionally average-pooled to ``pool`` x ``pool``). Fit its state with::
 
 (``--features`` is the raw inputs for an ``input:`` source: the pooling is applied as the stage
 applies it.) :class:`FeatureAnomalyDetector` scores [batch, d] features the upstream returns,
-with an optional predicted class per row; the response-stage wiring lives with the response
-stages.
+with an optional predicted class per row; the response stage that asks the upstream for them,
+``detect.features``, is :mod:`bastion.detectors.upstream_features`.
 """
 from __future__ import annotations
 
@@ -64,8 +64,7 @@ from bastion.transforms.base import NUMERIC_DATATYPES
 
 __all__ = ["FORMAT", "VERSION", "METHODS", "StateError", "AnomalyModel", "Mahalanobis", "KNN",
            "IForest", "make_model", "save_state", "load_state", "pool_features",
-           "FeatureAnomalyDetector", "InputAnomalyDetector", "InputAnomalyOptions",
-           "FeatureAnomalyOptions", "build_feature_anomaly"]
+           "FeatureAnomalyDetector", "InputAnomalyDetector", "InputAnomalyOptions"]
 
 FORMAT = "bastion.anomaly-state"
 VERSION = 1
@@ -702,21 +701,6 @@ def build_input_anomaly(options: InputAnomalyOptions) -> InputAnomalyDetector:
 
 register("detect.input_anomaly", "detector", InputAnomalyOptions, build_input_anomaly,
          offload=True)
-
-
-class FeatureAnomalyOptions(StageOptions):
-    """Options for scoring upstream features (for the response-stage wiring)."""
-    method: Method = "mahalanobis"
-    state: str
-    #: e.g. ``upstream:fashion-mnist:features``
-    source: str
-    output: str = "features"
-    #: Output whose argmax is the predicted class (class_mode: predicted), or None.
-    logits: str | None = "logits"
-
-
-def build_feature_anomaly(options: FeatureAnomalyOptions) -> FeatureAnomalyDetector:
-    return FeatureAnomalyDetector.from_state(options.state, options.source, options.method)
 
 
 # --------------------------------------------------------------------------------------------

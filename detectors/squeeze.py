@@ -37,8 +37,10 @@ Outputs
     added to the forwarded request and removed from the answer again. The result's
     ``extra_items`` (metric ``bastion_extra_upstream_items_total``) is N * V.
 
-Order with other response stages: put ``smooth.randomized`` *before* ``detect.squeeze`` (it does
-not change the forwarded request, and the rows it adds to the answer are its own).
+Order with other response stages: put ``smooth.randomized`` *before* ``detect.squeeze``. Stages
+prepare in pipeline order, so smoothing reads the client's image before the variants are batched
+in; they finish in reverse order, so this stage has sliced the answer back to the client's rows
+before smoothing rewrites it.
 
 The pure pieces (:func:`parse_squeezer`, :meth:`FeatureSqueezer.variants`,
 :func:`squeeze_distances`) are what tools/eval_squeeze_smoothing.py measures, so the evaluation

@@ -196,7 +196,10 @@ class InferenceHandler:
         ctx = inspected.ctx
         extra: dict = {}
         failed = False
-        for runner, prepared in inspected.plan:
+        # Reverse order (Envoy's encoder filters): the stage that changed the forwarded request
+        # last sees the answer first, so each one undoes its own change after the stages that
+        # came after it have read the answer (e.g. an output two stages asked for).
+        for runner, prepared in reversed(inspected.plan):
             decision, parameters, _ = await runner.finish(prepared, response, call_upstream)
             ctx.decisions.append(decision)
             if decision.score is not None:

@@ -23,6 +23,7 @@ STAGE_MODULES = (
     "bastion.detectors.fault",
     "bastion.detectors.squeeze",
     "bastion.detectors.smoothing",
+    "bastion.detectors.upstream_features",
     "bastion.detectors.lm",
     "bastion.detectors.anomaly",
     "bastion.detectors.embedding",

@@ -11,8 +11,8 @@ cd "$(dirname "$0")/.."
 mode="${1:-runtime}"
 PIP=(python3 -m pip install --quiet --disable-pip-version-check --no-input)
 
-# Debian packages the tests drive as real peers (none needed at runtime).
-TEST_APT_PACKAGES=(redis-server prometheus)
+# Debian packages the tests drive as real peers or read as data (none needed at runtime).
+TEST_APT_PACKAGES=(redis-server prometheus dataset-fashion-mnist)
 
 case "$mode" in
   runtime|--runtime)

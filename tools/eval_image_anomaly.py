@@ -5,7 +5,7 @@ docs/quality-image-anomaly.md (between its GENERATED markers).
 Run from the repository root (torch only for the attacks):
 
     pip install torch==2.13.0          # local CPU wheel; no other torch spec
-    python3 tools/eval_image_anomaly.py                # ~3 min on 2 cores; --help for sizes
+    python3 tools/eval_image_anomaly.py     # ~20 min on 2 cores (PGD); --help for sizes
 
 What it does
 
@@ -17,8 +17,10 @@ What it does
 * Attacks (white-box on the model, not adaptive to the detectors), L-inf, on the test images:
   FGSM (one step of eps) and PGD (Madry et al.: uniform random start in the eps-ball,
   ``--pgd-steps`` steps of 2.5 eps / steps, projected on the ball and [0, 1]), eps 0.1 and 0.3.
-* Features: the model's ``features`` output (64-d penultimate ReLU), computed by onnxruntime on
-  the clean / attacked images: what the upstream returns. Also the input itself
+* Features: the model's ``features`` output (64-d penultimate ReLU) and its ``conv1_stats``
+  output (48 per-channel statistics of the first conv block: mean, std, fraction active),
+  computed by onnxruntime on the clean / attacked images: what the upstream returns to
+  ``detect.features``, scored by the stage's own ``FeatureAnomalyDetector``. Also the input itself
   (``detect.input_anomaly``): the 784 pixels, and 7x7 average-pooled.
 * Detectors (bastion.detectors.anomaly, the stage code): fitted on the 60,000 training images'
   features (class labels = training labels for the class-conditional Mahalanobis).
@@ -43,6 +45,8 @@ ONNX_PATH = REPO / "bastion" / "demo_models" / "fashion-mnist" / "model.onnx"
 DOC = REPO / "docs" / "quality-image-anomaly.md"
 BEGIN, END = "<!-- BEGIN GENERATED -->", "<!-- END GENERATED -->"
 TARGET_FPR = 0.05
+#: The model's feature outputs scored (``detect.features``'s ``output``).
+FEATURE_OUTPUTS = ("features", "conv1_stats")
 
 
 def training_module():
@@ -61,29 +65,16 @@ def onnx_session(threads: int):
     return ort.InferenceSession(str(ONNX_PATH), options, providers=["CPUExecutionProvider"])
 
 
-def onnx_outputs(sess, images: np.ndarray, batch: int = 1000) -> tuple[np.ndarray, np.ndarray]:
-    logits, features = [], []
-    for i in range(0, len(images), batch):
-        lo, fe = sess.run(["logits", "features"], {"image": images[i:i + batch]})
-        logits.append(lo)
-        features.append(fe)
-    return np.concatenate(logits), np.concatenate(features)
+def onnx_outputs(sess, images: np.ndarray, batch: int = 1000) -> dict[str, np.ndarray]:
+    """Every output of the model (logits, features, conv1_stats) for ``images``."""
+    names = [o.name for o in sess.get_outputs()]
+    parts = [sess.run(names, {"image": images[i:i + batch]}) for i in range(0, len(images), batch)]
+    return {name: np.concatenate(column) for name, column in zip(names, zip(*parts))}
 
 
 def torch_model(train):
     """The demo CNN in torch with the ONNX file's weights."""
-    import onnx
-    import torch
-    from onnx import numpy_helper
-    model = train.build_model()
-    weights = {i.name: torch.from_numpy(numpy_helper.to_array(i).copy())
-               for i in onnx.load(str(ONNX_PATH)).graph.initializer}
-    state = model.state_dict()
-    if set(state) != set(weights):
-        raise SystemExit(f"ONNX initializers {sorted(weights)} do not match the torch "
-                         f"parameters {sorted(state)}")
-    model.load_state_dict(weights)
-    return model.eval()
+    return train.load_onnx_weights(train.build_model(), ONNX_PATH).eval()
 
 
 def check_rebuild(model, sess, images: np.ndarray) -> float:
@@ -91,10 +82,10 @@ def check_rebuild(model, sess, images: np.ndarray) -> float:
     worst = 0.0
     for i in range(0, len(images), 1000):
         with torch.no_grad():
-            t_logits, t_features = (t.numpy() for t in model(torch.from_numpy(images[i:i + 1000])))
-        o_logits, o_features = onnx_outputs(sess, images[i:i + 1000])
-        worst = max(worst, float(np.abs(t_logits - o_logits).max()),
-                    float(np.abs(t_features - o_features).max()))
+            expected = [t.numpy() for t in model(torch.from_numpy(images[i:i + 1000]))]
+        served = onnx_outputs(sess, images[i:i + 1000])
+        worst = max([worst] + [float(np.abs(t - o).max())
+                               for t, o in zip(expected, served.values())])
     if worst > 1e-4:
         raise SystemExit(f"rebuilt torch model differs from the ONNX model (max |diff| {worst:.2e})")
     return worst
@@ -146,8 +137,8 @@ def main() -> None:
     import torch
 
     from bastion.calibrate import threshold_at_fpr
-    from bastion.detectors.anomaly import (InputAnomalyDetector, load_state, make_model,
-                                           pool_features, save_state)
+    from bastion.detectors.anomaly import (FeatureAnomalyDetector, InputAnomalyDetector,
+                                           make_model, pool_features, save_state)
 
     torch.set_num_threads(args.threads)
     started = time.time()
@@ -164,8 +155,9 @@ def main() -> None:
     print(f"torch rebuild vs onnxruntime, {len(x_test)} test images: max |diff| {diff:.2e}",
           flush=True)
 
-    train_logits, train_features = onnx_outputs(sess, x_train)
-    clean_logits, clean_features = onnx_outputs(sess, x_test)
+    train_out = onnx_outputs(sess, x_train)
+    clean_out = onnx_outputs(sess, x_test)
+    clean_logits = clean_out["logits"]
     accuracy = float((clean_logits.argmax(1) == y_test).mean())
     print(f"clean test accuracy {accuracy:.4f}", flush=True)
 
@@ -180,31 +172,34 @@ def main() -> None:
     half = len(x_test) // 2
     calib, held = slice(0, half), slice(half, None)
 
-    # Detectors: (name, source, fit -> scorer(images, logits, features) -> scores)
+    # Detectors: (name, source, scorer(images, outputs) -> scores)
     detectors = []
 
-    def add_feature_detector(name, method, classes=None, class_mode="min", **kw):
+    def add_feature_detector(output, name, method, classes=None, class_mode="min", **kw):
         t0 = time.time()
-        m = make_model(method, class_mode=class_mode, **kw).fit(train_features, classes)
-        # Round-trip through the state file, as the stage would load it.
-        path = pathlib.Path("/tmp") / f"bastion-eval-image-{method}.npz"
-        save_state(path, m, "upstream:fashion-mnist:features")
-        m, _ = load_state(path, source="upstream:fashion-mnist:features", method=method)
+        source = f"upstream:fashion-mnist:{output}"
+        m = make_model(method, class_mode=class_mode, **kw).fit(train_out[output], classes)
+        # Round-trip through the state file, and score with the stage's detector class.
+        path = pathlib.Path("/tmp") / f"bastion-eval-image-{output}-{method}.npz"
+        save_state(path, m, source)
+        detector = FeatureAnomalyDetector.from_state(path, source, method)
         predicted_mode = class_mode == "predicted"
 
-        def scorer(images, logits, features):
-            return m.score(features, logits.argmax(1) if predicted_mode else None)
-        detectors.append((name, "features (64-d)", scorer))
-        print(f"fitted {name} in {time.time() - t0:.1f}s", flush=True)
+        def scorer(images, outputs):
+            predicted = outputs["logits"].argmax(1) if predicted_mode else None
+            return detector.score_features(outputs[output], predicted)
+        detectors.append((name, f"`{output}` ({train_out[output].shape[1]}-d)", scorer))
+        print(f"fitted {name} on {output} in {time.time() - t0:.1f}s", flush=True)
 
-    add_feature_detector("Mahalanobis, class-conditional (min over classes)", "mahalanobis",
-                         y_train)
-    add_feature_detector("Mahalanobis, class-conditional (predicted class)", "mahalanobis",
-                         y_train, class_mode="predicted")
-    add_feature_detector("Mahalanobis, one Gaussian", "mahalanobis")
-    add_feature_detector("kNN k=10 mean", "knn", k=10)
-    add_feature_detector("kNN k=1", "knn", k=1)
-    add_feature_detector("IsolationForest", "iforest", n_estimators=200)
+    for output in FEATURE_OUTPUTS:
+        add_feature_detector(output, "Mahalanobis, class-conditional (min over classes)",
+                             "mahalanobis", y_train)
+        add_feature_detector(output, "Mahalanobis, class-conditional (predicted class)",
+                             "mahalanobis", y_train, class_mode="predicted")
+        add_feature_detector(output, "Mahalanobis, one Gaussian", "mahalanobis")
+        add_feature_detector(output, "kNN k=10 mean", "knn", k=10)
+        add_feature_detector(output, "kNN k=1", "knn", k=1)
+        add_feature_detector(output, "IsolationForest", "iforest", n_estimators=200)
 
     for pool, label in ((None, "pixels (784)"), (14, "pixels 14x14 avg-pooled (196)"),
                         (7, "pixels 7x7 avg-pooled (49)")):
@@ -212,21 +207,21 @@ def main() -> None:
             m = make_model(method, k=10).fit(pool_features(x_train, pool))
             detector = InputAnomalyDetector(m, pool, "input:fashion-mnist:image")
 
-            def scorer(images, logits, features, detector=detector):
+            def scorer(images, outputs, detector=detector):
                 return detector.model.score(detector.features(images))
             detectors.append((f"{method} on input", label, scorer))
 
     rows = []
     for name, source, scorer in detectors:
-        clean = scorer(x_test, clean_logits, clean_features)
+        clean = scorer(x_test, clean_out)
         threshold = threshold_at_fpr(clean[calib], TARGET_FPR)
         clean_held = clean[held]
         fpr = float(np.mean(clean_held >= threshold))
         for attack, images in attacks.items():
-            logits, features = attack_outputs[attack]
-            scores = scorer(images, logits, features)[held]
+            outputs = attack_outputs[attack]
+            scores = scorer(images, outputs)[held]
             success = ((clean_logits[held].argmax(1) == y_test[held])
-                       & (logits[held].argmax(1) != y_test[held]))
+                       & (outputs["logits"][held].argmax(1) != y_test[held]))
             rows.append({
                 "detector": name, "source": source, "attack": attack,
                 "attack_success": float(success.mean()),
@@ -240,7 +235,7 @@ def main() -> None:
             f"{r['attack']} AUROC {r['auroc_all']:.4f}" for r in rows if r["detector"] == name
             and r["source"] == source), flush=True)
 
-    adv_acc = {k: float((v[0].argmax(1) == y_test).mean()) for k, v in attack_outputs.items()}
+    adv_acc = {k: float((v["logits"].argmax(1) == y_test).mean()) for k, v in attack_outputs.items()}
     lines = render(args, rows, accuracy, adv_acc, diff, time.time() - started)
     text = "\n".join(lines)
     print(text)
@@ -262,19 +257,20 @@ def render(args, rows, accuracy, adv_acc, diff, seconds) -> list[str]:
         f"{onnxruntime.__version__}, scikit-learn {sklearn.__version__}).",
         "",
         f"Rebuilt torch CNN vs the ONNX model on {args.test} test images: max |diff| {diff:.1e} "
-        f"(logits and features). Clean test accuracy {accuracy:.4f}; under attack: "
+        f"(every output). Clean test accuracy {accuracy:.4f}; under attack: "
         + ", ".join(f"{k} {v:.4f}" for k, v in adv_acc.items()) + ".",
         "",
         f"Threshold per detector: {TARGET_FPR:.0%} FPR on test images 0-{args.test // 2 - 1} "
         f"(clean); everything below is on images {args.test // 2}-{args.test - 1}. "
         "`FPR` = clean held-out images flagged at that threshold.",
         "",
-        "### Features the model returns (`features`, 64-d): the target",
-        "",
     ]
-    out += table([r for r in rows if r["source"].startswith("features")])
-    out += ["", "### The input itself (`detect.input_anomaly`)", ""]
-    out += table([r for r in rows if not r["source"].startswith("features")])
+    for output in FEATURE_OUTPUTS:
+        out += [f"### Features the model returns: `{output}` (`detect.features`)", ""]
+        out += table([r for r in rows if r["source"].startswith(f"`{output}`")])
+        out += [""]
+    out += ["### The input itself (`detect.input_anomaly`)", ""]
+    out += table([r for r in rows if not r["source"].startswith("`")])
     return out
 
 

@@ -85,18 +85,7 @@ def run_logits(sess, images: np.ndarray, batch: int = 1000) -> np.ndarray:
 
 
 def torch_model_from_onnx(train, path=ONNX_PATH):
-    import onnx
-    import torch
-    from onnx import numpy_helper
-    model = train.build_model()
-    weights = {i.name: torch.from_numpy(numpy_helper.to_array(i).copy())
-               for i in onnx.load(str(path)).graph.initializer}
-    state = model.state_dict()
-    missing = set(state) ^ set(weights)
-    if missing:
-        raise SystemExit(f"ONNX initializers and torch parameters differ: {sorted(missing)}")
-    model.load_state_dict(weights)
-    return model.eval()
+    return train.load_onnx_weights(train.build_model(), pathlib.Path(path)).eval()
 
 
 def torch_logits(model, images: np.ndarray) -> np.ndarray:
@@ -295,14 +284,13 @@ def finetune_with_noise(train, base, x_train, y_train, sigma, epochs, seed):
     return model.eval()
 
 
-def export_onnx(model, path, example):
+def export_onnx(train, model, path, example):
     import torch
     warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export",
                             category=DeprecationWarning)
     torch.onnx.export(model, (torch.from_numpy(example),), str(path), dynamo=False,
-                      opset_version=17, input_names=["image"], output_names=["logits", "features"],
-                      dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"},
-                                    "features": {0: "batch"}})
+                      opset_version=17, input_names=["image"], output_names=list(train.OUTPUTS),
+                      dynamic_axes={n: {0: "batch"} for n in ("image", *train.OUTPUTS)})
 
 
 def evaluate_smoothing(args, train, base, sess, x_test, y_test) -> tuple[list[str], dict]:
@@ -322,7 +310,7 @@ def evaluate_smoothing(args, train, base, sess, x_test, y_test) -> tuple[list[st
             tuned = finetune_with_noise(train, base, x_train, y_train, sigma,
                                         args.finetune_epochs, args.seed)
             path = pathlib.Path(tmp.name) / f"noise-{sigma}.onnx"
-            export_onnx(tuned, path, x_test[:2])
+            export_onnx(train, tuned, path, x_test[:2])
             tuned_sess = session(path)
             diff = np.abs(run_logits(tuned_sess, x_test[:2000])
                           - torch_logits(tuned, x_test[:2000]))

@@ -9,9 +9,18 @@ Training-time dependencies only (the model server needs just onnxruntime):
 ``torch==2.13.0`` (CPU wheel), ``onnx``, ``onnxruntime``, ``numpy``.  Data comes from the
 Debian package ``dataset-fashion-mnist`` (MIT / Expat, Zalando SE).
 
-The exported graph has a second output, ``features`` (the 64-d penultimate activations),
-because Bastion's detectors (e.g. feature-space outlier checks) need an embedding and the
-model server should not have to run a second model to get one.
+The exported graph has two more outputs besides ``logits``, because Bastion's feature-space
+detectors (``detect.features``) need an embedding and the model server should not have to run
+a second model to get one:
+
+* ``features``: the 64-d penultimate activations (Lee et al. 2018's usual choice);
+* ``conv1_stats``: 48 statistics of the first conv block's ReLU maps, per channel the spatial
+  mean, standard deviation and fraction of active units. Low-level statistics see the
+  high-frequency noise of small L-inf perturbations, which the penultimate layer maps onto
+  ordinary class features (docs/quality-image-anomaly.md measures both).
+
+``--from-onnx PATH`` skips training and re-exports the weights of an existing export, so an
+output can be added without changing the model's answers.
 
 Determinism: with the same seed, torch version and thread count the script produces the same
 weights.  Thread count matters because CPU conv kernels split reductions across threads, so we
@@ -33,6 +42,7 @@ OUT_DIR = Path("bastion/demo_models/fashion-mnist")
 LABELS = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
           "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 N_SAMPLES = 64  # test images shipped for the demo traffic generator and tests
+OUTPUTS = ("logits", "features", "conv1_stats")
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -53,6 +63,31 @@ def load_split(split: str) -> tuple[np.ndarray, np.ndarray]:
     return images, labels.astype(np.int64)
 
 
+def activation_stats(maps):
+    """Per channel of [N, C, H, W] ReLU maps: spatial mean, standard deviation and fraction of
+    units > 0, as [N, 3C] (written with plain ops so the ONNX export is a few reduce nodes)."""
+    import torch
+    mean = maps.mean(dim=(2, 3))
+    std = (maps - mean[:, :, None, None]).pow(2).mean(dim=(2, 3)).sqrt()
+    active = (maps > 0).to(maps.dtype).mean(dim=(2, 3))
+    return torch.cat([mean, std, active], dim=1)
+
+
+def load_onnx_weights(model, path: Path):
+    """Load the initializers of an earlier export into ``model`` (names must match)."""
+    import onnx
+    import torch
+    from onnx import numpy_helper
+    weights = {i.name: torch.from_numpy(numpy_helper.to_array(i).copy())
+               for i in onnx.load(str(path)).graph.initializer}
+    state = model.state_dict()
+    if set(state) != set(weights):
+        raise SystemExit(f"{path}: initializers {sorted(weights)} do not match the torch "
+                         f"parameters {sorted(state)}")
+    model.load_state_dict(weights)
+    return model
+
+
 def build_model():
     import torch
     from torch import nn
@@ -60,7 +95,7 @@ def build_model():
     class FashionCNN(nn.Module):
         """2 conv blocks -> 64-unit dense (ReLU) -> 10-way linear head.
 
-        Returns (logits, features) so both can be exported as graph outputs.
+        Returns (logits, features, conv1_stats), all exported as graph outputs.
         """
 
         def __init__(self) -> None:
@@ -73,11 +108,42 @@ def build_model():
             self.fc = nn.Sequential(nn.Linear(32 * 7 * 7, 64), nn.ReLU())
             self.head = nn.Linear(64, 10)
 
-        def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            features = self.fc(self.conv(image))
-            return self.head(features), features
+        def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            conv1 = self.conv[1](self.conv[0](image))           # first block's ReLU maps
+            features = self.fc(self.conv[2:](conv1))
+            return self.head(features), features, activation_stats(conv1)
 
     return FashionCNN()
+
+
+def train(model, x_train, y_train_t, x_test, y_test, args) -> None:
+    import torch
+    from torch import nn
+
+    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=args.epochs)
+    loss_fn = nn.CrossEntropyLoss()
+    gen = torch.Generator().manual_seed(args.seed)  # own generator: shuffling order depends only on the seed
+
+    t0 = time.time()
+    for epoch in range(args.epochs):
+        model.train()
+        perm = torch.randperm(len(x_train), generator=gen)
+        total = 0.0
+        for i in range(0, len(perm), args.batch_size):
+            idx = perm[i:i + args.batch_size]
+            logits = model(x_train[idx])[0]
+            loss = loss_fn(logits, y_train_t[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total += loss.item() * len(idx)
+        sched.step()
+        model.eval()
+        with torch.no_grad():
+            acc = (model(x_test)[0].argmax(1).numpy() == y_test).mean()
+        print(f"epoch {epoch + 1}/{args.epochs}: train loss {total / len(perm):.4f}  "
+              f"test acc (torch) {acc:.4f}  [{time.time() - t0:.0f}s]")
 
 
 def main() -> None:
@@ -88,11 +154,12 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--from-onnx", type=Path,
+                    help="no training: re-export the weights of this earlier export")
     args = ap.parse_args()
 
     import onnxruntime as ort
     import torch
-    from torch import nn
 
     random.seed(args.seed)
     np.random.seed(args.seed)
@@ -110,30 +177,11 @@ def main() -> None:
     model = build_model()
     n_params = sum(p.numel() for p in model.parameters())
     print(f"parameters: {n_params}")
-    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=args.epochs)
-    loss_fn = nn.CrossEntropyLoss()
-    gen = torch.Generator().manual_seed(args.seed)  # own generator: shuffling order depends only on the seed
-
-    t0 = time.time()
-    for epoch in range(args.epochs):
-        model.train()
-        perm = torch.randperm(len(x_train), generator=gen)
-        total = 0.0
-        for i in range(0, len(perm), args.batch_size):
-            idx = perm[i:i + args.batch_size]
-            logits, _ = model(x_train[idx])
-            loss = loss_fn(logits, y_train_t[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            total += loss.item() * len(idx)
-        sched.step()
-        model.eval()
-        with torch.no_grad():
-            acc = (model(x_test)[0].argmax(1).numpy() == y_test).mean()
-        print(f"epoch {epoch + 1}/{args.epochs}: train loss {total / len(perm):.4f}  "
-              f"test acc (torch) {acc:.4f}  [{time.time() - t0:.0f}s]")
+    if args.from_onnx:
+        load_onnx_weights(model, args.from_onnx)
+        print(f"weights from {args.from_onnx}, not trained")
+    else:
+        train(model, x_train, y_train_t, x_test, y_test, args)
 
     args.out_dir.mkdir(parents=True, exist_ok=True)
     onnx_path = args.out_dir / "model.onnx"
@@ -143,8 +191,8 @@ def main() -> None:
     warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export", category=DeprecationWarning)
     torch.onnx.export(
         model, (x_test[:2],), str(onnx_path), dynamo=False, opset_version=17,
-        input_names=["image"], output_names=["logits", "features"],
-        dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}, "features": {0: "batch"}},
+        input_names=["image"], output_names=list(OUTPUTS),
+        dynamic_axes={name: {0: "batch"} for name in ("image", *OUTPUTS)},
     )
     (args.out_dir / "labels.txt").write_text("\n".join(LABELS) + "\n")
     np.savez_compressed(args.out_dir / "samples.npz",
@@ -155,15 +203,11 @@ def main() -> None:
     sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     x_np = x_test.numpy()
     with torch.no_grad():
-        t_logits, t_feats = (t.numpy() for t in model(x_test))
-    o_logits, o_feats = [], []
-    for i in range(0, len(x_np), 1000):
-        lo, fe = sess.run(["logits", "features"], {"image": x_np[i:i + 1000]})
-        o_logits.append(lo)
-        o_feats.append(fe)
-    o_logits, o_feats = np.concatenate(o_logits), np.concatenate(o_feats)
-    max_diff = max(np.abs(o_logits - t_logits).max(), np.abs(o_feats - t_feats).max())
-    onnx_acc = (o_logits.argmax(1) == y_test).mean()
+        expected = [t.numpy() for t in model(x_test)]
+    served = [np.concatenate(parts) for parts in zip(*(
+        sess.run(list(OUTPUTS), {"image": x_np[i:i + 1000]}) for i in range(0, len(x_np), 1000)))]
+    max_diff = max(float(np.abs(o - t).max()) for o, t in zip(served, expected))
+    onnx_acc = (served[0].argmax(1) == y_test).mean()
     print(f"max |onnx - torch| over test set: {max_diff:.2e}")
     if max_diff > 1e-4:
         raise SystemExit("ONNX export does not match torch within 1e-4")

@@ -1,0 +1,211 @@
+"""`detect.features`: score the features the upstream model returns (a response stage).
+
+Lee et al. (2018) detect adversarial and out-of-distribution inputs from a model's own hidden
+features; a sidecar cannot reach into the model, but a model server can return a hidden layer as
+an extra output (the demo CNN returns ``features``, its 64-d penultimate layer, and
+``conv1_stats``, statistics of its first conv block). This stage:
+
+1. before forwarding, asks for that output (and the ``logits`` output when the state's
+   Mahalanobis model scores against the predicted class) if the client named the outputs it
+   wants and did not name these: a request naming no outputs gets all of them anyway;
+2. scores the output's rows with a fitted :class:`~bastion.detectors.anomaly.AnomalyModel`
+   (Mahalanobis, class-conditional or not, kNN, IsolationForest), the request's score being its
+   most anomalous row's;
+3. removes what it added from the answer, so the client gets exactly the outputs it asked for.
+
+Options
+    ``output`` ("features"): the model output scored, [N, ...] (flattened per row).
+    ``state``: the fitted state (``bastion calibrate`` writes it; or
+    ``python -m bastion.detectors.anomaly fit``). ``method``: what the state must hold.
+    ``source``: the feature source the state must record; default ``upstream:*:<output>``
+    (any model's ``output``: name it, e.g. ``upstream:fashion-mnist:features``, to also tie the
+    state to the model). ``logits`` ("logits"): the output whose argmax is the predicted class,
+    used only by a Mahalanobis state fitted with ``class_mode: predicted``; null = never.
+
+Several ``detect.features`` stages (one per output) can share a pipeline: response stages finish
+in the reverse order of their ``prepare`` (as Envoy's encoder filters), so each removes its own
+additions only after the stages after it have read them.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import fnmatch
+import pathlib
+
+from typing import Literal
+
+import numpy as np
+
+from pydantic import Field
+
+from bastion.detectors.anomaly import (FeatureAnomalyDetector, Method, load_state, make_model,
+                                       save_state)
+from bastion.detectors.base import ResponseResult, ResponseStage
+from bastion.proxy.stages import StageOptions, register
+from bastion.transforms import tensor
+from bastion.transforms.base import NUMERIC_DATATYPES
+
+__all__ = ["UpstreamFeatureOptions", "UpstreamFeatureStage", "strip_outputs"]
+
+
+class UpstreamFeatureOptions(StageOptions):
+    output: str = "features"
+    #: State file written by ``bastion calibrate`` (required).
+    state: str
+    #: Method the state must hold (a mismatch is refused when the stage is built).
+    method: Method = "mahalanobis"
+    #: Source the state must record (glob); None = ``upstream:*:<output>``.
+    source: str | None = None
+    #: Output whose argmax is the predicted class (class_mode: predicted); None = never.
+    logits: str | None = "logits"
+    # Fitting only (``bastion calibrate``; a fitted state holds its own parameters):
+    #: Mahalanobis: one Gaussian per class (Lee et al.), classes from the data's labels or,
+    #: without labels, the upstream's predicted class.
+    class_conditional: bool = True
+    class_mode: Literal["min", "predicted"] = "min"
+    k: int = Field(default=10, ge=1)
+    reduce: Literal["mean", "kth"] = "mean"
+    n_estimators: int = Field(default=200, ge=1)
+    seed: int = 0
+
+
+def strip_outputs(response, names: set[str]) -> None:
+    """Remove the outputs ``names`` from a ModelInferResponse, keeping the others' bytes as
+    they are (raw contents stay aligned with their tensors)."""
+    if not names:
+        return
+    raw = list(response.raw_output_contents)
+    kept = [(i, t) for i, t in enumerate(response.outputs) if t.name not in names]
+    if len(kept) == len(response.outputs):
+        return
+    kept_outputs = [type(t)() for _, t in kept]
+    for copy, (_, original) in zip(kept_outputs, kept):
+        copy.CopyFrom(original)
+    del response.outputs[:]
+    response.outputs.extend(kept_outputs)
+    if raw:
+        del response.raw_output_contents[:]
+        response.raw_output_contents.extend(raw[i] for i, _ in kept)
+
+
+@dataclasses.dataclass
+class _State:
+    added: set[str]        # outputs asked for on the client's behalf: removed from the answer
+
+
+class UpstreamFeatureStage(ResponseStage):
+    accepts = NUMERIC_DATATYPES
+    #: ``bastion calibrate`` fits it on the upstream's answers to benign inputs.
+    needs_fit = True
+
+    def __init__(self, options: UpstreamFeatureOptions):
+        self.options = options
+        self.state = pathlib.Path(options.state)
+        self.source_pattern = options.source or f"upstream:*:{options.output}"
+        if self.state.exists():
+            model, header = load_state(self.state, method=options.method)
+            recorded = str(header.get("source"))
+            if not fnmatch.fnmatchcase(recorded, self.source_pattern):
+                raise ValueError(f"{options.state}: fitted on features from {recorded!r}, but "
+                                 f"this stage scores {self.source_pattern!r}: refit the state "
+                                 "(bastion calibrate) or point the stage at the right one")
+        else:  # not fitted yet: scoring fails (on_error decides) until `bastion calibrate` ran
+            model, recorded = self._new_model(), self.source_pattern
+        self._use(model, recorded)
+
+    def _new_model(self):
+        o = self.options
+        return make_model(o.method, k=o.k, reduce=o.reduce, class_mode=o.class_mode,
+                          n_estimators=o.n_estimators, seed=o.seed)
+
+    def _use(self, model, source: str) -> None:
+        self.detector = FeatureAnomalyDetector(model, source)
+        uses_class = getattr(model, "class_conditional", False) and \
+            getattr(model, "class_mode", "min") == "predicted"
+        self.logits = self.options.logits if uses_class else None
+
+    def wanted(self, fitting: bool = False) -> list[str]:
+        """Outputs this stage reads (when fitting, also the predicted class's)."""
+        needs_class = fitting and self.options.class_conditional and \
+            self.options.method == "mahalanobis"
+        logits = self.logits or (self.options.logits if needs_class else None)
+        return [self.options.output] + ([logits] if logits else [])
+
+    # --- fitting (bastion calibrate) -----------------------------------------------------
+    def fit_features(self, features: np.ndarray, classes: np.ndarray | None, source: str):
+        """Fit a fresh model on benign rows (classes: per row, for a class-conditional
+        Mahalanobis) and use it; ``source`` is recorded in the state."""
+        if not fnmatch.fnmatchcase(source, self.source_pattern):
+            raise ValueError(f"features from {source!r} do not match the stage's source "
+                             f"{self.source_pattern!r}")
+        use_classes = self.options.method == "mahalanobis" and self.options.class_conditional
+        model = self._new_model().fit(features.reshape(len(features), -1),
+                                      classes if use_classes else None)
+        self._use(model, source)
+        return self
+
+    def save(self) -> pathlib.Path:
+        return save_state(self.state, self.detector.model, self.detector.source)
+
+    def score_rows(self, features: np.ndarray, predicted: np.ndarray | None = None) -> np.ndarray:
+        """Per-row scores, as ``on_response`` computes them."""
+        return self.detector.score_features(
+            features.reshape(len(features), -1).astype(np.float64),
+            predicted if self.logits else None)
+
+    def prepare(self, request, inputs, request_id) -> _State:
+        named = {o.name for o in request.outputs}
+        added = set()
+        if named:  # no names = every output comes back anyway
+            for name in self.wanted():
+                if name not in named:
+                    request.outputs.add(name=name)
+                    added.add(name)
+        return _State(added)
+
+    async def on_response(self, state: _State, response, call_upstream) -> ResponseResult:
+        wanted = set(self.wanted())
+        arrays = {}
+        for position, spec in enumerate(response.outputs):
+            if spec.name in wanted:
+                arrays[spec.name] = tensor.decode_response(_one_output(response, position))[spec.name]
+        # Strip first: whatever happens next, the client gets only the outputs it asked for.
+        strip_outputs(response, state.added)
+        if not self.detector.model.fitted:
+            raise RuntimeError(f"detect.features: no fitted state at {self.state} (run "
+                               "`bastion calibrate` for this stage)")
+        features = arrays.get(self.options.output)
+        if features is None:
+            raise ValueError(f"the upstream's answer has no output '{self.options.output}'")
+        if features.dtype.kind not in "fiub":
+            raise ValueError(f"output '{self.options.output}' is not numeric")
+        rows = features.reshape(len(features), -1) if features.ndim > 1 else features[None]
+        if rows.shape[1] != self.detector.model.dim:
+            raise ValueError(f"output '{self.options.output}' has {rows.shape[1]} values per "
+                             f"row; the state was fitted on {self.detector.model.dim}")
+        predicted = None
+        if self.logits and self.logits in arrays:
+            logits = arrays[self.logits]
+            predicted = logits.reshape(len(rows), -1).argmax(axis=1)
+        rows = rows.astype(np.float64)
+        if self.detector.model.method == "mahalanobis":  # a few matrix products: inline
+            scores = self.detector.score_features(rows, predicted)
+        else:  # neighbour search / tree walks: off the event loop
+            scores = await asyncio.to_thread(self.detector.score_features, rows, predicted)
+        score = float(np.max(scores)) if len(scores) else 0.0
+        if not np.isfinite(score):  # a non-finite feature is as anomalous as it gets
+            score = float(np.finfo(np.float64).max)
+        return ResponseResult(score, [f"anomaly:{self.options.output}:{self.detector.model.method}"])
+
+
+def _one_output(response, position: int):
+    """A response holding only output ``position`` (decoding one output, not all of them)."""
+    single = type(response)()
+    single.outputs.add().CopyFrom(response.outputs[position])
+    if response.raw_output_contents:
+        single.raw_output_contents.append(response.raw_output_contents[position])
+    return single
+
+
+register("detect.features", "response", UpstreamFeatureOptions, UpstreamFeatureStage)
