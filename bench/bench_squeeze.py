@@ -1,5 +1,5 @@
-"""What `detect.squeeze` and `smooth.randomized` cost, through a running sidecar, as a Markdown
-table of ratios to a plain call measured in the same run.
+"""What the response stages (`detect.squeeze`, `smooth.randomized`, `detect.features`) cost,
+through a running sidecar, as a Markdown table of ratios to a plain call measured in the same run.
 
 Starts `bastion upstream` (the Fashion-MNIST demo CNN, served under one name per target) and
 `bastion serve` in front of it, then sends one Fashion-MNIST test image per call, one call at a
@@ -10,6 +10,10 @@ window). Ratios are to ``plain`` (the same sidecar, a model with no pipeline: on
 so they show what the defense adds; ``direct`` (no sidecar) is there for scale.
 
     python bench/bench_squeeze.py [--rounds 5] [--calls 100] [--smooth-calls 10] [--json OUT]
+                                  [--targets plain features-knn ...]
+
+The ``detect.features`` targets score ``conv1_stats`` with states fitted here (onnxruntime on the
+first ``--reference`` Fashion-MNIST training images from Debian's dataset-fashion-mnist).
 """
 from __future__ import annotations
 
@@ -46,7 +50,13 @@ TARGETS = {
                    "smooth.randomized n0=100 n=100", 1 + 1),
     "smooth-1000": ("[{smooth.randomized: {sigma: 0.25, n0: 100, n: 1000, abstain: flag}}]",
                     "smooth.randomized n0=100 n=1000", 1 + 5),
+    "features-maha": ("[{detect.features: {output: conv1_stats, state: '{tmp}/maha.npz'}}]",
+                      "detect.features, conv1_stats, class-conditional Mahalanobis", 1),
+    "features-knn": ("[{detect.features: {output: conv1_stats, method: knn, "
+                     "state: '{tmp}/knn.npz'}}]",
+                     "detect.features, conv1_stats, kNN k=10", 1),
 }
+FASHION = pathlib.Path("/usr/share/datasets/fashion-mnist")
 
 
 def cpu_seconds(pid: int) -> float:
@@ -54,14 +64,33 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def config() -> str:
+def config(targets: list[str], tmp: str) -> str:
     lines = ["models:"]
-    for name, (pipeline, _, _) in TARGETS.items():
+    for name in targets:
+        pipeline = TARGETS[name][0]
         lines.append(f"  {name}:")
         lines.append("    mode: enforce")
         if pipeline:
-            lines.append(f"    pipeline: {pipeline}")
+            lines.append(f"    pipeline: {pipeline.replace('{tmp}', tmp)}")
     return "\n".join(lines) + "\n"
+
+
+def fit_feature_states(tmp: pathlib.Path, count: int) -> None:
+    """States for the detect.features targets, from the model's conv1_stats on training images."""
+    import gzip
+
+    import onnxruntime
+
+    from bastion.detectors.anomaly import make_model, save_state
+    with gzip.open(FASHION / "train-images-idx3-ubyte.gz", "rb") as f:
+        images = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 1, 28, 28)[:count]
+    with gzip.open(FASHION / "train-labels-idx1-ubyte.gz", "rb") as f:
+        labels = np.frombuffer(f.read(), np.uint8, offset=8)[:count].astype(np.int64)
+    session = onnxruntime.InferenceSession(str(CNN), providers=["CPUExecutionProvider"])
+    stats = session.run(["conv1_stats"], {"image": images.astype(np.float32) / 255.0})[0]
+    source = "upstream:bench:conv1_stats"
+    save_state(tmp / "maha.npz", make_model("mahalanobis").fit(stats, labels), source)
+    save_state(tmp / "knn.npz", make_model("knn", k=10).fit(stats), source)
 
 
 def window(call, payload: bytes, calls: int, upstream_pid: int, sidecar_pid: int | None):
@@ -86,19 +115,26 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=100, help="calls per window (squeeze, plain)")
     parser.add_argument("--smooth-calls", type=int, default=10, help="calls per smoothing window")
     parser.add_argument("--json", type=pathlib.Path)
+    parser.add_argument("--targets", nargs="+", choices=list(TARGETS), default=list(TARGETS),
+                        help="targets to measure (plain, the baseline, is always included)")
+    parser.add_argument("--reference", type=int, default=20000,
+                        help="training images the detect.features states are fitted on")
     args = parser.parse_args()
+    targets = ["plain"] + [t for t in args.targets if t != "plain"]
 
     images, _ = traffic.load_images()
     with tempfile.TemporaryDirectory() as tmp:
+        if any(t.startswith("features") for t in targets):
+            fit_feature_states(pathlib.Path(tmp), args.reference)
         models = pathlib.Path(tmp) / "models"
-        for name in TARGETS:
+        for name in targets:
             (models / name).mkdir(parents=True)
             (models / name / "model.onnx").symlink_to(CNN)
         upstream = Upstream(models=str(models))
         sidecar = None
         try:
-            sidecar = Sidecar(upstream.address, config=config())
-            results: dict[str, list[dict]] = {name: [] for name in ["direct", *TARGETS]}
+            sidecar = Sidecar(upstream.address, config=config(targets, tmp))
+            results: dict[str, list[dict]] = {name: [] for name in ["direct", *targets]}
             with grpc.insecure_channel(sidecar.address) as via, \
                     grpc.insecure_channel(upstream.address) as direct:
                 for name in results:

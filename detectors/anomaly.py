@@ -10,8 +10,9 @@ higher = more anomalous), three methods, all scikit-learn based:
     Mahalanobis distance to the nearest class mean, or, with ``class_mode: predicted`` and the
     predicted class passed to ``score``, the distance to that class's mean.
 ``knn``
-    Distance to the k nearest reference points (``sklearn.neighbors.NearestNeighbors``):
-    their mean (``reduce: mean``) or the k-th (``reduce: kth``).
+    Euclidean distance to the k nearest reference points (exact brute force in numpy: one
+    matrix product per block of queries): their mean (``reduce: mean``) or the k-th
+    (``reduce: kth``).
 ``iforest``
     ``sklearn.ensemble.IsolationForest``; the score is ``-score_samples`` (in (0, 1], about 0.5
     for typical points). The fitted trees are stored as arrays and scored by a vectorised
@@ -266,8 +267,9 @@ class KNN(AnomalyModel):
         self.max_reference = int(max_reference)
         self.seed = int(seed)
         self.reference: np.ndarray | None = None
-        self._index = None
+        self._index = None   # squared norms of the reference rows, computed on first use
         self._lock = threading.Lock()
+        self._chunk = 128    # query rows per distance block (bounds memory: 128 x n floats)
 
     def _fit(self, X: np.ndarray, classes: np.ndarray | None) -> None:
         if len(X) > self.max_reference:  # bounded state and query cost
@@ -278,18 +280,35 @@ class KNN(AnomalyModel):
         self.reference = np.ascontiguousarray(X, dtype=np.float32)
         self._index = None
 
-    def _nn(self):
+    def _norms(self) -> np.ndarray:
         with self._lock:
             if self._index is None:
-                from sklearn.neighbors import NearestNeighbors
-
-                self._index = NearestNeighbors(n_neighbors=self.k, n_jobs=1).fit(
-                    self.reference.astype(np.float64))
+                ref = self.reference.astype(np.float64)
+                self._index = np.einsum("ij,ij->i", ref, ref).astype(np.float32)
             return self._index
 
     def _score(self, X: np.ndarray, classes: np.ndarray | None) -> np.ndarray:
-        distances, _ = self._nn().kneighbors(X, n_neighbors=self.k)
-        return distances.mean(axis=1) if self.reduce == "mean" else distances[:, -1]
+        # Brute force in numpy rather than sklearn's NearestNeighbors: a sidecar scores one or a
+        # few rows per request, where sklearn's per-call overhead dominates (~10 ms vs ~0.2 ms
+        # for 20k x 48). Candidates come from a float32 matrix product; the final k distances
+        # are recomputed exactly in float64 among 4k + 8 candidates.
+        reference, norms = self.reference, self._norms()
+        candidates = min(len(reference), 4 * self.k + 8)
+        out = np.empty(len(X), dtype=np.float64)
+        for start in range(0, len(X), self._chunk):
+            queries = X[start:start + self._chunk]
+            order = norms[None, :] - 2.0 * (queries.astype(np.float32) @ reference.T)
+            if candidates < len(reference):
+                nearest = np.argpartition(order, candidates - 1, axis=1)[:, :candidates]
+            else:
+                nearest = np.broadcast_to(np.arange(len(reference)), order.shape)
+            exact = np.sqrt(np.einsum("qcd,qcd->qc", *(2 * [reference[nearest].astype(
+                np.float64) - queries[:, None, :]])))
+            exact.sort(axis=1)
+            top = exact[:, :self.k]
+            out[start:start + len(queries)] = top.mean(axis=1) if self.reduce == "mean" \
+                else top[:, -1]
+        return out
 
     def params(self) -> dict:
         return {"k": self.k, "reduce": self.reduce, "max_reference": self.max_reference,
