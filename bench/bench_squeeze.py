@@ -34,7 +34,7 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bastion import traffic  # noqa: E402
-from tests.harness import Sidecar, Upstream  # noqa: E402
+from tests.harness import Sidecar, Upstream, fashion_mnist  # noqa: E402
 
 MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
 CNN = REPO / "bastion" / "demo_models" / "fashion-mnist" / "model.onnx"
@@ -56,7 +56,6 @@ TARGETS = {
                      "state: '{tmp}/knn.npz'}}]",
                      "detect.features, conv1_stats, kNN k=10", 1),
 }
-FASHION = pathlib.Path("/usr/share/datasets/fashion-mnist")
 
 
 def cpu_seconds(pid: int) -> float:
@@ -77,17 +76,12 @@ def config(targets: list[str], tmp: str) -> str:
 
 def fit_feature_states(tmp: pathlib.Path, count: int) -> None:
     """States for the detect.features targets, from the model's conv1_stats on training images."""
-    import gzip
-
     import onnxruntime
 
     from bastion.detectors.anomaly import make_model, save_state
-    with gzip.open(FASHION / "train-images-idx3-ubyte.gz", "rb") as f:
-        images = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 1, 28, 28)[:count]
-    with gzip.open(FASHION / "train-labels-idx1-ubyte.gz", "rb") as f:
-        labels = np.frombuffer(f.read(), np.uint8, offset=8)[:count].astype(np.int64)
+    images, labels = fashion_mnist("train", count)
     session = onnxruntime.InferenceSession(str(CNN), providers=["CPUExecutionProvider"])
-    stats = session.run(["conv1_stats"], {"image": images.astype(np.float32) / 255.0})[0]
+    stats = session.run(["conv1_stats"], {"image": images})[0]
     source = "upstream:bench:conv1_stats"
     save_state(tmp / "maha.npz", make_model("mahalanobis").fit(stats, labels), source)
     save_state(tmp / "knn.npz", make_model("knn", k=10).fit(stats), source)

@@ -267,7 +267,7 @@ class KNN(AnomalyModel):
         self.max_reference = int(max_reference)
         self.seed = int(seed)
         self.reference: np.ndarray | None = None
-        self._index = None   # squared norms of the reference rows, computed on first use
+        self._norms_cache = None   # squared norms of the reference rows, on first use
         self._lock = threading.Lock()
         self._chunk = 128    # query rows per distance block (bounds memory: 128 x n floats)
 
@@ -278,14 +278,14 @@ class KNN(AnomalyModel):
         if len(X) < self.k:
             raise ValueError(f"k={self.k} needs at least {self.k} reference rows, got {len(X)}")
         self.reference = np.ascontiguousarray(X, dtype=np.float32)
-        self._index = None
+        self._norms_cache = None
 
     def _norms(self) -> np.ndarray:
         with self._lock:
-            if self._index is None:
+            if self._norms_cache is None:
                 ref = self.reference.astype(np.float64)
-                self._index = np.einsum("ij,ij->i", ref, ref).astype(np.float32)
-            return self._index
+                self._norms_cache = np.einsum("ij,ij->i", ref, ref).astype(np.float32)
+            return self._norms_cache
 
     def _score(self, X: np.ndarray, classes: np.ndarray | None) -> np.ndarray:
         # Brute force in numpy rather than sklearn's NearestNeighbors: a sidecar scores one or a
@@ -321,7 +321,7 @@ class KNN(AnomalyModel):
         self.reference = np.ascontiguousarray(arrays["reference"], dtype=np.float32)
         if len(self.reference) < self.k:
             raise StateError(f"knn state has {len(self.reference)} rows for k={self.k}")
-        self._index = None
+        self._norms_cache = None
 
 
 def _average_path_length(n: np.ndarray) -> np.ndarray:

@@ -21,6 +21,18 @@ import grpc
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
 
+def fashion_mnist(split: str, count: int | None = None):
+    """(images float32 [n, 1, 28, 28] in [0, 1], labels int64 [n]) from Debian's
+    dataset-fashion-mnist (``split``: train | t10k), read by the demo model's training script."""
+    import importlib.util
+    path = REPO / "tools" / "training" / "train_fashion_mnist.py"
+    spec = importlib.util.spec_from_file_location("train_fashion_mnist", path)
+    train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train)
+    images, labels = train.load_split(split)
+    return images[:count, None].astype("float32") / 255.0, labels[:count]
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

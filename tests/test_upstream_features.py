@@ -8,9 +8,7 @@ calibrate` fits the stage on the real upstream's answers to Fashion-MNIST traini
 from __future__ import annotations
 
 import asyncio
-import gzip
 import json
-import pathlib
 import subprocess
 import sys
 
@@ -24,9 +22,8 @@ from bastion.detectors.upstream_features import (UpstreamFeatureOptions, Upstrea
                                                  strip_outputs)
 from bastion.protos import pb
 from bastion.transforms import tensor
-from tests.harness import Sidecar, Upstream
+from tests.harness import Sidecar, Upstream, fashion_mnist
 
-FASHION = pathlib.Path("/usr/share/datasets/fashion-mnist")
 RNG = np.random.default_rng(7)
 
 
@@ -158,14 +155,6 @@ def test_state_checks(tmp_path):
 # End to end: calibrate on the real upstream, then serve
 
 
-def _fashion(split: str, count: int) -> tuple[np.ndarray, np.ndarray]:
-    with gzip.open(FASHION / f"{split}-images-idx3-ubyte.gz", "rb") as f:
-        images = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 1, 28, 28)
-    with gzip.open(FASHION / f"{split}-labels-idx1-ubyte.gz", "rb") as f:
-        labels = np.frombuffer(f.read(), np.uint8, offset=8).astype(np.int64)
-    return (images[:count].astype(np.float32) / 255.0), labels[:count]
-
-
 CONFIG = """
 upstream: {{target: "{upstream}"}}
 models:
@@ -182,7 +171,7 @@ def calibrated(tmp_path_factory):
     root = tmp_path_factory.mktemp("features")
     upstream = Upstream()
     try:
-        images, labels = _fashion("train", 3000)
+        images, labels = fashion_mnist("train", 3000)
         np.savez(root / "benign.npz", image=images, labels=labels)
         state, out = root / "stats.npz", root / "stats.json"
         config = root / "calibrate.yaml"
@@ -226,7 +215,7 @@ def test_served_stage_flags_noise_not_clean_images(calibrated):
     proxied = tc.InferenceServerClient(sidecar.address)
     direct = tc.InferenceServerClient(upstream.address)
     try:
-        clean, _ = _fashion("t10k", 200)
+        clean, _ = fashion_mnist("t10k", 200)
         noisy = np.clip(clean + 0.1 * np.sign(RNG.normal(size=clean.shape)), 0, 1)
 
         def scores(images):

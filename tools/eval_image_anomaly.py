@@ -40,6 +40,8 @@ import time
 
 import numpy as np
 
+from linf_attack import linf_attack  # tools/linf_attack.py (this script's folder)
+
 REPO = pathlib.Path(__file__).resolve().parent.parent
 ONNX_PATH = REPO / "bastion" / "demo_models" / "fashion-mnist" / "model.onnx"
 DOC = REPO / "docs" / "quality-image-anomaly.md"
@@ -91,32 +93,6 @@ def check_rebuild(model, sess, images: np.ndarray) -> float:
     return worst
 
 
-def pgd(model, x: np.ndarray, y: np.ndarray, eps: float, steps: int, random_start: bool,
-        seed: int, batch: int = 500) -> np.ndarray:
-    """L-inf PGD (FGSM = 1 step of eps from the clean image)."""
-    import torch
-    import torch.nn.functional as F
-    step = eps if steps == 1 else 2.5 * eps / steps
-    generator = torch.Generator().manual_seed(seed)
-    out = []
-    for i in range(0, len(x), batch):
-        clean = torch.from_numpy(x[i:i + batch])
-        labels = torch.from_numpy(y[i:i + batch])
-        adv = clean.clone()
-        if random_start:
-            noise = torch.rand(clean.shape, generator=generator) * 2 * eps - eps
-            adv = (clean + noise).clamp(0, 1)
-        for _ in range(steps):
-            adv.requires_grad_(True)
-            loss = F.cross_entropy(model(adv)[0], labels)
-            grad, = torch.autograd.grad(loss, adv)
-            with torch.no_grad():
-                adv = adv + step * grad.sign()
-                adv = torch.min(torch.max(adv, clean - eps), clean + eps).clamp(0, 1)
-        out.append(adv.detach().numpy())
-    return np.concatenate(out).astype(np.float32)
-
-
 def auroc(negative: np.ndarray, positive: np.ndarray) -> float:
     from sklearn.metrics import roc_auc_score
     labels = np.r_[np.zeros(len(negative)), np.ones(len(positive))]
@@ -165,7 +141,8 @@ def main() -> None:
     for eps in (0.1, 0.3):
         for name, steps, start in (("FGSM", 1, False), ("PGD", args.pgd_steps, True)):
             t0 = time.time()
-            attacks[f"{name} eps={eps}"] = pgd(model, x_test, y_test, eps, steps, start, args.seed)
+            attacks[f"{name} eps={eps}"] = linf_attack(model, x_test, y_test, eps, steps,
+                                                          random_start=start, seed=args.seed)
             print(f"{name} eps={eps}: {time.time() - t0:.0f}s", flush=True)
     attack_outputs = {k: onnx_outputs(sess, v) for k, v in attacks.items()}
 

@@ -39,6 +39,8 @@ import warnings
 
 import numpy as np
 
+from linf_attack import linf_attack  # tools/linf_attack.py (this script's folder)
+
 REPO = pathlib.Path(__file__).resolve().parent.parent
 ONNX_PATH = REPO / "bastion" / "demo_models" / "fashion-mnist" / "model.onnx"
 DOC = REPO / "docs" / "quality-squeeze-smoothing.md"
@@ -100,28 +102,11 @@ def torch_logits(model, images: np.ndarray) -> np.ndarray:
 
 
 def fgsm(model, x: np.ndarray, y: np.ndarray, eps: float) -> np.ndarray:
-    return bim(model, x, y, eps, steps=1, step=eps)
+    return linf_attack(model, x, y, eps, steps=1)
 
 
-def bim(model, x: np.ndarray, y: np.ndarray, eps: float, steps: int = 20,
-        step: float | None = None) -> np.ndarray:
-    import torch
-    import torch.nn.functional as F
-    step = 2.5 * eps / steps if step is None else step
-    out = []
-    for i in range(0, len(x), 500):
-        clean = torch.from_numpy(x[i:i + 500])
-        labels = torch.from_numpy(y[i:i + 500])
-        adv = clean.clone()
-        for _ in range(steps):
-            adv.requires_grad_(True)
-            loss = F.cross_entropy(model(adv)[0], labels)
-            grad, = torch.autograd.grad(loss, adv)
-            with torch.no_grad():
-                adv = adv + step * grad.sign()
-                adv = torch.min(torch.max(adv, clean - eps), clean + eps).clamp(0, 1)
-        out.append(adv.detach().numpy())
-    return np.concatenate(out).astype(np.float32)
+def bim(model, x: np.ndarray, y: np.ndarray, eps: float, steps: int = 20) -> np.ndarray:
+    return linf_attack(model, x, y, eps, steps)
 
 
 # ------------------------------------------------------------------------------------------
