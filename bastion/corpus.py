@@ -233,17 +233,12 @@ def default_text_corpus() -> pathlib.Path:
 
 
 def demo_records(text_path: str | pathlib.Path | None = None) -> list[traffic.Record]:
-    """The demo's traffic: the bundled benign images, a labelled text corpus (default: the
+    """The demo's traffic: the bundled images and their adversarial copies, a labelled text corpus (default: the
     bundled sample) loaded by :func:`load_records` for the text model, and one malformed
     request per protocol error. The text requests are byte-identical to what
     :func:`bastion.traffic.labelled_records` builds, so the demo and `bastion replay` of the
     same file send the same requests."""
-    records: list[traffic.Record] = []
-    images, _ = traffic.load_images()
-    for index, image in enumerate(images):
-        records.append(traffic.Record(traffic.IMAGE_MODEL, "benign", "benign_image",
-                                      traffic.image_request(image, f"img-{index}")
-                                      .SerializeToString()))
+    records = traffic.image_records()
     records.extend(load_records(text_path or default_text_corpus(), traffic.TEXT_MODEL))
     for name, payload in traffic.malformed_requests().items():
         model = traffic.TEXT_MODEL if name == "truncated_bytes" else traffic.IMAGE_MODEL

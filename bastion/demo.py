@@ -35,6 +35,11 @@ models:
     pipeline:
       - validate.tensor: {{min: 0.0, max: 1.0, finite: true}}
       - transform.bit_depth: {{bits: 5}}
+      # Response stage: scores the first conv block's statistics the model returns (fitted on
+      # training images by tools/training/build_demo_defenses.py; 1 % FPR there).
+      - detect.features: {{id: features, output: conv1_stats, method: mahalanobis,
+                          state: "{features_state}", threshold_file: "{features_threshold}",
+                          action: block}}
   text-classifier:
     mode: enforce
     inputs: {{prompt: {{datatype: BYTES, kind: text}}}}
@@ -43,6 +48,16 @@ models:
       - sanitize.unicode: {{fold_confusables: true, threshold: 16, action: block}}
       - detect.signatures: {{threshold: 1, action: block}}
 """
+
+
+
+def demo_config(listen: str, admin: str, upstream: str, audit: str | os.PathLike) -> str:
+    """DEMO_CONFIG filled in, with the installed package's demo-defense files."""
+    model_dir = traffic._package_file("demo_models", traffic.IMAGE_MODEL)
+    return DEMO_CONFIG.format(listen=listen, admin=admin, upstream=upstream, audit=audit,
+                              features_state=model_dir / "conv1_stats.state.npz",
+                              features_threshold=model_dir / "conv1_stats.threshold.json")
+
 
 # How gRPC outcomes read in the summary.
 OUTCOME_NAMES = {"OK": "allowed", "PERMISSION_DENIED": "blocked", "INVALID_ARGUMENT": "invalid",
@@ -178,8 +193,7 @@ def run_demo(duration_s: float | None = None, rate: float = 50.0, data: str | No
     listen = f"127.0.0.1:{_free_port()}"
     admin = f"127.0.0.1:{_free_port()}"
     config = workdir / "bastion.yaml"
-    config.write_text(DEMO_CONFIG.format(listen=listen, admin=admin, upstream=upstream,
-                                         audit=workdir / "audit.jsonl"))
+    config.write_text(demo_config(listen, admin, upstream, workdir / "audit.jsonl"))
     procs = []
 
     def interrupted(signum, frame):  # SIGTERM during start-up: unwind so `finally` stops children

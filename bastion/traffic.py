@@ -40,6 +40,27 @@ def load_images() -> tuple[np.ndarray, np.ndarray]:
         return images.astype(np.float32), data["labels"]
 
 
+def load_adversarial_images() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """L-inf adversarial copies of the sample images (FGSM and PGD, made by
+    tools/training/build_demo_defenses.py) as float32 [N,1,28,28], true labels, attack names."""
+    with np.load(_package_file("demo_models", IMAGE_MODEL, "adversarial.npz")) as data:
+        return (data["images_uint8"].astype(np.float32) / np.float32(255), data["labels"],
+                data["family"])
+
+
+def image_records() -> list[Record]:
+    """The sample images (benign) and their adversarial copies (attack, family = the attack)."""
+    images, _ = load_images()
+    records = [Record(IMAGE_MODEL, "benign", "benign_image",
+                      image_request(image, f"img-{index}").SerializeToString())
+               for index, image in enumerate(images)]
+    adversarial, _, families = load_adversarial_images()
+    records += [Record(IMAGE_MODEL, "attack", f"adversarial_image:{family}",
+                       image_request(image, f"adv-{family}-{index}").SerializeToString())
+                for index, (image, family) in enumerate(zip(adversarial, families))]
+    return records
+
+
 def load_text_sample(path: str | pathlib.Path | None = None) -> list[dict]:
     path = path or _package_file("data", "text_sample.jsonl")
     return [json.loads(line) for line in pathlib.Path(path).read_text("utf-8").splitlines() if line]
@@ -87,11 +108,7 @@ def malformed_requests() -> dict[str, bytes]:
 
 
 def labelled_records(text_path: str | pathlib.Path | None = None) -> list[Record]:
-    records = []
-    images, _ = load_images()
-    for index, image in enumerate(images):
-        records.append(Record(IMAGE_MODEL, "benign", "benign_image",
-                              image_request(image, f"img-{index}").SerializeToString()))
+    records = image_records()
     for row in load_text_sample(text_path):
         records.append(Record(TEXT_MODEL, row["label"], row["family"],
                               text_request(row["text"], row["id"]).SerializeToString()))

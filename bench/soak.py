@@ -39,7 +39,7 @@ import grpc
 import yaml
 
 from bastion import traffic
-from bastion.demo import DEMO_CONFIG
+from bastion.demo import demo_config
 from bastion.protos import SERVICE
 
 MODEL_INFER = f"/{SERVICE}/ModelInfer"
@@ -59,8 +59,7 @@ def free_port() -> int:
 
 
 def soak_config(listen: str, admin: str, upstream: str, workdir: pathlib.Path) -> str:
-    demo = yaml.safe_load(DEMO_CONFIG.format(listen=listen, admin=admin, upstream=upstream,
-                                             audit=workdir / "audit.jsonl"))
+    demo = yaml.safe_load(demo_config(listen, admin, upstream, workdir / "audit.jsonl"))
     config = {
         "listen": listen, "admin": admin,
         "upstream": demo["upstream"],

@@ -1,12 +1,20 @@
 """`bastion demo` runs end to end, shows verdicts and metrics, and stops what it started."""
 from __future__ import annotations
 
+import json
 import os
+import pathlib
 import re
 import signal
 import subprocess
 import sys
 import time
+
+import numpy as np
+import yaml
+
+from bastion import traffic
+from bastion.demo import demo_config
 
 
 def run_demo(*args, send_sigint_after=None):
@@ -39,6 +47,11 @@ def check_output(code, out):
     assert int(rows[("fashion-mnist", "benign")][allowed]) > 0
     assert int(rows[("text-classifier", "benign")][allowed]) > 0
     assert int(rows[("text-classifier", "attack")][blocked]) > 0  # the defenses act
+    # Adversarial images: mostly blocked by detect.features; the clean samples pass.
+    image_attacks = rows[("fashion-mnist", "attack")]
+    assert int(image_attacks[blocked]) >= 0.7 * int(image_attacks[2]), final
+    assert int(rows[("fashion-mnist", "benign")][blocked]) <= 0.1 * int(
+        rows[("fashion-mnist", "benign")][2]), final
     malformed = [r for k, r in rows.items() if k[1] == "malformed"]
     assert malformed, final
     invalid = header.index("invalid")
@@ -58,3 +71,54 @@ def test_demo_runs_for_a_duration():
 def test_demo_stops_cleanly_on_ctrl_c():
     code, out = run_demo("--rate", "40", send_sigint_after=12)
     check_output(code, out)
+
+
+# The demo's image defense: the shipped detect.features state and threshold
+# (tools/training/build_demo_defenses.py) against the shipped sample and attack images.
+
+def _build_script():
+    import importlib.util
+    path = pathlib.Path(__file__).resolve().parents[1] / "tools" / "training" / \
+        "build_demo_defenses.py"
+    spec = importlib.util.spec_from_file_location("build_demo_defenses", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_demo_features_state_was_fitted_through_the_demo_pipeline():
+    # The state was fitted on images squeezed as the demo's request transform squeezes them.
+    pipeline = yaml.safe_load(demo_config("l", "a", "u", "x"))["models"][
+        traffic.IMAGE_MODEL]["pipeline"]
+    kinds = [next(iter(stage)) for stage in pipeline]
+    assert kinds.index("transform.bit_depth") < kinds.index("detect.features")
+    bits = pipeline[kinds.index("transform.bit_depth")]["transform.bit_depth"]["bits"]
+    assert bits == _build_script().DEMO_BIT_DEPTH
+
+
+def test_shipped_features_state_flags_the_attack_images_not_the_samples():
+    import onnxruntime as ort
+
+    from bastion.detectors import anomaly
+    from bastion.transforms.base import TransformContext
+    from bastion.transforms.image import BitDepth
+    model_dir = traffic._package_file("demo_models", traffic.IMAGE_MODEL)
+    model, header = anomaly.load_state(model_dir / "conv1_stats.state.npz",
+                                       source="upstream:fashion-mnist:conv1_stats",
+                                       method="mahalanobis")
+    threshold = json.loads((model_dir / "conv1_stats.threshold.json").read_text())["threshold"]
+    session = ort.InferenceSession(str(model_dir / "model.onnx"),
+                                   providers=["CPUExecutionProvider"])
+    squeeze = BitDepth(_build_script().DEMO_BIT_DEPTH)
+
+    def flagged(images):
+        images = squeeze.apply(images, TransformContext("t", "image", "FP32")).array
+        stats = session.run(["conv1_stats"], {"image": images.astype(np.float32)})[0]
+        return model.score(stats) >= threshold
+
+    benign, _ = traffic.load_images()
+    adversarial, _, families = traffic.load_adversarial_images()
+    assert set(families) == {"fgsm", "pgd"} and len(adversarial) == 2 * len(benign)
+    assert flagged(benign).sum() <= 2  # 1 % FPR on training images; 64 unseen test images
+    for family in ("fgsm", "pgd"):
+        assert flagged(adversarial[families == family]).mean() >= 0.8, family

@@ -30,7 +30,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bastion import traffic
-from bastion.demo import DEMO_CONFIG
+from bastion.demo import demo_config
 from bastion.protos import SERVICE, pb
 from bastion.transforms import tensor
 from tests.harness import Sidecar, Upstream, wait_health
@@ -453,8 +453,7 @@ def stream_outcome(channel, payloads: list[bytes], timeout: float = STREAM_TIMEO
 
 def fuzz_config() -> str:
     """The demo's models (the shipped defenses), nothing else."""
-    demo = yaml.safe_load(DEMO_CONFIG.format(listen="127.0.0.1:1", admin="127.0.0.1:2",
-                                             upstream="127.0.0.1:3", audit="stdout"))
+    demo = yaml.safe_load(demo_config("127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3", "stdout"))
     return yaml.safe_dump({"models": demo["models"], "audit": {"output": "stdout"}})
 
 
@@ -478,7 +477,9 @@ class Target:
         assert self.alive(), f"sidecar died:\n{self.sidecar.proc.output()[-3000:]}"
         wait_health(self.sidecar.address, serving=True, timeout=10)
         reply = self.channel.unary_unary(MODEL_INFER)(
-            traffic.image_request(np.zeros((28, 28), np.float32), "health").SerializeToString(),
+            # A real sample: the demo's detect.features blocks out-of-distribution images
+            # such as an all-black one.
+            traffic.image_request(traffic.load_images()[0][0], "health").SerializeToString(),
             timeout=CALL_TIMEOUT_S)
         assert pb.ModelInferResponse.FromString(reply).id == "health"
 

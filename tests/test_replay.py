@@ -207,12 +207,11 @@ def test_unknown_family_or_stage_in_a_gate_is_an_error(stack, tmp_path, capsys):
 
 def test_bundled_sample_meets_the_ci_gates_offline(tmp_path):
     """The CI replay's config and gates (tools/ci_replay.sh), run in-process."""
-    from bastion.demo import DEMO_CONFIG
+    from bastion.demo import demo_config
     script = (REPO / "tools" / "ci_replay.sh").read_text()
     gates = "".join(re.findall(r'^DEFAULT_GATES\+?="([^"]*)"', script, re.MULTILINE))
     assert "tpr:prompt_injection" in gates and "auroc:detect.signatures" in gates
-    config = DEMO_CONFIG.format(listen="127.0.0.1:1", admin="127.0.0.1:2",
-                                upstream="127.0.0.1:3", audit=tmp_path / "audit.jsonl")
+    config = demo_config("127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3", tmp_path / "audit.jsonl")
     config, count = re.subn(r"(  text-classifier:\n    mode: )enforce", r"\1monitor", config)
     assert count == 1
     (tmp_path / "demo.yaml").write_text(config)

@@ -62,9 +62,9 @@ ADMIN="127.0.0.1:$(free_port)"
 # The demo's own config, text-classifier in monitor mode (the image model is left as it is).
 "$PYTHON" - "$WORK/bastion.yaml" "$LISTEN" "$ADMIN" "$UPSTREAM" "$WORK/audit.jsonl" <<'PY'
 import re, sys
-from bastion.demo import DEMO_CONFIG
+from bastion.demo import demo_config
 path, listen, admin, upstream, audit = sys.argv[1:]
-text = DEMO_CONFIG.format(listen=listen, admin=admin, upstream=upstream, audit=audit)
+text = demo_config(listen, admin, upstream, audit)
 text, count = re.subn(r"(  text-classifier:\n    mode: )enforce", r"\1monitor", text)
 assert count == 1, "DEMO_CONFIG changed shape: text-classifier mode not found"
 open(path, "w").write(text)
