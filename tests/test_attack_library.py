@@ -11,6 +11,7 @@ import asyncio
 import json
 import os
 import pathlib
+import threading
 
 import numpy as np
 import pytest
@@ -163,6 +164,9 @@ def test_reload_without_restart(tmp_path, encoder_dir, monkeypatch):
     now[0] += 5  # within reload_interval_s: the files are not even looked at
     assert asyncio.run(detector.ascore([text]))[0] == pytest.approx(before)
     now[0] += 30
+    # The serving path reloads in a worker thread: the request that finds the change is scored
+    # with the library it started with, the next ones with the new library.
+    assert asyncio.run(detector.ascore([text]))[0] == pytest.approx(before)
     after = asyncio.run(detector.ascore([text]))[0]
     assert after == pytest.approx(1.0, abs=5e-3) and detector.reloads == 1
     assert detector.reasons(text) == ["library:hijack"]
@@ -183,6 +187,39 @@ def test_reload_without_restart(tmp_path, encoder_dir, monkeypatch):
     now[0] += 30
     detector.score([text])
     assert detector.reloads == 2 and len(detector.library) == 3
+
+
+def test_serving_path_never_waits_for_a_reload(tmp_path, encoder, encoder_dir, monkeypatch):
+    lib = tmp_path / "lib.npz"
+    assert signatures("add", str(write_jsonl(tmp_path / "a.jsonl", ATTACKS)), "--library",
+                      str(lib), "--encoder", str(encoder_dir)) == 0
+    detector = AttackLibraryDetector(encoder, lib, reload_interval_s=0)
+    assert signatures("add", str(write_jsonl(tmp_path / "b.jsonl", [NEW_ATTACK])), "--library",
+                      str(lib), "--encoder", str(encoder_dir)) == 0
+    loading, release = threading.Event(), threading.Event()
+    real_load = detector._load
+
+    def slow_load():  # a load (or a `linear` fit) that takes as long as the test wants
+        loading.set()
+        assert release.wait(30)
+        return real_load()
+
+    monkeypatch.setattr(detector, "_load", slow_load)
+
+    async def requests_during_the_reload():
+        first = await detector.ascore([NEW_ATTACK["text"]])
+        assert await asyncio.to_thread(loading.wait, 30)
+        # the load is stuck in its thread; requests are answered with the current library
+        during = [await detector.ascore([NEW_ATTACK["text"]]) for _ in range(3)]
+        assert detector.reloads == 0 and len(detector.library) == 2
+        release.set()
+        assert await detector._reloading is True
+        return first[0], during, (await detector.ascore([NEW_ATTACK["text"]]))[0]
+
+    first, during, after = asyncio.run(requests_during_the_reload())
+    assert all(d[0] == pytest.approx(first) for d in during) and first < 0.9
+    assert after == pytest.approx(1.0, abs=5e-3)
+    assert detector.reloads == 1 and len(detector.library) == 3
 
 
 def test_contrast_with_benign_entries(tmp_path, encoder, encoder_dir):
