@@ -490,12 +490,50 @@ def main() -> None:
 
     report = render(args, encoder, benign, attacks, evaluations, a_family, a_origin, b_groups,
                     threshold_at_fpr, time.time() - started)
+    report += "\n\n" + render_pipelines(evaluations, a_family, threshold_at_fpr)
     print(report)
     if not args.no_doc:
         doc = DOC.read_text()
         start, stop = doc.index(BEGIN) + len(BEGIN), doc.index(END)
         DOC.write_text(doc[:start] + "\n" + report + "\n" + doc[stop:])
         print(f"wrote {DOC}")
+
+
+def render_pipelines(evaluations: dict, a_family: np.ndarray, threshold_at_fpr) -> str:
+    """Two stages in one pipeline, as an operator would run them: the library (linear) and the
+    one-class kNN, each calibrated by itself at half the FPR budget (``bastion calibrate
+    --target-fpr 0.005``); a text is flagged when either stage flags it."""
+    each = TARGET_FPR / 2
+    anomaly_name = "embedding knn k=10"
+    out = [f"Two stages in one pipeline: `detect.attack_library` (linear) and `detect.embedding` "
+           f"(kNN k=10), each with its threshold at {each:.1%} FPR on the calibration part; "
+           "flagged = flagged by either (what a pipeline of both does):", "",
+           "| library | family | n | TPR @ thr (either) | library alone @ "
+           f"{each:.1%} | kNN alone @ {each:.1%} | test FPR (either) |",
+           "|---|---|---:|---:|---:|---:|---:|"]
+    for name in [k for k in evaluations if k.startswith("library linear")]:
+        rows = collections.defaultdict(lambda: collections.defaultdict(list))
+        fprs = []
+        for library_run, anomaly_run in zip(evaluations[name], evaluations[anomaly_name]):
+            t_lib = threshold_at_fpr(library_run["cal"], each)
+            t_knn = threshold_at_fpr(anomaly_run["cal"], each)
+            by_library = library_run["att"] >= t_lib
+            by_knn = anomaly_run["att"] >= t_knn
+            fprs.append(np.mean((library_run["test"] >= t_lib) | (anomaly_run["test"] >= t_knn)))
+            scored = ~np.isnan(library_run["att"])
+            for family in TARGET_FAMILIES:
+                mask = scored & (a_family == family)
+                if mask.any():
+                    rows[family]["either"].append(np.mean((by_library | by_knn)[mask]))
+                    rows[family]["library"].append(np.mean(by_library[mask]))
+                    rows[family]["knn"].append(np.mean(by_knn[mask]))
+                    rows[family]["n"] = [int(mask.sum())]
+        for family, values in rows.items():
+            out.append(f"| {name.removeprefix('library linear: ')} | {family} | "
+                       f"{values['n'][0]} | {np.mean(values['either']):.3f} | "
+                       f"{np.mean(values['library']):.3f} | {np.mean(values['knn']):.3f} | "
+                       f"{np.mean(fprs):.3f} |")
+    return "\n".join(out)
 
 
 def summarize(runs: list[dict], mask: np.ndarray, threshold_at_fpr,
