@@ -444,7 +444,8 @@ class AttackLibraryDetector(TextDetector):
         self.path = library_paths(library_path)[0]
         self.reload_interval_s = reload_interval_s
         self.min_probe_cosine = min_probe_cosine
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # _recent
+        self._reload_lock = threading.Lock()
         self._recent: collections.OrderedDict[bytes, tuple[float, str]] = \
             collections.OrderedDict()
         self.reloads = 0
@@ -478,7 +479,9 @@ class AttackLibraryDetector(TextDetector):
         now = _clock()
         if not force and now - self._checked_at < self.reload_interval_s:
             return False
-        with self._lock:
+        # Its own lock: the request path takes ``_lock`` (recent scores) and must never wait
+        # for a load that holds it.
+        with self._reload_lock:
             self._checked_at = now
             stamp = self._file_stamp()
             if stamp == self._stamp or stamp == self._failed_stamp:
@@ -495,7 +498,8 @@ class AttackLibraryDetector(TextDetector):
             self._stamp = stamp
             self._failed_stamp = None
             self.reloads += 1
-            self._recent.clear()
+            with self._lock:
+                self._recent.clear()
             log.info("attack library %s reloaded: %d entries", self.path, len(library))
             return True
 
