@@ -164,11 +164,13 @@ def test_reload_without_restart(tmp_path, encoder_dir, monkeypatch):
     now[0] += 5  # within reload_interval_s: the files are not even looked at
     assert asyncio.run(detector.ascore([text]))[0] == pytest.approx(before)
     now[0] += 30
-    # The serving path reloads in a worker thread: the request that finds the change is scored
-    # with the library it started with, the next ones with the new library.
-    assert asyncio.run(detector.ascore([text]))[0] == pytest.approx(before)
+    # The serving path reloads in a worker thread: the request that finds the change gets
+    # whichever library is in place when it is scored (the load may finish first), every
+    # request after the reload the new one.
+    finder = asyncio.run(detector.ascore([text]))[0]
     after = asyncio.run(detector.ascore([text]))[0]
     assert after == pytest.approx(1.0, abs=5e-3) and detector.reloads == 1
+    assert finder == pytest.approx(before) or finder == pytest.approx(after)
     assert detector.reasons(text) == ["library:hijack"]
 
     # a broken update keeps the previous library; the next good one is picked up
