@@ -521,9 +521,11 @@ FUZZ_SETTINGS = settings(max_examples=EXAMPLES, deadline=None, database=None,
 @pytest.fixture(scope="module")
 def target():
     target = Target()
-    yield target
-    target.healthy()
-    assert target.close() == 0
+    try:
+        yield target
+        target.healthy()
+    finally:  # stop both processes even when the last health check fails
+        assert target.close() == 0
 
 
 def _check(target: Target, result) -> None:
