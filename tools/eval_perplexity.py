@@ -121,21 +121,14 @@ def load_sets(data_dir: pathlib.Path, heldout_per_corpus: int, docs_per_corpus: 
     return sets
 
 
-def file_sha256(path: pathlib.Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def nll_for(label: str, model: str, texts: list[str], threads: int,
             cache: pathlib.Path | None, batch: int = 16):
     """Per-token NLL of each text (cached by texts + model file); (items, seconds or None)."""
+    from bastion.detectors.embedding import sha256_file
     from bastion.detectors.lm import LMRunner, TokenNLL, resolve_model
     onnx_path, tokenizer_path, config = resolve_model(model)
     settings = {k: config.get(k) for k in ("context", "overlap", "prefix", "pad_id")}
-    identity = "\0".join([file_sha256(onnx_path), file_sha256(tokenizer_path),
+    identity = "\0".join([sha256_file(onnx_path), sha256_file(tokenizer_path),
                           json.dumps(settings, sort_keys=True)])
     key = hashlib.sha256(("\0".join(texts) + "\0" + identity).encode()).hexdigest()[:16]
     path = cache / f"{label}-{key}.npz" if cache else None

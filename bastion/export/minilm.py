@@ -26,7 +26,6 @@ two CPU cores, most of it the int8 quantization and the check.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import os
@@ -34,6 +33,8 @@ import pathlib
 import shutil
 import time
 import warnings
+
+from bastion.detectors.embedding import sha256_file  # one hasher for every manifest
 
 NAME = "all-MiniLM-L6-v2"
 DIM = 384
@@ -62,14 +63,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch / onnxruntime threads")
     parser.add_argument("--no-check", action="store_true",
                         help="skip comparing the ONNX output with sentence-transformers")
-
-
-def sha256_file(path: pathlib.Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def source_dir(args: argparse.Namespace | None = None) -> pathlib.Path:

