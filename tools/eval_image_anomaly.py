@@ -40,12 +40,12 @@ import time
 
 import numpy as np
 
-from linf_attack import linf_attack  # tools/linf_attack.py (this script's folder)
+from generated_doc import write_generated  # tools/ (this script's folder)
+from linf_attack import linf_attack
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 ONNX_PATH = REPO / "bastion" / "demo_models" / "fashion-mnist" / "model.onnx"
 DOC = REPO / "docs" / "quality-image-anomaly.md"
-BEGIN, END = "<!-- BEGIN GENERATED -->", "<!-- END GENERATED -->"
 TARGET_FPR = 0.05
 #: The model's feature outputs scored (``detect.features``'s ``output``).
 FEATURE_OUTPUTS = ("features", "conv1_stats")
@@ -217,10 +217,7 @@ def main() -> None:
     text = "\n".join(lines)
     print(text)
     if not args.no_doc:
-        doc = DOC.read_text()
-        start, stop = doc.index(BEGIN) + len(BEGIN), doc.index(END)
-        DOC.write_text(doc[:start] + "\n" + text + "\n" + doc[stop:])
-        print(f"wrote {DOC}")
+        write_generated(DOC, text, "Quality: feature-space anomaly detectors on images")
 
 
 def render(args, rows, accuracy, adv_acc, diff, seconds) -> list[str]:

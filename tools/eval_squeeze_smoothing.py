@@ -39,12 +39,12 @@ import warnings
 
 import numpy as np
 
-from linf_attack import linf_attack  # tools/linf_attack.py (this script's folder)
+from generated_doc import write_generated  # tools/ (this script's folder)
+from linf_attack import linf_attack
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 ONNX_PATH = REPO / "bastion" / "demo_models" / "fashion-mnist" / "model.onnx"
 DOC = REPO / "docs" / "quality-squeeze-smoothing.md"
-BEGIN, END = "<!-- BEGIN GENERATED -->", "<!-- END GENERATED -->"
 
 SQUEEZER_CONFIGS = [
     ("bit_depth:1",),
@@ -455,15 +455,7 @@ def main() -> None:
     out.append(f"Total run time {time.time() - started:.0f} s ({args.threads} thread(s)).")
     block = "\n".join(out)
     print("\n" + block)
-    if args.out.exists() and BEGIN in args.out.read_text():
-        text = args.out.read_text()
-        head, _, rest = text.partition(BEGIN)
-        _, _, tail = rest.partition(END)
-        args.out.write_text(f"{head}{BEGIN}\n{block}\n{END}{tail}")
-    else:
-        args.out.write_text(f"# Quality: feature squeezing and randomized smoothing\n\n"
-                            f"{BEGIN}\n{block}\n{END}\n")
-    print(f"wrote {args.out}")
+    write_generated(args.out, block, "Quality: feature squeezing and randomized smoothing")
 
 
 if __name__ == "__main__":

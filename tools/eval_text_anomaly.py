@@ -53,7 +53,6 @@ import numpy as np
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 DOC = REPO / "docs" / "quality-text-anomaly.md"
-BEGIN, END = "<!-- BEGIN GENERATED -->", "<!-- END GENERATED -->"
 TARGET_FPR = 0.01
 TARGET_FAMILIES = ("jailbreak_template", "prompt_injection")
 EXTRA_FAMILIES = ("adv_suffix", "encoding")
@@ -493,10 +492,8 @@ def main() -> None:
     report += "\n\n" + render_pipelines(evaluations, a_family, threshold_at_fpr)
     print(report)
     if not args.no_doc:
-        doc = DOC.read_text()
-        start, stop = doc.index(BEGIN) + len(BEGIN), doc.index(END)
-        DOC.write_text(doc[:start] + "\n" + report + "\n" + doc[stop:])
-        print(f"wrote {DOC}")
+        from generated_doc import write_generated  # tools/ (this script's folder)
+        write_generated(DOC, report, "Quality: text anomaly detectors and the known-attack library")
 
 
 def render_pipelines(evaluations: dict, a_family: np.ndarray, threshold_at_fpr) -> str:
