@@ -577,29 +577,25 @@ def render(args, encoder, benign, attacks, evaluations, a_family, a_origin, b_gr
         "the threshold that gives 1 % FPR on the test benign texts themselves (no calibration "
         "noise). AUROC: test benign vs attacks.",
         "",
-        "| detector | family | n | AUROC | TPR @ thr | FPR @ thr | TPR @ 1% FPR (ROC) |",
-        "|---|---|---:|---:|---:|---:|---:|",
     ]
-    for name, runs in evaluations.items():
-        for family in TARGET_FAMILIES + EXTRA_FAMILIES:
-            mask = (a_family == family) & ~np.isnan(runs[0]["att"])
-            if not mask.any():
-                continue
-            r = summarize(runs, mask, threshold_at_fpr)
-            out.append(f"| {name} | {family} | {mask.sum()} | {r['auroc']:.3f} | {r['tpr']:.3f} "
-                       f"| {r['fpr']:.3f} | {r['tpr_roc']:.3f} |")
+
+    def family_table(families, without=None) -> list[str]:
+        rows = ["| detector | family | n | AUROC | TPR @ thr | FPR @ thr | TPR @ 1% FPR (ROC) |",
+                "|---|---|---:|---:|---:|---:|---:|"]
+        for name, runs in evaluations.items():
+            for family in families:
+                mask = (a_family == family) & ~np.isnan(runs[0]["att"])
+                if not mask.any():
+                    continue
+                r = summarize(runs, mask, threshold_at_fpr, without=without)
+                rows.append(f"| {name} | {family} | {mask.sum()} | {r['auroc']:.3f} | "
+                            f"{r['tpr']:.3f} | {r['fpr']:.3f} | {r['tpr_roc']:.3f} |")
+        return rows
+
+    out += family_table(TARGET_FAMILIES + EXTRA_FAMILIES)
     out += ["", "The same with the benign `hard_negative` group left out of calibration and "
-            "test (benign = chat, handwritten requests, corpus tasks):", "",
-            "| detector | family | n | AUROC | TPR @ thr | FPR @ thr | TPR @ 1% FPR (ROC) |",
-            "|---|---|---:|---:|---:|---:|---:|"]
-    for name, runs in evaluations.items():
-        for family in TARGET_FAMILIES:
-            mask = (a_family == family) & ~np.isnan(runs[0]["att"])
-            if not mask.any():
-                continue
-            r = summarize(runs, mask, threshold_at_fpr, without="hard_negative")
-            out.append(f"| {name} | {family} | {mask.sum()} | {r['auroc']:.3f} | {r['tpr']:.3f} "
-                       f"| {r['fpr']:.3f} | {r['tpr_roc']:.3f} |")
+            "test (benign = chat, handwritten requests, corpus tasks):", ""]
+    out += family_table(TARGET_FAMILIES, without="hard_negative")
     out += ["", "Per source (TPR at the calibrated threshold, mean over splits; target "
             "families):", "",
             "| detector | family | source | n | TPR @ thr | TPR @ 1% FPR (ROC) |",
