@@ -48,10 +48,10 @@ def check_output(code, out):
     assert int(rows[("text-classifier", "benign")][allowed]) > 0
     assert int(rows[("text-classifier", "attack")][blocked]) > 0  # the defenses act
     # Adversarial images: mostly blocked by detect.features; the clean samples pass.
-    image_attacks = rows[("fashion-mnist", "attack")]
-    assert int(image_attacks[blocked]) >= 0.7 * int(image_attacks[2]), final
-    assert int(rows[("fashion-mnist", "benign")][blocked]) <= 0.1 * int(
-        rows[("fashion-mnist", "benign")][2]), final
+    sent = header.index("sent")
+    image_attacks, image_benign = rows[("fashion-mnist", "attack")], rows[("fashion-mnist", "benign")]
+    assert int(image_attacks[blocked]) >= 0.7 * int(image_attacks[sent]), final
+    assert int(image_benign[blocked]) <= 0.1 * int(image_benign[sent]), final
     malformed = [r for k, r in rows.items() if k[1] == "malformed"]
     assert malformed, final
     invalid = header.index("invalid")

@@ -23,11 +23,9 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 
 import numpy as np
 
@@ -35,6 +33,9 @@ REPO = pathlib.Path(__file__).resolve().parents[2]
 MODEL_DIR = REPO / "bastion" / "demo_models" / "fashion-mnist"
 sys.path.insert(0, str(REPO / "tools"))
 sys.path.insert(0, str(REPO / "tools" / "training"))
+sys.path.insert(0, str(REPO))
+
+from tests.harness import Upstream  # noqa: E402
 
 # Must equal the image pipeline of bastion/demo.py's DEMO_CONFIG (tests/test_demo.py checks).
 DEMO_BIT_DEPTH = 5
@@ -46,12 +47,6 @@ models:
       - detect.features: {{id: features, output: conv1_stats, method: mahalanobis,
                           class_conditional: true, state: "{state}"}}
 """
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def adversarial_samples(eps: float, seed: int) -> None:
@@ -92,23 +87,16 @@ def features_state(count: int, target_fpr: float, seed: int) -> None:
     rng = np.random.default_rng(seed)
     rows = rng.choice(len(images_u8), size=count, replace=False)
     images = images_u8[rows, None].astype(np.float32) / 255.0
-    squeezed = BitDepth(DEMO_BIT_DEPTH).apply(images, TransformContext("build", "image", "FP32")).array
+    context = TransformContext("build", "image", "FP32")
+    squeezed = BitDepth(DEMO_BIT_DEPTH).apply(images, context).array
     with tempfile.TemporaryDirectory() as tmp:
         tmp = pathlib.Path(tmp)
         np.savez(tmp / "benign.npz", image=squeezed.astype(np.float32), labels=labels[rows])
-        address = f"127.0.0.1:{free_port()}"
-        log = open(tmp / "upstream.log", "w")
-        upstream = subprocess.Popen([sys.executable, "-m", "bastion", "upstream", "--listen",
-                                     address], stdout=log, stderr=subprocess.STDOUT)
+        upstream = Upstream()  # `bastion upstream` on a free port (tests/harness.py)
         try:
-            deadline = time.monotonic() + 60
-            while "serving" not in (tmp / "upstream.log").read_text():
-                if upstream.poll() is not None or time.monotonic() > deadline:
-                    raise SystemExit((tmp / "upstream.log").read_text())
-                time.sleep(0.2)
             config = tmp / "calibrate.yaml"
             config.write_text(CALIBRATE_CONFIG.format(
-                upstream=address, state=MODEL_DIR / "conv1_stats.state.npz"))
+                upstream=upstream.address, state=MODEL_DIR / "conv1_stats.state.npz"))
             subprocess.run([sys.executable, "-m", "bastion", "calibrate", "-c", str(config),
                             "--model", "fashion-mnist", "--stage", "features", "--data",
                             str(tmp / "benign.npz"), "--target-fpr", str(target_fpr),
@@ -116,8 +104,7 @@ def features_state(count: int, target_fpr: float, seed: int) -> None:
                             "--out", str(MODEL_DIR / "conv1_stats.threshold.json")],
                            check=True)
         finally:
-            upstream.terminate()
-            upstream.wait(10)
+            upstream.stop()
     # The record says what was fitted, without this machine's temporary paths.
     out = MODEL_DIR / "conv1_stats.threshold.json"
     record = json.loads(out.read_text())
