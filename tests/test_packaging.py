@@ -59,3 +59,61 @@ def test_generated_protos_are_current(tmp_path):
     subprocess.run([sys.executable, "scripts/gen_protos.py"], cwd=copy, check=True, timeout=120)
     for generated in sorted((REPO / "protos").glob("*_pb2*.py*")):
         assert (copy / "protos" / generated.name).read_text() == generated.read_text(), generated.name
+
+
+# Every third-party module the tests (and the tools they run) import comes from a distribution
+# that `pip install -e .[test]` brings in, directly or through a dependency: CI installs into a
+# fresh virtualenv, so an undeclared one would fail there, but this says which one and why.
+TEST_TOOLS = ("tools/training/train_fashion_mnist.py", "tools/training/build_demo_defenses.py",
+              "tools/linf_attack.py", "tools/measure_signatures.py")
+
+
+def _top_level_imports(path):
+    import ast
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def _declared_distributions(root="bastion-sidecar", extras=("test",)):
+    """The installed distributions `root[extras]` requires, transitively, markers evaluated."""
+    from importlib import metadata
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+    seen, todo = set(), [(root, tuple(extras))]
+    while todo:
+        name, wanted = todo.pop()
+        key = (canonicalize_name(name), wanted)
+        if key in seen:
+            continue
+        seen.add(key)
+        for line in metadata.requires(name) or ():
+            req = Requirement(line)
+            if req.marker is None or any(req.marker.evaluate({"extra": e}) for e in ("",) + wanted):
+                try:
+                    metadata.distribution(req.name)
+                except metadata.PackageNotFoundError:
+                    continue   # an optional dependency not installed here (e.g. a platform's)
+                todo.append((req.name, tuple(sorted(req.extras))))
+    return {name for name, _ in seen}
+
+
+def test_every_module_the_tests_import_is_declared():
+    from importlib import metadata
+    from packaging.utils import canonicalize_name
+    files = sorted((REPO / "tests").glob("*.py")) + [REPO / t for t in TEST_TOOLS]
+    local = {p.stem for p in files} | {"bastion", "tests"}
+    imported = set().union(*(_top_level_imports(p) for p in files))
+    third_party = sorted(imported - local - set(sys.stdlib_module_names))
+    providers = metadata.packages_distributions()
+    declared = _declared_distributions()
+    undeclared = {}
+    for module in third_party:
+        dists = {canonicalize_name(d) for d in providers.get(module, ())}
+        if not dists & declared:
+            undeclared[module] = sorted(dists) or "not installed"
+    assert not undeclared, f"imported by tests but not in pyproject's test extra: {undeclared}"
