@@ -1,7 +1,14 @@
 """`bastion calibrate`: fit a stage's detector on benign data and set its threshold at a target FPR.
 
+    bastion calibrate -c CONFIG --model NAME --data benign.jsonl[.gz] [--target-fpr 0.01] \
+        [--budget per-source|pooled] [--report report.json]
     bastion calibrate -c CONFIG --model NAME --stage ID --data benign.jsonl[.gz] \
         [--target-fpr 0.01] [--fit-fraction 0.5] [--out thresholds/NAME.ID.json]
+
+Without ``--stage`` every acting request stage of the model is calibrated together so the whole
+pipeline stays within the budget (:mod:`bastion.calibrate_pipeline`); with it, one stage alone
+gets the target FPR. A config whose threshold files do not exist yet loads here (the stages are
+uncalibrated); `bastion serve` refuses it until they are written.
 
 Records are JSON lines with a text field (default `text`); rows with a `label` other than
 `benign` are ignored, so a labelled dev file can be passed as is. The configured pipeline runs
@@ -31,9 +38,11 @@ import sys
 import numpy as np
 
 
-def read_texts(path: str, field: str = "text", label: str | None = "benign") -> list[str]:
+def read_records(path: str, field: str = "text", label: str | None = "benign",
+                 source_field: str = "source") -> tuple[list[str], list[str]]:
+    """(texts, sources) of the benign records; a record without a source is ``unknown``."""
     opener = gzip.open if path.endswith(".gz") else open
-    texts = []
+    texts, sources = [], []
     with opener(path, "rt", encoding="utf-8") as handle:
         for line in handle:
             if not line.strip():
@@ -42,7 +51,12 @@ def read_texts(path: str, field: str = "text", label: str | None = "benign") -> 
             if label is not None and record.get("label", label) != label:
                 continue
             texts.append(record[field])
-    return texts
+            sources.append(str(record.get(source_field) or "unknown"))
+    return texts, sources
+
+
+def read_texts(path: str, field: str = "text", label: str | None = "benign") -> list[str]:
+    return read_records(path, field, label)[0]
 
 
 def _find_runner(pipeline, stage_id: str, response: bool = False):
@@ -59,27 +73,39 @@ def _is_response_stage(pipeline, stage_id: str) -> bool:
     return any(r.config.stage_id == stage_id for r in pipeline.response_runners)
 
 
-async def score_texts(pipeline, stage_id: str, input_name: str, texts: list[str],
-                      concurrency: int = 32, progress: bool = False) -> np.ndarray:
-    """Each text through the model's pipeline as the sidecar runs it; the stage's scores."""
+async def run_texts(runners, model_name: str, input_name: str, texts: list[str],
+                    concurrency: int = 32, progress: bool = False
+                    ) -> tuple[dict[str, np.ndarray], np.ndarray, list[str]]:
+    """Each text through ``runners`` as the sidecar runs them, every stage run (none skipped
+    after a block). Returns ({stage id: [n] scores, NaN where it did not score}, [n] the id of
+    the stage that refused the text or None, the texts as the last stage left them)."""
     from bastion.proxy.pipeline import RequestContext
-    from bastion.transforms.tensor import as_bytes_array
+    from bastion.transforms.base import InputRejected
+    from bastion.transforms.tensor import TensorError, as_bytes_array
 
-    index, _ = _find_runner(pipeline, stage_id)
-    runners = pipeline.runners[:index + 1]  # stages after this one cannot change its score
-    scores = np.full(len(texts), np.nan)
+    scores = {runner.config.stage_id: np.full(len(texts), np.nan) for runner in runners}
+    refused = np.full(len(texts), None, dtype=object)
+    seen = list(texts)
     bar = None
     if progress:
         from tqdm import tqdm
         bar = tqdm(total=len(texts), unit="text", file=sys.stderr)
 
     async def one(i: int, text: str) -> None:
-        ctx = RequestContext(f"calibrate-{i}", pipeline.model_name, "",
+        ctx = RequestContext(f"calibrate-{i}", model_name, "",
                              {input_name: as_bytes_array([text], (1, 1))}, {input_name: "BYTES"},
                              invalid_utf8="replace")
         for runner in runners:
-            await runner.run(ctx)
-        scores[i] = ctx.scores.get(stage_id, np.nan)
+            try:
+                await runner.run(ctx)
+            except (InputRejected, TensorError):  # the sidecar refuses the request here
+                refused[i] = runner.config.stage_id
+                break
+            stage_id = runner.config.stage_id
+            if stage_id in ctx.scores:
+                scores[stage_id][i] = ctx.scores[stage_id]
+        else:
+            seen[i] = str(ctx.texts(input_name).reshape(-1)[0])
         if bar is not None:
             bar.update(1)
 
@@ -88,18 +114,73 @@ async def score_texts(pipeline, stage_id: str, input_name: str, texts: list[str]
                                for i in range(start, min(start + concurrency, len(texts)))))
     if bar is not None:
         bar.close()
-    return scores
+    return scores, refused, seen
+
+
+async def score_texts(pipeline, stage_id: str, input_name: str, texts: list[str],
+                      concurrency: int = 32, progress: bool = False) -> np.ndarray:
+    """Each text through the model's pipeline as the sidecar runs it; the stage's scores."""
+    index, _ = _find_runner(pipeline, stage_id)
+    runners = pipeline.runners[:index + 1]  # stages after this one cannot change its score
+    scores, _, _ = await run_texts(runners, pipeline.model_name, input_name, texts, concurrency,
+                                   progress)
+    return scores[stage_id]
+
+
+def fit_learner(pipeline, index: int, input_name: str, texts: list[str]) -> str:
+    """Fit request stage ``index`` on ``texts`` as it sees them in serving (after the
+    transforms before it); save its state. Returns a note for the threshold file."""
+    runner = pipeline.runners[index]
+    transforms = [r for r in pipeline.runners[:index] if r.is_transform]
+    _, refused, seen = asyncio.run(run_texts(transforms, pipeline.model_name, input_name, texts))
+    seen = [text for text, why in zip(seen, refused) if why is None]
+    detector = runner.config.impl
+    detector.fit(seen)
+    saved = detector.save() if hasattr(detector, "save") else None
+    note = f"fitted on {len(seen)} texts" + (f", state saved to {saved}" if saved else "")
+    print(f"bastion calibrate: {runner.config.stage_id} {note}", file=sys.stderr)
+    return note
 
 
 def threshold_at_fpr(scores: np.ndarray, target_fpr: float) -> float:
     """The smallest threshold with at most ``target_fpr`` of benign scores at or above it
     (the policy acts on score >= threshold)."""
-    ordered = np.sort(scores)
-    allowed = int(np.floor(target_fpr * len(ordered)))  # benign items that may reach it
-    if allowed >= len(ordered):
-        return float(ordered[0])
-    cut = ordered[len(ordered) - allowed - 1]
-    return float(np.nextafter(cut, np.inf))
+    from bastion.calibration_budget import threshold_allowing
+    return threshold_allowing(scores, int(np.floor(target_fpr * len(scores))))
+
+
+def text_input(args, model) -> str:
+    return args.input or next((n for n, s in model.inputs.items()
+                               if s.kind == "text" or s.datatype == "BYTES"), "prompt")
+
+
+def default_threshold_file(args, runner) -> pathlib.Path:
+    """Where a stage's threshold goes: its threshold_file, else the default file the stage
+    would read (next to the config)."""
+    from bastion.proxy.pipeline import DEFAULT_THRESHOLD_FILE
+    if runner.config.common.threshold_file:
+        return pathlib.Path(runner.config.common.threshold_file)
+    return pathlib.Path(args.config).absolute().parent / DEFAULT_THRESHOLD_FILE.format(
+        model=args.model, stage=runner.config.stage_id)
+
+
+def threshold_record(args, stage_id: str, threshold: float, scores: np.ndarray,
+                     fit_note: str) -> dict:
+    """The threshold file's contents (scores: the stage's finite held-out benign scores)."""
+    quantiles = [0.5, 0.9, 0.95, 0.99, 0.999]
+    return {
+        "threshold": threshold,
+        "target_fpr": args.target_fpr,
+        "observed_fpr": float(np.mean(scores >= threshold)),
+        "model": args.model,
+        "stage": stage_id,
+        "data": str(args.data),
+        "scored": int(len(scores)),
+        "fit": fit_note,
+        "quantiles": {f"p{q * 100:g}": float(v) for q, v in
+                      zip(quantiles, np.quantile(scores, quantiles))},
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
 
 
 def describe(scores: np.ndarray) -> str:
@@ -114,7 +195,7 @@ def calibrate(args: argparse.Namespace) -> int:
     from bastion.proxy.pipeline import build_pipeline
 
     try:
-        config = load_config(args.config)
+        config = load_config(args.config, allow_uncalibrated=True)  # calibrate writes them
     except ConfigError as err:
         print(err, file=sys.stderr)
         return 2
@@ -122,32 +203,30 @@ def calibrate(args: argparse.Namespace) -> int:
     if model is None:
         print(f"bastion calibrate: {args.config} has no model {args.model!r}", file=sys.stderr)
         return 2
-    pipeline = build_pipeline(args.model, model)
+    pipeline = build_pipeline(args.model, model, allow_uncalibrated=True)
+    if args.stage is None:
+        from bastion.calibrate_pipeline import calibrate_pipeline
+        return calibrate_pipeline(args, pipeline, text_input(args, model))
     if _is_response_stage(pipeline, args.stage):
         _, runner = _find_runner(pipeline, args.stage, response=True)
         return calibrate_response_stage(args, config, runner)
-    _, runner = _find_runner(pipeline, args.stage)
-    input_name = args.input or next((n for n, s in model.inputs.items()
-                                     if s.kind == "text" or s.datatype == "BYTES"), "prompt")
+    index, runner = _find_runner(pipeline, args.stage)
+    input_name = text_input(args, model)
     texts = read_texts(args.data, args.text_field)
     if args.limit:
         texts = texts[:args.limit]
     if len(texts) < 20:
         print(f"bastion calibrate: only {len(texts)} benign texts in {args.data}", file=sys.stderr)
         return 2
-    detector = runner.config.impl
     fit_note = "none (the detector does not learn)"
     held_out = texts
-    if getattr(detector, "needs_fit", False):
+    if getattr(runner.config.impl, "needs_fit", False):
         rng = random.Random(args.seed)
         shuffled = texts[:]
         rng.shuffle(shuffled)
         cut = int(len(shuffled) * args.fit_fraction)
         fit_texts, held_out = shuffled[:cut], shuffled[cut:]
-        detector.fit(fit_texts)
-        saved = detector.save() if hasattr(detector, "save") else None
-        fit_note = f"fitted on {len(fit_texts)} texts" + (f", state saved to {saved}" if saved else "")
-        print(f"bastion calibrate: {fit_note}", file=sys.stderr)
+        fit_note = fit_learner(pipeline, index, input_name, fit_texts)
     scores = asyncio.run(score_texts(pipeline, args.stage, input_name, held_out,
                                      progress=sys.stderr.isatty() or args.progress))
     return write_threshold(args, runner, scores, fit_note, "texts")
@@ -160,28 +239,18 @@ def write_threshold(args, runner, scores: np.ndarray, fit_note: str, unit: str) 
         print("bastion calibrate: no finite scores on the held-out data", file=sys.stderr)
         return 2
     threshold = threshold_at_fpr(scores, args.target_fpr)
-    observed = float(np.mean(scores >= threshold))
-    out = pathlib.Path(args.out or f"thresholds/{args.model}.{args.stage}.json")
+    result = threshold_record(args, runner.config.stage_id, threshold, scores, fit_note)
+    out = pathlib.Path(args.out) if args.out else default_threshold_file(args, runner)
     out.parent.mkdir(parents=True, exist_ok=True)
-    quantiles = [0.5, 0.9, 0.95, 0.99, 0.999]
-    result = {
-        "threshold": threshold,
-        "target_fpr": args.target_fpr,
-        "observed_fpr": observed,
-        "model": args.model,
-        "stage": args.stage,
-        "data": str(args.data),
-        "scored": int(len(scores)),
-        "fit": fit_note,
-        "quantiles": {f"p{q * 100:g}": float(v) for q, v in
-                      zip(quantiles, np.quantile(scores, quantiles))},
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"scores on benign data: {describe(scores)}")
-    print(f"threshold {threshold:.6g} at target FPR {args.target_fpr:g} (observed {observed:.4f} "
-          f"on {len(scores)} held-out benign {unit}) -> {out}")
-    print(f"use it with:  - {runner.config.kind_name}: {{threshold_file: {out}, ...}}")
+    print(f"threshold {threshold:.6g} at target FPR {args.target_fpr:g} (observed "
+          f"{result['observed_fpr']:.4f} on {len(scores)} held-out benign {unit}) -> {out}")
+    configured = runner.config.common.threshold_file
+    if configured and pathlib.Path(configured).absolute() == out.absolute():
+        print("the stage reads this file (its threshold_file)")
+    else:
+        print(f"use it with:  - {runner.config.kind_name}: {{threshold_file: {out}, ...}}")
     return 0
 
 
@@ -283,11 +352,17 @@ def calibrate_response_stage(args, config, runner) -> int:
 
 
 def add_parser(sub) -> None:
-    parser = sub.add_parser("calibrate", help="fit a detector on benign data and set its "
-                                              "threshold at a target false-positive rate")
+    parser = sub.add_parser(
+        "calibrate", help="set thresholds on benign data at a target false-positive rate: the "
+        "whole pipeline's (default) or one stage's (--stage)",
+        description="Without --stage, every request stage of the model with an action is "
+        "calibrated together so that the whole pipeline (a text is a false positive when any "
+        "stage acts) meets --target-fpr; each threshold file is written where the stage reads "
+        "it. With --stage, that one stage alone gets the target FPR.")
     parser.add_argument("-c", "--config", required=True)
     parser.add_argument("--model", required=True)
-    parser.add_argument("--stage", required=True, help="stage id (or name) in the model's pipeline")
+    parser.add_argument("--stage", help="calibrate only this stage (id or name) at the target "
+                        "FPR; default: the whole pipeline together")
     parser.add_argument("--data", required=True, help="benign reference .jsonl[.gz] (text), or "
                         ".npz of model inputs (+ labels) for a response stage")
     parser.add_argument("--text-field", default="text")
@@ -296,7 +371,18 @@ def add_parser(sub) -> None:
     parser.add_argument("--fit-fraction", type=float, default=0.5)
     parser.add_argument("--limit", type=int)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", help="threshold file (default thresholds/MODEL.STAGE.json)")
+    parser.add_argument("--out", help="--stage: threshold file (default: the stage's "
+                        "threshold_file, else thresholds/MODEL.STAGE.json next to the config)")
+    parser.add_argument("--method", choices=["split"], default="split",
+                        help="pipeline: how stages share the budget. split: one common per-stage "
+                        "exceedance level, raised until the union of flags meets the target "
+                        "(the same decisions as thresholding the max of rank-normalised scores)")
+    parser.add_argument("--budget", choices=["per-source", "pooled"], default="per-source",
+                        help="pipeline: per-source (default): every benign `source` in the data "
+                        "(sources under 50 texts pooled as `other`) must meet the target, because "
+                        "thresholds that hold on every known source transfer better to unknown "
+                        "ones; pooled: only the FPR over all texts")
+    parser.add_argument("--report", help="pipeline: also write the report as JSON here")
     parser.add_argument("--progress", action="store_true", help="progress bar even without a TTY")
     parser.add_argument("--upstream", help="response stages: the model server to ask "
                                            "(default: the config's upstream.target)")

@@ -244,7 +244,12 @@ def _format_error(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
-def parse_config(data: Any, source: str = "config") -> Config:
+def parse_config(data: Any, source: str = "config", base_dir: pathlib.Path | None = None,
+                 allow_uncalibrated: bool = False) -> Config:
+    """Validate ``data``. Relative file paths in the pipelines resolve against ``base_dir`` (the
+    config file's folder; None: the working directory). A stage whose threshold file does not
+    exist yet is an error unless ``allow_uncalibrated`` (for `bastion calibrate`, which writes it).
+    """
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -253,14 +258,20 @@ def parse_config(data: Any, source: str = "config") -> Config:
         config = Config.model_validate(data)
     except ValidationError as err:
         raise ConfigError(_format_error(err, source)) from None
-    from bastion.proxy.pipeline import validate_pipelines  # stage registry lives with the pipeline
-    problems = validate_pipelines(config)
+    # The stage registry lives with the pipeline.
+    from bastion.proxy.pipeline import resolve_paths, validate_pipelines
+    config = config.model_copy(update={"models": {
+        name: model.model_copy(update={"pipeline": resolve_paths(name, model.pipeline, base_dir)})
+        for name, model in config.models.items()}})
+    problems = validate_pipelines(config, allow_uncalibrated=allow_uncalibrated,
+                                  config_path=source if base_dir is not None else None)
     if problems:
         raise ConfigError("\n".join(f"{source}: {p}" for p in problems))
     return config
 
 
-def load_config(path: str | pathlib.Path) -> Config:
+def load_config(path: str | pathlib.Path, allow_uncalibrated: bool = False) -> Config:
+    """Read and validate a YAML config; relative paths in it are relative to its folder."""
     path = pathlib.Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -272,7 +283,9 @@ def load_config(path: str | pathlib.Path) -> Config:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise ConfigError(f"{path}: invalid YAML{where}: {getattr(err, 'problem', err)}") from None
-    return parse_config(data, str(path))
+    # The folder the file appears in, symlinks not followed (a Kubernetes ConfigMap mount links
+    # each key into a versioned folder; paths are written relative to the mount).
+    return parse_config(data, str(path), path.absolute().parent, allow_uncalibrated)
 
 
 def with_overrides(config: Config, **overrides: Any) -> Config:

@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import os
 import pathlib
+import re
 import time
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -41,6 +43,7 @@ class CommonOptions(BaseModel):
     inputs: list[str] | None = None
     threshold: float | None = None
     # A file `bastion calibrate` wrote ({"threshold": ...}); used when `threshold` is not set.
+    # A detector with an `action` and neither option reads DEFAULT_THRESHOLD_FILE.
     threshold_file: str | None = None
     action: Literal["flag", "block", "throttle"] | None = None
     on_error: Literal["open", "closed"] = "open"
@@ -106,6 +109,12 @@ class RequestContext:
         self._texts_changed.clear()
 
 
+# Where a detector with an action but no threshold looks for its threshold (relative to the
+# config file's folder), and where `bastion calibrate` writes it: no config edit after calibrating.
+DEFAULT_THRESHOLD_FILE = "thresholds/{model}.{stage}.json"
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]+:")  # builtin:tiny-lm, not a path
+
+
 @dataclasses.dataclass(frozen=True)
 class StageConfig:
     kind_name: str          # registry name, e.g. "sanitize.unicode"
@@ -113,10 +122,51 @@ class StageConfig:
     common: CommonOptions
     spec: stage_registry.StageSpec
     impl: Any               # Transform | Detector
+    # Where common.threshold came from: "config" (a number in the config), "file" (its
+    # threshold_file), "missing" (threshold_file not written yet: the stage is uncalibrated and
+    # never acts; only `bastion calibrate` loads such a config) or "none".
+    threshold_source: Literal["config", "file", "missing", "none"] = "none"
 
 
-def parse_stage(entry: dict, model: ModelConfig, path: str) -> StageConfig:
-    """Validate one pipeline entry; errors are ValueError naming ``path`` and the key."""
+def resolve_paths(model_name: str, entries: list[dict], base_dir: pathlib.Path | None
+                  ) -> list[dict]:
+    """The pipeline with relative file options resolved against ``base_dir`` (the config file's
+    folder; None keeps them relative to the working directory) and each acting detector without
+    a threshold given its DEFAULT_THRESHOLD_FILE. Entries that do not parse are left for
+    :func:`parse_stage` to report."""
+    registry = stage_registry.registry()
+    resolved = []
+    for entry in entries:
+        (name, options), = entry.items()
+        spec = registry.get(name)
+        if spec is None or not isinstance(options, (dict, type(None))):
+            resolved.append(entry)
+            continue
+        options = dict(options or {})
+        if (spec.kind == "detector" and options.get("action") is not None
+                and options.get("threshold") is None and options.get("threshold_file") is None
+                and isinstance(options.get("id", name), str)):
+            options["threshold_file"] = DEFAULT_THRESHOLD_FILE.format(
+                model=model_name, stage=options.get("id", name))
+        for key in ("threshold_file", *spec.options.path_options):
+            value = options.get(key)
+            if (base_dir is not None and isinstance(value, str) and value
+                    and not os.path.isabs(value) and not _SCHEME.match(value)):
+                options[key] = os.path.normpath(base_dir / value)
+        resolved.append({name: options})
+    return resolved
+
+
+def calibrate_command(model_name: str, config_path: str | None = None) -> str:
+    return f"bastion calibrate -c {config_path or 'CONFIG'} --model {model_name}"
+
+
+def parse_stage(entry: dict, model: ModelConfig, path: str, *, allow_uncalibrated: bool = False,
+                hint: str = "bastion calibrate -c CONFIG --model MODEL") -> StageConfig:
+    """Validate one pipeline entry; errors are ValueError naming ``path`` and the key.
+
+    A ``threshold_file`` that does not exist is an error naming the calibrate command
+    (``hint``) unless ``allow_uncalibrated`` (what `bastion calibrate` loads with)."""
     (name, options), = entry.items()
     options = dict(options or {})
     registry = stage_registry.registry()
@@ -137,15 +187,27 @@ def parse_stage(entry: dict, model: ModelConfig, path: str) -> StageConfig:
         raise ValueError(f"{path}.{name}{'.' + key if key else ''}: {message}") from None
     except (TypeError, ValueError, ImportError, OSError) as err:
         raise ValueError(f"{path}.{name}: {err}") from None
+    source = "config" if common.threshold is not None else "none"
     if common.threshold is None and common.threshold_file is not None:
-        common = common.model_copy(update={"threshold": _read_threshold(common.threshold_file,
-                                                                        f"{path}.{name}")})
+        if not pathlib.Path(common.threshold_file).exists():
+            if not allow_uncalibrated:
+                raise ValueError(f"{path}.{name}.threshold_file: {common.threshold_file} does "
+                                 f"not exist: the stage is not calibrated yet; run `{hint}` to "
+                                 "create it")
+            source = "missing"
+        else:
+            common = common.model_copy(update={"threshold": _read_threshold(
+                common.threshold_file, f"{path}.{name}")})
+            source = "file"
+    if common.action is None and common.threshold_file is not None:
+        common = common.model_copy(update={"action": "block"})
     if common.action is None and common.threshold is not None:
         common = common.model_copy(update={"action": "block"})
-    if spec.kind == "detector" and common.threshold is None and common.action is not None:
+    if (spec.kind == "detector" and common.threshold is None and common.action is not None
+            and source != "missing"):
         raise ValueError(f"{path}.{name}.action: needs a threshold to act on")
     _check_inputs(name, impl, common, model, path)
-    return StageConfig(name, common.id or name, common, spec, impl)
+    return StageConfig(name, common.id or name, common, spec, impl, source)
 
 
 def _read_threshold(path: str, where: str) -> float:
@@ -396,10 +458,13 @@ class Pipeline:
         return ctx
 
 
-def build_pipeline(model_name: str, model: ModelConfig, metrics: Metrics | None = None) -> Pipeline:
+def build_pipeline(model_name: str, model: ModelConfig, metrics: Metrics | None = None, *,
+                   allow_uncalibrated: bool = False) -> Pipeline:
     runners, response_runners = [], []
     for index, entry in enumerate(model.pipeline):
-        config = parse_stage(entry, model, f"models.{model_name}.pipeline.{index}")
+        config = parse_stage(entry, model, f"models.{model_name}.pipeline.{index}",
+                             allow_uncalibrated=allow_uncalibrated,
+                             hint=calibrate_command(model_name))
         if config.spec.kind == "response":
             response_runners.append(ResponseRunner(model_name, config, metrics))
         elif response_runners:
@@ -410,7 +475,8 @@ def build_pipeline(model_name: str, model: ModelConfig, metrics: Metrics | None 
     return Pipeline(model_name, model, runners, response_runners)
 
 
-def validate_pipelines(config: Config) -> list[str]:
+def validate_pipelines(config: Config, *, allow_uncalibrated: bool = False,
+                       config_path: str | None = None) -> list[str]:
     """Problems with the configured pipelines, each naming its key path."""
     problems = []
     for model_name, model in config.models.items():
@@ -419,7 +485,8 @@ def validate_pipelines(config: Config) -> list[str]:
         for index, entry in enumerate(model.pipeline):
             path = f"models.{model_name}.pipeline.{index}"
             try:
-                stage = parse_stage(entry, model, path)
+                stage = parse_stage(entry, model, path, allow_uncalibrated=allow_uncalibrated,
+                                    hint=calibrate_command(model_name, config_path))
             except ValueError as err:
                 problems.append(str(err))
                 continue
@@ -434,5 +501,6 @@ def validate_pipelines(config: Config) -> list[str]:
     return problems
 
 
-__all__ = ["ACTIONS", "Pipeline", "RequestContext", "StageRunner", "build_pipeline",
-           "validate_pipelines", "parse_stage"]
+__all__ = ["ACTIONS", "DEFAULT_THRESHOLD_FILE", "Pipeline", "RequestContext", "StageRunner",
+           "build_pipeline", "calibrate_command", "parse_stage", "resolve_paths",
+           "validate_pipelines"]

@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 from collections.abc import Callable
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict
 
@@ -34,6 +34,11 @@ STAGE_MODULES = (
 class StageOptions(BaseModel):
     """Base for each stage's own options: unknown keys are errors, values are immutable."""
     model_config = ConfigDict(extra="forbid", frozen=True)
+    #: Options that name a file or folder. A relative path written in a config file resolves
+    #: against the config file's folder (see ``bastion.proxy.pipeline.resolve_paths``), so a
+    #: config works from any working directory. A stage whose option of one of these names is
+    #: not a path overrides this; values with a scheme prefix (``builtin:...``) are left alone.
+    path_options: ClassVar[tuple[str, ...]] = ("state", "encoder", "library", "rules", "model")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -47,6 +47,13 @@ def test_cli_writes_a_threshold_file_that_config_reads(tmp_path):
     parsed = parse_config({"models": {"chat": {"pipeline": [
         {"detect.signatures": {"threshold_file": str(out)}}]}}})
     assert parsed.models["chat"].pipeline
-    with pytest.raises(ConfigError, match="threshold_file: cannot read"):
+    with pytest.raises(ConfigError, match="threshold_file: .*missing.json does not exist: the "
+                       "stage is not calibrated yet; run `bastion calibrate -c CONFIG --model "
+                       "chat` to create it"):
         parse_config({"models": {"chat": {"pipeline": [
             {"detect.signatures": {"threshold_file": str(tmp_path / "missing.json")}}]}}})
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(ConfigError, match="has no numeric `threshold`"):
+        parse_config({"models": {"chat": {"pipeline": [
+            {"detect.signatures": {"threshold_file": str(tmp_path / "bad.json")}}]}}},
+            allow_uncalibrated=True)
