@@ -8,6 +8,7 @@ import contextlib
 import gc
 import shutil
 import signal
+import threading
 import time
 
 import pytest
@@ -16,11 +17,12 @@ from bastion.proxy.limiter import ClientGuard, ClientsConfig
 from tests.harness import Proc, free_port
 
 TIMEOUT_MS = 50
-# Slack over timeout_ms for one admit() while Redis is down or hung: event-loop scheduling and
-# closing the dead connection, on a shared 2-core machine. A loaded machine (a full test run
-# beside other jobs) was measured at up to ~110 ms of scheduling delay on one call; still two
-# orders of magnitude under the 1-10 s stalls this guards against.
-MARGIN_MS = 150
+# Slack over timeout_ms for one admit() while Redis is down or hung, on top of the event loop's
+# worst scheduling delay measured in the same run (SchedulingLag): closing the dead connection and the
+# fallback's bookkeeping. Still two orders of magnitude under the 1-10 s stalls this guards
+# against; a loaded machine's scheduling delays (measured up to ~250 ms under a full test run
+# beside other jobs) are in the measured delay, not in this constant.
+MARGIN_MS = 100
 RETRY_AFTER_FAILURE_MS = 200
 
 
@@ -93,6 +95,37 @@ def quiet_collector():
         gc.unfreeze()
 
 
+class SchedulingLag:
+    """The baseline a latency is judged against: how late the OS wakes a thread of this process
+    that sleeps 2 ms at a time, measured while the calls under test run. CPU starvation on a busy
+    machine delays it and the event loop alike; an admit() that blocked the event loop itself
+    would not delay this thread (a blocking socket call releases the GIL), so it is not excused."""
+
+    TICK_S = 0.002
+
+    def __init__(self):
+        self.worst_ms = 0.0
+        self.ticks = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._probe, daemon=True)
+
+    def _probe(self) -> None:
+        while not self._stop.is_set():
+            start = time.perf_counter()
+            time.sleep(self.TICK_S)
+            late = (time.perf_counter() - start - self.TICK_S) * 1000
+            self.worst_ms = max(self.worst_ms, late)
+            self.ticks += 1
+
+    def __enter__(self) -> "SchedulingLag":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 async def timed_admit(guard: ClientGuard, identity: str, model: str = "m"):
     start = time.perf_counter()
     admission = await guard.admit(identity, model)
@@ -148,11 +181,15 @@ def test_model_limits_shared_across_replicas(redis_server):
     asyncio.run(scenario())
 
 
-def _check_bounded(latencies: list[float]) -> None:
+def _check_bounded(latencies: list[float], lag: SchedulingLag) -> None:
+    assert latencies, "no admit() was measured"
     worst = max(latencies)
+    limit = TIMEOUT_MS + MARGIN_MS + lag.worst_ms
     print(f"admit() while Redis unavailable: {len(latencies)} calls, max {worst:.1f} ms, "
-          f"p50 {sorted(latencies)[len(latencies) // 2]:.2f} ms")
-    assert worst <= TIMEOUT_MS + MARGIN_MS, f"an admit() took {worst:.1f} ms"
+          f"p50 {sorted(latencies)[len(latencies) // 2]:.2f} ms; scheduling's worst delay "
+          f"{lag.worst_ms:.1f} ms over {lag.ticks} ticks; limit {limit:.1f} ms")
+    assert worst <= limit, (f"an admit() took {worst:.1f} ms: over timeout_ms {TIMEOUT_MS} + "
+                            f"{MARGIN_MS} + the scheduling delay measured meanwhile {lag.worst_ms:.1f} ms")
 
 
 @pytest.mark.parametrize("on_error", ["open", "closed"])
@@ -167,14 +204,17 @@ def test_redis_killed_mid_run_then_restarted(redis_server, on_error):
             redis_server.kill()
 
             latencies, seen = [], []
-            deadline = time.monotonic() + 1.0     # several circuit cycles (200 ms each)
             with quiet_collector():
-                while time.monotonic() < deadline:
-                    admission, ms = await timed_admit(a, "c")
-                    latencies.append(ms)
-                    seen.append(admission)
-                    await asyncio.sleep(0.005)
-            _check_bounded(latencies)
+                # The clock starts after gc.collect(), which alone may take a second on a busy
+                # machine; and at least 20 calls are made however slow the machine is.
+                deadline = time.monotonic() + 1.0     # several circuit cycles (200 ms each)
+                with SchedulingLag() as lag:
+                    while time.monotonic() < deadline or len(latencies) < 20:
+                        admission, ms = await timed_admit(a, "c")
+                        latencies.append(ms)
+                        seen.append(admission)
+                        await asyncio.sleep(0.005)
+            _check_bounded(latencies, lag)
             assert a.redis.failures >= 2, "the circuit should probe Redis again after 200 ms"
             assert a.redis.skipped > len(seen) / 2, "most calls should skip the dead Redis"
             if on_error == "open":
@@ -189,9 +229,11 @@ def test_redis_killed_mid_run_then_restarted(redis_server, on_error):
                 assert {s.reason for s in seen} == {"backend_unavailable"}
                 assert all(s.retry_after_ms > 0 for s in seen)
             # observe() never blocks either, and falls back to local state.
-            start = time.perf_counter()
-            await a.observe("c", "m", ["signature:x"], {})
-            assert (time.perf_counter() - start) * 1000 <= TIMEOUT_MS + MARGIN_MS
+            with SchedulingLag() as lag:
+                start = time.perf_counter()
+                await a.observe("c", "m", ["signature:x"], {})
+                observe_ms = (time.perf_counter() - start) * 1000
+            _check_bounded([observe_ms], lag)
 
             redis_server.start()                   # same port, empty state
             await asyncio.sleep(RETRY_AFTER_FAILURE_MS / 1000 + 0.05)
@@ -217,12 +259,13 @@ def test_redis_hung_every_call_bounded_by_timeout(redis_server):
             latencies, seen = [], []
             # Concurrent callers too: none may wait past the timeout.
             with quiet_collector():
-                for _ in range(6):
-                    batch = await asyncio.gather(*(timed_admit(g, f"c{i}") for i in range(20)))
-                    latencies += [ms for _, ms in batch]
-                    seen += [adm for adm, _ in batch]
-                    await asyncio.sleep(0.1)
-            _check_bounded(latencies)
+                with SchedulingLag() as lag:
+                    for _ in range(6):
+                        batch = await asyncio.gather(*(timed_admit(g, f"c{i}") for i in range(20)))
+                        latencies += [ms for _, ms in batch]
+                        seen += [adm for adm, _ in batch]
+                        await asyncio.sleep(0.1)
+            _check_bounded(latencies, lag)
             assert all(s.backend == "fallback" for s in seen)
             assert g.redis.failures >= 2
             redis_server.resume()
