@@ -177,13 +177,37 @@ def test_bundled_nll_graph_matches_numpy_from_its_own_logits(tiny, tmp_path):
         assert item.tokens == len(item.nll) == ids.shape[1] - len(tiny.prefix_ids)
 
 
-def test_bundled_int8_default_tracks_its_float32_original(tiny):
-    assert tiny.model_path.name == "model_int8.onnx"
+# How far the int8 tiny LM's mean NLL (nats) may be from its float32 original, per CPU kind.
+# onnxruntime's uint8 x int8 QLinearMatMul accumulates exactly with VNNI (vpdpbusd); without it
+# (AVX2 vpmaddubsw) pairs of products saturate at int16. Measured worst prompt of the texts
+# below: 0.017 with AVX-512 VNNI (an AMD EPYC, Zen 4), 0.0645 on an AVX2-only AMD EPYC (issue 17).
+# Without VNNI `builtin:tiny-lm` runs the float32 model, so there only the mean is bounded.
+INT8_MEAN_NLL_TOLERANCE = {"vnni": 0.05, "no-vnni": 0.1}
+
+
+def test_bundled_default_is_int8_only_where_int8_is_exact():
+    manifest = json.loads((BUILTIN / "lm.json").read_text())
+    assert lm.default_model_file(manifest, ["avx2", "avx512_vnni"]) == "model_int8.onnx"
+    assert lm.default_model_file(manifest, ["avx2", "avx_vnni"]) == "model_int8.onnx"
+    assert lm.default_model_file(manifest, ["avx2", "avx512f"]) == "model.onnx"
+    assert lm.default_model_file(manifest, []) == "model.onnx"          # no /proc/cpuinfo flags
+    assert lm.default_model_file({"default_model": "x.onnx"}, []) == "x.onnx"
+
+
+def test_bundled_default_tracks_its_float32_original(tiny):
+    from bastion.detectors.cpu_features import has_int8_dot_product
+    vnni = has_int8_dot_product()
+    assert tiny.model_path.name == ("model_int8.onnx" if vnni else "model.onnx")
+    int8 = LMRunner("builtin:tiny-lm/model_int8.onnx")
     fp32 = LMRunner("builtin:tiny-lm/model.onnx")
+    tolerance = INT8_MEAN_NLL_TOLERANCE["vnni" if vnni else "no-vnni"]
     texts = BENIGN + sample_rows("adv_suffix")[:4]
-    for a, b in zip(tiny.token_nll(texts), fp32.token_nll(texts)):
-        assert abs(a.nll.mean() - b.nll.mean()) < 0.05
-        assert np.max(np.abs(a.nll - b.nll)) < 0.5
+    for a, b, d in zip(int8.token_nll(texts), fp32.token_nll(texts), tiny.token_nll(texts)):
+        assert abs(a.nll.mean() - b.nll.mean()) < tolerance
+        if vnni:
+            assert np.max(np.abs(a.nll - b.nll)) < 0.5       # measured at most 0.16
+        # What `builtin:tiny-lm` runs on this CPU is within the VNNI tolerance everywhere.
+        assert abs(d.nll.mean() - b.nll.mean()) < INT8_MEAN_NLL_TOLERANCE["vnni"]
 
 
 def test_bundled_model_long_prompt_is_chunked_not_truncated(tiny):

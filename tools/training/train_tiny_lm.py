@@ -379,6 +379,8 @@ def main(argv: list[str] | None = None) -> int:
     (out_dir / "lm.json").write_text(json.dumps({
         "name": "tiny-lm",
         "default_model": "model_int8.onnx",
+        # u8s8 int8 saturates without VNNI (detectors/lm.py default_model_file).
+        "default_model_without_vnni": "model.onnx",
         "context": args.context,
         "prefix": EOT,
         "output": "nll",
