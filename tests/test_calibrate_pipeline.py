@@ -162,6 +162,8 @@ def test_uncalibrated_config_is_refused_until_calibrated(tmp_path, capsys):
     assert "thresholds/chat.a.json" in message and "custom/b.json" in message
     assert main(["check-config", str(config)]) == 1
     assert "not calibrated yet" in capsys.readouterr().err
+    assert main(["serve", "-c", str(config)]) == 2  # refused before anything starts
+    assert "--model chat` to create it" in capsys.readouterr().err
     loaded = load_config(config, allow_uncalibrated=True)  # what calibrate loads
     assert loaded.models["chat"].pipeline
 
