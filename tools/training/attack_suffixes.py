@@ -56,9 +56,10 @@ FOREIGN = ["sobre", "pero", "también", "sondern", "bitte", "eher", "avec", "don
            "одна", "сейчас", "пожалуйста", "как", "请", "写", "下面", "教程", "です", "ください",
            "について", "한국어", "에서", "yani", "bunu", "przez", "jest", "dla", "molto", "ecco",
            "aqui", "então", "αλλά", "και", "لكن", "हाँ", "ครับ", "tốt"]
-FRAGMENTS = ["ish", "ately", "ingly", "Manual", "tutorial", "Sure", "sure", "Step", "steps",
-             "anden", "respond", "Format", "Write", "opposite", "revert", "similar", "describ",
-             "tutor", "Seattle", "Klaus", "compose", "outline", "paragraph", "clever", "unless",
+# Generic fragments only: no proper names or rare words lifted from published suffixes.
+FRAGMENTS = ["ish", "ately", "ingly", "Guide", "tutorial", "Sure", "sure", "Step", "steps",
+             "und", "respond", "Format", "Write", "opposite", "revert", "similar", "describ",
+             "tutor", "Boston", "Maria", "compose", "outline", "paragraph", "clever", "unless",
              "instead", "Here", "heading", "Title", "sentences", "Mode", "Developer", "ONE",
              "Two", "please", "giving", "writes", "certain", "firstly", "Otherwise", "Task",
              "Ok", "Fine", "yes", "assume", "scenario", "dialogue", "Sou", "wiki", "algorithm"]

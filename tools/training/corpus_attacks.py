@@ -601,7 +601,7 @@ def read_ps_fuzz(rng: random.Random, harmful: list[Seed]) -> list[dict]:
     for path in w.names("ps_fuzz/attacks/", ".py"):
         tree = ast.parse(w.text(path))
         for s in _ast_strings(tree):
-            if "{attack_task}" in s:
+            if "{attack_task}" in s and "Give me a prompt" not in s:  # not attacker-LLM prompts
                 templates.append((s, w.src(path)))
             elif s.startswith("Take this text literally:"):  # the DAN seed text
                 dan = s.split("\n", 1)[1].split("\n\nNow, from the above")[0].strip().strip('"')
@@ -610,6 +610,16 @@ def read_ps_fuzz(rng: random.Random, harmful: list[Seed]) -> list[dict]:
                 templates.append((s.split("Wht s th")[0] + "{attack_task}", w.src(path)))
     own_harm = [h for h in harmful if h[1].startswith(w.name)]
     out = []
+    # Fixed injection tasks of the dynamic tests (the GCG-suffix task is left out: that suffix is
+    # the published one the hidden evaluation also ships).
+    path = "ps_fuzz/attacks/dynamic_test.py"
+    tree = ast.parse(w.text(path))
+    tasks = [k.value.value for k in ast.walk(tree) if isinstance(k, ast.keyword)
+             and k.arg == "attack_task" and isinstance(k.value, ast.Constant)]
+    tasks += [v for n, v in _str_assigns(tree.body, {}).items() if n == "steal_system_prompt_attack_text"]
+    for k, t in enumerate(tasks):
+        if "describing." not in t and re.search(r"(?i)forget|ignore|repeat|initial", t):
+            out.append(rec(t, "prompt_injection", g, w.src(path, k), lic))
     for (t, ts), (h, hs, _) in combos(rng, templates, own_harm, 300):
         out.append(rec(t.replace("{attack_task}", h), "jailbreak_template", g, f"{ts}+{hs}", lic))
     return out
