@@ -433,7 +433,8 @@ def read_spikee(rng: random.Random, harmful: list[Seed], payloads: list[Seed]) -
 
 
 def _ast_strings(tree: ast.AST) -> list[str]:
-    return [n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)]
+    return [n.value for n in ast.walk(tree)
+            if isinstance(n, ast.Constant) and isinstance(n.value, str)]
 
 
 def _eval_fstring(node: ast.AST, names: dict[str, str]) -> str | None:
@@ -532,7 +533,8 @@ def read_agentdojo(rng: random.Random, payloads: list[Seed]) -> list[dict]:
         slots = re.findall(r"@@SLOT:([a-z0-9_]+)@@", text)
         target = rng.choice(slots)
         payload = attack(t, goal)
-        enc = json.dumps(payload, ensure_ascii=False)[1:-1] if text.lstrip().startswith("{") else payload
+        in_json = text.lstrip().startswith("{")
+        enc = json.dumps(payload, ensure_ascii=False)[1:-1] if in_json else payload
         text = text.replace(f"@@SLOT:{target}@@", enc, 1)
         for s_ in slots:
             text = text.replace(f"@@SLOT:{s_}@@", defaults.get(s_, ""))
@@ -616,7 +618,8 @@ def read_ps_fuzz(rng: random.Random, harmful: list[Seed]) -> list[dict]:
     tree = ast.parse(w.text(path))
     tasks = [k.value.value for k in ast.walk(tree) if isinstance(k, ast.keyword)
              and k.arg == "attack_task" and isinstance(k.value, ast.Constant)]
-    tasks += [v for n, v in _str_assigns(tree.body, {}).items() if n == "steal_system_prompt_attack_text"]
+    tasks += [v for n, v in _str_assigns(tree.body, {}).items()
+              if n == "steal_system_prompt_attack_text"]
     for k, t in enumerate(tasks):
         if "describing." not in t and re.search(r"(?i)forget|ignore|repeat|initial", t):
             out.append(rec(t, "prompt_injection", g, w.src(path, k), lic))
@@ -988,14 +991,17 @@ def gen_indirect(rng: random.Random, payloads: list[Seed], docs: list[str]) -> l
         return frames[k], goal, f"frame#{k}+{src}", lic
 
     def para() -> str:
-        return rng.choice(docs) if rng.random() < 0.6 else fake.paragraph(nb_sentences=rng.randint(3, 7))
+        if rng.random() < 0.6:
+            return rng.choice(docs)
+        return fake.paragraph(nb_sentences=rng.randint(3, 7))
 
     def hide(inj: str, kind: str) -> str:
         style = rng.randrange(8) if kind in ("web page", "html e-mail") else rng.randrange(3)
         if style == 0:
             return inj
         if style == 1:
-            return f"<!-- {inj} -->" if kind in ("web page", "html e-mail", "markdown document") else f"[{inj}]"
+            markup = kind in ("web page", "html e-mail", "markdown document")
+            return f"<!-- {inj} -->" if markup else f"[{inj}]"
         if style == 2:
             return f"\n\n{inj}\n\n"
         if style == 3:
@@ -1013,9 +1019,11 @@ def gen_indirect(rng: random.Random, payloads: list[Seed], docs: list[str]) -> l
         pos = rng.randint(0, len(paras))
         if kind == "e-mail":
             paras.insert(pos, hide(inj, kind))
-            return (f"From: {fake.name()} <{fake.email()}>\nTo: {fake.email()}\nDate: "
-                    f"{fake.date_time_between(FAKE_FROM, FAKE_TO):%a, %d %b %Y %H:%M}\nSubject: {fake.catch_phrase()}\n\n"
-                    f"Hi {fake.first_name()},\n\n" + "\n\n".join(paras) + f"\n\nBest,\n{fake.name()}")
+            sent = fake.date_time_between(FAKE_FROM, FAKE_TO)
+            return (f"From: {fake.name()} <{fake.email()}>\nTo: {fake.email()}\n"
+                    f"Date: {sent:%a, %d %b %Y %H:%M}\nSubject: {fake.catch_phrase()}\n\n"
+                    f"Hi {fake.first_name()},\n\n" + "\n\n".join(paras)
+                    + f"\n\nBest,\n{fake.name()}")
         if kind in ("web page", "html e-mail"):
             paras = [f"<p>{p}</p>" for p in paras]
             paras.insert(pos, hide(inj, kind))
@@ -1065,8 +1073,9 @@ def gen_indirect(rng: random.Random, payloads: list[Seed], docs: list[str]) -> l
             return (f"★{stars}/5 — {fake.name()} — Verified purchase\n{text} {inj} "
                     f"{fake.sentence()}")
         if kind == "calendar event":
-            return (f"BEGIN:VEVENT\nSUMMARY:{fake.catch_phrase()}\nDTSTART:"
-                    f"{fake.date_time_between(FAKE_FROM, FAKE_TO):%Y%m%dT%H%M00}\nLOCATION:{fake.city()}\n"
+            summary_, start = fake.catch_phrase(), fake.date_time_between(FAKE_FROM, FAKE_TO)
+            return (f"BEGIN:VEVENT\nSUMMARY:{summary_}\nDTSTART:{start:%Y%m%dT%H%M00}\n"
+                    f"LOCATION:{fake.city()}\n"
                     f"DESCRIPTION:{para()[:200]} {inj}\nEND:VEVENT")
         if kind == "resume":
             return (f"{fake.name()}\n{fake.job()} | {fake.email()} | {fake.phone_number()}\n\n"
