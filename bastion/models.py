@@ -13,6 +13,7 @@ import sys
 EXPORTERS = {
     "smollm2": "bastion.export.smollm2",
     "minilm": "bastion.export.minilm",
+    "classifier": "bastion.export.classifier",
 }
 
 

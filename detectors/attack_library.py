@@ -76,7 +76,7 @@ import numpy as np
 from pydantic import Field
 
 from bastion.detectors.base import TextDetector
-from bastion.detectors.embedding import (Encoder, EncoderStageOptions, _as_str, get_encoder)
+from bastion.detectors.embedding import Encoder, EncoderStageOptions, _as_str
 from bastion.proxy.stages import register
 
 __all__ = ["LIBRARY_FORMAT", "LIBRARY_VERSION", "PROBE_TEXTS", "MODES", "LINEAR_C",
@@ -569,7 +569,7 @@ class AttackLibraryDetector(TextDetector):
 
 
 def build_attack_library(options: AttackLibraryOptions) -> AttackLibraryDetector:
-    encoder = get_encoder(options.encoder, options.encoder_options())
+    encoder = options.get_encoder()
     path = options.library or default_library_path()
     try:
         return AttackLibraryDetector(encoder, path, options.reload_interval_s,

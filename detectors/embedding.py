@@ -8,6 +8,12 @@ requests; encoders are shared by every stage that names the same model file and 
 (:func:`get_encoder`), and recent texts' embeddings are cached, so a pipeline with
 ``detect.embedding`` and ``detect.attack_library`` encodes each prompt once.
 
+One pass per prompt: a graph may have several outputs (a ``bastion models export classifier``
+folder has ``logits`` and ``embedding``). Every output is computed by the same run and cached
+together, so ``detect.classifier``, ``detect.embedding`` and ``detect.attack_library`` on one
+model folder share one ONNX run per prompt window. The embedding the anomaly and library stages
+use is the manifest's ``output``, else the output named ``embedding``, else the first one.
+
 Long texts: the model sees at most ``max_length`` tokens (256 for MiniLM). A longer text is cut
 into windows of ``max_length`` tokens (a quarter overlapping); the first ``max_chunks`` windows
 are embedded, or, when there are more, ``max_chunks`` windows spread evenly from the first to
@@ -15,7 +21,10 @@ the last (the cost is bounded; the end of the text is always seen). Detectors sc
 window and keep the worst. ``max_chunks: 1`` is plain truncation, as sentence-transformers does.
 
 Options shared by the encoder stages: ``encoder`` (the exported folder, or a ``.onnx`` file
-with ``tokenizer.json`` beside it; ``model_int8.onnx`` for the int8 model), ``providers``
+with ``tokenizer.json`` beside it; ``model_int8.onnx`` for the int8 model), ``variant``
+(auto|fp32|int8: which file of a folder; default fp32 = ``model.onnx`` for a sentence encoder
+folder and ``auto`` for a classifier folder, the same file ``detect.classifier`` picks, so the
+stages share its run; see :mod:`bastion.detectors.cpu_features`), ``providers``
 (default: ``BASTION_ONNX_PROVIDERS``, comma-separated, else CPU), ``threads`` (onnxruntime
 intra-op threads), ``max_batch``, ``max_wait_ms`` (micro-batching), ``max_chunks``.
 
@@ -36,7 +45,8 @@ import logging
 import os
 import pathlib
 import threading
-from collections.abc import Sequence
+import types
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -46,15 +56,24 @@ from bastion.detectors.anomaly import (AnomalyModel, StateError, load_state, mak
                                        save_state)
 from bastion.detectors.base import TextDetector
 from bastion.detectors.batcher import MicroBatcher
+from bastion.detectors.cpu_features import Variant, choose_variant
 from bastion.proxy.stages import StageOptions, register
 
-__all__ = ["Encoder", "EncoderOptions", "get_encoder", "resolve_encoder_path",
-           "default_providers", "EmbeddingAnomalyDetector", "EmbeddingOptions", "sha256_file"]
+__all__ = ["Encoder", "EncoderOptions", "get_encoder", "resolve_encoder_path", "model_file",
+           "default_providers", "EmbeddingAnomalyDetector", "EmbeddingOptions", "sha256_file",
+           "Outputs", "MANIFESTS", "MODEL_FILES"]
 
 log = logging.getLogger("bastion.embedding")
 
 PROVIDERS_ENV = "BASTION_ONNX_PROVIDERS"
 DEFAULT_MAX_CHUNKS = 8
+#: Manifests a model folder may hold, in the order they are looked for.
+MANIFESTS = ("encoder.json", "classifier.json")
+#: The file of each variant in an exported folder.
+MODEL_FILES = {"fp32": "model.onnx", "int8": "model_int8.onnx"}
+
+#: One text's model outputs: output name -> [windows, ...] array (read-only).
+Outputs = Mapping[str, np.ndarray]
 
 
 def default_providers() -> list[str]:
@@ -81,20 +100,35 @@ def sha256_file(path: str | os.PathLike) -> str:
     return cached
 
 
-def resolve_encoder_path(path: str | os.PathLike) -> tuple[pathlib.Path, pathlib.Path,
-                                                            pathlib.Path | None]:
-    """(model.onnx, tokenizer.json, encoder.json or None) for a folder or a model file."""
+def model_file(folder: pathlib.Path, variant: Variant | None = None) -> pathlib.Path:
+    """The model file of an exported folder for ``variant``; None = the folder's default
+    (``auto`` for a classifier folder, fp32 otherwise)."""
+    if variant is None:
+        variant = "auto" if (folder / "classifier.json").exists() else "fp32"
+    chosen = choose_variant(variant, (folder / MODEL_FILES["int8"]).exists())
+    path = folder / MODEL_FILES[chosen]
+    if chosen == "int8" and not path.exists() and (folder / MODEL_FILES["fp32"]).exists():
+        raise FileNotFoundError(f"{folder} has no {path.name} (variant int8; re-run the export "
+                                "without --no-int8, or use variant fp32)")
+    return path
+
+
+def resolve_encoder_path(path: str | os.PathLike, variant: Variant | None = None
+                         ) -> tuple[pathlib.Path, pathlib.Path, pathlib.Path | None]:
+    """(model file, tokenizer.json, manifest or None) for a folder (its ``variant`` file, see
+    :func:`model_file`) or a model file; the manifest is encoder.json or classifier.json."""
     path = pathlib.Path(path)
-    model = path / "model.onnx" if path.is_dir() else path
+    model = model_file(path, variant) if path.is_dir() else path
     folder = model.parent
     if not model.exists():
         raise FileNotFoundError(f"encoder model {model} does not exist (export it with "
-                                "`bastion models export minilm --out DIR`)")
+                                "`bastion models export minilm --out DIR`, or `bastion models "
+                                "export classifier --from CHECKPOINT --out DIR`)")
     tokenizer = folder / "tokenizer.json"
     if not tokenizer.exists():
         raise FileNotFoundError(f"no tokenizer.json next to {model}")
-    manifest = folder / "encoder.json"
-    return model, tokenizer, manifest if manifest.exists() else None
+    manifest = next((folder / m for m in MANIFESTS if (folder / m).exists()), None)
+    return model, tokenizer, manifest
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,11 +142,13 @@ class EncoderOptions:
 
 
 class Encoder:
-    """Tokenizer + ONNX sentence encoder, batched across concurrent callers.
+    """Tokenizer + ONNX text model, batched across concurrent callers.
 
     ``embed(texts)`` (blocking) and ``await aembed(text)`` return, per text, a float32 array
     [windows, dim] of L2-normalised window embeddings (one row for a text that fits).
     ``encode(texts)`` returns [n, dim], each text's first window (plain truncation).
+    ``outputs_of(texts)`` / ``await aoutputs(text)`` return every output of the graph per text
+    ({name: [windows, ...]}), from the same run and cache as the embeddings.
     """
 
     def __init__(self, path: str | os.PathLike, options: EncoderOptions = EncoderOptions()):
@@ -162,14 +198,23 @@ class Encoder:
                                             providers=providers)
         names = {i.name for i in self.session.get_inputs()}
         self._token_types = "token_type_ids" in names
-        self.output = self.manifest.get("output") or self.session.get_outputs()[0].name
-        self.dim = int(self.session.get_outputs()[0].shape[-1]) if isinstance(
-            self.session.get_outputs()[0].shape[-1], int) else int(self.manifest.get("dim", 0))
-        self.batcher: MicroBatcher[str, np.ndarray] = MicroBatcher(
-            self._embed_batch, max_batch=options.max_batch, max_wait_ms=options.max_wait_ms,
+        graph_outputs = {o.name: o for o in self.session.get_outputs()}
+        #: Every output is computed by each run (one pass serves every stage on this model).
+        self.outputs: tuple[str, ...] = tuple(graph_outputs)
+        self.output = self.manifest.get("output") or (
+            "embedding" if "embedding" in graph_outputs else self.outputs[0])
+        if self.output not in graph_outputs:
+            raise ValueError(f"{self.model_path}: no output {self.output!r} (the graph has "
+                             f"{', '.join(self.outputs)})")
+        width = graph_outputs[self.output].shape[-1]
+        self.dim = int(width) if isinstance(width, int) else int(self.manifest.get("dim", 0))
+        self.batcher: MicroBatcher[str, Outputs] = MicroBatcher(
+            self._encode_batch, max_batch=options.max_batch, max_wait_ms=options.max_wait_ms,
             threads=1, name=f"encoder-{self.name}")
-        self._cache: collections.OrderedDict[bytes, np.ndarray] = collections.OrderedDict()
+        self._cache: collections.OrderedDict[bytes, Outputs] = collections.OrderedDict()
         self._cache_lock = threading.Lock()
+        # Texts being run now, per event loop: a second caller waits for the same run.
+        self._inflight: dict[bytes, tuple[asyncio.AbstractEventLoop, asyncio.Future]] = {}
         self.calls = 0  # ONNX runs (for tests and benchmarks)
 
     def _special_ids(self) -> tuple[list[int], list[int]]:
@@ -223,9 +268,10 @@ class Encoder:
             groups[-1].append(i)
         return groups
 
-    def _run(self, units: list[list[int]]) -> np.ndarray:
-        """Embed token-id lists, in length-bucketed sub-batches (see :meth:`_groups`)."""
-        out = np.empty((len(units), self.dim or 1), dtype=np.float32)
+    def _run(self, units: list[list[int]]) -> dict[str, np.ndarray]:
+        """Run token-id lists, in length-bucketed sub-batches (see :meth:`_groups`): every
+        graph output, [len(units), ...] each."""
+        out: dict[str, np.ndarray] = {}
         for chosen in self._groups(units):
             width = max(len(units[i]) for i in chosen)
             ids = np.full((len(chosen), width), self.pad_id, dtype=np.int64)
@@ -236,22 +282,26 @@ class Encoder:
             feeds = {"input_ids": ids, "attention_mask": mask}
             if self._token_types:
                 feeds["token_type_ids"] = np.zeros_like(ids)
-            result = self.session.run([self.output], feeds)[0]
+            results = self.session.run(list(self.outputs), feeds)
             self.calls += 1
-            if out.shape[1] != result.shape[1]:
-                out = np.empty((len(units), result.shape[1]), dtype=np.float32)
-                self.dim = int(result.shape[1])
-            out[chosen] = result
+            for name, result in zip(self.outputs, results):
+                if name not in out:
+                    out[name] = np.empty((len(units),) + result.shape[1:], dtype=result.dtype)
+                out[name][chosen] = result
+        if self.output in out:
+            self.dim = int(out[self.output].shape[1])
         return out
 
-    def _embed_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
+    def _encode_batch(self, texts: Sequence[str]) -> list[Outputs]:
         per_text = self.tokenize(texts)
         units = [unit for windows in per_text for unit in windows]
         flat = self._run(units)
         results, position = [], 0
         for windows in per_text:
-            results.append(flat[position:position + len(windows)])
-            position += len(windows)
+            stop = position + len(windows)
+            results.append(types.MappingProxyType(
+                {name: array[position:stop] for name, array in flat.items()}))
+            position = stop
         return results
 
     # -- cache ---------------------------------------------------------------------------------
@@ -261,7 +311,7 @@ class Encoder:
         return hashlib.blake2b(_as_str(text).encode("utf-8", "surrogatepass"),
                                digest_size=16).digest()
 
-    def cached(self, text: str) -> np.ndarray | None:
+    def cached_outputs(self, text: str) -> Outputs | None:
         if not self.options.cache_size:
             return None
         key = self._key(text)
@@ -271,10 +321,16 @@ class Encoder:
                 self._cache.move_to_end(key)
             return value
 
-    def _remember(self, text: str, value: np.ndarray) -> None:
+    def cached(self, text: str) -> np.ndarray | None:
+        """The cached window embeddings of ``text``, or None."""
+        value = self.cached_outputs(text)
+        return None if value is None else value[self.output]
+
+    def _remember(self, text: str, value: Outputs) -> None:
+        for array in value.values():
+            array.setflags(write=False)
         if not self.options.cache_size:
             return
-        value.setflags(write=False)
         with self._cache_lock:
             self._cache[self._key(text)] = value
             while len(self._cache) > self.options.cache_size:
@@ -282,16 +338,20 @@ class Encoder:
 
     # -- public --------------------------------------------------------------------------------
 
-    def embed(self, texts: Sequence[str], chunk: int = 64) -> list[np.ndarray]:
-        """Blocking: per text, its window embeddings [windows, dim]."""
-        out: list[np.ndarray | None] = [self.cached(t) for t in texts]
+    def outputs_of(self, texts: Sequence[str], chunk: int = 64) -> list[Outputs]:
+        """Blocking: per text, every graph output over its windows ({name: [windows, ...]})."""
+        out: list[Outputs | None] = [self.cached_outputs(t) for t in texts]
         missing = [i for i, v in enumerate(out) if v is None]
         for start in range(0, len(missing), chunk):
             indices = missing[start:start + chunk]
-            for i, value in zip(indices, self._embed_batch([texts[i] for i in indices])):
+            for i, value in zip(indices, self._encode_batch([texts[i] for i in indices])):
                 self._remember(texts[i], value)
                 out[i] = value
         return out  # type: ignore[return-value]
+
+    def embed(self, texts: Sequence[str], chunk: int = 64) -> list[np.ndarray]:
+        """Blocking: per text, its window embeddings [windows, dim]."""
+        return [value[self.output] for value in self.outputs_of(texts, chunk)]
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         """Blocking: [n, dim], each text's first window (truncation)."""
@@ -299,17 +359,36 @@ class Encoder:
             return np.zeros((0, self.dim), dtype=np.float32)
         return np.stack([windows[0] for windows in self.embed(texts)])
 
-    async def aembed(self, text: str) -> np.ndarray:
-        value = self.cached(text)
-        if value is None:
+    async def aoutputs(self, text: str) -> Outputs:
+        value = self.cached_outputs(text)
+        if value is not None:
+            return value
+        key, loop = self._key(text), asyncio.get_running_loop()
+        running = self._inflight.get(key)
+        if running is None or running[0] is not loop or running[1].done():
+            future = loop.create_task(self._submit(key, text))
+            self._inflight[key] = running = (loop, future)
+        # shield: one caller's timeout must not cancel the run the others wait for
+        return await asyncio.shield(running[1])
+
+    async def _submit(self, key: bytes, text: str) -> Outputs:
+        try:
             value = await self.batcher.submit(text)
             self._remember(text, value)
-        return value
+            return value
+        finally:
+            self._inflight.pop(key, None)
+
+    async def aoutputs_many(self, texts: Sequence[str]) -> list[Outputs]:
+        if len(texts) == 1:
+            return [await self.aoutputs(texts[0])]
+        return list(await asyncio.gather(*(self.aoutputs(t) for t in texts)))
+
+    async def aembed(self, text: str) -> np.ndarray:
+        return (await self.aoutputs(text))[self.output]
 
     async def aembed_many(self, texts: Sequence[str]) -> list[np.ndarray]:
-        if len(texts) == 1:
-            return [await self.aembed(texts[0])]
-        return list(await asyncio.gather(*(self.aembed(t) for t in texts)))
+        return [value[self.output] for value in await self.aoutputs_many(texts)]
 
     def close(self) -> None:
         self.batcher.close()
@@ -327,9 +406,10 @@ _ENCODERS: dict[tuple, Encoder] = {}
 _ENCODERS_LOCK = threading.Lock()
 
 
-def get_encoder(path: str | os.PathLike, options: EncoderOptions = EncoderOptions()) -> Encoder:
+def get_encoder(path: str | os.PathLike, options: EncoderOptions = EncoderOptions(),
+                variant: Variant | None = None) -> Encoder:
     """One shared :class:`Encoder` per model file (and its version on disk) and settings."""
-    model, _, _ = resolve_encoder_path(path)
+    model, _, _ = resolve_encoder_path(path, variant)
     stat = model.stat()
     key = (str(model.resolve()), stat.st_mtime_ns, stat.st_size, options)
     with _ENCODERS_LOCK:
@@ -339,9 +419,9 @@ def get_encoder(path: str | os.PathLike, options: EncoderOptions = EncoderOption
         return encoder
 
 
-class EncoderStageOptions(StageOptions):
-    #: Exported encoder folder (``bastion models export minilm --out DIR``) or a .onnx file.
-    encoder: str = "models/minilm"
+class EncoderRuntimeOptions(StageOptions):
+    """How a stage's model runs: onnxruntime providers and threads, micro-batching, windows.
+    Stages on one model file with equal settings share one :class:`Encoder`."""
     providers: list[str] | None = None
     threads: int = Field(default=1, ge=1, le=64)
     max_batch: int = Field(default=16, ge=1, le=1024)
@@ -352,6 +432,17 @@ class EncoderStageOptions(StageOptions):
         return EncoderOptions(providers=tuple(self.providers) if self.providers else None,
                               threads=self.threads, max_batch=self.max_batch,
                               max_wait_ms=self.max_wait_ms, max_chunks=self.max_chunks)
+
+
+class EncoderStageOptions(EncoderRuntimeOptions):
+    #: Exported encoder folder (``bastion models export minilm --out DIR``, or a classifier
+    #: folder: its ``embedding`` output) or a .onnx file.
+    encoder: str = "models/minilm"
+    #: Which file of a folder (see :func:`model_file`); None = the folder's default.
+    variant: Variant | None = None
+
+    def get_encoder(self) -> "Encoder":
+        return get_encoder(self.encoder, self.encoder_options(), self.variant)
 
 
 # --------------------------------------------------------------------------------------------
@@ -383,7 +474,7 @@ class EmbeddingAnomalyDetector(TextDetector):
     @classmethod
     def from_options(cls, options: EmbeddingOptions,
                      encoder: Encoder | None = None) -> "EmbeddingAnomalyDetector":
-        encoder = encoder or get_encoder(options.encoder, options.encoder_options())
+        encoder = encoder or options.get_encoder()
         state = pathlib.Path(options.state)
         if state.exists():
             model, _ = load_state(state, source=encoder.identity, method=options.method)

@@ -28,6 +28,7 @@ STAGE_MODULES = (
     "bastion.detectors.anomaly",
     "bastion.detectors.embedding",
     "bastion.detectors.attack_library",
+    "bastion.detectors.classifier",
 )
 
 
