@@ -3,8 +3,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import pathlib
 import signal
+import threading
+import time
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -15,6 +18,7 @@ from bastion.proxy import telemetry, tls
 from bastion.proxy.admin import AdminServer
 from bastion.proxy.audit import AuditLog
 from bastion.proxy.clients import ClientControl
+from bastion.proxy.drain import DrainGate
 from bastion.proxy.inference import MODEL_INFER, MODEL_STREAM_INFER, InferenceHandler
 from bastion.proxy.metrics import Metrics
 from bastion.proxy.passthrough import Passthrough, PassthroughHandler
@@ -24,6 +28,16 @@ from bastion.proxy.upstream import Upstream
 from bastion.transforms.validate import specs_from_metadata
 
 log = logging.getLogger("bastion.server")
+
+# After the grace: closing the admin server, the upstream channel, Redis and the audit file, then
+# flushing spans. Each part is cut off at its share, so a hung Redis or an unreachable collector
+# cannot hold the process; with the watchdog's margin the exit comes within drain + grace + 2 s.
+CLEANUP_S = 0.6
+TRACING_FLUSH_S = 0.6
+EXIT_MARGIN_S = 1.9
+# After the cut, the server stops once no call has arrived for this long (within the grace):
+# clients told UNAVAILABLE have gone elsewhere, so none is caught by grpc's own stop.
+QUIET_S = 0.5
 
 
 class _InferenceMethods(grpc.GenericRpcHandler):
@@ -51,6 +65,7 @@ class Sidecar:
         self.inference = InferenceHandler(self.state, self.passthrough, self.metrics, self.audit,
                                           self.clients)
         self.health = health.aio.HealthServicer()
+        self.gate = DrainGate()
         self.draining = False
         self.admin = AdminServer(self.metrics.registry,
                                  lambda: self.upstream.ready and not self.draining)
@@ -65,7 +80,7 @@ class Sidecar:
                    ("grpc.so_reuseport", 0)]
         if limits.max_concurrent_streams:
             options.append(("grpc.max_concurrent_streams", limits.max_concurrent_streams))
-        self.server = grpc.aio.server(options=options)
+        self.server = grpc.aio.server(options=options, interceptors=[self.gate])
         # Order matters: the first handler that claims a method serves it.
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self.server.add_generic_rpc_handlers((_InferenceMethods(self.inference),
@@ -126,12 +141,44 @@ class Sidecar:
         await self.stop(shutdown.grace_s)
 
     async def stop(self, grace_s: float = 5.0) -> None:
+        """The cut: new calls get UNAVAILABLE from the gate (grpc's own stop would end those
+        that race with it CANCELLED, which clients do not retry); calls in flight get
+        ``grace_s``; then the server stops and the peers are closed, each step bounded."""
         if self.server is not None:
-            await self.server.stop(grace_s)
+            self.gate.close()
+            start = time.monotonic()
+            if not await self.gate.wait_idle(grace_s, QUIET_S):
+                log.warning("grace of %.1fs over with %d calls in flight: stopping anyway",
+                            grace_s, self.gate.in_flight)
+            left = max(0.0, grace_s - (time.monotonic() - start))
+            await _bounded("grpc server stop", self.server.stop(left), left + CLEANUP_S / 2)
+            if self.gate.refused:
+                log.info("refused %d calls with UNAVAILABLE after the drain cut", self.gate.refused)
+        await _bounded("closing admin, upstream, clients backend", self._close_peers(), CLEANUP_S)
+        self.audit.close()
+
+    async def _close_peers(self) -> None:
         await self.admin.stop()
         await self.upstream.close()
         await self.clients.close()
-        self.audit.close()
+
+
+async def _bounded(what: str, awaitable, timeout_s: float) -> None:
+    try:
+        await asyncio.wait_for(awaitable, timeout_s)
+    except asyncio.TimeoutError:
+        log.warning("%s did not finish within %.1fs; going on", what, timeout_s)
+
+
+def _exit_watchdog(deadline_s: float) -> None:
+    """Last resort: whatever still runs ``deadline_s`` after SIGTERM (a worker thread stuck in a
+    model, an exporter ignoring its shutdown), the process exits, before Kubernetes' SIGKILL."""
+    def watch() -> None:
+        time.sleep(deadline_s)
+        log.error("shutdown took longer than %.1fs; exiting now", deadline_s)
+        logging.shutdown()
+        os._exit(1)
+    threading.Thread(target=watch, name="exit-watchdog", daemon=True).start()
 
 
 async def serve(config: Config, config_path: pathlib.Path | None = None,
@@ -156,8 +203,10 @@ async def serve(config: Config, config_path: pathlib.Path | None = None,
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
     await stopping.wait()
+    shutdown = config.shutdown
+    _exit_watchdog(shutdown.drain_delay_s + shutdown.grace_s + EXIT_MARGIN_S)
     if reloader is not None:
-        await reloader.stop()
+        await _bounded("config watcher stop", reloader.stop(), CLEANUP_S / 2)
     await sidecar.drain()
-    telemetry.shutdown_tracing()
+    await asyncio.to_thread(telemetry.shutdown_tracing, TRACING_FLUSH_S)
     log.info("stopped")

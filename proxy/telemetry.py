@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 
 from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
@@ -18,6 +19,7 @@ log = logging.getLogger("bastion.telemetry")
 tracer = trace.get_tracer("bastion.proxy")
 _enabled = False
 _provider = None
+_exporter = None
 
 TRACE_HEADERS = ("traceparent", "tracestate")
 
@@ -29,7 +31,7 @@ def enabled() -> bool:
 def setup_tracing(config) -> None:
     """Install a tracer provider with an OTLP/gRPC exporter. The endpoint comes from config or,
     when unset, from the standard OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT variables."""
-    global _enabled, _provider
+    global _enabled, _provider, _exporter
     if not config.enabled:
         return
     from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
@@ -38,20 +40,34 @@ def setup_tracing(config) -> None:
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
     from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 
+    # shutdown_on_exit=False: the SDK's own atexit shutdown waits up to 30 s for an unreachable
+    # collector; the sidecar shuts tracing down itself, bounded (shutdown_tracing).
     provider = TracerProvider(
         resource=Resource.create({"service.name": config.service_name}),
-        sampler=ParentBased(TraceIdRatioBased(config.sample_ratio)))
+        sampler=ParentBased(TraceIdRatioBased(config.sample_ratio)), shutdown_on_exit=False)
     exporter = OTLPSpanExporter(endpoint=config.endpoint, insecure=config.insecure)
     provider.add_span_processor(BatchSpanProcessor(exporter, schedule_delay_millis=500))
     trace.set_tracer_provider(provider)
-    _provider, _enabled = provider, True
+    _provider, _exporter, _enabled = provider, exporter, True
     log.info("tracing to %s (sample ratio %.3g)", config.endpoint or "OTEL_EXPORTER_OTLP_ENDPOINT",
              config.sample_ratio)
 
 
-def shutdown_tracing() -> None:
-    if _provider is not None:
-        _provider.shutdown()
+def shutdown_tracing(timeout_s: float = 1.0) -> bool:
+    """Flush the spans still queued, for at most ``timeout_s``; then stop the exporter whatever
+    the collector does (its retries and backoff would otherwise run for up to 30 s). True if
+    everything was flushed in time."""
+    if _provider is None:
+        return True
+    flusher = threading.Thread(target=_provider.shutdown, name="otel-shutdown", daemon=True)
+    flusher.start()
+    flusher.join(timeout_s)
+    if not flusher.is_alive():
+        return True
+    log.warning("trace export did not finish within %.1fs (collector unreachable?); dropping "
+                "the spans not yet sent", timeout_s)
+    _exporter.shutdown(timeout_millis=0)   # aborts the export in progress and its retries
+    return False
 
 
 def _metadata_getter():
