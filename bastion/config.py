@@ -254,6 +254,10 @@ def parse_config(data: Any, source: str = "config", base_dir: pathlib.Path | Non
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: top level must be a mapping, got {type(data).__name__}")
+    from bastion.shipped_profiles import expand_profiles
+    data, problems = expand_profiles(data)
+    if problems:
+        raise ConfigError("\n".join(f"{source}: {p}" for p in problems))
     try:
         config = Config.model_validate(data)
     except ValidationError as err:

@@ -128,6 +128,23 @@ class StageConfig:
     threshold_source: Literal["config", "file", "missing", "none"] = "none"
 
 
+#: ``builtin:profiles/...`` in these options names a file shipped inside the bastion package
+#: (the shipped profiles' thresholds and states), so a profile works from any folder, a ConfigMap
+#: included, right after ``pip install``. (``model``/``encoder`` options give ``builtin:`` their
+#: own meaning: a bundled model.)
+PACKAGE_FILE_OPTIONS = ("threshold_file", "state")
+PACKAGE_PREFIX = "builtin:"
+
+
+def package_file(value: str) -> pathlib.Path:
+    """``builtin:REL`` -> the file REL inside the installed bastion package."""
+    import bastion
+    relative = pathlib.PurePosixPath(value.removeprefix(PACKAGE_PREFIX))
+    if relative.is_absolute() or ".." in relative.parts or not relative.parts:
+        raise ValueError(f"{value!r}: a builtin: file is a relative path inside the package")
+    return pathlib.Path(bastion.__file__).resolve().parent.joinpath(*relative.parts)
+
+
 def resolve_paths(model_name: str, entries: list[dict], base_dir: pathlib.Path | None
                   ) -> list[dict]:
     """The pipeline with relative file options resolved against ``base_dir`` (the config file's
@@ -150,6 +167,13 @@ def resolve_paths(model_name: str, entries: list[dict], base_dir: pathlib.Path |
                 model=model_name, stage=options.get("id", name))
         for key in ("threshold_file", *spec.options.path_options):
             value = options.get(key)
+            if key in PACKAGE_FILE_OPTIONS and isinstance(value, str) and \
+                    value.startswith(PACKAGE_PREFIX):
+                try:
+                    options[key] = str(package_file(value))
+                except ValueError:
+                    pass  # left as written: loading it names the bad path
+                continue
             if (base_dir is not None and isinstance(value, str) and value
                     and not os.path.isabs(value) and not _SCHEME.match(value)):
                 options[key] = os.path.normpath(base_dir / value)

@@ -42,7 +42,6 @@ from train_prompt_guard import ATTACK_FAMILIES, predict, read_corpus, train  # n
 
 DOC = pathlib.Path(__file__).resolve().parent.parent / "docs" / "quality-prompt-guard.md"
 CALIBRATION_SHARE = 0.15
-MIN_SOURCE_ROWS = 50
 
 
 def text_key(text: str) -> float:
@@ -69,19 +68,16 @@ def assign_folds(records: list[dict], folds: int) -> dict[str, int]:
     return assignment
 
 
-def calibrate_threshold(scores: np.ndarray, sources: list[str], target: float) -> float:
-    """The per-source budget: the lowest threshold at which every calibration source with at
-    least MIN_SOURCE_ROWS rows (smaller ones pooled) flags at most ``target`` of its texts."""
-    counts = collections.Counter(sources)
-    keys = np.array([s if counts[s] >= MIN_SOURCE_ROWS else "other" for s in sources])
-    threshold = 0.0
-    for key in np.unique(keys):
-        part = np.sort(scores[keys == key])[::-1]
-        allowed = int(np.floor(target * len(part)))
-        # Strictly above the (allowed+1)-th highest score: at most `allowed` reach it.
-        level = np.nextafter(part[min(allowed, len(part) - 1)], np.inf)
-        threshold = max(threshold, float(level))
-    return threshold
+def calibrated_threshold(scores: np.ndarray, fixed_flags: np.ndarray, groups: list[str],
+                         target: float) -> float:
+    """The classifier's threshold as `bastion calibrate` sets it: the split budget with the
+    per-source rule (every calibration source group within ``target``), the fixed rule stages'
+    flags counting against it."""
+    from bastion.calibration_budget import pool_sources, split_budget
+    if not len(scores):
+        raise SystemExit("no benign calibration texts outside the held-out fold")
+    result = split_budget({"classifier": scores}, fixed_flags, target, pool_sources(groups))
+    return result.thresholds["classifier"]
 
 
 def auroc(benign: np.ndarray, attack: np.ndarray) -> float:
@@ -235,7 +231,9 @@ def main(argv: list[str] | None = None) -> int:
     clf = np.full(len(records), np.nan)
     clf_threshold = np.zeros(len(records))
     rules = rule_scores(texts)
-    profile_flag = np.zeros(len(records), dtype=bool)
+    rule_flags = (rules["signatures"] >= SIGNATURE_THRESHOLD) | \
+        (rules["invisible"] >= INVISIBLE_THRESHOLD)
+    profile_threshold = np.zeros(len(records))
     for k in range(args.folds):
         model_dir = args.work / f"fold-{k}"
         train_rows = [r for r, f, c in zip(records, fold, calib) if f != k and not c]
@@ -252,22 +250,23 @@ def main(argv: list[str] | None = None) -> int:
                                     clf[score_index])
         cal_index = score_index[fold[score_index] != k]
         cal_scores = 1.0 - probs[fold[score_index] != k][:, 0]
-        cal_sources = [records[i]["source"].split(":")[0] + ":" + records[i]["group"]
-                       for i in cal_index]
-        t = calibrate_threshold(cal_scores, cal_sources, args.target_fpr)
+        cal_groups = [records[i]["group"] for i in cal_index]
+        t = calibrated_threshold(cal_scores, np.zeros(len(cal_index), dtype=bool), cal_groups,
+                                 args.target_fpr)
+        tp = calibrated_threshold(cal_scores, rule_flags[cal_index], cal_groups, args.target_fpr)
         held = fold == k
         clf_threshold[held] = t
-        print(f"fold {k}: threshold {t:.4f}, {held.sum()} held-out texts", file=sys.stderr)
+        profile_threshold[held] = tp
+        print(f"fold {k}: threshold {t:.4f} alone, {tp:.4f} in the profile, {held.sum()} "
+              "held-out texts", file=sys.stderr)
         np.save(args.work / "clf_scores.npy", clf)
 
     held_benign = np.array([r["label"] == "benign" for r in records])
     results = {}
     results["classifier"] = evaluate(records, clf >= clf_threshold, clf, held_benign,
                                      args.target_fpr)
-    profile_flag = (clf >= clf_threshold) | (rules["signatures"] > 0) | \
-        (rules["invisible"] >= INVISIBLE_THRESHOLD)
-    profile_score = np.maximum(clf, np.maximum(rules["signatures"] > 0,
-                                               rules["invisible"] >= INVISIBLE_THRESHOLD))
+    profile_flag = (clf >= profile_threshold) | rule_flags
+    profile_score = np.maximum(clf, rule_flags.astype(float))
     results["llm-prompt profile"] = evaluate(records, profile_flag, profile_score, held_benign,
                                              args.target_fpr)
     if args.peers_python:
@@ -286,6 +285,8 @@ def main(argv: list[str] | None = None) -> int:
 #: Invisible characters (tags, zero-width, variation selectors, bidi controls) one prompt may
 #: carry before the profile blocks it (an emoji ZWJ sequence or a flag uses a few).
 INVISIBLE_THRESHOLD = 8
+#: detect.signatures' threshold in the profile (a rule's weight; 1 = a full match).
+SIGNATURE_THRESHOLD = 1.0
 
 if __name__ == "__main__":
     sys.exit(main())
