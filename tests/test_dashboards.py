@@ -33,6 +33,7 @@ DASHBOARD = REPO / "deploy" / "grafana" / "bastion-attacks.json"
 ALERTS = REPO / "deploy" / "prometheus" / "alerts.yml"
 ALERTS_TEST = REPO / "deploy" / "prometheus" / "alerts_test.yml"
 SCRAPE = REPO / "deploy" / "prometheus" / "scrape.yml"
+SCRAPE_K8S = REPO / "deploy" / "prometheus" / "scrape-kubernetes.yml"
 MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
 
 # Series that only the client limiter produces (requests refused by client limits, suspicion
@@ -223,20 +224,39 @@ def test_promtool_unit_tests_of_alerts():
         assert any(not case.get("exp_alerts") for case in mine), f"{rule['alert']}: no quiet case"
 
 
-def test_promtool_check_scrape_config(tmp_path):
+def test_promtool_check_scrape_config():
+    """The command in the file's own header, as it is, with Debian's promtool."""
     result = _run([_tool("promtool"), "check", "config", str(SCRAPE)])
+    print(result.stdout, result.stderr)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_promtool_check_kubernetes_scrape_config(tmp_path):
+    result = _run([_tool("promtool"), "check", "config", str(SCRAPE_K8S)])
     if result.returncode != 0 and "kubernetes_sd_configs not found" in result.stdout + result.stderr:
-        # Debian builds Prometheus without Kubernetes discovery: check everything else here,
-        # and the Kubernetes job's relabelling in test_kubernetes_relabelling.
-        config = yaml.safe_load(SCRAPE.read_text())
-        config["scrape_configs"] = [job for job in config["scrape_configs"]
-                                    if "kubernetes_sd_configs" not in job]
-        config["rule_files"] = [str(SCRAPE.parent / path) for path in config["rule_files"]]
-        copy = tmp_path / "scrape.yml"
+        # Debian builds Prometheus without Kubernetes discovery (as the file's header says):
+        # check everything else, relabelling included, with the discovery swapped for a static
+        # target; what the relabelling does is test_kubernetes_relabelling's.
+        config = yaml.safe_load(SCRAPE_K8S.read_text())
+        for job in config["scrape_configs"]:
+            assert job.pop("kubernetes_sd_configs", None) is not None, job["job_name"]
+            job["static_configs"] = [{"targets": ["127.0.0.1:8002"]}]
+        config["rule_files"] = [str(SCRAPE_K8S.parent / path) for path in config["rule_files"]]
+        copy = tmp_path / "scrape-kubernetes.yml"
         copy.write_text(yaml.safe_dump(config))
         result = _run([_tool("promtool"), "check", "config", str(copy)])
     print(result.stdout, result.stderr)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_sidecar_alerts_cover_every_example_job():
+    """BastionSidecarDown/Absent select the jobs the example scrape configs define."""
+    jobs = {job["job_name"] for path in (SCRAPE, SCRAPE_K8S)
+            for job in yaml.safe_load(path.read_text())["scrape_configs"]}
+    rules = {rule["alert"]: rule["expr"] for rule in alert_rules()}
+    for name in ("BastionSidecarDown", "BastionSidecarAbsent"):
+        selected = re.search(r'job=~"([^"]+)"', rules[name]).group(1)
+        assert set(selected.split("|")) == jobs, (name, selected, jobs)
 
 
 def _relabel(labels: dict[str, str], rules: list[dict]) -> dict[str, str] | None:
@@ -269,7 +289,7 @@ def _relabel(labels: dict[str, str], rules: list[dict]) -> dict[str, str] | None
 
 def test_kubernetes_relabelling():
     """The pod example keeps annotated running pods, one target each, at the annotated port."""
-    job = next(job for job in yaml.safe_load(SCRAPE.read_text())["scrape_configs"]
+    job = next(job for job in yaml.safe_load(SCRAPE_K8S.read_text())["scrape_configs"]
                if "kubernetes_sd_configs" in job)
     pod = {"__scheme__": "http", "__metrics_path__": "/metrics",
            "__meta_kubernetes_namespace": "inference", "__meta_kubernetes_pod_name": "clf-0",
@@ -540,7 +560,10 @@ def test_every_dashboard_and_alert_query_returns_data(stack):
         for index, operand in enumerate(operands):
             check(f"alert {name} operand {index + 1}", operand)
         active = len(prometheus.query(rule["expr"]))
-        if not operands:  # not a comparison: the expression itself must have data
+        absent = re.fullmatch(r"\s*absent\((.*)\)\s*", rule["expr"], re.S)
+        if absent:        # fires on no data: what it watches must have data now
+            check(f"alert {name} (absent of)", absent.group(1))
+        elif not operands:  # not a comparison: the expression itself must have data
             check(f"alert {name}", rule["expr"])
         state = ",".join(sorted(states.get(name, ()))) or "inactive"
         report.append(f"ALERT {name}: condition true for {active} series; state {state}")
@@ -559,3 +582,14 @@ def test_upstream_down_alert_goes_pending(stack):
         assert time.monotonic() < deadline, f"not pending: {prometheus.alerts()}"
         time.sleep(0.3)
     assert prometheus.query("bastion_upstream_ready == 0")
+
+
+def test_sidecar_down_alert_goes_pending(stack):
+    """Stopping the sidecar itself: its scrape fails, and BastionSidecarDown goes pending (no
+    metric of the sidecar's own could say so)."""
+    prometheus, _, sidecar, _ = stack
+    sidecar.stop()
+    deadline = time.monotonic() + 30
+    while "pending" not in prometheus.alerts().get("BastionSidecarDown", set()):
+        assert time.monotonic() < deadline, f"not pending: {prometheus.alerts()}"
+        time.sleep(0.3)
