@@ -71,23 +71,47 @@ def decide(decisions: list[Decision], scores: dict[str, float], mode: str) -> Ve
                    tuple(decisions))
 
 
+# Reasons named in a refusal's details at most (the trailer bastion-reasons has them all).
+MAX_DETAIL_REASONS = 12
+
+
+def _acting_stages(verdict: Verdict) -> str:
+    """``stage (r1, r2)`` for every stage that acted at the verdict's severity, deciding one
+    first: a block names all of its reasons, not only the first stage's first one."""
+    deciding = verdict.deciding
+    if deciding is None:
+        return f"policy ({verdict.action})"
+    acting = [deciding] + [d for d in verdict.decisions if d is not deciding and not d.shadow
+                           and d.action == deciding.action]
+    parts, named = [], 0
+    for decision in acting:
+        reasons = decision.reasons or [verdict.action]
+        shown = reasons[:max(0, MAX_DETAIL_REASONS - named)]
+        named += len(shown)
+        more = f", +{len(reasons) - len(shown)} more" if len(shown) < len(reasons) else ""
+        if shown:
+            parts.append(f"{decision.stage} ({', '.join(shown)}{more})")
+        elif more:
+            parts.append(f"{decision.stage} (+{len(reasons)} more)")
+    return " and ".join(parts)
+
+
 def refusal(verdict: Verdict, request_id: str, retry_after_ms: int = 1000):
     """(status code, details, trailers) for a verdict that blocks or throttles."""
     deciding = verdict.deciding
-    stage = deciding.stage if deciding else "policy"
-    reason = deciding.reasons[0] if deciding and deciding.reasons else verdict.action
+    first = deciding.reasons[0] if deciding and deciding.reasons else verdict.action
+    by = _acting_stages(verdict)
     trailers = [("bastion-verdict", verdict.action),
-                ("bastion-reasons", ",".join(verdict.reasons) or reason),
+                ("bastion-reasons", ",".join(verdict.reasons) or first),
                 ("bastion-request-id", request_id)]
     if verdict.action == "throttle":
         trailers.append(("retry-after-ms", str(retry_after_ms)))
-        return (grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"bastion: throttled by {stage} ({reason})", tuple(trailers))
+        return (grpc.StatusCode.RESOURCE_EXHAUSTED, f"bastion: throttled by {by}",
+                tuple(trailers))
     if deciding is not None and deciding.status:
-        return (getattr(grpc.StatusCode, deciding.status),
-                f"bastion: refused by {stage} ({reason})", tuple(trailers))
-    return (grpc.StatusCode.PERMISSION_DENIED, f"bastion: blocked by {stage} ({reason})",
-            tuple(trailers))
+        return (getattr(grpc.StatusCode, deciding.status), f"bastion: refused by {by}",
+                tuple(trailers))
+    return (grpc.StatusCode.PERMISSION_DENIED, f"bastion: blocked by {by}", tuple(trailers))
 
 
 def needs_annotation(verdict: Verdict) -> bool:

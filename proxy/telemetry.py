@@ -11,6 +11,7 @@ import contextlib
 import logging
 import threading
 
+import grpc
 from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
@@ -107,10 +108,21 @@ def server_span(method: str, context):
     if not _enabled:
         yield None
         return
+    # The SDK's own exception handling would describe a refusal as "AbortError: Locally
+    # aborted." (context.abort's exception); the span gets the status the client got instead.
     with tracer.start_as_current_span(method.lstrip("/"), context=_client_context(context),
-                                      kind=SpanKind.SERVER,
-                                      attributes=_rpc_attributes(method)) as span:
-        yield span
+                                      kind=SpanKind.SERVER, attributes=_rpc_attributes(method),
+                                      record_exception=False,
+                                      set_status_on_exception=False) as span:
+        try:
+            yield span
+        except grpc.aio.AbortError:
+            record_status(span, context.code() or grpc.StatusCode.UNKNOWN, context.details())
+            raise
+        except Exception as err:
+            span.record_exception(err)
+            span.set_status(Status(StatusCode.ERROR, f"{type(err).__name__}: {err}"))
+            raise
 
 
 def start_stream_span(method: str, context):
@@ -158,9 +170,12 @@ def record_verdict(span, verdict) -> None:
         span.set_attribute(f"bastion.score.{stage}", score)
 
 
-def record_status(span, code) -> None:
+def record_status(span, code, details: str | None = None) -> None:
+    """The gRPC status the client got; ``details`` are Bastion's own status details (reasons,
+    never inputs)."""
     if span is None:
         return
     span.set_attribute("rpc.grpc.status_code", code.value[0])
     if code.name != "OK":
-        span.set_status(Status(StatusCode.ERROR, code.name))
+        span.set_status(Status(StatusCode.ERROR, f"{code.name}: {details}" if details
+                               else code.name))

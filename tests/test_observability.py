@@ -114,6 +114,23 @@ def test_span_tree_and_propagation(stack):
         assert all("hello" not in str(a.value) for a in span.attributes)
 
 
+def test_refused_request_span_carries_bastions_status_not_the_abort_exception(stack):
+    receiver, _, sidecar, _ = stack
+    trace_id = "5" * 32
+    with pytest.raises(grpc.RpcError) as refused:
+        infer(sidecar.address, "closed",
+              metadata=(("traceparent", f"00-{trace_id}-{CLIENT_SPAN}-01"),))
+    server = receiver.wait_for(lambda s: s.trace_id.hex() == trace_id
+                               and s.kind == trace_pb2.Span.SPAN_KIND_SERVER)[0]
+    code, details = refused.value.code(), refused.value.details()
+    assert details.startswith("bastion:"), details
+    assert server.status.code == trace_pb2.Status.STATUS_CODE_ERROR
+    assert server.status.message == f"{code.name}: {details}"
+    assert not any(event.name == "exception" for event in server.events)
+    attributes = {a.key: a.value for a in server.attributes}
+    assert attributes["rpc.grpc.status_code"].int_value == code.value[0]
+
+
 def test_audit_lines_validate_and_never_hold_inputs(stack):
     _, _, sidecar, audit = stack
     schema = json.loads((REPO / "docs" / "audit-log.schema.json").read_text())

@@ -226,3 +226,22 @@ def test_stream_blocks_in_band_and_annotates(stack):
     oks = [r for r, e in got if e is None]
     assert len(errors) == 1 and "blocked by detect.signatures" in errors[0]
     assert len(oks) == 1 and params(oks[0])["bastion.verdict"] == "block"
+
+
+def test_a_block_names_every_acting_stage_and_reason():
+    import grpc
+    from bastion.proxy.policy import MAX_DETAIL_REASONS, Decision, decide, refusal
+    verdict = decide([Decision("detect.signatures", "block", 2.0, ["signature:a", "signature:b"]),
+                      Decision("detect.perplexity", "block", 9.0, ["perplexity:9.0"]),
+                      Decision("detect.embedding", "flag", 0.7, ["embedding:0.7"]),
+                      Decision("shadowed", "block", 1.0, ["shadow-only"], shadow=True)],
+                     {}, "enforce")
+    code, details, trailers = refusal(verdict, "r1")
+    assert code == grpc.StatusCode.PERMISSION_DENIED
+    assert details == ("bastion: blocked by detect.signatures (signature:a, signature:b) and "
+                       "detect.perplexity (perplexity:9.0)")
+    assert dict(trailers)["bastion-reasons"] == ("signature:a,signature:b,perplexity:9.0,"
+                                                 "embedding:0.7,shadow:shadow-only")
+    many = decide([Decision("s", "block", 1.0, [f"r{i}" for i in range(20)])], {}, "enforce")
+    details = refusal(many, "r2")[1]
+    assert details.endswith(f"r{MAX_DETAIL_REASONS - 1}, +{20 - MAX_DETAIL_REASONS} more)")
