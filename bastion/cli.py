@@ -1,4 +1,5 @@
-"""The one `bastion` command: serve, upstream, check-config, demo."""
+"""The one `bastion` command: the sidecar and the tools around it (`bastion COMMAND --help`
+shows one command's options)."""
 from __future__ import annotations
 
 import argparse

@@ -117,3 +117,24 @@ def test_every_module_the_tests_import_is_declared():
         if not dists & declared:
             undeclared[module] = sorted(dists) or "not installed"
     assert not undeclared, f"imported by tests but not in pyproject's test extra: {undeclared}"
+
+
+def test_bastion_help_lists_every_command_with_what_it_does():
+    import argparse
+    from bastion.cli import build_parser
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    commands = {choice.dest: choice.help for choice in sub._choices_actions}
+    assert set(commands) == set(sub.choices) and len(commands) >= 8, commands
+    out = subprocess.run([sys.executable, "-m", "bastion", "--help"], capture_output=True,
+                         text=True, check=True).stdout
+    listed = set(re.findall(r"^    (\S+)\s", out, re.M))
+    assert listed == set(commands), (listed, out)
+    assert all(commands.values()), commands        # each says what it does
+    # The description names no command or all of them (it once named 4 of 8).
+    named = {c for c in commands if re.search(rf"\b{re.escape(c)}\b", parser.description)}
+    assert named in (set(), set(commands)), named
+    # The README's usage block shows every command too.
+    readme = (REPO / "README.md").read_text()
+    assert all(f"bastion {name}" in readme for name in commands), \
+        [n for n in commands if f"bastion {n}" not in readme]
