@@ -30,6 +30,7 @@ import dataclasses
 import hashlib
 import logging
 import math
+import os
 import time
 from collections.abc import Callable
 from typing import Literal
@@ -129,6 +130,21 @@ class ClientsConfig(_Strict):
     def _throttle_is_lower(self) -> "ClientsConfig":
         if self.limits is not None and self.suspicion.throttled_rps > self.limits.rps:
             raise ValueError("suspicion.throttled_rps must not exceed limits.rps")
+        return self
+
+    @model_validator(mode="after")
+    def _shared_limits_need_a_shared_key(self) -> "ClientsConfig":
+        """Header identities are keyed hashes; without a key secret each process picks a random
+        key, so through Redis one API key would be a different client on every replica and
+        the shared limits would silently not hold. Refused rather than run that way."""
+        headers = [s for s in self.identity if s.startswith("header:")]
+        if self.backend == "redis" and headers and not os.environ.get(self.key_secret_env):
+            raise ValueError(
+                f"backend redis shares limits across replicas, but {headers[0]} identities are "
+                f"hashed with a random per-process key unless the environment variable "
+                f"{self.key_secret_env} is set: set it to the same secret value on every replica "
+                f"(e.g. from a Kubernetes Secret, deploy/k8s/base/client-key-secret.yaml; "
+                f"`openssl rand -hex 32` makes one), or use backend memory")
         return self
 
 

@@ -145,6 +145,36 @@ def test_bad_sources_and_networks_are_config_errors():
     assert ClientsConfig(identity=["header: X-Api-Key "]).identity == ["header:x-api-key"]
 
 
+def test_redis_shared_limits_with_header_identities_need_the_key_secret(monkeypatch, tmp_path):
+    """Refused at load, with the fix in the error: otherwise each replica hashes the same API
+    key with its own random key and the limits shared through Redis silently do not hold."""
+    from pydantic import ValidationError
+    monkeypatch.delenv("BASTION_CLIENT_KEY_SECRET", raising=False)
+    shared = dict(backend="redis", identity=["header:x-api-key", "peer"],
+                  limits={"rps": 1, "burst": 6})
+    with pytest.raises(ValidationError, match="BASTION_CLIENT_KEY_SECRET") as refused:
+        ClientsConfig(**shared)
+    assert "same secret value on every replica" in str(refused.value)
+    assert "client-key-secret.yaml" in str(refused.value)
+    with pytest.raises(ValidationError, match="MY_SECRET"):
+        ClientsConfig(**shared, key_secret_env="MY_SECRET")
+    # Fine: memory backend (nothing shared), peer/mTLS identities (no key), or the secret set.
+    ClientsConfig(**{**shared, "backend": "memory"})
+    ClientsConfig(**{**shared, "identity": ["mtls", "peer"]})
+    monkeypatch.setenv("BASTION_CLIENT_KEY_SECRET", "shared-by-replicas")
+    ClientsConfig(**shared)
+    # The same refusal from `bastion check-config`, naming the key path.
+    monkeypatch.delenv("BASTION_CLIENT_KEY_SECRET")
+    path = tmp_path / "bastion.yaml"
+    path.write_text("clients:\n  backend: redis\n  identity: ['header:x-api-key']\n")
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-m", "bastion", "check-config", str(path)],
+                         capture_output=True, text=True)
+    assert out.returncode != 0 and "clients" in out.stderr + out.stdout
+    assert "BASTION_CLIENT_KEY_SECRET" in out.stderr + out.stdout
+
+
 def test_resolution_is_fast():
     import time
     cfg = config(identity=["header:x-api-key", "mtls", "peer"], trusted_proxies=["10.0.0.0/8"])

@@ -32,7 +32,7 @@ OVERLAYS = ("cpu", "gpu", "mlserver")
 # Schemas validated against: the oldest Kubernetes the manifests target (gRPC probes are GA from
 # 1.27) and the newest schema set the pinned kubernetes-validate ships.
 KUBERNETES_VERSIONS = ("1.30.0", "1.37.0")
-EXPECTED_KINDS = {"ConfigMap", "Deployment", "Service", "NetworkPolicy", "PodMonitor"}
+EXPECTED_KINDS = {"ConfigMap", "Secret", "Deployment", "Service", "NetworkPolicy", "PodMonitor"}
 SIDECAR, MODEL_SERVER = "bastion", "model-server"
 GRPC_PORT, ADMIN_PORT = 8001, 8002
 LOOPBACK = "127.0.0.1"
@@ -315,7 +315,7 @@ def test_termination_grace_covers_the_drain(overlay):
     drain = shutdown.drain_delay_s + shutdown.grace_s
     spec = pod_spec(overlay)
     grace_period = spec["terminationGracePeriodSeconds"]
-    assert grace_period > drain
+    assert grace_period >= drain + 2      # the sidecar exits within drain + grace + 2 s
     # The sidecar drains on SIGTERM by itself; the model server must outlive that drain.
     assert "lifecycle" not in container(overlay, SIDECAR)
     server = container(overlay, MODEL_SERVER)
@@ -324,6 +324,16 @@ def test_termination_grace_covers_the_drain(overlay):
     exit_timeout = next((int(a.split("=", 1)[1]) for a in server.get("args", [])
                          if a.startswith("--exit-timeout-secs=")), 0)
     assert grace_period > server_sleep + exit_timeout
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_client_key_secret_reaches_the_sidecar(overlay):
+    """Header identities hash with one key on every replica (shared Redis limits need it)."""
+    secret = one(overlay, "Secret")
+    env = {e["name"]: e for e in container(overlay, SIDECAR)["env"]}
+    ref = env["BASTION_CLIENT_KEY_SECRET"]["valueFrom"]["secretKeyRef"]
+    assert ref["name"] == secret["metadata"]["name"] and ref["key"] in secret["stringData"]
+    assert bastion_config(overlay).clients.key_secret_env == "BASTION_CLIENT_KEY_SECRET"
 
 
 # --- unprivileged pod, probes, scraping, resources -----------------------------------------------
