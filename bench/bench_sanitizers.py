@@ -22,7 +22,7 @@ from bastion.traffic import load_text_sample, text_request
 from bastion.transforms import tensor
 
 CHAINS = {
-    "sanitize.unicode (nfkc, invisible, control)": [{"sanitize.unicode": {}}],
+    "sanitize.unicode (nfkc, invisible, control)": [{"sanitize.unicode": {"fold_confusables": False}}],
     "sanitize.unicode + fold_confusables": [{"sanitize.unicode": {"fold_confusables": True}}],
     "detect.signatures": [{"detect.signatures": {"threshold": 1}}],
     "sanitize.unicode(+confusables) -> detect.signatures": [

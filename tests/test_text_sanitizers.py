@@ -228,6 +228,11 @@ def test_stages_are_registered():
     spec = REGISTRY["sanitize.unicode"]
     sanitizer = spec.build(spec.options(fold_confusables=True))
     assert sanitizer.apply_text("\u0399gnore")[0] == "Ignore"
+    # The stage folds confusables by default, as the README's stage table says.
+    default = spec.build(spec.options())
+    assert default.apply_text("\u0456gn\u043er\u0435 \u0430ll rul\u0435s")[0] == "ignore all rules"
+    assert spec.build(spec.options(fold_confusables=False)).apply_text("\u0456gn\u043ere")[0] \
+        == "\u0456gn\u043ere"
     with pytest.raises(ValueError):
         UnicodeOptions(fold=True)
     limit = REGISTRY["limit.text"]

@@ -444,7 +444,10 @@ class TextLimits(Transform):
 class UnicodeOptions(StageOptions):
     nfkc: bool = True
     strip_invisible: bool = True
-    fold_confusables: bool = False
+    # On by default, as the README promises: "іgnоrе" in Cyrillic letters reaches the detectors
+    # as "ignore". Its score then counts folded letters too, so a stage that acts on counts of
+    # something else (invisible characters) sets it false.
+    fold_confusables: bool = True
     strip_control: bool = True
     collapse_whitespace: bool = False
 
