@@ -27,6 +27,15 @@ _URL = re.compile(r"\b(?:https?|ftp)://\S+", re.I)
 _DIGITS = re.compile(r"\d")
 
 
+CLIENT_REFUSAL_PREFIX = "client_"
+
+
+def client_refusal_verdict(reason: str) -> str:
+    """``client_tier_blocked`` -> block; rate limits, throttled tier, no backend -> throttle
+    (the same as limiter.refusal's bastion-verdict trailer)."""
+    return "block" if reason == f"{CLIENT_REFUSAL_PREFIX}tier_blocked" else "throttle"
+
+
 def redact(text: str, limit: int) -> str:
     """An excerpt safe enough for an audit log an operator opted into: URLs, e-mail addresses
     and every digit masked (numbers carry account ids, phone numbers, keys), whitespace
@@ -95,6 +104,12 @@ class AuditLog:
             })
             if self.include_excerpt and verdict.suspicious_text:
                 record["excerpt"] = redact(verdict.suspicious_text, self.excerpt_chars)
+        elif reason and reason.startswith(CLIENT_REFUSAL_PREFIX):
+            # Refused before inspection by the client limits (proxy/clients.py): what they did,
+            # as the bastion-verdict trailer says, not "invalid" (nothing was wrong with it).
+            record.update({"mode": "enforce", "verdict": client_refusal_verdict(reason),
+                           "reasons": [reason], "stage": "clients", "scores": {},
+                           "thresholds": {}})
         else:
             record.update({"mode": None, "verdict": "invalid", "reasons": [reason or "malformed"],
                            "stage": None, "scores": {}, "thresholds": {}})

@@ -67,8 +67,8 @@ def upstream():
 
 
 def test_rate_limit_per_client_with_retry_after(upstream, tmp_path):
-    config = CONFIG.format(audit=tmp_path / "audit.jsonl", rps=1, burst=5, backend="memory",
-                           redis_port=1)
+    audit = tmp_path / "audit.jsonl"
+    config = CONFIG.format(audit=audit, rps=1, burst=5, backend="memory", redis_port=1)
     sidecar = Sidecar(upstream.address, config=config)
     try:
         outcomes = [send(sidecar.address, BENIGN, "alice") for _ in range(8)]
@@ -80,6 +80,12 @@ def test_rate_limit_per_client_with_retry_after(upstream, tmp_path):
         assert send(sidecar.address, BENIGN, "bob")[0] == "OK"  # its own bucket
         assert any('reason="rate_limit"' in line for line in
                    metric_lines(sidecar.admin, "bastion_throttled_requests_total"))
+        # Audited as what was done to them (throttle), not as invalid requests.
+        limited = [json.loads(line) for line in audit.read_text().splitlines()
+                   if '"client_rate_limit"' in line]
+        assert limited and {r["verdict"] for r in limited} == {"throttle"}
+        assert {(r["status"], r["stage"], r["mode"]) for r in limited} == \
+            {("RESOURCE_EXHAUSTED", "clients", "enforce")}
     finally:
         assert sidecar.stop() == 0
 
@@ -106,6 +112,9 @@ def test_attacker_escalates_to_blocked_benign_client_unaffected(upstream, tmp_pa
         assert changes and changes[-1]["to"] == "blocked" and changes[0]["from"] == "normal"
         for line in audit.read_text().splitlines():
             jsonschema.validate(json.loads(line), schema)
+        tier_blocked = [json.loads(line) for line in audit.read_text().splitlines()
+                        if '"client_tier_blocked"' in line]
+        assert tier_blocked and {r["verdict"] for r in tier_blocked} == {"block"}
         assert "mallory" not in audit.read_text() and "alice" not in audit.read_text()
     finally:
         assert sidecar.stop() == 0
