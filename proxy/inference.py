@@ -185,12 +185,10 @@ class InferenceHandler:
         if not inspected.plan:
             return self.annotated(reply, inspected, request_id)
         response = pb.ModelInferResponse.FromString(reply)
-        upstream = self.passthrough.upstream.unary(MODEL_INFER)
 
         async def call_upstream(request: pb.ModelInferRequest) -> pb.ModelInferResponse:
-            raw = await upstream(request.SerializeToString(),
-                                 metadata=forwarding.upstream_metadata(context, request_id),
-                                 timeout=forwarding.deadline(context, self.passthrough.default_timeout_s))
+            raw = await self.passthrough.call_unary(MODEL_INFER, request.SerializeToString(),
+                                                    context, request_id)
             return pb.ModelInferResponse.FromString(raw)
 
         ctx = inspected.ctx

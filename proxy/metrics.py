@@ -53,8 +53,9 @@ class Metrics:
             "bastion_stage_threshold", "Configured threshold of each acting stage (same units as "
             "bastion_stage_score).", ["model", "stage"], registry=self.registry)
         self.upstream_requests = Counter(
-            "bastion_upstream_requests", "Unary calls forwarded to the upstream, by method and "
-            "the status the upstream (or the transport) returned.", ["method", "code"],
+            "bastion_upstream_requests", "Unary calls to the upstream (forwarded, and the "
+            "sidecar's own: response stages' samples, retries), by method and the status the "
+            "upstream (or the transport) returned.", ["method", "code"],
             registry=self.registry)
         self.upstream_seconds = Histogram(
             "bastion_upstream_duration_seconds", "Time waiting for the upstream on unary calls.",

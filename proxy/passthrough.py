@@ -86,6 +86,31 @@ class Passthrough:
             context.set_trailing_metadata(trailing)
         return reply
 
+    async def call_unary(self, method: str, request: bytes, context: grpc.aio.ServicerContext,
+                         request_id: str) -> bytes:
+        """An upstream call the sidecar makes on its own behalf (a response stage's extra
+        samples, the client's request again after a stage failed): counted in
+        bastion_upstream_requests_total and traced like a forwarded call; an error raises
+        AioRpcError to the caller instead of ending the client's call."""
+        with telemetry.upstream_span(method, self.upstream.target) as span:
+            call = self.upstream.unary(method)(
+                request, metadata=telemetry.inject_headers(
+                    forwarding.upstream_metadata(context, request_id)),
+                timeout=forwarding.deadline(context, self.default_timeout_s))
+            started = time.perf_counter()
+            try:
+                reply = await call
+            except grpc.aio.AioRpcError as error:
+                if self.metrics is not None:
+                    self.metrics.observe_upstream(method, error.code().name,
+                                                  time.perf_counter() - started)
+                telemetry.record_status(span, error.code())
+                raise
+            if self.metrics is not None:
+                self.metrics.observe_upstream(method, "OK", time.perf_counter() - started)
+            telemetry.record_status(span, grpc.StatusCode.OK)
+        return reply
+
     async def forward_stream(self, method: str, request_iterator,
                              context: grpc.aio.ServicerContext):
         """Forward a method whose cardinality is unknown. The client's stream is read a little

@@ -251,10 +251,13 @@ def test_failing_stage_after_prepare_still_answers_the_original(stack):
     """The squeeze stage batches variants into the forwarded request, then fails (its output
     does not exist): the sidecar must not hand the client the batched answer, but ask again."""
     message = request("fmnist-broken", noisy_image(seed=5))
+    counted = stack.metric("bastion_upstream_requests_total", method="ModelInfer", code="OK")
     got, calls = stack.infer(message)
     direct = message.__class__(); direct.CopyFrom(message); direct.model_name = "fmnist"
     assert_same_outputs(got, stack.direct(direct))
     assert calls == 2  # the batched call, then the client's request again
+    assert stack.metric("bastion_upstream_requests_total", method="ModelInfer",
+                        code="OK") - counted == 2
     assert got.parameters["bastion.reasons"].string_param == "stage_error:fail_open"
 
 
@@ -304,8 +307,12 @@ def test_smoothing_certifies_a_constant_model(stack):
     bias = np.zeros((1, 10), np.float32)
     bias[0, 7] = 3.0
     message = request("const-smooth", noisy_image(), bias=bias)
+    counted = stack.metric("bastion_upstream_requests_total", method="ModelInfer", code="OK")
     reply, calls = stack.infer(message)
     assert calls == 1 + math.ceil((100 + 1000) / 256)
+    # Every upstream call is counted, the stage's own samples too.
+    assert stack.metric("bastion_upstream_requests_total", method="ModelInfer",
+                        code="OK") - counted == calls
     # Every noisy copy gets class 7: nA = n, pA_lower = alpha ** (1 / n).
     p_lower = ALPHA ** (1 / 1000)
     params = reply.parameters
