@@ -62,6 +62,9 @@ class Inspected:
     mode: str = "enforce"
     original: bytes | None = None    # the request as the client sent it (response-stage fallback)
     retry_after_ms: int = 1000
+    # Monitor mode with a transformed input: the request enforce mode would forward (prepared
+    # by the response stages), asked separately so they score what enforce would score.
+    scoring: bytes | None = None
 
 
 def _model_name(raw: bytes) -> str:
@@ -170,10 +173,22 @@ class InferenceHandler:
             tensor.encode_request(request, ctx.inputs, ctx.datatypes)
             original_raw = raw = request.SerializeToString()
         if respond:
+            scored = request
+            if ctx.changed and not verdict.enforced:
+                # Monitor: the client's request goes as sent, but the response stages score the
+                # answer to the transformed inputs enforce mode would forward, so the monitor
+                # verdict says what enforce would do (thresholds are fitted on that tensor).
+                scored = pb.ModelInferRequest()
+                scored.CopyFrom(request)
+                tensor.encode_request(scored, ctx.inputs, ctx.datatypes)
             try:
-                plan = [(runner, runner.prepare(request, ctx)) for runner in pipeline.response_runners]
+                plan = [(runner, runner.prepare(scored, ctx)) for runner in pipeline.response_runners]
             except (tensor.TensorError, InputRejected) as err:
                 raise _invalid(str(err)) from None
+            if scored is not request:
+                client_raw = raw if raw is not None else request.SerializeToString()
+                return Inspected(model_name, client_raw, verdict, inputs, plan, ctx, model.mode,
+                                 original_raw, model.retry_after_ms, scored.SerializeToString())
             return Inspected(model_name, request.SerializeToString(), verdict, inputs, plan, ctx,
                              model.mode, original_raw, model.retry_after_ms)
         return Inspected(model_name, raw if raw is not None else request.SerializeToString(),
@@ -194,6 +209,10 @@ class InferenceHandler:
         ctx = inspected.ctx
         extra: dict = {}
         failed = False
+        client_response = None
+        if inspected.scoring is not None:  # monitor: score what enforce would forward
+            client_response = response
+            response = await call_upstream(pb.ModelInferRequest.FromString(inspected.scoring))
         # Reverse order (Envoy's encoder filters): the stage that changed the forwarded request
         # last sees the answer first, so each one undoes its own change after the stages that
         # came after it have read the answer (e.g. an output two stages asked for).
@@ -211,7 +230,9 @@ class InferenceHandler:
         if verdict.blocks:
             code, details, trailers = policy.refusal(verdict, request_id, inspected.retry_after_ms)
             raise Rejected(code, details, verdict.action, trailers, verdict)
-        if failed:
+        if client_response is not None:
+            response = client_response  # the answer to the client's own request
+        elif failed:
             # A stage failed (open) after its prepare may have changed the forwarded request
             # (batched variants, extra outputs): the answer in hand is not the client's. Ask
             # the upstream again with the request as the client sent it.

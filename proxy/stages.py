@@ -24,6 +24,7 @@ STAGE_MODULES = (
     "bastion.detectors.squeeze",
     "bastion.detectors.smoothing",
     "bastion.detectors.upstream_features",
+    "bastion.detectors.feature_ensemble",
     "bastion.detectors.lm",
     "bastion.detectors.anomaly",
     "bastion.detectors.embedding",

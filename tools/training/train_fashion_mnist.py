@@ -17,7 +17,10 @@ a second model to get one:
 * ``conv1_stats``: 48 statistics of the first conv block's ReLU maps, per channel the spatial
   mean, standard deviation and fraction of active units. Low-level statistics see the
   high-frequency noise of small L-inf perturbations, which the penultimate layer maps onto
-  ordinary class features (docs/quality-image-anomaly.md measures both).
+  ordinary class features (docs/quality-image-anomaly.md measures both);
+* ``conv2_stats``: the same 96 statistics of the second conv block's ReLU maps (added later
+  with ``--from-onnx``, same weights: the multi-layer ensemble of ``detect.feature_ensemble``,
+  docs/quality-image-ensemble.md).
 
 ``--from-onnx PATH`` skips training and re-exports the weights of an existing export, so an
 output can be added without changing the model's answers.
@@ -42,7 +45,7 @@ OUT_DIR = Path("bastion/demo_models/fashion-mnist")
 LABELS = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
           "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 N_SAMPLES = 64  # test images shipped for the demo traffic generator and tests
-OUTPUTS = ("logits", "features", "conv1_stats")
+OUTPUTS = ("logits", "features", "conv1_stats", "conv2_stats")
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -95,7 +98,7 @@ def build_model():
     class FashionCNN(nn.Module):
         """2 conv blocks -> 64-unit dense (ReLU) -> 10-way linear head.
 
-        Returns (logits, features, conv1_stats), all exported as graph outputs.
+        Returns (logits, features, conv1_stats, conv2_stats), all exported as graph outputs.
         """
 
         def __init__(self) -> None:
@@ -108,10 +111,11 @@ def build_model():
             self.fc = nn.Sequential(nn.Linear(32 * 7 * 7, 64), nn.ReLU())
             self.head = nn.Linear(64, 10)
 
-        def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        def forward(self, image: torch.Tensor):
             conv1 = self.conv[1](self.conv[0](image))           # first block's ReLU maps
-            features = self.fc(self.conv[2:](conv1))
-            return self.head(features), features, activation_stats(conv1)
+            conv2 = self.conv[4](self.conv[3](self.conv[2](conv1)))  # second block's ReLU maps
+            features = self.fc(self.conv[5:](conv2))
+            return self.head(features), features, activation_stats(conv1), activation_stats(conv2)
 
     return FashionCNN()
 

@@ -1,0 +1,271 @@
+"""`detect.feature_ensemble`: several of the model's layers, one score (a response stage).
+
+Lee et al. (2018) detect adversarial inputs from a *feature ensemble*: a class-conditional
+Mahalanobis distance on each of several hidden layers, combined by a logistic regression
+fitted on benign inputs and one generic attack (FGSM), then used against attacks it never saw.
+A sidecar cannot reach into the model, but the model server can return hidden layers as extra
+outputs (the demo CNN returns ``conv1_stats``, ``conv2_stats``, ``features`` and ``logits``).
+
+Per row the ensemble computes the feature vector
+
+* ``maha:<output>``: log(1 + class-conditional Mahalanobis distance to the nearest class
+  mean) of each configured output (the same :class:`~bastion.detectors.anomaly.Mahalanobis`
+  ``detect.features`` uses);
+* ``margin`` (when a logits output is configured): log(top-1 logit - top-2 logit + 0.01).
+  Minimal-perturbation attacks (Carlini-Wagner, DeepFool) stop just past the decision
+  boundary; clean inputs rarely sit there (docs/quality-image-ensemble.md measures it);
+
+standardises it and returns the combiner's log-odds (higher = more likely adversarial). The
+request's score is its most suspicious row's.
+
+Options
+    ``outputs``: model outputs with a Mahalanobis term each, in the state's order.
+    ``logits`` ("logits"): the output for the margin term; null = no margin term.
+    ``state``: the fitted state (``fit_ensemble`` below; tools/fit_image_ensemble.py fits the
+    shipped one through the profile's own request stages and the real upstream).
+
+Like ``detect.features``, the stage asks for the outputs it needs when the client named the
+outputs it wants, and removes what it added from the answer.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import io
+import json
+import os
+import pathlib
+
+import numpy as np
+
+from bastion.detectors.anomaly import Mahalanobis, StateError, _array_digest, _header_checksum
+from bastion.detectors.base import ResponseResult, ResponseStage
+from bastion.detectors.upstream_features import _one_output, strip_outputs
+from bastion.proxy.stages import StageOptions, register
+from bastion.transforms import tensor
+from bastion.transforms.base import NUMERIC_DATATYPES
+
+__all__ = ["EnsembleModel", "FeatureEnsembleOptions", "FeatureEnsembleStage", "fit_ensemble",
+           "load_ensemble", "save_ensemble"]
+
+FORMAT = "bastion-feature-ensemble"
+VERSION = 1
+_HEADER_KEY = "__header__"
+MARGIN_FLOOR = 0.01  # keeps log(margin) finite for ties
+
+
+@dataclasses.dataclass
+class EnsembleModel:
+    """Per-layer Gaussians + a standardised logistic combiner."""
+    outputs: list[str]
+    logits: str | None
+    gaussians: list[Mahalanobis]
+    mean: np.ndarray            # feature standardisation
+    scale: np.ndarray
+    weights: np.ndarray         # combiner coefficients over standardised features
+    bias: float
+    source: str = ""            # what the state was fitted on (recorded, checked by the stage)
+
+    @property
+    def feature_names(self) -> list[str]:
+        return [f"maha:{o}" for o in self.outputs] + (["margin"] if self.logits else [])
+
+    @property
+    def needed(self) -> list[str]:
+        return list(self.outputs) + ([self.logits] if self.logits else [])
+
+    def features(self, arrays: dict[str, np.ndarray]) -> np.ndarray:
+        return ensemble_features(arrays, self.outputs, self.gaussians, self.logits)
+
+    def score(self, arrays: dict[str, np.ndarray]) -> np.ndarray:
+        """Log-odds per row of ``arrays`` (output name -> [n, ...])."""
+        z = (self.features(arrays) - self.mean) / self.scale
+        return z @ self.weights + self.bias
+
+
+def ensemble_features(arrays: dict[str, np.ndarray], outputs: list[str],
+                      gaussians: list[Mahalanobis], logits: str | None) -> np.ndarray:
+    """[n, len(outputs) (+1)] ensemble features of the model's answers (see module doc)."""
+    columns = []
+    for name, gaussian in zip(outputs, gaussians):
+        rows = np.asarray(arrays[name], dtype=np.float64)
+        rows = rows.reshape(len(rows), -1)
+        if rows.shape[1] != gaussian.dim:
+            raise ValueError(f"output '{name}' has {rows.shape[1]} values per row; the state "
+                             f"was fitted on {gaussian.dim}")
+        columns.append(np.log1p(gaussian.score(rows)))
+    if logits:
+        values = np.asarray(arrays[logits], dtype=np.float64)
+        values = np.sort(values.reshape(len(values), -1), axis=1)
+        columns.append(np.log(values[:, -1] - values[:, -2] + MARGIN_FLOOR))
+    features = np.stack(columns, axis=1)
+    # a non-finite hidden value is as anomalous as it gets
+    return np.where(np.isfinite(features), features, 1e6)
+
+
+def fit_ensemble(benign_fit: dict[str, np.ndarray], classes: np.ndarray,
+                 benign_combiner: dict[str, np.ndarray], attacked_combiner: dict[str, np.ndarray],
+                 outputs: list[str], logits: str | None, source: str,
+                 regularisation: float = 1.0) -> EnsembleModel:
+    """Gaussians on ``benign_fit`` (class labels ``classes``); then the logistic combiner on
+    ``benign_combiner`` (label 0) vs ``attacked_combiner`` (label 1), each a dict of model
+    outputs. Use disjoint benign sets so the combiner sees distances of unseen inputs."""
+    from sklearn.linear_model import LogisticRegression
+    gaussians = []
+    for name in outputs:
+        rows = np.asarray(benign_fit[name], dtype=np.float64)
+        gaussians.append(Mahalanobis().fit(rows.reshape(len(rows), -1), classes))
+    benign = ensemble_features(benign_combiner, outputs, gaussians, logits)
+    attacked = ensemble_features(attacked_combiner, outputs, gaussians, logits)
+    X = np.concatenate([benign, attacked])
+    y = np.concatenate([np.zeros(len(benign)), np.ones(len(attacked))])
+    mean, scale = X.mean(axis=0), X.std(axis=0)
+    scale = np.where(scale > 0, scale, 1.0)
+    combiner = LogisticRegression(C=regularisation, max_iter=2000).fit((X - mean) / scale, y)
+    return EnsembleModel(list(outputs), logits, gaussians, mean, scale,
+                         combiner.coef_[0].astype(np.float64), float(combiner.intercept_[0]),
+                         source)
+
+
+def save_ensemble(path: str | os.PathLike, model: EnsembleModel,
+                  extra: dict | None = None) -> pathlib.Path:
+    """Write the state atomically (temporary file renamed over ``path``)."""
+    arrays = {"mean": model.mean, "scale": model.scale, "weights": model.weights,
+              "bias": np.array(model.bias)}
+    layers = []
+    for i, (name, gaussian) in enumerate(zip(model.outputs, model.gaussians)):
+        for key, value in gaussian.arrays().items():
+            arrays[f"layer{i}.{key}"] = np.array(value, order="C", copy=None)
+        layers.append({"output": name, "dim": gaussian.dim, "n_reference": gaussian.n_reference,
+                       "params": gaussian.params()})
+    header = {
+        "format": FORMAT, "version": VERSION, "source": model.source,
+        "outputs": model.outputs, "logits": model.logits, "layers": layers,
+        "features": model.feature_names,
+        "arrays": {name: _array_digest(a) for name, a in sorted(arrays.items())},
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "extra": extra or {},
+    }
+    header["checksum"] = _header_checksum(header)
+    payload = dict(arrays)
+    payload[_HEADER_KEY] = np.frombuffer(json.dumps(header, sort_keys=True).encode(), np.uint8)
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **payload)
+    tmp.write_bytes(buffer.getvalue())
+    os.replace(tmp, path)
+    return path
+
+
+def load_ensemble(path: str | os.PathLike) -> tuple[EnsembleModel, dict]:
+    """Load and verify a state (format, version, checksums)."""
+    path = pathlib.Path(path)
+    try:
+        data = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError) as err:
+        raise StateError(f"{path}: not a readable state file ({err})") from None
+    with data:
+        if _HEADER_KEY not in data.files:
+            raise StateError(f"{path}: not a bastion feature-ensemble state (no header)")
+        header = json.loads(data[_HEADER_KEY].tobytes().decode())
+        if header.get("format") != FORMAT or header.get("version") != VERSION:
+            raise StateError(f"{path}: format {header.get('format')!r} version "
+                             f"{header.get('version')!r}, expected {FORMAT!r} {VERSION}")
+        if header.get("checksum") != _header_checksum(header):
+            raise StateError(f"{path}: header checksum mismatch (the file was modified)")
+        expected = header["arrays"]
+        if {n for n in data.files if n != _HEADER_KEY} != set(expected):
+            raise StateError(f"{path}: arrays do not match the header")
+        arrays = {}
+        for name in expected:
+            arrays[name] = data[name]
+            if _array_digest(arrays[name]) != expected[name]:
+                raise StateError(f"{path}: checksum mismatch in array {name!r}")
+    gaussians = []
+    for i, layer in enumerate(header["layers"]):
+        prefix = f"layer{i}."
+        own = {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
+        gaussians.append(Mahalanobis.from_state(layer["params"], own, int(layer["dim"]),
+                                                int(layer["n_reference"])))
+    model = EnsembleModel(list(header["outputs"]), header.get("logits"), gaussians,
+                          arrays["mean"].astype(np.float64), arrays["scale"].astype(np.float64),
+                          arrays["weights"].astype(np.float64), float(arrays["bias"]),
+                          str(header.get("source", "")))
+    return model, header
+
+
+class FeatureEnsembleOptions(StageOptions):
+    #: Outputs with a Mahalanobis term, in the state's order (checked when the stage is built).
+    outputs: list[str] = ["conv1_stats", "conv2_stats", "features"]
+    #: Output for the logit-margin term; None = no margin term.
+    logits: str | None = "logits"
+    #: State file (required; a missing one fails scoring until it is fitted).
+    state: str
+
+
+@dataclasses.dataclass
+class _State:
+    added: set[str]
+
+
+class FeatureEnsembleStage(ResponseStage):
+    accepts = NUMERIC_DATATYPES
+
+    def __init__(self, options: FeatureEnsembleOptions):
+        self.options = options
+        self.state = pathlib.Path(options.state)
+        self.model: EnsembleModel | None = None
+        if self.state.exists():
+            model, _ = load_ensemble(self.state)
+            if model.outputs != list(options.outputs) or model.logits != options.logits:
+                raise ValueError(f"{options.state}: fitted on outputs {model.outputs} + logits "
+                                 f"{model.logits!r}, but the stage names {options.outputs} + "
+                                 f"{options.logits!r}: refit the state or fix the options")
+            self.model = model
+
+    def wanted(self) -> list[str]:
+        return list(self.options.outputs) + ([self.options.logits] if self.options.logits else [])
+
+    def prepare(self, request, inputs, request_id) -> _State:
+        named = {o.name for o in request.outputs}
+        added = set()
+        if named:  # no names = every output comes back anyway
+            for name in self.wanted():
+                if name not in named:
+                    request.outputs.add(name=name)
+                    added.add(name)
+        return _State(added)
+
+    def score_arrays(self, arrays: dict[str, np.ndarray]) -> np.ndarray:
+        """Per-row log-odds, as ``on_response`` computes them."""
+        if self.model is None:
+            raise RuntimeError(f"detect.feature_ensemble: no fitted state at {self.state}")
+        return self.model.score(arrays)
+
+    async def on_response(self, state: _State, response, call_upstream) -> ResponseResult:
+        wanted = set(self.wanted())
+        arrays = {}
+        for position, spec in enumerate(response.outputs):
+            if spec.name in wanted:
+                arrays[spec.name] = tensor.decode_response(_one_output(response, position))[spec.name]
+        strip_outputs(response, state.added)  # the client gets only what it asked for
+        missing = wanted - set(arrays)
+        if missing:
+            raise ValueError(f"the upstream's answer has no output(s) {sorted(missing)}")
+        for name, array in arrays.items():
+            if array.dtype.kind not in "fiub":
+                raise ValueError(f"output '{name}' is not numeric")
+            if array.ndim < 2:
+                arrays[name] = array[None]
+        scores = self.score_arrays(arrays)
+        score = float(np.max(scores)) if len(scores) else 0.0
+        if not np.isfinite(score):
+            score = float(np.finfo(np.float64).max)
+        return ResponseResult(score, ["anomaly:feature_ensemble"])
+
+
+register("detect.feature_ensemble", "response", FeatureEnsembleOptions, FeatureEnsembleStage)
