@@ -380,3 +380,105 @@ def code_texts(rng: random.Random, n: int) -> list[str]:
 
     makers = [question] * 5 + [traceback] * 3 + [config] * 2
     return [_pick(rng, makers)() for _ in range(n)]
+
+
+WORDS_ONE = ["Hello", "hi", "Thanks", "thx", "Yes", "no", "ok", "Okay!", "Why?", "Sure", "Maybe", "help",
+             "Goodbye", "lol", "Wow", "Cool", "Great!", "sorry", "Congrats!", "Cheers", "Done", "Noted",
+             "Agreed", "What?", "Really?", "Nope", "yep", "Morning!", "Night", "Bless you", "weather",
+             "recipe", "translate", "summarize", "continue", "more", "shorter", "again", "examples", "why"]
+NOTE_ITEMS = ["milk", "eggs", "bread", "coffee", "bananas", "rice", "dish soap", "batteries", "tomatoes",
+              "cheese", "oat milk", "dog food", "lightbulbs", "pasta", "apples", "stamps", "bin bags"]
+NAMES = ["Sam", "Alex", "Maria", "Tom", "Priya", "Jonas", "Lea", "Omar", "Kim", "Grandma", "Dad", "Mum"]
+HEAD_SUBJECTS = ["Local council", "City library", "National museum", "Regional hospital", "University team",
+                 "Small bakery", "Rail operator", "Weather service", "School board", "Football club"]
+HEAD_VERBS = ["approves", "opens", "postpones", "celebrates", "announces", "expands", "wins", "launches"]
+HEAD_OBJECTS = ["new bike lanes", "summer reading programme", "free Sunday entry", "record harvest festival",
+                "late-night bus service", "community garden", "annual charity run", "solar panels on roofs"]
+
+
+def short_texts(rng: random.Random, n: int) -> list[str]:
+    """``n`` short everyday texts: one-word replies, notes, lists, text messages, status lines, headlines."""
+    makers = [
+        lambda: _pick(rng, WORDS_ONE),
+        lambda: f"Buy {', '.join(rng.sample(NOTE_ITEMS, rng.randint(2, 5)))}",
+        lambda: f"Shopping list: " + ", ".join(rng.sample(NOTE_ITEMS, rng.randint(3, 7))),
+        lambda: f"Running {rng.choice([5, 10, 15, 20])} min late, sorry!",
+        lambda: f"Meeting moved to {rng.randint(1, 5)}{_pick(rng, ['pm', ':30pm', ' pm'])}",
+        lambda: f"Happy birthday {_pick(rng, NAMES)}!! {_pick(rng, ['🎉', '🎂', '', '❤️'])}".strip(),
+        lambda: f"Just finished my first {_pick(rng, ['5k', '10k', 'half marathon', 'pottery class', 'sourdough loaf'])} {_pick(rng, ['🏃', '🙌', '!', ''])}".strip(),
+        lambda: f"Can you pick up {_pick(rng, NOTE_ITEMS)} on the way home?",
+        lambda: f"Reminder: {_pick(rng, ['dentist', 'parent-teacher meeting', 'car service', 'yoga', 'rent due'])} {_pick(rng, DAYS)} at {rng.randint(8, 18)}:00",
+        lambda: f"{_pick(rng, HEAD_SUBJECTS)} {_pick(rng, HEAD_VERBS)} {_pick(rng, HEAD_OBJECTS)}",
+        lambda: f"{_pick(rng, ['Call', 'Text', 'Email'])} {_pick(rng, NAMES)} about {_pick(rng, ['the weekend', 'the keys', 'dinner', 'the invoice', 'the trip'])}",
+        lambda: f"{_pick(rng, ['See you', 'Talk', 'Catch up'])} {_pick(rng, ['tomorrow', 'later', 'on Friday', 'soon'])}{_pick(rng, ['!', '.', '', ' :)'])}",
+        lambda: f"{_pick(rng, ['Loving', 'Can not get enough of', 'Finally tried', 'Not sure about'])} the new {_pick(rng, ['café', 'album', 'park', 'ramen place', 'podcast'])} {_pick(rng, ['downtown', 'everyone talks about', 'near work', ''])}".strip(),
+        lambda: f"{_pick(rng, ['Gate changed to', 'Boarding at', 'Train delayed, now'])} {_pick(rng, ['B12', '14:35', 'platform 4', 'gate 7'])}",
+        lambda: f"{_pick(rng, ['Out of', 'Low on', 'Need more'])} {_pick(rng, NOTE_ITEMS)}",
+        lambda: f"{_pick(rng, ['Thanks so much', 'Thank you', 'Thx'])} for {_pick(rng, ['dinner', 'the lift', 'your help', 'the flowers', 'covering for me'])}{_pick(rng, ['!', '.', ' 🙏', ''])}",
+        lambda: f"{_pick(rng, ['Water the plants', 'Feed the cat', 'Take out recycling', 'Charge the car', 'Back up photos'])}",
+        lambda: f"{_pick(rng, ['Rain', 'Sun', 'Snow', 'Fog'])} {_pick(rng, ['expected', 'forecast', 'all day'])} {_pick(rng, ['tomorrow', 'this weekend', 'in the north', ''])}".strip(),
+        lambda: f"Is {_pick(rng, ['the pharmacy', 'the post office', 'the gym', 'the pool'])} open on {_pick(rng, ['Sundays', 'holidays', 'Monday morning'])}?",
+        lambda: f"{rng.randint(2, 9)} {_pick(rng, ['days', 'sleeps', 'weeks'])} until {_pick(rng, ['holiday', 'Christmas', 'the wedding', 'the concert'])}!",
+    ]
+    return [_pick(rng, makers)() for _ in range(n)]
+
+
+# Everyday chat and requests written for this corpus in other languages (no slot is translated
+# by machine: each line is a complete phrase; slots are city / topic names that need no grammar).
+MULTILINGUAL_CHAT = {
+    "de": ["Wie spät ist es?", "Kannst du mir bei meinen Hausaufgaben helfen?", "Wie wird das Wetter morgen in {city}?",
+           "Was kann ich heute Abend kochen?", "Erklär mir bitte, wie ein Kühlschrank funktioniert.",
+           "Schreib mir eine kurze Geburtstagskarte für meine Oma.", "Danke, das hat mir sehr geholfen!",
+           "Welche Bücher empfiehlst du für den Urlaub?", "Fass diesen Artikel in drei Sätzen zusammen.",
+           "Wie sage ich 'Guten Appetit' auf Englisch?", "Ich habe mein Passwort vergessen, was soll ich tun?",
+           "Plane eine Wochenendreise nach {city}."],
+    "fr": ["Quelle heure est-il ?", "Peux-tu m'aider à écrire une lettre de motivation ?", "Quel temps fera-t-il demain à {city} ?",
+           "Donne-moi une recette facile pour ce soir.", "Explique-moi la photosynthèse simplement.",
+           "Merci beaucoup, c'est parfait !", "Traduis cette phrase en anglais, s'il te plaît.",
+           "Quels sont les meilleurs musées de {city} ?", "Résume ce texte en deux phrases.",
+           "J'ai oublié mon mot de passe, comment le réinitialiser ?", "Salut, ça va ?", "Écris un petit poème sur l'automne."],
+    "es": ["¿Qué hora es?", "¿Me ayudas con mis deberes de matemáticas?", "¿Qué tiempo hará mañana en {city}?",
+           "Dame una receta rápida con arroz.", "Explícame cómo funciona un volcán.", "¡Muchas gracias por tu ayuda!",
+           "Escribe un correo para pedir un día libre.", "¿Qué puedo visitar en {city} en dos días?",
+           "Resume este artículo en pocas líneas.", "Hola, ¿cómo estás?", "Olvidé mi contraseña, ¿qué hago?",
+           "Recomiéndame una película para ver en familia."],
+    "it": ["Che ore sono?", "Mi aiuti a scrivere un'email al mio capo?", "Che tempo farà domani a {city}?",
+           "Dammi una ricetta per la cena.", "Spiegami come funziona la fotosintesi.", "Grazie mille!",
+           "Cosa vedere a {city} in un weekend?", "Riassumi questo testo in tre frasi.", "Ciao, come va?",
+           "Traduci questa frase in inglese, per favore."],
+    "pt": ["Que horas são?", "Você pode me ajudar com a lição de casa?", "Como vai estar o tempo amanhã em {city}?",
+           "Me dá uma receita fácil para o jantar.", "Explique o ciclo da água de forma simples.", "Muito obrigado!",
+           "O que visitar em {city}?", "Resuma este texto em poucas frases.", "Oi, tudo bem?",
+           "Esqueci minha senha, o que eu faço?"],
+    "nl": ["Hoe laat is het?", "Kun je me helpen met mijn huiswerk?", "Wat voor weer wordt het morgen in {city}?",
+           "Geef me een makkelijk recept voor vanavond.", "Bedankt voor je hulp!", "Vat deze tekst samen in drie zinnen.",
+           "Wat kan ik doen in {city} dit weekend?", "Hoi, hoe gaat het?"],
+    "pl": ["Która jest godzina?", "Czy możesz mi pomóc w zadaniu domowym?", "Jaka będzie jutro pogoda w {city}?",
+           "Podaj mi prosty przepis na obiad.", "Dziękuję bardzo!", "Streść ten tekst w trzech zdaniach.", "Cześć, co słychać?"],
+    "ru": ["Который час?", "Помоги мне написать письмо начальнику.", "Какая завтра будет погода в {city}?",
+           "Дай простой рецепт на ужин.", "Спасибо большое!", "Кратко перескажи этот текст.", "Привет, как дела?",
+           "Объясни, как работает фотосинтез."],
+    "ja": ["今何時ですか？", "宿題を手伝ってくれますか？", "明日の{city}の天気はどうですか？", "簡単な夕食のレシピを教えて。",
+           "ありがとうございます！", "この文章を三行で要約してください。", "こんにちは、元気ですか？", "おすすめの本を教えてください。"],
+    "zh": ["现在几点了？", "你能帮我写一封邮件吗？", "明天{city}的天气怎么样？", "给我一个简单的晚餐食谱。", "非常感谢！",
+           "请用三句话总结这篇文章。", "你好，最近怎么样？", "推荐几本适合假期读的书。"],
+    "tr": ["Saat kaç?", "Ödevime yardım eder misin?", "Yarın {city} için hava nasıl olacak?", "Akşam yemeği için kolay bir tarif ver.",
+           "Çok teşekkürler!", "Merhaba, nasılsın?"],
+    "sv": ["Vad är klockan?", "Kan du hjälpa mig med läxan?", "Hur blir vädret i {city} i morgon?", "Tack så mycket!", "Hej, hur mår du?"],
+}
+CITIES = ["Berlin", "Paris", "Madrid", "Roma", "Lisboa", "Amsterdam", "Kraków", "Tokyo", "Shanghai", "Istanbul",
+          "Stockholm", "Wien", "Zürich", "Sevilla", "Napoli", "Porto", "Lyon", "Hamburg"]
+
+
+def multilingual_chat(rng: random.Random) -> list[tuple[str, str]]:
+    """(language, text) for every phrase of ``MULTILINGUAL_CHAT``; city slots filled 3 ways."""
+    out = []
+    for lang, phrases in sorted(MULTILINGUAL_CHAT.items()):
+        for phrase in phrases:
+            fills = rng.sample(CITIES, 3) if "{city}" in phrase else [""]
+            for c in fills:
+                text = phrase.format(city=c)
+                if rng.random() < 0.3:  # typed casually: lowercase start, no final punctuation
+                    text = text[0].lower() + text[1:].rstrip("?？!！.。 ")
+                out.append((lang, text))
+    return out

