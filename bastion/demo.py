@@ -23,40 +23,21 @@ from bastion import corpus, traffic
 from bastion.protos import SERVICE
 
 DEMO_CONFIG = """\
-# Written by `bastion demo`: the embedded default, with every defense that has landed.
+# Written by `bastion demo`: the embedded default, the shipped profiles for both demo models
+# (bastion/profiles/, deploy/profiles/ in the repository).
 listen: {listen}
 admin: {admin}
 upstream: {{target: {upstream}, timeout_s: 10}}
 audit: {{output: {audit}}}
 models:
-  fashion-mnist:
-    mode: enforce
-    inputs: {{image: {{datatype: FP32, shape: [-1, 1, 28, 28], kind: tensor}}}}
-    pipeline:
-      - validate.tensor: {{min: 0.0, max: 1.0, finite: true}}
-      - transform.bit_depth: {{bits: 5}}
-      # Response stage: scores the first conv block's statistics the model returns (fitted on
-      # training images by tools/training/build_demo_defenses.py; 1 % FPR there).
-      - detect.features: {{id: features, output: conv1_stats, method: mahalanobis,
-                          state: "{features_state}", threshold_file: "{features_threshold}",
-                          action: block}}
-  text-classifier:
-    mode: enforce
-    inputs: {{prompt: {{datatype: BYTES, kind: text}}}}
-    pipeline:
-      - limit.text: {{max_bytes: 65536, max_elements: 64}}
-      - sanitize.unicode: {{fold_confusables: true, threshold: 16, action: block}}
-      - detect.signatures: {{threshold: 1, action: block}}
+  fashion-mnist: {{profile: image-classifier}}
+  text-classifier: {{profile: llm-prompt}}
 """
 
 
-
 def demo_config(listen: str, admin: str, upstream: str, audit: str | os.PathLike) -> str:
-    """DEMO_CONFIG filled in, with the installed package's demo-defense files."""
-    model_dir = traffic._package_file("demo_models", traffic.IMAGE_MODEL)
-    return DEMO_CONFIG.format(listen=listen, admin=admin, upstream=upstream, audit=audit,
-                              features_state=model_dir / "conv1_stats.state.npz",
-                              features_threshold=model_dir / "conv1_stats.threshold.json")
+    """DEMO_CONFIG filled in: the shipped profiles, whose files live inside the package."""
+    return DEMO_CONFIG.format(listen=listen, admin=admin, upstream=upstream, audit=audit)
 
 
 # How gRPC outcomes read in the summary.
@@ -104,9 +85,26 @@ class Tally:
         self.counts: dict[tuple[str, str], collections.Counter] = collections.defaultdict(collections.Counter)
         self.latency_ms: dict[str, list[float]] = collections.defaultdict(list)
 
+        #: Text traffic per (label, family): what the prompt defense did with each kind.
+        self.text_families: dict[tuple[str, str], collections.Counter] = \
+            collections.defaultdict(collections.Counter)
+
     def add(self, record: traffic.Record, code: str, latency_ms: float) -> None:
-        self.counts[(record.model, record.label)][OUTCOME_NAMES.get(code, code)] += 1
+        outcome = OUTCOME_NAMES.get(code, code)
+        self.counts[(record.model, record.label)][outcome] += 1
         self.latency_ms[record.model].append(latency_ms)
+        if record.model == traffic.TEXT_MODEL and record.label in ("benign", "attack"):
+            self.text_families[(record.label, record.family)][outcome] += 1
+
+    def family_lines(self) -> list[str]:
+        """One line per text family: how many were blocked of how many sent."""
+        lines = []
+        for (label, family), counter in sorted(self.text_families.items()):
+            sent = sum(counter.values())
+            blocked = counter["blocked"] + counter["throttled"]
+            lines.append(f"  {label:6s} {family:20s} blocked {blocked:4d} of {sent:4d} "
+                         f"({blocked / sent:6.1%})")
+        return ["text prompts by family (llm-prompt profile):"] + lines if lines else []
 
     def render(self, elapsed: float) -> str:
         order = list(OUTCOME_NAMES.values())
@@ -118,6 +116,7 @@ class Tally:
             rows.append([model, label, str(sum(counter.values())), *(str(counter[c]) for c in codes)])
         widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
         lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows]
+        lines += self.family_lines()
         total = sum(sum(c.values()) for c in self.counts.values())
         lines.append(f"{total} requests in {elapsed:.1f}s ({total / max(elapsed, 1e-9):.0f}/s)")
         for model, values in sorted(self.latency_ms.items()):

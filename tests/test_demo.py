@@ -15,6 +15,7 @@ import yaml
 
 from bastion import traffic
 from bastion.demo import demo_config
+from bastion.shipped_profiles import profile_model
 
 
 def run_demo(*args, send_sigint_after=None):
@@ -57,6 +58,14 @@ def check_output(code, out):
     invalid = header.index("invalid")
     assert all(r[2] == r[invalid] for r in malformed), final
     assert re.search(r"latency through bastion, fashion-mnist: p50 [\d.]+ ms", final)
+    # One line per text family: the llm-prompt profile blocks the attacks, not the benign prompts.
+    families = {m.group(2): (m.group(1), int(m.group(3)), int(m.group(4))) for m in re.finditer(
+        r"^\s+(attack|benign)\s+(\S+)\s+blocked\s+(\d+) of\s+(\d+)", final, re.MULTILINE)}
+    for family in ("prompt_injection", "jailbreak_template", "encoding", "adv_suffix"):
+        label, blocked_count, sent_count = families[family]
+        assert label == "attack" and blocked_count >= 0.8 * sent_count, (family, final)
+    label, blocked_count, sent_count = families["benign_chat"]
+    assert label == "benign" and blocked_count <= 0.1 * sent_count, final
     assert re.search(r'bastion_verdicts_total\{action="block",enforced="true"', out)
     assert "top reasons:" in out
     for pid in re.findall(r"(?:upstream|sidecar) pid (\d+)", out):
@@ -88,8 +97,9 @@ def _build_script():
 
 def test_demo_features_state_was_fitted_through_the_demo_pipeline():
     # The state was fitted on images squeezed as the demo's request transform squeezes them.
-    pipeline = yaml.safe_load(demo_config("l", "a", "u", "x"))["models"][
-        traffic.IMAGE_MODEL]["pipeline"]
+    demo_models = yaml.safe_load(demo_config("l", "a", "u", "x"))["models"]
+    assert demo_models[traffic.IMAGE_MODEL] == {"profile": "image-classifier"}
+    pipeline = profile_model("image-classifier")["pipeline"]
     kinds = [next(iter(stage)) for stage in pipeline]
     assert kinds.index("transform.bit_depth") < kinds.index("detect.features")
     bits = pipeline[kinds.index("transform.bit_depth")]["transform.bit_depth"]["bits"]

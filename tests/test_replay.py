@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import numpy as np
+import yaml
 import pytest
 
 from bastion import corpus, replay, traffic
@@ -212,16 +213,18 @@ def test_bundled_sample_meets_the_ci_gates_offline(tmp_path):
     gates = "".join(re.findall(r'^DEFAULT_GATES\+?="([^"]*)"', script, re.MULTILINE))
     assert "tpr:prompt_injection" in gates and "auroc:detect.signatures" in gates
     config = demo_config("127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3", tmp_path / "audit.jsonl")
-    config, count = re.subn(r"(  text-classifier:\n    mode: )enforce", r"\1monitor", config)
-    assert count == 1
-    (tmp_path / "demo.yaml").write_text(config)
+    data = yaml.safe_load(config)
+    assert data["models"][MODEL] == {"profile": "llm-prompt"}
+    data["models"][MODEL]["mode"] = "monitor"
+    (tmp_path / "demo.yaml").write_text(yaml.safe_dump(data))
     code = replay.main(["--offline", "-c", str(tmp_path / "demo.yaml"), "--model", MODEL,
                         "--data", str(corpus.default_text_corpus()), "--out",
                         str(tmp_path / "out"), "--no-plots", "--fail-under", gates])
     report = read_report(tmp_path / "out")
     assert code == 0, report["gates"]
     assert report["run"]["records"] == 111
-    assert list(report["stages"]) == ["limit.text", "sanitize.unicode", "detect.signatures"]
+    assert list(report["stages"]) == ["limit.text", "classifier", "invisible", "normalize",
+                                      "detect.signatures"]
     assert subprocess.run(["bash", "-n", str(REPO / "tools" / "ci_replay.sh")]).returncode == 0
 
 

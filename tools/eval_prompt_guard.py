@@ -38,15 +38,11 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent / "training"))
 
 from generated_doc import write_generated  # noqa: E402
-from train_prompt_guard import ATTACK_FAMILIES, predict, read_corpus, train  # noqa: E402
+from train_prompt_guard import (ATTACK_FAMILIES, calibration_key, predict,  # noqa: E402
+                                read_corpus, train)
 
 DOC = pathlib.Path(__file__).resolve().parent.parent / "docs" / "quality-prompt-guard.md"
 CALIBRATION_SHARE = 0.15
-
-
-def text_key(text: str) -> float:
-    """A stable number in [0, 1) per text (the calibration split)."""
-    return int(hashlib.sha1(text.encode("utf-8")).hexdigest()[:8], 16) / 2 ** 32
 
 
 def assign_folds(records: list[dict], folds: int) -> dict[str, int]:
@@ -111,6 +107,21 @@ def rule_scores(texts: list[str]) -> dict[str, np.ndarray]:
         folded, _ = folding.apply_text(stripped)
         sig[i] = float(signatures.score([folded])[0])
     return {"invisible": inv, "signatures": sig}
+
+
+def perplexity_scores(texts: list[str], work: pathlib.Path) -> np.ndarray:
+    """detect.perplexity (windowed, the bundled tiny LM), run by the real stage; cached."""
+    cache = work / "perplexity.npy"
+    if cache.exists():
+        values = np.load(cache)
+        if len(values) == len(texts):
+            return values
+    from bastion.proxy.stages import registry
+    spec = registry()["detect.perplexity"]
+    detector = spec.build(spec.options())
+    values = np.concatenate([detector.score(texts[i:i + 64]) for i in range(0, len(texts), 64)])
+    np.save(cache, values)
+    return values
 
 
 # -- peers ------------------------------------------------------------------------------------
@@ -214,6 +225,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-chunks", type=int, default=8)
     parser.add_argument("--target-fpr", type=float, default=0.01)
     parser.add_argument("--limit", type=int, default=0, help="cap training texts per fold")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--perplexity", action="store_true",
+                        help="also score the profile plus detect.perplexity (does it add?)")
     parser.add_argument("--peers-python", default="")
     parser.add_argument("--doc", type=pathlib.Path, default=DOC)
     args = parser.parse_args(argv)
@@ -224,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     texts = [r["text"] for r in records]
     fold_of_group = assign_folds(records, args.folds)
     fold = np.array([fold_of_group[r["group"]] for r in records])
-    calib = np.array([r["label"] == "benign" and text_key(r["text"]) < CALIBRATION_SHARE
+    calib = np.array([r["label"] == "benign" and calibration_key(r["text"]) < CALIBRATION_SHARE
                       for r in records])
     (args.work / "folds.json").write_text(json.dumps(fold_of_group, indent=1, sort_keys=True))
 
@@ -234,6 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     rule_flags = (rules["signatures"] >= SIGNATURE_THRESHOLD) | \
         (rules["invisible"] >= INVISIBLE_THRESHOLD)
     profile_threshold = np.zeros(len(records))
+    ppl = perplexity_scores(texts, args.work) if args.perplexity else None
+    ppl_thresholds = np.zeros((len(records), 2))
     for k in range(args.folds):
         model_dir = args.work / f"fold-{k}"
         train_rows = [r for r, f, c in zip(records, fold, calib) if f != k and not c]
@@ -242,10 +258,10 @@ def main(argv: list[str] | None = None) -> int:
             if args.limit and len(train_rows) > args.limit:
                 train_rows = random.Random(k).sample(train_rows, args.limit)
             train(train_rows, model_dir, args.layers, args.epochs, 32, 8e-5, args.max_length,
-                  1.5, 1234 + k, 2)
+                  1.5, 1234 + k, args.threads)
         score_index = np.where((fold == k) | ((fold != k) & calib))[0]
         probs = predict(model_dir, [texts[i] for i in score_index], args.max_length,
-                        args.max_chunks)
+                        args.max_chunks, threads=args.threads)
         clf[score_index] = np.where(fold[score_index] == k, 1.0 - probs[:, 0],
                                     clf[score_index])
         cal_index = score_index[fold[score_index] != k]
@@ -254,6 +270,12 @@ def main(argv: list[str] | None = None) -> int:
         t = calibrated_threshold(cal_scores, np.zeros(len(cal_index), dtype=bool), cal_groups,
                                  args.target_fpr)
         tp = calibrated_threshold(cal_scores, rule_flags[cal_index], cal_groups, args.target_fpr)
+        if ppl is not None:
+            from bastion.calibration_budget import pool_sources, split_budget
+            joint = split_budget({"classifier": cal_scores, "perplexity": ppl[cal_index]},
+                                 rule_flags[cal_index], args.target_fpr, pool_sources(cal_groups))
+            ppl_thresholds[fold == k] = (joint.thresholds["classifier"],
+                                         joint.thresholds["perplexity"])
         held = fold == k
         clf_threshold[held] = t
         profile_threshold[held] = tp
@@ -269,6 +291,10 @@ def main(argv: list[str] | None = None) -> int:
     profile_score = np.maximum(clf, rule_flags.astype(float))
     results["llm-prompt profile"] = evaluate(records, profile_flag, profile_score, held_benign,
                                              args.target_fpr)
+    if ppl is not None:
+        flag = (clf >= ppl_thresholds[:, 0]) | (ppl >= ppl_thresholds[:, 1]) | rule_flags
+        results["profile + perplexity"] = evaluate(records, flag, profile_score, held_benign,
+                                                   args.target_fpr)
     if args.peers_python:
         for name, score in peer_scores(texts, args.peers_python, args.work).items():
             results[f"{name} (0.5)"] = evaluate(records, score >= 0.5, score, held_benign,

@@ -37,7 +37,7 @@ sys.path.insert(0, str(REPO))
 
 from tests.harness import Upstream  # noqa: E402
 
-# Must equal the image pipeline of bastion/demo.py's DEMO_CONFIG (tests/test_demo.py checks).
+# Must equal the image pipeline of the shipped image-classifier profile (tests/test_demo.py checks).
 DEMO_BIT_DEPTH = 5
 CALIBRATE_CONFIG = """\
 upstream: {{target: "{upstream}"}}

