@@ -51,11 +51,11 @@ in token offsets of the prompt (half-open, prefix excluded; reported whatever th
 Options: ``model`` (``builtin:tiny-lm``, the bundled model: int8 on CPUs with VNNI, its
 float32 original elsewhere, see ``default_model_file``; ``builtin:tiny-lm/model.onnx`` or
 ``builtin:tiny-lm/model_int8.onnx`` for one of them on any CPU; or a folder with
-``model.onnx`` + ``tokenizer.json``; or an ``.onnx``
-file with ``tokenizer.json`` beside it), ``score``, ``window``, ``stride``,
-``prefix_tokens``, ``suffix_tokens``, ``max_batch``, ``max_wait_ms``, ``providers`` (default:
-``BASTION_ONNX_PROVIDERS``, comma-separated, else CPU), ``threads`` (onnxruntime intra-op
-threads), ``context`` and ``buckets`` (override ``lm.json``).
+``model.onnx`` + ``tokenizer.json``; or an ``.onnx`` file with ``tokenizer.json`` beside it),
+``score``, ``window``, ``stride``, ``prefix_tokens``, ``suffix_tokens``, ``max_batch``,
+``max_wait_ms``, ``max_queue`` (texts waiting for the model; more are shed), ``providers``
+(default: ``BASTION_ONNX_PROVIDERS``, comma-separated, else CPU), ``threads`` (onnxruntime
+intra-op threads), ``context`` and ``buckets`` (override ``lm.json``).
 """
 from __future__ import annotations
 
@@ -419,7 +419,8 @@ class PerplexityDetector(TextDetector):
 
     def __init__(self, runner: LMRunner, score: str = "windowed", window: int = 16,
                  stride: int = 8, prefix_tokens: int = 32, suffix_tokens: int = 32,
-                 max_batch: int = 16, max_wait_ms: float = 2.0, cache_size: int = 1024):
+                 max_batch: int = 16, max_wait_ms: float = 2.0, cache_size: int = 1024,
+                 max_queue: int | None = None):
         if score not in SCORES:
             raise ValueError(f"unknown score {score!r} (known: {', '.join(SCORES)})")
         if not 1 <= stride <= window:
@@ -431,7 +432,7 @@ class PerplexityDetector(TextDetector):
         self.prefix_tokens, self.suffix_tokens = prefix_tokens, suffix_tokens
         self.batcher: MicroBatcher[str, Analysis] = MicroBatcher(
             self._analyze_batch, max_batch=max_batch, max_wait_ms=max_wait_ms, threads=1,
-            name=f"perplexity-{runner.name}")
+            name=f"perplexity-{runner.name}", max_queue=max_queue)
         # Recent results by sha256 of the text, for ``reasons`` (which the pipeline calls right
         # after ``ascore`` on the worst item): the text is not kept.
         self._cache: collections.OrderedDict[bytes, Analysis] = collections.OrderedDict()
@@ -462,8 +463,8 @@ class PerplexityDetector(TextDetector):
         return self._analyze_batch([self._text(item) for item in batch])
 
     async def aanalyze(self, batch: Sequence[Any]) -> list[Analysis]:
-        return list(await asyncio.gather(*(self.batcher.submit(self._text(item))
-                                           for item in batch)))
+        # One request's texts are queued together or shed together (batcher.Overloaded).
+        return await self.batcher.submit_many([self._text(item) for item in batch])
 
     def score(self, batch: Sequence[Any]) -> np.ndarray:
         return np.array([a.score for a in self.analyze(batch)], dtype=np.float64)
@@ -501,6 +502,9 @@ class PerplexityOptions(StageOptions):
     suffix_tokens: int = Field(default=32, ge=1)
     max_batch: int = Field(default=16, ge=1, le=1024)
     max_wait_ms: float = Field(default=2.0, ge=0, le=1000)
+    #: Texts allowed to wait for the model (beyond that requests are shed; default: 8 batches,
+    #: at least 128, see detectors/batcher.py).
+    max_queue: int | None = Field(default=None, ge=1)
     providers: tuple[str, ...] | None = None
     threads: int = Field(default=1, ge=1, le=256)
     #: Tokens per model run (default: the model's lm.json, else 512).
@@ -520,7 +524,7 @@ def build_perplexity_detector(options: PerplexityOptions) -> PerplexityDetector:
     return PerplexityDetector(runner, score=options.score, window=options.window,
                               stride=options.stride, prefix_tokens=options.prefix_tokens,
                               suffix_tokens=options.suffix_tokens, max_batch=options.max_batch,
-                              max_wait_ms=options.max_wait_ms)
+                              max_wait_ms=options.max_wait_ms, max_queue=options.max_queue)
 
 
 register("detect.perplexity", "detector", PerplexityOptions, build_perplexity_detector)

@@ -28,6 +28,7 @@ _DIGITS = re.compile(r"\d")
 
 
 CLIENT_REFUSAL_PREFIX = "client_"
+SHED_PREFIX = "overloaded:"          # a stage at capacity shed the request (proxy/inference.py)
 
 
 def client_refusal_verdict(reason: str) -> str:
@@ -109,6 +110,10 @@ class AuditLog:
             # as the bastion-verdict trailer says, not "invalid" (nothing was wrong with it).
             record.update({"mode": "enforce", "verdict": client_refusal_verdict(reason),
                            "reasons": [reason], "stage": "clients", "scores": {},
+                           "thresholds": {}})
+        elif reason and reason.startswith(SHED_PREFIX):
+            record.update({"mode": "enforce", "verdict": "throttle", "reasons": [reason],
+                           "stage": reason.removeprefix(SHED_PREFIX), "scores": {},
                            "thresholds": {}})
         else:
             record.update({"mode": None, "verdict": "invalid", "reasons": [reason or "malformed"],

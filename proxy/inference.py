@@ -21,7 +21,7 @@ from bastion.proxy.metrics import Metrics
 from bastion.proxy import policy, telemetry
 from bastion.proxy.audit import AuditLog
 from bastion.proxy.clients import ClientControl
-from bastion.proxy.pipeline import RequestContext
+from bastion.proxy.pipeline import RequestContext, StageShed
 from bastion.proxy.passthrough import Passthrough
 from bastion.proxy.state import SidecarState
 from bastion.transforms import tensor
@@ -83,6 +83,20 @@ def _invalid(message: str) -> Rejected:
     return Rejected(grpc.StatusCode.INVALID_ARGUMENT, f"bastion: {message}", "malformed")
 
 
+SHED_REASON = "overloaded"
+
+
+def _shed(shed: StageShed, request_id: str, retry_after_ms: int) -> Rejected:
+    """A stage at capacity: RESOURCE_EXHAUSTED with retry-after-ms, like a throttle, but the
+    client did nothing wrong (no suspicion, audited as throttle with reason overloaded:STAGE)."""
+    trailers = (("bastion-verdict", "throttle"),
+                ("bastion-reasons", f"{SHED_REASON}:{shed.stage_id}"),
+                ("bastion-request-id", request_id),
+                ("retry-after-ms", str(max(1, retry_after_ms))))
+    return Rejected(grpc.StatusCode.RESOURCE_EXHAUSTED, f"bastion: overloaded: {shed}",
+                    f"{SHED_REASON}:{shed.stage_id}", trailers)
+
+
 class InferenceHandler:
     def __init__(self, state: SidecarState, passthrough: Passthrough, metrics: Metrics,
                  audit: AuditLog, clients: ClientControl):
@@ -120,6 +134,8 @@ class InferenceHandler:
         try:
             inspected = await self._inspect(request, raw, request_id, response_stages)
         except Rejected as rejected:
+            if rejected.reason.startswith(SHED_REASON):
+                raise                       # the sidecar's capacity, not the client's doing
             reasons = rejected.verdict.reasons if rejected.verdict else [rejected.reason]
             stages = ({d.stage: d.action for d in rejected.verdict.decisions}
                       if rejected.verdict else {})
@@ -159,6 +175,8 @@ class InferenceHandler:
             await pipeline.run(ctx, stop_on_block=model.mode == "enforce")
         except (tensor.TensorError, InputRejected) as err:
             raise _invalid(str(err)) from None
+        except StageShed as shed:
+            raise _shed(shed, request_id, model.retry_after_ms) from None
         verdict = policy.decide(ctx.decisions, ctx.scores, model.mode)
         if self.audit.include_excerpt and ctx.suspicious_text is not None:
             verdict = dataclasses.replace(verdict, suspicious_text=ctx.suspicious_text)

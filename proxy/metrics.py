@@ -39,8 +39,13 @@ class Metrics:
             "bastion_stage_duration_seconds", "Time spent in one pipeline stage.",
             ["model", "stage"], buckets=LATENCY_BUCKETS, registry=self.registry)
         self.stage_errors = Counter(
-            "bastion_stage_errors", "Stage failures (error or budget_exceeded), handled by the "
-            "stage's on_error.", ["model", "stage", "error"], registry=self.registry)
+            "bastion_stage_errors", "Stage failures (error, budget_exceeded, or overloaded with "
+            "on_overload: error), handled by the stage's on_error.", ["model", "stage", "error"],
+            registry=self.registry)
+        self.shed = Counter(
+            "bastion_shed_requests", "Requests refused with RESOURCE_EXHAUSTED because a stage's "
+            "model was at capacity (its queue full; on_overload: shed).", ["model", "stage"],
+            registry=self.registry)
         self.scores = Histogram(
             "bastion_stage_score", "Scores stages gave requests (detector score or characters/"
             "elements a transform changed).", ["model", "stage"],
@@ -122,6 +127,8 @@ class Metrics:
         self.thresholds.clear()
         for model, pipeline in snapshot.pipelines.items():
             for runner in pipeline.runners:
+                if runner.may_shed and runner.kind == "detector":
+                    self.shed.labels(model, runner.config.stage_id)   # 0 until the first shed
                 threshold = runner.config.common.threshold
                 if threshold is not None:
                     self.thresholds.labels(model, runner.config.stage_id).set(threshold)
@@ -141,6 +148,9 @@ class Metrics:
         self.reloads.labels("success" if ok else "failure").inc()
         if ok:
             self.last_reload.set_to_current_time()
+
+    def observe_shed(self, model: str, stage: str) -> None:
+        self.shed.labels(model, stage).inc()
 
     def observe_stage(self, model: str, stage: str, seconds: float, error: str | None) -> None:
         self.stage_seconds.labels(model, stage).observe(seconds)

@@ -2,8 +2,9 @@
 
 Each model's ``pipeline`` in config is an ordered list of stages (Envoy-style filter chain), run
 on the decoded request. Every stage, whatever it does, is run by :class:`StageRunner`, which
-gives it timing, a time budget, ``on_error: open|closed``, metrics and a span, and turns its score
-into a decision with the stage's threshold and action. The policy (:mod:`bastion.proxy.policy`)
+gives it timing, a time budget, ``on_error: open|closed``, ``on_overload: shed|error`` (a model
+at capacity, detectors/batcher.py), metrics and a span, and turns its score into a decision with
+the stage's threshold and action. The policy (:mod:`bastion.proxy.policy`)
 folds the decisions into one verdict.
 """
 from __future__ import annotations
@@ -21,6 +22,7 @@ import numpy as np
 from opentelemetry import trace
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from bastion.detectors.batcher import Overloaded
 from bastion.proxy import stages as stage_registry
 from bastion.proxy.policy import ACTIONS, Decision
 from bastion.transforms.base import InputRejected, Transform, TransformContext
@@ -33,8 +35,8 @@ if TYPE_CHECKING:
 tracer = trace.get_tracer("bastion.pipeline")
 
 # Options every stage takes, handled here rather than by the stage itself.
-COMMON_KEYS = ("id", "inputs", "threshold", "threshold_file", "action", "on_error", "budget_ms",
-               "shadow")
+COMMON_KEYS = ("id", "inputs", "threshold", "threshold_file", "action", "on_error", "on_overload",
+               "budget_ms", "shadow")
 
 
 class CommonOptions(BaseModel):
@@ -47,6 +49,10 @@ class CommonOptions(BaseModel):
     threshold_file: str | None = None
     action: Literal["flag", "block", "throttle"] | None = None
     on_error: Literal["open", "closed"] = "open"
+    # The stage's model is at capacity (its queue is full): `shed` refuses the request with
+    # RESOURCE_EXHAUSTED and retry-after-ms (enforce mode; monitor mode skips the stage), `error`
+    # hands it to on_error (open: the request goes on without this stage; closed: blocked).
+    on_overload: Literal["shed", "error"] = "shed"
     budget_ms: float | None = Field(None, gt=0)
     # A shadow stage runs and annotates but never acts: the per-stage form of monitor mode.
     shadow: bool = False
@@ -273,14 +279,25 @@ def _describe(accepts: frozenset[str]) -> str:
     return "BYTES (text)" if accepts == {"BYTES"} else ", ".join(sorted(accepts))
 
 
+class StageShed(Exception):
+    """A stage whose model is at capacity sheds the request (``on_overload: shed``)."""
+
+    def __init__(self, stage_id: str, cause: Overloaded):
+        super().__init__(f"stage {stage_id} is at capacity ({cause}); retry later")
+        self.stage_id = stage_id
+
+
 class StageRunner:
     """Runs one configured stage on a request: the one place for timing, budget, errors,
-    metrics and spans."""
+    overload, metrics and spans."""
 
-    def __init__(self, model_name: str, config: StageConfig, metrics: Metrics | None):
+    def __init__(self, model_name: str, config: StageConfig, metrics: Metrics | None,
+                 enforce: bool = True):
         self.model_name = model_name
         self.config = config
         self.metrics = metrics
+        # Monitor mode never refuses: there an overloaded stage is skipped (fail open).
+        self.may_shed = enforce and config.common.on_overload == "shed" and not config.common.shadow
         self.is_transform = isinstance(config.impl, Transform)
         self.kind = config.spec.kind
         self.is_text = config.impl.accepts == {"BYTES"}
@@ -369,6 +386,13 @@ class StageRunner:
                 raise  # a rule break is a verdict on the request, not a stage failure
             except asyncio.TimeoutError:
                 error = "budget_exceeded"
+            except Overloaded as exc:
+                if self.may_shed:
+                    span.set_attribute("bastion.stage.error", "shed")
+                    if self.metrics is not None:
+                        self.metrics.observe_shed(self.model_name, stage_id)
+                    raise StageShed(stage_id, exc) from None
+                error = "overloaded"
             except Exception as exc:  # noqa: BLE001 - any stage bug is handled by on_error
                 error = "error"
                 span.record_exception(exc)
@@ -495,7 +519,8 @@ def build_pipeline(model_name: str, model: ModelConfig, metrics: Metrics | None 
             raise ValueError(f"models.{model_name}.pipeline.{index}: request stages must come "
                              "before response stages")
         else:
-            runners.append(StageRunner(model_name, config, metrics))
+            runners.append(StageRunner(model_name, config, metrics,
+                                       enforce=model.mode == "enforce"))
     return Pipeline(model_name, model, runners, response_runners)
 
 
