@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # CI replay: the bundled labelled prompt sample (bastion/data/text_sample.jsonl, 111 prompts)
-# through a real sidecar running the demo's default text-classifier pipeline (DEMO_CONFIG in
-# bastion/demo.py: limit.text, sanitize.unicode with fold_confusables, detect.signatures) in
-# monitor mode, so every response carries per-stage scores. Writes report.md, report.json and
+# through a real sidecar running the demo's text-classifier pipeline (the shipped llm-prompt
+# profile: limit.text, detect.classifier, the invisible-character rule, sanitize.unicode,
+# detect.signatures) in monitor mode, so every response carries per-stage scores. Writes report.md, report.json and
 # the PNG plots to OUT_DIR (default docs/replay) and exits with `bastion replay`'s status:
 # 0 gates met, 3 a gate unmet, 2 bad input, 1 could not run.
 #
@@ -61,13 +61,13 @@ ADMIN="127.0.0.1:$(free_port)"
 
 # The demo's own config, text-classifier in monitor mode (the image model is left as it is).
 "$PYTHON" - "$WORK/bastion.yaml" "$LISTEN" "$ADMIN" "$UPSTREAM" "$WORK/audit.jsonl" <<'PY'
-import re, sys
+import sys
+import yaml
 from bastion.demo import demo_config
 path, listen, admin, upstream, audit = sys.argv[1:]
-text = demo_config(listen, admin, upstream, audit)
-text, count = re.subn(r"(  text-classifier:\n    mode: )enforce", r"\1monitor", text)
-assert count == 1, "DEMO_CONFIG changed shape: text-classifier mode not found"
-open(path, "w").write(text)
+config = yaml.safe_load(demo_config(listen, admin, upstream, audit))
+config["models"]["text-classifier"]["mode"] = "monitor"  # the llm-prompt profile, annotating
+open(path, "w").write(yaml.safe_dump(config))
 PY
 
 "$PYTHON" -m bastion upstream --listen "$UPSTREAM" >"$WORK/upstream.log" 2>&1 &

@@ -19,7 +19,7 @@ Protocol (what it predicts: traffic from sources the model and its thresholds ne
   ``detect.signatures``), run by the real stages, flagged if any stage flags.
 - Peers (jailguard, securevector-guardian-model) score the same held-out texts; they were never
   trained on any of this corpus, so their numbers are held-out by construction. Their thresholds:
-  their own default (0.5) and the one that gives 1 % FPR on the pooled held-out benign texts.
+  their own defaults (jailguard 0.5, securevector 0.807) and the one that gives 1 % FPR on the pooled held-out benign texts.
 """
 from __future__ import annotations
 
@@ -57,9 +57,11 @@ def assign_folds(records: list[dict], folds: int) -> dict[str, int]:
         cells[counter.most_common(1)[0][0]].append(group)
     assignment, load = {}, [0] * folds
     for cell in sorted(cells):
+        in_cell = [0] * folds
         for group in sorted(cells[cell], key=lambda g: (-sizes[g], g)):
-            fold = min(range(folds), key=lambda f: (load[f], f))
+            fold = min(range(folds), key=lambda f: (in_cell[f], load[f], f))
             assignment[group] = fold
+            in_cell[fold] += 1
             load[fold] += sizes[group]
     return assignment
 
@@ -124,12 +126,27 @@ def perplexity_scores(texts: list[str], work: pathlib.Path) -> np.ndarray:
     return values
 
 
+def stratified_sample(records: list[dict], per_cell: int, seed: int = 7) -> np.ndarray:
+    """Indices of at most ``per_cell`` records per (label, group), seeded."""
+    import random
+    cells: dict[tuple, list[int]] = collections.defaultdict(list)
+    for index, record in enumerate(records):
+        cells[(record["label"], record["group"])].append(index)
+    rng = random.Random(seed)
+    chosen = []
+    for key in sorted(cells):
+        members = cells[key]
+        chosen += members if len(members) <= per_cell else rng.sample(members, per_cell)
+    return np.array(sorted(chosen))
+
+
 # -- peers ------------------------------------------------------------------------------------
 
 def peer_scores(texts: list[str], python: str, work: pathlib.Path) -> dict[str, np.ndarray]:
     cache = work / "peers.jsonl"
     digest = hashlib.sha1("\n".join(texts).encode()).hexdigest()
-    if not (cache.exists() and (work / "peers.sha1").read_text() == digest):
+    stamp = work / "peers.sha1"
+    if not (cache.exists() and stamp.exists() and stamp.read_text() == digest):
         source = work / "peer-input.jsonl"
         with open(source, "w") as handle:
             for text in texts:
@@ -137,9 +154,9 @@ def peer_scores(texts: list[str], python: str, work: pathlib.Path) -> dict[str, 
         script = pathlib.Path(__file__).resolve().parent / "peers" / "score_peers.py"
         subprocess.run([python, str(script), "--data", str(source), "--out", str(cache)],
                        check=True)
-        (work / "peers.sha1").write_text(digest)
+        stamp.write_text(digest)
     rows = [json.loads(line) for line in open(cache)]
-    names = sorted({k for row in rows for k in row if k != "text"})
+    names = sorted(PEER_THRESHOLDS)
     return {name: np.array([float(row.get(name, np.nan)) for row in rows]) for name in names}
 
 
@@ -177,12 +194,18 @@ def evaluate(records, flagged: np.ndarray, score: np.ndarray, heldout_benign: np
     return out
 
 
-def render(results: dict, args, counts: dict, elapsed: float) -> str:
-    lines = [f"Command: `python3 tools/eval_prompt_guard.py --corpus CORPUS --folds {args.folds} "
-             f"--epochs {args.epochs} --layers {args.layers} --target-fpr {args.target_fpr}"
-             f"{' --peers-python PY' if args.peers_python else ''}` "
-             f"({elapsed / 60:.0f} min on this machine; corpus: {counts['attack']} attack and "
-             f"{counts['benign']} benign texts in {counts['groups']} source groups).", ""]
+def render(results: dict, args, counts: dict, elapsed: float, command: bool = True) -> str:
+    lines = []
+    if command:
+        flags = (f"--folds {args.folds} --epochs {args.epochs} --layers {args.layers} "
+                 f"--limit {args.limit} --target-fpr {args.target_fpr} "
+                 f"--sample-per-group {args.sample_per_group}"
+                 f"{' --perplexity' if args.perplexity else ''}"
+                 f"{' --peers-python PY' if args.peers_python else ''}")
+        lines += [f"Command: `python3 tools/eval_prompt_guard.py --corpus CORPUS {flags}` "
+                  f"({elapsed / 60:.0f} min on this machine; corpus: {counts['attack']} attack "
+                  f"and {counts['benign']} benign texts in {counts['groups']} source groups).",
+                  ""]
     systems = list(results)
     lines += ["### Attack families (held-out groups only)", "",
               "TPR at the calibrated threshold / TPR at 1 % FPR of the pooled held-out benign / "
@@ -226,6 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--target-fpr", type=float, default=0.01)
     parser.add_argument("--limit", type=int, default=0, help="cap training texts per fold")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--sample-per-group", type=int, default=60)
     parser.add_argument("--perplexity", action="store_true",
                         help="also score the profile plus detect.perplexity (does it add?)")
     parser.add_argument("--peers-python", default="")
@@ -248,8 +272,8 @@ def main(argv: list[str] | None = None) -> int:
     rule_flags = (rules["signatures"] >= SIGNATURE_THRESHOLD) | \
         (rules["invisible"] >= INVISIBLE_THRESHOLD)
     profile_threshold = np.zeros(len(records))
-    ppl = perplexity_scores(texts, args.work) if args.perplexity else None
-    ppl_thresholds = np.zeros((len(records), 2))
+    # Each fold model's scores of the calibration texts (the other folds' benign split).
+    cal_scores_all = np.full((len(records), args.folds), np.nan)
     for k in range(args.folds):
         model_dir = args.work / f"fold-{k}"
         train_rows = [r for r, f, c in zip(records, fold, calib) if f != k and not c]
@@ -270,12 +294,7 @@ def main(argv: list[str] | None = None) -> int:
         t = calibrated_threshold(cal_scores, np.zeros(len(cal_index), dtype=bool), cal_groups,
                                  args.target_fpr)
         tp = calibrated_threshold(cal_scores, rule_flags[cal_index], cal_groups, args.target_fpr)
-        if ppl is not None:
-            from bastion.calibration_budget import pool_sources, split_budget
-            joint = split_budget({"classifier": cal_scores, "perplexity": ppl[cal_index]},
-                                 rule_flags[cal_index], args.target_fpr, pool_sources(cal_groups))
-            ppl_thresholds[fold == k] = (joint.thresholds["classifier"],
-                                         joint.thresholds["perplexity"])
+        cal_scores_all[cal_index, k] = cal_scores
         held = fold == k
         clf_threshold[held] = t
         profile_threshold[held] = tp
@@ -284,30 +303,58 @@ def main(argv: list[str] | None = None) -> int:
         np.save(args.work / "clf_scores.npy", clf)
 
     held_benign = np.array([r["label"] == "benign" for r in records])
-    results = {}
-    results["classifier"] = evaluate(records, clf >= clf_threshold, clf, held_benign,
-                                     args.target_fpr)
     profile_flag = (clf >= profile_threshold) | rule_flags
     profile_score = np.maximum(clf, rule_flags.astype(float))
-    results["llm-prompt profile"] = evaluate(records, profile_flag, profile_score, held_benign,
-                                             args.target_fpr)
-    if ppl is not None:
-        flag = (clf >= ppl_thresholds[:, 0]) | (ppl >= ppl_thresholds[:, 1]) | rule_flags
-        results["profile + perplexity"] = evaluate(records, flag, profile_score, held_benign,
-                                                   args.target_fpr)
+    results = {"classifier": evaluate(records, clf >= clf_threshold, clf, held_benign,
+                                      args.target_fpr),
+               "llm-prompt profile": evaluate(records, profile_flag, profile_score, held_benign,
+                                              args.target_fpr)}
+
+    # Side by side on a stratified sample (the peers cost up to 65 ms of CPU a prompt).
+    sample = stratified_sample(records, args.sample_per_group)
+    sub = [records[i] for i in sample]
+    side = {"llm-prompt profile": evaluate(sub, profile_flag[sample], profile_score[sample],
+                                           held_benign[sample], args.target_fpr)}
+    if args.perplexity:
+        ppl = np.full(len(records), np.nan)
+        scored = np.union1d(sample, np.where(calib)[0][::4])
+        ppl[scored] = perplexity_scores([texts[i] for i in scored], args.work)
+        flag = np.zeros(len(records), dtype=bool)
+        from bastion.calibration_budget import pool_sources, split_budget
+        for k in range(args.folds):
+            cal = np.where(calib & (fold != k) & np.isfinite(ppl))[0]
+            joint = split_budget({"classifier": cal_scores_all[cal, k], "perplexity": ppl[cal]},
+                                 rule_flags[cal], args.target_fpr,
+                                 pool_sources([records[i]["group"] for i in cal]))
+            held = fold == k
+            flag[held] = ((clf[held] >= joint.thresholds["classifier"])
+                          | (ppl[held] >= joint.thresholds["perplexity"]) | rule_flags[held])
+        side["profile + perplexity"] = evaluate(sub, flag[sample], profile_score[sample],
+                                                held_benign[sample], args.target_fpr)
     if args.peers_python:
-        for name, score in peer_scores(texts, args.peers_python, args.work).items():
-            results[f"{name} (0.5)"] = evaluate(records, score >= 0.5, score, held_benign,
-                                                args.target_fpr)
+        for name, score in peer_scores([texts[i] for i in sample], args.peers_python,
+                                       args.work).items():
+            threshold = PEER_THRESHOLDS[name]
+            side[f"{name} ({threshold})"] = evaluate(sub, score >= threshold, score,
+                                                     held_benign[sample], args.target_fpr)
+    results = {"all held-out texts": results, "side by side (sample)": side}
     (args.work / "results.json").write_text(json.dumps(results, indent=1))
     counts = collections.Counter(r["label"] for r in records)
     counts["groups"] = len(fold_of_group)
-    block = render(results, args, counts, time.time() - started)
+    elapsed = time.time() - started
+    block = "\n\n".join([
+        render(results["all held-out texts"], args, counts, elapsed),
+        f"## Side by side with the peers (stratified sample: at most {args.sample_per_group} "
+        "texts per source group and label, the same texts for every system)",
+        render(results["side by side (sample)"], args, counts, elapsed, command=False)])
     write_generated(args.doc, block, "Text defense quality: source-held-out evaluation")
     print(block)
     return 0
 
 
+#: The peers' own decision thresholds (jailguard: label = score > 0.5; securevector-guardian's
+#: analyze() flags at 0.807, see tools/peers/README.md).
+PEER_THRESHOLDS = {"jailguard": 0.5, "securevector": 0.807}
 #: Invisible characters (tags, zero-width, variation selectors, bidi controls) one prompt may
 #: carry before the profile blocks it (an emoji ZWJ sequence or a flag uses a few).
 INVISIBLE_THRESHOLD = 8

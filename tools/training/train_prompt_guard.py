@@ -152,7 +152,7 @@ def train(records: list[dict], out: pathlib.Path, layers: int, epochs: float, ba
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     warmup = max(1, steps // 20)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min((s + 1) / warmup, max(0.0, (steps - s) / (steps - warmup))))
+        optimizer, lambda s: min((s + 1) / warmup, max(0.0, (steps - s) / max(1, steps - warmup))))
     loss_fn = torch.nn.CrossEntropyLoss(reduction="none")
     log(f"train: {len(records)} texts, {steps} steps of {batch_size}, {layers} layers, "
         f"max_length {max_length}")
