@@ -382,6 +382,10 @@ def add_parser(sub) -> None:
                         "(sources under 50 texts pooled as `other`) must meet the target, because "
                         "thresholds that hold on every known source transfer better to unknown "
                         "ones; pooled: only the FPR over all texts")
+    parser.add_argument("--source-tolerance", type=float, default=1.0,
+                        help="pipeline, per-source budget: each source may reach this multiple "
+                        "of the target (the pooled FPR stays within the target); 1 = every "
+                        "source within the target, 2 = the WARNING level")
     parser.add_argument("--report", help="pipeline: also write the report as JSON here")
     parser.add_argument("--progress", action="store_true", help="progress bar even without a TTY")
     parser.add_argument("--upstream", help="response stages: the model server to ask "

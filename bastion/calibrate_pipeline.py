@@ -82,7 +82,8 @@ def calibrate_pipeline(args, pipeline, input_name: str) -> int:
     try:
         result = split_budget({r.config.stage_id: scores[r.config.stage_id] for r in calibrated},
                               fixed_flags, args.target_fpr,
-                              groups if args.budget == "per-source" else None)
+                              groups if args.budget == "per-source" else None,
+                              source_factor=getattr(args, "source_tolerance", 1.0))
     except ValueError as err:
         print(f"bastion calibrate: {err}", file=sys.stderr)
         return 2
@@ -102,6 +103,7 @@ def calibrate_pipeline(args, pipeline, input_name: str) -> int:
         record = threshold_record(args, stage_id, result.thresholds[stage_id],
                                   stage_scores[np.isfinite(stage_scores)], fit_note)
         record.update(method=args.method, budget=args.budget,
+                      source_tolerance=getattr(args, "source_tolerance", 1.0),
                       pipeline_fpr=report["pipeline_fpr"], exceedance=result.exceedance)
         out = default_threshold_file(args, runner)
         out.parent.mkdir(parents=True, exist_ok=True)

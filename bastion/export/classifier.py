@@ -212,7 +212,7 @@ def export(out_dir: pathlib.Path, args: argparse.Namespace) -> list[pathlib.Path
                             "variant": "int8" if "int8" in p.name else "fp32"}
                    for p in written if p.suffix == ".onnx"},
         "quantization": ({"method": "onnxruntime.quantize_dynamic", "weight_type": "QInt8",
-                          "per_channel": False, "op_types": list(INT8_OP_TYPES)}
+                          "per_channel": True, "op_types": list(INT8_OP_TYPES)}
                          if int8_path in written else None),
         "check": check,
         "export_seconds": round(time.perf_counter() - started, 1),
@@ -235,7 +235,7 @@ def _quantize(fp32_path: pathlib.Path, int8_path: pathlib.Path) -> None:
     root.setLevel(logging.ERROR)
     try:
         quantize_dynamic(str(fp32_path), str(tmp), weight_type=QuantType.QInt8,
-                         per_channel=False, op_types_to_quantize=list(INT8_OP_TYPES))
+                         per_channel=True, op_types_to_quantize=list(INT8_OP_TYPES))
     finally:
         root.setLevel(level)
     os.replace(tmp, int8_path)

