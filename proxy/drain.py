@@ -104,11 +104,17 @@ def _counted(handler: grpc.RpcMethodHandler, gate: DrainGate) -> grpc.RpcMethodH
     if inspect.isasyncgenfunction(behavior):
         async def counted_stream(request_or_iterator, context):
             gate._enter()
+            inner = behavior(request_or_iterator, context)
             try:
-                async for reply in behavior(request_or_iterator, context):
+                async for reply in inner:
                     yield reply
             finally:
-                gate._leave()
+                # Close the handler's own generator now (its finally blocks end the upstream
+                # call), as grpc would have without this wrapper, not whenever it is collected.
+                try:
+                    await inner.aclose()
+                finally:
+                    gate._leave()
         return _rebuilt(handler, counted_stream)
 
     async def counted(request_or_iterator, context):
