@@ -1,0 +1,303 @@
+#!/usr/bin/env python3
+"""The image attack suite, end to end through the sidecar; writes docs/quality-image-defense.md
+(between its GENERATED markers).
+
+    python3 tools/eval_image_defense.py              # full run (see --help for sizes)
+    python3 tools/eval_image_defense.py --smoke --json out.json   # seconds; CI (no doc)
+
+Main number: per attack, the share of adversarial images that were **answered and
+misclassified** by a real `bastion serve` (the shipped profile, enforce mode) in front of a real
+`bastion upstream`, called by tritonclient with one image per request, next to clean refusals,
+clean accuracy and CPU per image. "undefended" is the same client talking to the upstream
+directly.
+
+* Images: Fashion-MNIST test images the model classifies correctly, from index 5000 on (the
+  profile was fitted on training images only). Clean rows: test images 0.. (all of them, right
+  or wrong).
+* White-box attacks (IBM ART, on the CNN rebuilt in torch from the shipped ONNX weights; the
+  attacker does not know the defense): FGSM L-inf 0.1 (the one attack the profile's combiner was
+  fitted on), PGD L-inf 0.03 / 0.05 / 0.1, PGD L2 1.5, Carlini-Wagner L2, DeepFool
+  (tools/image_attacks.py). Every adversarial image is sent as uint8 (a stored image).
+* Black-box: Square (L-inf 0.1) whose every query goes through the endpoint under test, with a
+  query budget (tools/image_blackbox.py).
+* Adaptive: PGD L-inf 0.1 on the model loss plus the profile's own detector score, through the
+  bit-depth squeeze (BPDA) (tools/image_adaptive.py).
+* Detection AUROC per attack: the stage's log-odds on what it sees in enforce mode (profile
+  request stages, then the upstream's outputs), clean vs attacked.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import pathlib
+import sys
+import time
+
+import numpy as np
+
+TOOLS = pathlib.Path(__file__).resolve().parent
+REPO = TOOLS.parent
+sys.path.insert(0, str(TOOLS))
+sys.path.insert(0, str(REPO))
+
+import image_attacks as attacks  # noqa: E402
+
+DOC = REPO / "docs" / "quality-image-defense.md"
+PROFILE = REPO / "bastion" / "profiles" / "image-classifier.yaml"
+
+
+@dataclasses.dataclass
+class Sizes:
+    attack_images: int = 100
+    clean_images: int = 1000
+    cw_steps: int = 30
+    deepfool_steps: int = 50
+    square_images: int = 50
+    square_queries: int = 200
+    adaptive_steps: int = 40
+    adaptive_lambdas: tuple = (0.0, 1.0, 10.0)
+
+
+SMOKE = Sizes(attack_images=6, clean_images=12, cw_steps=3, deepfool_steps=5, square_images=3,
+              square_queries=3, adaptive_steps=3, adaptive_lambdas=(1.0,))
+
+
+def suite(sizes: Sizes) -> list:
+    """The white-box attacks with the sizes' step counts."""
+    out = []
+    for attack in attacks.ATTACKS:
+        if attack.kind == "cw_l2":
+            attack = dataclasses.replace(attack, steps=sizes.cw_steps)
+        elif attack.kind == "deepfool":
+            attack = dataclasses.replace(attack, steps=sizes.deepfool_steps)
+        out.append(attack)
+    return out
+
+
+def auroc(clean: np.ndarray, attacked: np.ndarray) -> float:
+    from sklearn.metrics import roc_auc_score
+    return float(roc_auc_score(np.r_[np.zeros(len(clean)), np.ones(len(attacked))],
+                               np.r_[clean, attacked]))
+
+
+def evaluate_endpoint(name: str, config: str | None, clean, clean_y, adversarial: dict, y,
+                      sizes: Sizes, square_x, square_y, log) -> dict:
+    """One deployment (config None = the upstream alone): clean run, every attack, Square."""
+    from image_blackbox import square_through
+    from image_e2e import REFUSED, Deployment, Endpoint
+    deployment = Deployment(config)
+    endpoint = Endpoint(deployment.address)
+    try:
+        endpoint.classify(clean[:8])  # warm-up (first calls load sessions, open channels)
+        cpu0, t0 = deployment.cpu(), time.perf_counter()
+        predicted = endpoint.classify(clean)
+        cpu = (deployment.cpu() - cpu0) / len(clean)
+        wall = (time.perf_counter() - t0) / len(clean)
+        answered = predicted != REFUSED
+        row = {"clean_refused": float(np.mean(~answered)),
+               "clean_accuracy_answered": float(np.mean(predicted[answered] == clean_y[answered]))
+               if answered.any() else 0.0,
+               "clean_accuracy_all": float(np.mean(predicted == clean_y)),
+               "cpu_ms_per_image": 1000 * cpu, "wall_ms_per_image": 1000 * wall,
+               "attacks": {}}
+        log(f"[{name}] clean: refused {row['clean_refused']:.3f}, accuracy (answered) "
+            f"{row['clean_accuracy_answered']:.4f}, CPU {row['cpu_ms_per_image']:.2f} ms/image")
+        for attack_name, images in adversarial.items():
+            labels = y[:len(images)]
+            predicted = endpoint.classify(images)
+            row["attacks"][attack_name] = _attack_row(predicted, labels, REFUSED)
+            log(f"[{name}] {attack_name}: {row['attacks'][attack_name]}")
+        started, queries = time.perf_counter(), endpoint.queries
+        square = attacks.quantize(square_through(endpoint, square_x, square_y, eps=0.1,
+                                                 max_iter=sizes.square_queries))
+        spent = endpoint.queries - queries
+        predicted = endpoint.classify(square)
+        row["attacks"]["Square Linf 0.1 (black-box)"] = {
+            **_attack_row(predicted, square_y, REFUSED),
+            "queries_per_image": spent / len(square_x),
+            "seconds": time.perf_counter() - started}
+        log(f"[{name}] Square: {row['attacks']['Square Linf 0.1 (black-box)']}")
+    finally:
+        endpoint.close()
+        deployment.stop()
+    return row
+
+
+def _attack_row(predicted: np.ndarray, labels: np.ndarray, refused: int) -> dict:
+    answered = predicted != refused
+    return {"success": float(np.mean(answered & (predicted != labels))),
+            "refused": float(np.mean(~answered)), "n": int(len(labels))}
+
+
+def detection_table(view, adversarial: dict, clean: np.ndarray) -> dict:
+    """Per attack: AUROC of each stage's score and the share the profile flags (any stage at
+    its threshold), against clean test images (offline: the profile's request stages, then
+    `bastion upstream`'s outputs; the same scores the sidecar computes)."""
+    from image_e2e import Upstream
+    thresholds = view.thresholds()
+    upstream = Upstream()
+    try:
+        def flagged(scores: dict) -> np.ndarray:
+            return np.any([scores[s] >= t for s, t in thresholds.items()], axis=0)
+        clean_scores = view.scores(view.answers(upstream.address, clean))
+        out = {"_clean": {"flagged": float(np.mean(flagged(clean_scores)))}}
+        for name, images in adversarial.items():
+            scores = view.scores(view.answers(upstream.address, images))
+            out[name] = {"flagged": float(np.mean(flagged(scores))),
+                         **{f"auroc:{s}": auroc(clean_scores[s], scores[s]) for s in thresholds}}
+    finally:
+        upstream.stop()
+    return out
+
+
+def run(args) -> dict:
+    import onnxruntime as ort
+    import torch
+
+    from fit_image_ensemble import ProfileView
+    from image_adaptive import adaptive_pgd
+    from tests.harness import fashion_mnist
+
+    sizes = SMOKE if args.smoke else Sizes(attack_images=args.attack_images,
+                                           clean_images=args.clean_images,
+                                           square_images=args.square_images,
+                                           square_queries=args.square_queries)
+    torch.set_num_threads(args.threads)
+    log = lambda message: print(message, flush=True)  # noqa: E731
+    started = time.time()
+    x, y = fashion_mnist("t10k")
+    sess = ort.InferenceSession(str(attacks.ONNX_PATH), providers=["CPUExecutionProvider"])
+    candidates = np.arange(5000, 10000)
+    right = sess.run(["logits"], {"image": x[candidates]})[0].argmax(1) == y[candidates]
+    chosen = candidates[right][:sizes.attack_images]
+    xs, ys = x[chosen], y[chosen]
+    clean, clean_y = x[:sizes.clean_images], y[:sizes.clean_images]
+
+    net = attacks.torch_model()
+    classifier = attacks.art_classifier(net)
+    adversarial = {}
+    for attack in suite(sizes):
+        t0 = time.time()
+        cached = _cache_path(args.cache, attack, chosen, args.seed)
+        if cached is not None and cached.exists():
+            adversarial[attack.name] = np.load(cached)["adv"]
+            continue
+        adversarial[attack.name] = attacks.quantize(
+            attacks.run_attack(attack, classifier, xs, ys, seed=args.seed))
+        if cached is not None:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            np.savez_compressed(cached, adv=adversarial[attack.name], idx=chosen)
+        log(f"{attack.name}: {time.time() - t0:.1f}s")
+
+    view = ProfileView(args.profile)
+    thresholds = view.thresholds()
+    t0 = time.time()
+    adaptive_name = "Adaptive PGD Linf 0.1 (model + detectors)"
+    adversarial[adaptive_name] = adaptive_pgd(
+        net, [(stage.model, thresholds[runner.config.stage_id]) for runner, stage in view.stages],
+        xs, ys, eps=0.1, steps=sizes.adaptive_steps, bits=_bit_depth(view),
+        lambdas=sizes.adaptive_lambdas, seed=args.seed)
+    log(f"adaptive: {time.time() - t0:.1f}s")
+
+    detection = detection_table(view, adversarial, clean)
+    profile_text = args.profile.read_text()
+    square_x, square_y = xs[:sizes.square_images], ys[:sizes.square_images]
+    endpoints = {}
+    for name, config in (("undefended", None), ("profile", profile_text)):
+        endpoints[name] = evaluate_endpoint(name, config, clean, clean_y, adversarial, ys, sizes,
+                                            square_x, square_y, log)
+    return {"sizes": dataclasses.asdict(sizes), "thresholds": thresholds,
+            "fit_attack": attacks.FIT_ATTACK, "detection": detection, "endpoints": endpoints,
+            "seconds": time.time() - started, "profile": str(args.profile.relative_to(REPO))
+            if args.profile.is_relative_to(REPO) else str(args.profile)}
+
+
+def _cache_path(folder, attack, chosen: np.ndarray, seed: int):
+    """Where a computed attack is kept between runs (None: no cache); the name pins the
+    attack's parameters, the images (a hash of their indices) and the seed."""
+    if folder is None:
+        return None
+    import hashlib
+    images = hashlib.sha256(chosen.astype(np.int64).tobytes()).hexdigest()[:12]
+    slug = "".join(c if c.isalnum() or c == "." else "_" for c in attack.name)
+    return folder / f"{slug}-{attack.kind}-{attack.eps}-{attack.steps}-{images}-{seed}.npz"
+
+
+def _bit_depth(view) -> int:
+    for runner in view.pipeline.runners:
+        if runner.config.kind_name == "transform.bit_depth":
+            return int(runner.config.impl.bits)
+    return 8
+
+
+def render(result: dict, command: str) -> str:
+    und, prof = result["endpoints"]["undefended"], result["endpoints"]["profile"]
+    stages = list(result["thresholds"])
+    lines = [f"Command: `{command}` ({result['seconds'] / 60:.1f} min). Profile: "
+             f"`{result['profile']}`; thresholds "
+             + ", ".join(f"`{s}` {t:.4f}" for s, t in result["thresholds"].items()) + ".", ""]
+    lines += ["### End to end: share of attacked images answered and misclassified", "",
+              f"{result['sizes']['attack_images']} test images the model gets right (Square: "
+              f"the first {result['sizes']['square_images']}, "
+              f"{result['sizes']['square_queries']} iterations). `refused` = the sidecar "
+              "refused the request. AUROC = each stage's score, clean test images vs attacked "
+              "(offline, same code and tensors); `flagged` = share above any threshold.", "",
+              "| attack | fitted on? | undefended | **profile** | refused (profile) | "
+              + " | ".join(f"AUROC `{s}`" for s in stages) + " | flagged |",
+              "|---|---|---:|---:|---:|" + "---:|" * len(stages) + "---:|"]
+    for name, row in prof["attacks"].items():
+        detect = result["detection"].get(name, {})
+        fitted = "yes" if name == result["fit_attack"] else "no"
+        aurocs = " | ".join(f"{detect[f'auroc:{s}']:.4f}" if f"auroc:{s}" in detect else "-"
+                            for s in stages)
+        flagged = f"{detect['flagged']:.1%}" if "flagged" in detect else "-"
+        lines.append(f"| {name} | {fitted} | {und['attacks'][name]['success']:.1%} | "
+                     f"**{row['success']:.1%}** | {row['refused']:.1%} | {aurocs} | {flagged} |")
+    lines += ["", "### Clean traffic and cost", "",
+              f"{result['sizes']['clean_images']} test images 0.., one per request.", "",
+              "| endpoint | refused | accuracy (answered) | accuracy (refusal = wrong) | "
+              "CPU ms / image (upstream + sidecar) | wall ms / image |",
+              "|---|---:|---:|---:|---:|---:|"]
+    for name, row in result["endpoints"].items():
+        lines.append(f"| {name} | {row['clean_refused']:.1%} | "
+                     f"{row['clean_accuracy_answered']:.4f} | {row['clean_accuracy_all']:.4f} | "
+                     f"{row['cpu_ms_per_image']:.2f} | {row['wall_ms_per_image']:.2f} |")
+    ratio = prof["cpu_ms_per_image"] / und["cpu_ms_per_image"]
+    lines += ["", f"CPU cost of the profile: {ratio:.2f}x the undefended upstream's per image."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes (CI); writes no doc")
+    ap.add_argument("--profile", type=pathlib.Path, default=PROFILE)
+    ap.add_argument("--attack-images", type=int, default=Sizes.attack_images)
+    ap.add_argument("--clean-images", type=int, default=Sizes.clean_images)
+    ap.add_argument("--square-images", type=int, default=Sizes.square_images)
+    ap.add_argument("--square-queries", type=int, default=Sizes.square_queries)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--seed", type=int, default=1234)
+    ap.add_argument("--json", type=pathlib.Path, help="also write the numbers here")
+    ap.add_argument("--cache", type=pathlib.Path,
+                    help="keep computed white-box attacks here and reuse them")
+    ap.add_argument("--doc", type=pathlib.Path, default=None,
+                    help=f"doc to write (default {DOC.relative_to(REPO)}; none with --smoke)")
+    args = ap.parse_args(argv)
+    result = run(args)
+    command = "python3 tools/eval_image_defense.py " + " ".join(argv if argv is not None
+                                                                  else sys.argv[1:])
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    doc = args.doc or (None if args.smoke else DOC)
+    if doc is not None:
+        from generated_doc import write_generated
+        write_generated(doc, render(result, command.strip()),
+                        "Quality: the image profile against an attack suite")
+    else:
+        print(render(result, command.strip()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
