@@ -102,7 +102,7 @@ def calibrate_pipeline(args, pipeline, input_name: str) -> int:
         stage_scores = scores[stage_id]
         record = threshold_record(args, stage_id, result.thresholds[stage_id],
                                   stage_scores[np.isfinite(stage_scores)], fit_note)
-        record.update(method=args.method, budget=args.budget,
+        record.update(command=command_line(), method=args.method, budget=args.budget,
                       source_tolerance=getattr(args, "source_tolerance", 1.0),
                       pipeline_fpr=report["pipeline_fpr"], exceedance=result.exceedance)
         out = default_threshold_file(args, runner)
@@ -111,6 +111,12 @@ def calibrate_pipeline(args, pipeline, input_name: str) -> int:
     print(f"wrote {len(calibrated)} threshold file(s); the stages read them where the config "
           "says (threshold_file, else thresholds/MODEL.STAGE.json next to the config)")
     return 0
+
+
+def command_line() -> str:
+    """The command as typed (recorded in every threshold file it writes)."""
+    import shlex
+    return "bastion " + " ".join(shlex.quote(a) for a in sys.argv[1:])
 
 
 def build_report(args, calibrated, fixed, scores, refused, groups, result, fit_note) -> dict:

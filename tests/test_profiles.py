@@ -140,7 +140,7 @@ def test_image_profile_answers_clean_images_and_blocks_adversarial_ones():
         try:
             client = tc.InferenceServerClient(sidecar.address)
             outcomes = {"clean": 0, "adversarial": 0}
-            for kind, batch in (("clean", images[:16]), ("adversarial", adversarial[:16])):
+            for kind, batch in (("clean", images), ("adversarial", adversarial)):
                 for image in batch:
                     data = tc.InferInput("image", [1, 1, 28, 28], "FP32")
                     data.set_data_from_numpy(image.reshape(1, 1, 28, 28).astype(np.float32))
@@ -149,8 +149,10 @@ def test_image_profile_answers_clean_images_and_blocks_adversarial_ones():
                     except tc.InferenceServerException as err:
                         assert err.status() == "StatusCode.PERMISSION_DENIED"
                         outcomes[kind] += 1
-            assert outcomes["clean"] <= 1
-            assert outcomes["adversarial"] >= 12
+            # The shipped samples: clean refusals within the 5 % target (+1 image of slack for
+            # 64 samples), most FGSM/PGD copies refused.
+            assert outcomes["clean"] <= 0.05 * len(images) + 1, outcomes
+            assert outcomes["adversarial"] >= 0.75 * len(adversarial), outcomes
         finally:
             sidecar.stop()
     finally:

@@ -11,8 +11,9 @@ Steps (each one a command you can also run alone; all seeded, CPU only):
 2. train: ``tools/training/train_prompt_guard.py`` (all-MiniLM-L6-v2 cut to 3 layers, fine-tuned,
    max_length 128, 1 epoch; 15 % of the benign texts kept out for calibration)
 3. export: ``bastion models export classifier`` -> bastion/models/prompt-guard/
-4. calibrate: ``bastion calibrate`` on the profile (pipeline mode, split budget, per-source, 1 %
-   FPR) with the kept-out benign texts -> bastion/profiles/thresholds/
+4. calibrate: ``bastion calibrate`` on the profile (pipeline mode, split budget: 1 % pooled and
+   at most 2 % on every calibration source,
+   with the kept-out benign texts) -> bastion/profiles/thresholds/
 """
 from __future__ import annotations
 
@@ -51,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         "--out", str(MODEL_DIR), "--max-length", "128", "--model-name", "prompt-guard")
     run(python, "-m", "bastion", "calibrate", "-c", str(PROFILE), "--model", "text-classifier",
         "--data", str(checkpoint / "calibration.jsonl"), "--target-fpr", "0.01",
+        "--source-tolerance", "2",
         "--report", str(args.work / "calibration-report.json"))
     return 0
 
