@@ -208,7 +208,7 @@ def run_demo(duration_s: float | None = None, rate: float = 50.0, data: str | No
         print(f"bastion demo: sidecar on {listen}, config {config}", flush=True)
         sidecar = _start(["serve", "-c", str(config)], workdir / "sidecar.log")
         procs.append(sidecar)
-        _wait_line(sidecar, workdir / "sidecar.log", "bastion: serving", 30)
+        _wait_line(sidecar, workdir / "sidecar.log", "bastion: serving", 90)
         print(f"bastion demo: sidecar pid {sidecar.pid}", flush=True)
         print(f"bastion demo: metrics at http://{admin}/metrics, logs and audit log in {workdir}",
               flush=True)
