@@ -102,7 +102,8 @@ def calibrate_pipeline(args, pipeline, input_name: str) -> int:
         stage_scores = scores[stage_id]
         record = threshold_record(args, stage_id, result.thresholds[stage_id],
                                   stage_scores[np.isfinite(stage_scores)], fit_note)
-        record.update(command=command_line(), method=args.method, budget=args.budget,
+        record.update(command=getattr(args, "command_line", None) or command_line(),
+                      method=args.method, budget=args.budget,
                       source_tolerance=getattr(args, "source_tolerance", 1.0),
                       pipeline_fpr=report["pipeline_fpr"], exceedance=result.exceedance)
         out = default_threshold_file(args, runner)

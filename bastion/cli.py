@@ -8,6 +8,7 @@ import importlib
 import logging
 import os
 import pathlib
+import shlex
 import sys
 
 from bastion import __version__
@@ -140,6 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    #: The command as typed (recorded by commands that write files, e.g. calibrate).
+    args.command_line = "bastion " + shlex.join(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return args.func(args)

@@ -438,3 +438,40 @@ def test_check_config_accepts_a_classifier_pipeline(exported, tmp_path, capsys):
                                                  "benign_labels: [nope]"))
     assert main(["check-config", str(config)]) == 1
     assert "nope not among the model's labels" in capsys.readouterr().err
+
+
+def test_calibrate_round_trip_writes_state_and_thresholds_the_sidecar_loads(exported, tmp_path):
+    """An uncalibrated config (classifier + kNN on its embedding) -> `bastion calibrate` (whole
+    pipeline) -> state and threshold files -> the same config loads for serving, and its
+    stages act exactly at the written thresholds."""
+    import json as json_lib
+
+    from bastion.cli import main
+    from bastion.config import load_config
+    from bastion.proxy.pipeline import build_pipeline
+
+    config = tmp_path / "bastion.yaml"
+    config.write_text(
+        "models:\n  chat:\n    inputs: {prompt: {kind: text}}\n    pipeline:\n"
+        f"      - detect.classifier: {{model: '{exported}', id: cls, action: block}}\n"
+        f"      - detect.embedding: {{encoder: '{exported}', method: knn, k: 2, id: knn,\n"
+        "                            state: knn.npz, action: block}\n")
+    data = tmp_path / "benign.jsonl"
+    with open(data, "w") as handle:
+        for index in range(240):
+            text = f"{CORPUS[index % len(CORPUS)]} number {index}"
+            handle.write(json_lib.dumps({"text": text, "label": "benign",
+                                         "source": f"s{index % 2}"}) + "\n")
+    with pytest.raises(Exception):
+        load_config(config)  # not calibrated yet: serving refuses it
+    assert main(["calibrate", "-c", str(config), "--model", "chat", "--data", str(data),
+                 "--target-fpr", "0.05"]) == 0
+    assert (tmp_path / "knn.npz").exists()
+    written = {stage: json_lib.loads((tmp_path / "thresholds" / f"chat.{stage}.json").read_text())
+               for stage in ("cls", "knn")}
+    assert all(record["observed_fpr"] <= 0.05 for record in written.values())
+    assert all(record["command"].startswith("bastion calibrate") for record in written.values())
+    loaded = load_config(config)  # now it serves
+    pipeline = build_pipeline("chat", loaded.models["chat"])
+    for runner in pipeline.runners:
+        assert runner.config.common.threshold == written[runner.config.stage_id]["threshold"]
