@@ -492,6 +492,11 @@ class BackendUnavailable(Exception):
     """Redis did not answer in time (or the circuit is open)."""
 
 
+def _ignore_outcome(task: asyncio.Future) -> None:
+    if not task.cancelled():
+        task.exception()        # retrieved, so asyncio does not log "never retrieved"
+
+
 def _key_hash(text: str) -> str:
     return hashlib.blake2b(text.encode("utf-8", "surrogateescape"), digest_size=12).hexdigest()
 
@@ -540,8 +545,7 @@ class RedisBackend:
                 raise BackendUnavailable("circuit open")
             self._probing = probe = True
         try:
-            async with asyncio.timeout(self.timeout_s):      # no extra task, unlike wait_for
-                result = await script(keys=keys, args=args)
+            result = await self._within_timeout(script(keys=keys, args=args))
         except self._errors as err:
             self.failures += 1
             if self.healthy:
@@ -557,6 +561,24 @@ class RedisBackend:
             log.warning("limiter: Redis is back")
             self.healthy = True
         return result
+
+    async def _within_timeout(self, call):
+        """The call's result, or TimeoutError at timeout_s sharp. The call runs as its own task
+        (about 5 us, against ~170 us for the round trip) so that on timeout the caller does not
+        wait for redis-py's clean-up of the cancelled command: closing a connection to a hung
+        server and releasing it under the pool's lock, which concurrent callers queue on
+        (measured: 212 ms for a 50 ms timeout with 20 callers and Redis stopped)."""
+        task = asyncio.ensure_future(call)
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                return await asyncio.shield(task)
+        except asyncio.TimeoutError:
+            task.cancel()
+            task.add_done_callback(_ignore_outcome)   # its clean-up finishes in the background
+            raise
+        except asyncio.CancelledError:
+            task.cancel()
+            raise
 
     async def admit(self, identity: str, model: str):
         return await self._call(self._admit, self.keys(identity, model), self._admit_args)
