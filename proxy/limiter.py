@@ -565,9 +565,9 @@ class RedisBackend:
     async def _within_timeout(self, call):
         """The call's result, or TimeoutError at timeout_s sharp. The call runs as its own task
         (about 5 us, against ~170 us for the round trip) so that on timeout the caller does not
-        wait for redis-py's clean-up of the cancelled command: closing a connection to a hung
-        server and releasing it under the pool's lock, which concurrent callers queue on
-        (measured: 212 ms for a 50 ms timeout with 20 callers and Redis stopped)."""
+        wait for redis-py's clean-up of the cancelled command (closing the connection and
+        releasing it to the pool, whose lock concurrent callers share): with the clean-up
+        inline, one admit() took 212 ms at a 50 ms timeout, 20 callers, Redis stopped."""
         task = asyncio.ensure_future(call)
         try:
             async with asyncio.timeout(self.timeout_s):
