@@ -305,7 +305,17 @@ class InferenceHandler:
                 reply = await self.passthrough.forward_unary(MODEL_INFER, inspected.body, context,
                                                              request_id)
                 upstream_s = time.perf_counter() - forward_started
-                reply = await self.complete(inspected, reply, context, request_id)
+                try:
+                    reply = await self.complete(inspected, reply, context, request_id)
+                except Rejected as refused:
+                    # A response stage refused the answer: that is the client's doing as much
+                    # as a request stage's refusal, so it feeds the suspicion score too (a
+                    # query-based attacker probing a response-stage detector gets tiered).
+                    verdict = refused.verdict
+                    await self.clients.observe(
+                        identity, model, list(verdict.reasons) if verdict else [refused.reason],
+                        {d.stage: d.action for d in verdict.decisions} if verdict else {})
+                    raise
                 outcome = "OK"
                 settings = self._extraction(model)
                 if settings is not None:

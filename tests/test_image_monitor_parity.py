@@ -86,3 +86,24 @@ def test_monitor_and_enforce_score_the_same_tensor(upstream):
     squeezed_score = _offline_score(conv1_stats, squeezed)
     assert abs(raw_score - squeezed_score) > 0.01 * squeezed_score
     assert scores["monitor"] == pytest.approx(squeezed_score, rel=1e-6)
+
+
+def test_response_stage_refusals_feed_the_client_suspicion_tier(upstream):
+    """A query-based attacker probing a response-stage detector gets tiered like one probing a
+    request stage: after enough refusals the client itself is refused before any stage runs."""
+    config = CONFIG.format(mode="enforce", state=STATE).replace(
+        "threshold: 1.0e9, action: flag", "threshold: 0.0, action: block") + (
+        "clients:\n  suspicion: {weights: {\"anomaly:\": 1.0}, throttle_at: 3.0, block_at: 3.0}\n")
+    images, _ = fashion_mnist("t10k", 1)
+    sidecar = Sidecar(upstream.address, config=config)
+    try:
+        messages = []
+        for _ in range(5):
+            with pytest.raises(tc.InferenceServerException) as err:
+                _ask(sidecar.address, images)
+            messages.append(err.value.message())
+    finally:
+        sidecar.stop()
+    assert all("PERMISSION_DENIED" in m or "blocked" in m for m in messages)
+    assert "blocked by features" in messages[0]
+    assert "client blocked" in messages[-1]  # the tier, not the stage, refused the last one

@@ -45,6 +45,8 @@ import image_attacks as attacks  # noqa: E402
 
 DOC = REPO / "docs" / "quality-image-defense.md"
 PROFILE = REPO / "bastion" / "profiles" / "image-classifier.yaml"
+SUSPICION = ("clients:\n  suspicion: {weights: {\"anomaly:\": 1.0}, throttle_at: 5.0, "
+             "block_at: 20.0, half_life_s: 300.0}\n")
 PASS_THROUGH = "models:\n  fashion-mnist: {mode: enforce, pipeline: []}\n"
 
 
@@ -91,20 +93,22 @@ def evaluate_endpoint(name: str, config: str | None, clean, clean_y, adversarial
     deployment = Deployment(config)
     endpoint = Endpoint(deployment.address)
     try:
-        endpoint.classify(clean[:8])  # warm-up (first calls load sessions, open channels)
-        cpu0, t0 = deployment.cpu(), time.perf_counter()
-        predicted = endpoint.classify(clean)
-        cpu = (deployment.cpu() - cpu0) / len(clean)
-        wall = (time.perf_counter() - t0) / len(clean)
-        answered = predicted != REFUSED
-        row = {"clean_refused": float(np.mean(~answered)),
-               "clean_accuracy_answered": float(np.mean(predicted[answered] == clean_y[answered]))
-               if answered.any() else 0.0,
-               "clean_accuracy_all": float(np.mean(predicted == clean_y)),
-               "cpu_ms_per_image": 1000 * cpu, "wall_ms_per_image": 1000 * wall,
-               "attacks": {}}
-        log(f"[{name}] clean: refused {row['clean_refused']:.3f}, accuracy (answered) "
-            f"{row['clean_accuracy_answered']:.4f}, CPU {row['cpu_ms_per_image']:.2f} ms/image")
+        row = {"attacks": {}}
+        if len(clean):
+            endpoint.classify(clean[:8])  # warm-up (first calls load sessions, open channels)
+            cpu0, t0 = deployment.cpu(), time.perf_counter()
+            predicted = endpoint.classify(clean)
+            cpu = (deployment.cpu() - cpu0) / len(clean)
+            wall = (time.perf_counter() - t0) / len(clean)
+            answered = predicted != REFUSED
+            row.update({
+                "clean_refused": float(np.mean(~answered)),
+                "clean_accuracy_answered": float(np.mean(predicted[answered] == clean_y[answered]))
+                if answered.any() else 0.0,
+                "clean_accuracy_all": float(np.mean(predicted == clean_y)),
+                "cpu_ms_per_image": 1000 * cpu, "wall_ms_per_image": 1000 * wall})
+            log(f"[{name}] clean: refused {row['clean_refused']:.3f}, accuracy (answered) "
+                f"{row['clean_accuracy_answered']:.4f}, CPU {row['cpu_ms_per_image']:.2f} ms/image")
         if adversarial is None:
             return row
         for attack_name, images in adversarial.items():
@@ -222,6 +226,12 @@ def run(args) -> dict:
     for name, config in (("undefended", None), ("profile", profile_text)):
         endpoints[name] = evaluate_endpoint(name, config, clean, clean_y, adversarial, ys, sizes,
                                             square_x, square_y, log)
+    if args.suspicion:
+        # The black-box attacker against the profile plus a client suspicion tier: refusals
+        # raise the client's score, and a client past `block_at` is refused outright.
+        endpoints["profile + suspicion tier"] = evaluate_endpoint(
+            "profile + suspicion tier", profile_text + SUSPICION, clean[:0], clean_y[:0], {},
+            ys, sizes, square_x, square_y, log)
     # The sidecar with no stages for the model: what the proxy itself costs, defenses aside.
     endpoints["sidecar, no stages"] = evaluate_endpoint(
         "sidecar, no stages", PASS_THROUGH, clean, clean_y, None, ys, sizes, None, None, log)
@@ -272,12 +282,21 @@ def render(result: dict, command: str) -> str:
         flagged = f"{detect['flagged']:.1%}" if "flagged" in detect else "-"
         lines.append(f"| {name} | {fitted} | {und['attacks'][name]['success']:.1%} | "
                      f"**{row['success']:.1%}** | {row['refused']:.1%} | {aurocs} | {flagged} |")
+    tiered = result["endpoints"].get("profile + suspicion tier")
+    if tiered:
+        square = tiered["attacks"]["Square Linf 0.1 (black-box)"]
+        lines += ["", f"Square against the profile plus a client suspicion tier (`{SUSPICION.strip()}`"
+                  f", one attacking client): **{square['success']:.1%}** answered and "
+                  f"misclassified, {square['refused']:.1%} refused, "
+                  f"{square['queries_per_image']:.0f} queries per image."]
     lines += ["", "### Clean traffic and cost", "",
               f"{result['sizes']['clean_images']} test images 0.., one per request.", "",
               "| endpoint | refused | accuracy (answered) | accuracy (refusal = wrong) | "
               "CPU ms / image (upstream + sidecar) | wall ms / image |",
               "|---|---:|---:|---:|---:|---:|"]
     for name, row in result["endpoints"].items():
+        if "clean_refused" not in row:
+            continue
         lines.append(f"| {name} | {row['clean_refused']:.1%} | "
                      f"{row['clean_accuracy_answered']:.4f} | {row['clean_accuracy_all']:.4f} | "
                      f"{row['cpu_ms_per_image']:.2f} | {row['wall_ms_per_image']:.2f} |")
@@ -301,6 +320,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--square-images", type=int, default=Sizes.square_images)
     ap.add_argument("--square-queries", type=int, default=Sizes.square_queries)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--suspicion", action="store_true",
+                    help="also run Square against the profile + a client suspicion tier")
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--json", type=pathlib.Path, help="also write the numbers here")
     ap.add_argument("--cache", type=pathlib.Path,
