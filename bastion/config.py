@@ -55,6 +55,9 @@ class LimitsConfig(_Strict):
     # Elements per tensor a request may declare before it is refused without allocating.
     max_tensor_elements: int = Field(64 * 1024 * 1024, gt=0)
     max_concurrent_streams: int | None = Field(None, gt=0)
+    # Resident memory above which new inference work is refused RESOURCE_EXHAUSTED (shed) until
+    # in-flight work has freed it (proxy/memory.py); None = no watermark.
+    max_memory_bytes: int | None = Field(None, gt=0)
 
 
 class ShutdownConfig(_Strict):

@@ -21,6 +21,7 @@ from bastion.proxy.metrics import Metrics
 from bastion.proxy import policy, telemetry
 from bastion.proxy.audit import AuditLog
 from bastion.proxy.clients import ClientControl
+from bastion.proxy.memory import MemoryWatermark
 from bastion.proxy.pipeline import RequestContext, StageShed
 from bastion.proxy.passthrough import Passthrough
 from bastion.proxy.state import SidecarState
@@ -97,6 +98,23 @@ def _shed(shed: StageShed, request_id: str, retry_after_ms: int) -> Rejected:
                     f"{SHED_REASON}:{shed.stage_id}", trailers)
 
 
+MEMORY_STAGE = "memory"  # the shed label of the memory watermark
+
+
+def _shed_memory(watermark: MemoryWatermark, request_id: str) -> Rejected:
+    """New work while RSS is above the watermark: RESOURCE_EXHAUSTED, like a stage shed."""
+    trailers = (("bastion-verdict", "throttle"),
+                ("bastion-reasons", f"{SHED_REASON}:{MEMORY_STAGE}"),
+                ("bastion-request-id", request_id),
+                ("retry-after-ms", str(MEMORY_RETRY_AFTER_MS)))
+    return Rejected(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"bastion: overloaded: {watermark.describe()}; retry later",
+                    f"{SHED_REASON}:{MEMORY_STAGE}", trailers)
+
+
+MEMORY_RETRY_AFTER_MS = 1000
+
+
 class InferenceHandler:
     def __init__(self, state: SidecarState, passthrough: Passthrough, metrics: Metrics,
                  audit: AuditLog, clients: ClientControl):
@@ -105,6 +123,13 @@ class InferenceHandler:
         self.metrics = metrics
         self.audit = audit
         self.clients = clients
+        self._memory = MemoryWatermark(None)
+
+    def _watermark(self) -> MemoryWatermark:
+        """The memory watermark of the current config (reloads change the limit, the cached
+        RSS reading stays)."""
+        self._memory.limit_bytes = self.state.current.config.limits.max_memory_bytes
+        return self._memory
 
     def _audit(self, identity: str, request_id: str, model: str, method: str, status: str,
                verdict: policy.Verdict | None, reason: str | None = None) -> None:
@@ -127,6 +152,10 @@ class InferenceHandler:
         except DecodeError:
             await self.clients.observe(identity, "", ["malformed"], {})
             raise _invalid("request is not a valid ModelInferRequest message") from None
+        watermark = self._watermark()
+        if watermark.over():
+            self.metrics.observe_shed(request.model_name, MEMORY_STAGE)
+            raise _shed_memory(watermark, request_id)
         refusal = await self.clients.admit(identity, request.model_name, request_id)
         if refusal is not None:
             code, details, trailers, reason = refusal
