@@ -85,7 +85,7 @@ def auroc(clean: np.ndarray, attacked: np.ndarray) -> float:
 
 
 def evaluate_endpoint(name: str, config: str | None, clean, clean_y, adversarial: dict, y,
-                      sizes: Sizes, square_x, square_y, log) -> dict:
+                      sizes: Sizes, square_x, square_y, log, fresh_client: bool = False) -> dict:
     """One deployment (config None = the upstream alone): clean run, every attack, Square
     (no attacks when ``adversarial`` is None: clean traffic and cost only)."""
     from image_blackbox import square_through
@@ -120,6 +120,12 @@ def evaluate_endpoint(name: str, config: str | None, clean, clean_y, adversarial
         square = attacks.quantize(square_through(endpoint, square_x, square_y, eps=0.1,
                                                  max_iter=sizes.square_queries))
         spent = endpoint.queries - queries
+        if fresh_client:
+            # the attacker's finished images, sent as a new client would (its tier reset)
+            endpoint.close()
+            deployment.stop()
+            deployment = Deployment(config)
+            endpoint = Endpoint(deployment.address)
         predicted = endpoint.classify(square)
         row["attacks"]["Square Linf 0.1 (black-box)"] = {
             **_attack_row(predicted, square_y, REFUSED),
@@ -231,7 +237,7 @@ def run(args) -> dict:
         # raise the client's score, and a client past `block_at` is refused outright.
         endpoints["profile + suspicion tier"] = evaluate_endpoint(
             "profile + suspicion tier", profile_text + SUSPICION, clean[:0], clean_y[:0], {},
-            ys, sizes, square_x, square_y, log)
+            ys, sizes, square_x, square_y, log, fresh_client=True)
     # The sidecar with no stages for the model: what the proxy itself costs, defenses aside.
     endpoints["sidecar, no stages"] = evaluate_endpoint(
         "sidecar, no stages", PASS_THROUGH, clean, clean_y, None, ys, sizes, None, None, log)
@@ -285,10 +291,12 @@ def render(result: dict, command: str) -> str:
     tiered = result["endpoints"].get("profile + suspicion tier")
     if tiered:
         square = tiered["attacks"]["Square Linf 0.1 (black-box)"]
-        lines += ["", f"Square against the profile plus a client suspicion tier (`{SUSPICION.strip()}`"
-                  f", one attacking client): **{square['success']:.1%}** answered and "
-                  f"misclassified, {square['refused']:.1%} refused, "
-                  f"{square['queries_per_image']:.0f} queries per image."]
+        setting = SUSPICION.strip().replace("clients:\n  suspicion:", "clients.suspicion:")
+        lines += ["", f"Square against the profile plus a client suspicion tier (`{setting}`"
+                  f", one attacking client; its finished images then sent by a new client): "
+                  f"**{square['success']:.1%}** answered and misclassified, "
+                  f"{square['refused']:.1%} refused, {square['queries_per_image']:.0f} queries "
+                  "per image (refused ones included)."]
     lines += ["", "### Clean traffic and cost", "",
               f"{result['sizes']['clean_images']} test images 0.., one per request.", "",
               "| endpoint | refused | accuracy (answered) | accuracy (refusal = wrong) | "
@@ -328,11 +336,18 @@ def main(argv: list[str] | None = None) -> int:
                     help="keep computed white-box attacks here and reuse them")
     ap.add_argument("--doc", type=pathlib.Path, default=None,
                     help=f"doc to write (default {DOC.relative_to(REPO)}; none with --smoke)")
+    ap.add_argument("--from-json", type=pathlib.Path,
+                    help="no run: render the doc from the numbers an earlier --json wrote")
     args = ap.parse_args(argv)
-    result = run(args)
-    command = "python3 tools/eval_image_defense.py " + " ".join(argv if argv is not None
-                                                                  else sys.argv[1:])
-    if args.json:
+    if args.from_json:
+        result = json.loads(args.from_json.read_text())
+        command = result["command"]
+    else:
+        result = run(args)
+        command = "python3 tools/eval_image_defense.py " + " ".join(
+            argv if argv is not None else sys.argv[1:])
+        result["command"] = command.strip()
+    if args.json and not args.from_json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     doc = args.doc or (None if args.smoke else DOC)
     if doc is not None:

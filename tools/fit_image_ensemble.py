@@ -157,9 +157,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--profile", type=pathlib.Path, default=PROFILE,
                     help="writes the state and threshold files this profile names")
-    ap.add_argument("--gaussians", type=int, default=20000)
-    ap.add_argument("--combiner", type=int, default=5000)
-    ap.add_argument("--threshold", type=int, default=10000)
+    ap.add_argument("--gaussians", type=int, default=10000)
+    ap.add_argument("--combiner", type=int, default=3000)
+    ap.add_argument("--threshold", type=int, default=6000)
     ap.add_argument("--eps", type=float, default=0.1)
     ap.add_argument("--target-fpr", action="append", default=[], metavar="[STAGE=]FPR",
                     help=f"per stage id (default {DEFAULT_FPR})")
