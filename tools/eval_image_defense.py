@@ -44,6 +44,7 @@ sys.path.insert(0, str(REPO))
 import image_attacks as attacks  # noqa: E402
 
 DOC = REPO / "docs" / "quality-image-defense.md"
+COMPARE_DOC = REPO / "docs" / "quality-image-adversarial-training.md"
 PROFILE = REPO / "bastion" / "profiles" / "image-classifier.yaml"
 SUSPICION = ("clients:\n  suspicion: {weights: {\"anomaly:\": 1.0}, throttle_at: 5.0, "
              "block_at: 20.0, half_life_s: 300.0}\n")
@@ -85,13 +86,14 @@ def auroc(clean: np.ndarray, attacked: np.ndarray) -> float:
 
 
 def evaluate_endpoint(name: str, config: str | None, clean, clean_y, adversarial: dict, y,
-                      sizes: Sizes, square_x, square_y, log, fresh_client: bool = False) -> dict:
+                      sizes: Sizes, square_x, square_y, log, fresh_client: bool = False,
+                      model: str = "fashion-mnist") -> dict:
     """One deployment (config None = the upstream alone): clean run, every attack, Square
     (no attacks when ``adversarial`` is None: clean traffic and cost only)."""
     from image_blackbox import square_through
     from image_e2e import REFUSED, Deployment, Endpoint
     deployment = Deployment(config)
-    endpoint = Endpoint(deployment.address)
+    endpoint = Endpoint(deployment.address, model=model)
     try:
         row = {"attacks": {}}
         if len(clean):
@@ -125,7 +127,7 @@ def evaluate_endpoint(name: str, config: str | None, clean, clean_y, adversarial
             endpoint.close()
             deployment.stop()
             deployment = Deployment(config)
-            endpoint = Endpoint(deployment.address)
+            endpoint = Endpoint(deployment.address, model=model)
         predicted = endpoint.classify(square)
         row["attacks"]["Square Linf 0.1 (black-box)"] = {
             **_attack_row(predicted, square_y, REFUSED),
@@ -181,19 +183,20 @@ def run(args) -> dict:
     log = lambda message: print(message, flush=True)  # noqa: E731
     started = time.time()
     x, y = fashion_mnist("t10k")
-    sess = ort.InferenceSession(str(attacks.ONNX_PATH), providers=["CPUExecutionProvider"])
+    onnx = attacks.onnx_path(args.model)
+    sess = ort.InferenceSession(str(onnx), providers=["CPUExecutionProvider"])
     candidates = np.arange(5000, 10000)
     right = sess.run(["logits"], {"image": x[candidates]})[0].argmax(1) == y[candidates]
     chosen = candidates[right][:sizes.attack_images]
     xs, ys = x[chosen], y[chosen]
     clean, clean_y = x[:sizes.clean_images], y[:sizes.clean_images]
 
-    net = attacks.torch_model()
+    net = attacks.torch_model(onnx)
     classifier = attacks.art_classifier(net)
     adversarial = {}
     for attack in suite(sizes):
         t0 = time.time()
-        cached = _cache_path(args.cache, attack, chosen, args.seed)
+        cached = _cache_path(args.cache, attack, chosen, args.seed, args.model)
         if cached is not None and cached.exists():
             adversarial[attack.name] = np.load(cached)["adv"]
             continue
@@ -204,14 +207,15 @@ def run(args) -> dict:
             np.savez_compressed(cached, adv=adversarial[attack.name], idx=chosen)
         log(f"{attack.name}: {time.time() - t0:.1f}s")
 
-    view = ProfileView(args.profile)
+    view = ProfileView(args.profile, args.model)
     thresholds = view.thresholds()
     t0 = time.time()
     adaptive_name = "Adaptive PGD Linf 0.1 (model + detectors)"
     # cached under the detectors' thresholds and the lambdas too: a refit makes a new attack
     tag = "-".join(f"{t:.6g}" for t in thresholds.values()) + f"-{sizes.adaptive_lambdas}"
     cached = _cache_path(args.cache, attacks.Attack(f"adaptive {tag}", "adaptive", 0.1,
-                                                    sizes.adaptive_steps), chosen, args.seed)
+                                                    sizes.adaptive_steps), chosen, args.seed,
+                         args.model)
     if cached is not None and cached.exists():
         adversarial[adaptive_name] = np.load(cached)["adv"]
     else:
@@ -231,23 +235,24 @@ def run(args) -> dict:
     endpoints = {}
     for name, config in (("undefended", None), ("profile", profile_text)):
         endpoints[name] = evaluate_endpoint(name, config, clean, clean_y, adversarial, ys, sizes,
-                                            square_x, square_y, log)
+                                            square_x, square_y, log, model=args.model)
     if args.suspicion:
         # The black-box attacker against the profile plus a client suspicion tier: refusals
         # raise the client's score, and a client past `block_at` is refused outright.
         endpoints["profile + suspicion tier"] = evaluate_endpoint(
             "profile + suspicion tier", profile_text + SUSPICION, clean[:0], clean_y[:0], {},
-            ys, sizes, square_x, square_y, log, fresh_client=True)
+            ys, sizes, square_x, square_y, log, fresh_client=True, model=args.model)
     # The sidecar with no stages for the model: what the proxy itself costs, defenses aside.
     endpoints["sidecar, no stages"] = evaluate_endpoint(
-        "sidecar, no stages", PASS_THROUGH, clean, clean_y, None, ys, sizes, None, None, log)
+        "sidecar, no stages", PASS_THROUGH.replace("fashion-mnist", args.model), clean, clean_y,
+        None, ys, sizes, None, None, log, model=args.model)
     return {"sizes": dataclasses.asdict(sizes), "thresholds": thresholds,
             "fit_attack": attacks.FIT_ATTACK, "detection": detection, "endpoints": endpoints,
-            "seconds": time.time() - started, "profile": str(args.profile.relative_to(REPO))
+            "seconds": time.time() - started, "model": args.model, "profile": str(args.profile.relative_to(REPO))
             if args.profile.is_relative_to(REPO) else str(args.profile)}
 
 
-def _cache_path(folder, attack, chosen: np.ndarray, seed: int):
+def _cache_path(folder, attack, chosen: np.ndarray, seed: int, model: str = "fashion-mnist"):
     """Where a computed attack is kept between runs (None: no cache); the name pins the
     attack's parameters, the images (a hash of their indices) and the seed."""
     if folder is None:
@@ -255,6 +260,8 @@ def _cache_path(folder, attack, chosen: np.ndarray, seed: int):
     import hashlib
     images = hashlib.sha256(chosen.astype(np.int64).tobytes()).hexdigest()[:12]
     slug = "".join(c if c.isalnum() or c == "." else "_" for c in attack.name)
+    if model != "fashion-mnist":  # the demo model's names stay as they were
+        slug = f"{model}-{slug}"
     return folder / f"{slug}-{attack.kind}-{attack.eps}-{attack.steps}-{images}-{seed}.npz"
 
 
@@ -319,10 +326,40 @@ def render(result: dict, command: str) -> str:
     return "\n".join(lines)
 
 
+def render_comparison(base: dict, robust: dict) -> str:
+    """Undefended / profile / adversarially trained / both, from two runs' --json numbers (the
+    demo model with the shipped profile; the robust model with the profile fitted for it).
+    Each white-box attack is computed against the model it is sent to."""
+    columns = [("undefended", base, "undefended"), ("profile", base, "profile"),
+               ("adv-trained", robust, "undefended"), ("adv-trained + profile", robust, "profile")]
+    lines = [f"Commands: `{base['command']}` and `{robust['command']}`.", "",
+             "Share of attacked images answered **and** misclassified, end to end (white-box "
+             "attacks computed against the model being served, on "
+             f"{base['sizes']['attack_images']} test images that model gets right; Square "
+             f"through the endpoint, {base['sizes']['square_images']} images).", "",
+             "| attack | " + " | ".join(name for name, _, _ in columns) + " |",
+             "|---|" + "---:|" * len(columns)]
+    for attack in base["endpoints"]["profile"]["attacks"]:
+        cells = []
+        for _, run, endpoint in columns:
+            row = run["endpoints"][endpoint]["attacks"].get(attack)
+            cells.append(f"{row['success']:.1%}" if row else "-")
+        lines.append(f"| {attack} | " + " | ".join(cells) + " |")
+    for label, key, fmt in (("clean refused", "clean_refused", "{:.1%}"),
+                            ("clean accuracy (answered)", "clean_accuracy_answered", "{:.4f}"),
+                            ("clean accuracy (refusal = wrong)", "clean_accuracy_all", "{:.4f}"),
+                            ("CPU ms / image", "cpu_ms_per_image", "{:.2f}")):
+        lines.append(f"| *{label}* | " + " | ".join(
+            fmt.format(run["endpoints"][endpoint][key]) for _, run, endpoint in columns) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--smoke", action="store_true", help="tiny sizes (CI); writes no doc")
     ap.add_argument("--profile", type=pathlib.Path, default=PROFILE)
+    ap.add_argument("--model", default="fashion-mnist",
+                    help="the served model attacked (and the profile's model entry)")
     ap.add_argument("--attack-images", type=int, default=Sizes.attack_images)
     ap.add_argument("--clean-images", type=int, default=Sizes.clean_images)
     ap.add_argument("--square-images", type=int, default=Sizes.square_images)
@@ -338,7 +375,16 @@ def main(argv: list[str] | None = None) -> int:
                     help=f"doc to write (default {DOC.relative_to(REPO)}; none with --smoke)")
     ap.add_argument("--from-json", type=pathlib.Path,
                     help="no run: render the doc from the numbers an earlier --json wrote")
+    ap.add_argument("--compare", type=pathlib.Path, nargs=2, metavar=("BASE", "ROBUST"),
+                    help="no run: write the adversarial-training comparison from two --json "
+                         f"files to {COMPARE_DOC.relative_to(REPO)}")
     args = ap.parse_args(argv)
+    if args.compare:
+        from generated_doc import write_generated
+        base, robust = (json.loads(path.read_text()) for path in args.compare)
+        write_generated(COMPARE_DOC, render_comparison(base, robust),
+                        "Quality: the image profile next to adversarial training")
+        return 0
     if args.from_json:
         result = json.loads(args.from_json.read_text())
         command = result["command"]

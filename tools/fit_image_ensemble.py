@@ -111,7 +111,7 @@ def fit(view: ProfileView, upstream: str, counts: tuple[int, int, int], eps: flo
     gauss = order[:n_gauss]
     comb = order[n_gauss:n_gauss + n_comb]
     thr = order[n_gauss + n_comb:n_gauss + n_comb + n_thr]
-    classifier = attacks.art_classifier(attacks.torch_model())
+    classifier = attacks.art_classifier(attacks.torch_model(attacks.onnx_path(view.model)))
     fgsm = attacks.Attack("FGSM", "fgsm", eps, 1)
     attacked = attacks.quantize(attacks.run_attack(fgsm, classifier, images[comb], labels[comb],
                                                    seed=seed))
@@ -164,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--target-fpr", action="append", default=[], metavar="[STAGE=]FPR",
                     help=f"per stage id (default {DEFAULT_FPR})")
     ap.add_argument("--seed", type=int, default=1234)
+    ap.add_argument("--model", default=MODEL, help="the profile's model entry to fit")
     args = ap.parse_args(argv)
     target = dict(DEFAULT_FPR)
     for item in args.target_fpr:
@@ -171,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         target[stage or "*"] = float(value)
 
     from image_e2e import Upstream
-    view = ProfileView(args.profile)
+    view = ProfileView(args.profile, args.model)
     upstream = Upstream()
     try:
         records = fit(view, upstream.address, (args.gaussians, args.combiner, args.threshold),

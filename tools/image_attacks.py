@@ -41,6 +41,11 @@ ATTACKS = (
 FIT_ATTACK = "FGSM Linf 0.1"
 
 
+def onnx_path(model: str) -> pathlib.Path:
+    """The ONNX file `bastion upstream` serves as ``model``."""
+    return REPO / "bastion" / "demo_models" / model / "model.onnx"
+
+
 def training_module():
     path = REPO / "tools" / "training" / "train_fashion_mnist.py"
     spec = importlib.util.spec_from_file_location("train_fashion_mnist", path)

@@ -35,10 +35,11 @@ def cpu_seconds(pid: int) -> float:
 class Endpoint:
     """A tritonclient connection to ``address`` with a small pool of concurrent callers."""
 
-    def __init__(self, address: str, workers: int = 4):
+    def __init__(self, address: str, workers: int = 4, model: str = MODEL):
         import tritonclient.grpc as grpcclient
         self._grpc = grpcclient
         self.address = address
+        self.model = model
         self.clients = [grpcclient.InferenceServerClient(address) for _ in range(workers)]
         self.pool = concurrent.futures.ThreadPoolExecutor(workers)
         self.queries = 0
@@ -49,7 +50,7 @@ class Endpoint:
         tensor = grpc.InferInput("image", [1, *image.shape], "FP32")
         tensor.set_data_from_numpy(image[None].astype(np.float32))
         try:
-            result = self.clients[worker].infer(MODEL, [tensor],
+            result = self.clients[worker].infer(self.model, [tensor],
                                                 outputs=[grpc.InferRequestedOutput("logits")])
         except InferenceServerException as err:
             # refused by a stage (PERMISSION_DENIED) or by the client's suspicion tier
