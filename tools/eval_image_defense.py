@@ -315,15 +315,23 @@ def render(result: dict, command: str) -> str:
         lines.append(f"| {name} | {row['clean_refused']:.1%} | "
                      f"{row['clean_accuracy_answered']:.4f} | {row['clean_accuracy_all']:.4f} | "
                      f"{row['cpu_ms_per_image']:.2f} | {row['wall_ms_per_image']:.2f} |")
-    ratio = prof["cpu_ms_per_image"] / und["cpu_ms_per_image"]
-    lines += ["", f"CPU cost of the profile: {ratio:.2f}x the undefended upstream's per image"]
+    lines += ["", "CPU cost of the profile: "
+              f"{cpu_ratio(prof, und)} the undefended upstream's per image"]
     bare = result["endpoints"].get("sidecar, no stages")
     if bare:
-        lines[-1] += (f"; {prof['cpu_ms_per_image'] / bare['cpu_ms_per_image']:.2f}x the "
+        lines[-1] += (f"; {cpu_ratio(prof, bare)} the "
                       "sidecar's with no stages (the proxy's own cost set aside).")
     else:
         lines[-1] += "."
     return "\n".join(lines)
+
+
+def cpu_ratio(row: dict, baseline: dict) -> str:
+    """"1.46x", or "n/a" when the baseline's CPU was below the clock's resolution (a smoke run
+    of a few images can measure 0 ticks)."""
+    if baseline["cpu_ms_per_image"] <= 0:
+        return "n/a (baseline below the CPU clock's resolution)"
+    return f"{row['cpu_ms_per_image'] / baseline['cpu_ms_per_image']:.2f}x"
 
 
 def render_comparison(base: dict, robust: dict) -> str:
