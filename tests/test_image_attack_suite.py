@@ -29,7 +29,10 @@ def test_smoke_run_covers_every_attack_through_both_endpoints(tmp_path):
         for row in endpoint["attacks"].values():
             assert 0.0 <= row["success"] <= 1.0 and 0.0 <= row["refused"] <= 1.0
             assert row["success"] + row["refused"] <= 1.0 + 1e-9
-        assert endpoint["cpu_ms_per_image"] > 0
+        # CPU comes from /proc tick counters (10 ms): a few images through the bare upstream
+        # may read 0 on a loaded machine; the sidecar's profile work never does.
+        assert np.isfinite(endpoint["cpu_ms_per_image"]) and endpoint["cpu_ms_per_image"] >= 0
+    assert numbers["endpoints"]["profile"]["cpu_ms_per_image"] > 0
     # the upstream alone refuses nothing; the sidecar answers most clean images
     assert numbers["endpoints"]["undefended"]["clean_refused"] == 0.0
     assert numbers["endpoints"]["undefended"]["attacks"]["PGD Linf 0.1"]["refused"] == 0.0
