@@ -40,9 +40,8 @@ import numpy as np
 
 from bastion.detectors.anomaly import Mahalanobis, StateError, _array_digest, _header_checksum
 from bastion.detectors.base import ResponseResult, ResponseStage
-from bastion.detectors.upstream_features import _one_output, strip_outputs
+from bastion.detectors.upstream_features import AddedOutputs, ask_for_outputs, take_outputs
 from bastion.proxy.stages import StageOptions, register
-from bastion.transforms import tensor
 from bastion.transforms.base import NUMERIC_DATATYPES
 
 __all__ = ["EnsembleModel", "FeatureEnsembleOptions", "FeatureEnsembleStage", "fit_ensemble",
@@ -207,11 +206,6 @@ class FeatureEnsembleOptions(StageOptions):
     state: str
 
 
-@dataclasses.dataclass
-class _State:
-    added: set[str]
-
-
 class FeatureEnsembleStage(ResponseStage):
     accepts = NUMERIC_DATATYPES
 
@@ -230,15 +224,8 @@ class FeatureEnsembleStage(ResponseStage):
     def wanted(self) -> list[str]:
         return list(self.options.outputs) + ([self.options.logits] if self.options.logits else [])
 
-    def prepare(self, request, inputs, request_id) -> _State:
-        named = {o.name for o in request.outputs}
-        added = set()
-        if named:  # no names = every output comes back anyway
-            for name in self.wanted():
-                if name not in named:
-                    request.outputs.add(name=name)
-                    added.add(name)
-        return _State(added)
+    def prepare(self, request, inputs, request_id) -> AddedOutputs:
+        return ask_for_outputs(request, self.wanted())
 
     def score_arrays(self, arrays: dict[str, np.ndarray]) -> np.ndarray:
         """Per-row log-odds, as ``on_response`` computes them."""
@@ -246,13 +233,9 @@ class FeatureEnsembleStage(ResponseStage):
             raise RuntimeError(f"detect.feature_ensemble: no fitted state at {self.state}")
         return self.model.score(arrays)
 
-    async def on_response(self, state: _State, response, call_upstream) -> ResponseResult:
+    async def on_response(self, state: AddedOutputs, response, call_upstream) -> ResponseResult:
         wanted = set(self.wanted())
-        arrays = {}
-        for position, spec in enumerate(response.outputs):
-            if spec.name in wanted:
-                arrays[spec.name] = tensor.decode_response(_one_output(response, position))[spec.name]
-        strip_outputs(response, state.added)  # the client gets only what it asked for
+        arrays = take_outputs(response, wanted, state)
         missing = wanted - set(arrays)
         if missing:
             raise ValueError(f"the upstream's answer has no output(s) {sorted(missing)}")

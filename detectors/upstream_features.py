@@ -46,7 +46,8 @@ from bastion.proxy.stages import StageOptions, register
 from bastion.transforms import tensor
 from bastion.transforms.base import NUMERIC_DATATYPES
 
-__all__ = ["UpstreamFeatureOptions", "UpstreamFeatureStage", "strip_outputs"]
+__all__ = ["UpstreamFeatureOptions", "UpstreamFeatureStage", "AddedOutputs", "ask_for_outputs",
+           "take_outputs", "strip_outputs"]
 
 
 class UpstreamFeatureOptions(StageOptions):
@@ -90,8 +91,32 @@ def strip_outputs(response, names: set[str]) -> None:
 
 
 @dataclasses.dataclass
-class _State:
+class AddedOutputs:
     added: set[str]        # outputs asked for on the client's behalf: removed from the answer
+
+
+def ask_for_outputs(request, wanted: list[str]) -> AddedOutputs:
+    """Add the ``wanted`` outputs a client that named its outputs left out (a client that named
+    none gets every output anyway); what was added is removed from the answer again."""
+    named = {o.name for o in request.outputs}
+    added = set()
+    if named:
+        for name in wanted:
+            if name not in named:
+                request.outputs.add(name=name)
+                added.add(name)
+    return AddedOutputs(added)
+
+
+def take_outputs(response, wanted: set[str], state: AddedOutputs) -> dict[str, np.ndarray]:
+    """The ``wanted`` outputs of the answer, decoded; then the ones added on the client's behalf
+    are stripped (first, so whatever happens next the client gets only what it asked for)."""
+    arrays = {}
+    for position, spec in enumerate(response.outputs):
+        if spec.name in wanted:
+            arrays[spec.name] = tensor.decode_response(_one_output(response, position))[spec.name]
+    strip_outputs(response, state.added)
+    return arrays
 
 
 class UpstreamFeatureStage(ResponseStage):
@@ -154,24 +179,11 @@ class UpstreamFeatureStage(ResponseStage):
             features.reshape(len(features), -1).astype(np.float64),
             predicted if self.logits else None)
 
-    def prepare(self, request, inputs, request_id) -> _State:
-        named = {o.name for o in request.outputs}
-        added = set()
-        if named:  # no names = every output comes back anyway
-            for name in self.wanted():
-                if name not in named:
-                    request.outputs.add(name=name)
-                    added.add(name)
-        return _State(added)
+    def prepare(self, request, inputs, request_id) -> AddedOutputs:
+        return ask_for_outputs(request, self.wanted())
 
-    async def on_response(self, state: _State, response, call_upstream) -> ResponseResult:
-        wanted = set(self.wanted())
-        arrays = {}
-        for position, spec in enumerate(response.outputs):
-            if spec.name in wanted:
-                arrays[spec.name] = tensor.decode_response(_one_output(response, position))[spec.name]
-        # Strip first: whatever happens next, the client gets only the outputs it asked for.
-        strip_outputs(response, state.added)
+    async def on_response(self, state: AddedOutputs, response, call_upstream) -> ResponseResult:
+        arrays = take_outputs(response, set(self.wanted()), state)
         if not self.detector.model.fitted:
             raise RuntimeError(f"detect.features: no fitted state at {self.state} (run "
                                "`bastion calibrate` for this stage)")
