@@ -61,23 +61,10 @@ class Passthrough:
                             context: grpc.aio.ServicerContext,
                             request_id: str | None = None) -> bytes:
         request_id = request_id or forwarding.new_request_id()
-        with telemetry.upstream_span(method, self.upstream.target) as span:
-            call = self.upstream.unary(method)(
-                request, metadata=telemetry.inject_headers(
-                    forwarding.upstream_metadata(context, request_id)),
-                timeout=forwarding.deadline(context, self.default_timeout_s))
-            started = time.perf_counter()
-            try:
-                reply = await call
-            except grpc.aio.AioRpcError as error:
-                if self.metrics is not None:
-                    self.metrics.observe_upstream(method, error.code().name,
-                                                  time.perf_counter() - started)
-                telemetry.record_status(span, error.code())
-                await forwarding.pass_error(context, error, self.upstream)
-            if self.metrics is not None:
-                self.metrics.observe_upstream(method, "OK", time.perf_counter() - started)
-            telemetry.record_status(span, grpc.StatusCode.OK)
+        try:
+            call, reply = await self._traced_unary(method, request, context, request_id)
+        except grpc.aio.AioRpcError as error:
+            await forwarding.pass_error(context, error, self.upstream)
         initial = forwarding.response_metadata(await call.initial_metadata())
         if initial:
             await context.send_initial_metadata(initial)
@@ -92,6 +79,12 @@ class Passthrough:
         samples, the client's request again after a stage failed): counted in
         bastion_upstream_requests_total and traced like a forwarded call; an error raises
         AioRpcError to the caller instead of ending the client's call."""
+        return (await self._traced_unary(method, request, context, request_id))[1]
+
+    async def _traced_unary(self, method: str, request: bytes,
+                            context: grpc.aio.ServicerContext, request_id: str):
+        """(call, reply) of one unary upstream call, in an upstream span and counted in the
+        upstream metrics with its outcome; an error is recorded, then raised."""
         with telemetry.upstream_span(method, self.upstream.target) as span:
             call = self.upstream.unary(method)(
                 request, metadata=telemetry.inject_headers(
@@ -109,7 +102,7 @@ class Passthrough:
             if self.metrics is not None:
                 self.metrics.observe_upstream(method, "OK", time.perf_counter() - started)
             telemetry.record_status(span, grpc.StatusCode.OK)
-        return reply
+        return call, reply
 
     async def forward_stream(self, method: str, request_iterator,
                              context: grpc.aio.ServicerContext):
