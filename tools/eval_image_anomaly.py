@@ -33,7 +33,6 @@ What it does
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import pathlib
 import sys
 import time
@@ -41,6 +40,7 @@ import time
 import numpy as np
 
 from generated_doc import write_generated  # tools/ (this script's folder)
+from image_attacks import training_module  # the demo CNN's training code
 from linf_attack import linf_attack
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -49,14 +49,6 @@ DOC = REPO / "docs" / "quality-image-anomaly.md"
 TARGET_FPR = 0.05
 #: The model's feature outputs scored (``detect.features``'s ``output``).
 FEATURE_OUTPUTS = ("features", "conv1_stats")
-
-
-def training_module():
-    path = REPO / "tools" / "training" / "train_fashion_mnist.py"
-    spec = importlib.util.spec_from_file_location("train_fashion_mnist", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def onnx_session(threads: int):

@@ -12,7 +12,6 @@ goes next to the demo model, so `bastion upstream` serves it as model ``fashion-
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import pathlib
 import time
 import warnings
@@ -22,14 +21,6 @@ import numpy as np
 REPO = pathlib.Path(__file__).resolve().parents[2]
 DEMO = REPO / "bastion" / "demo_models" / "fashion-mnist" / "model.onnx"
 OUT = REPO / "bastion" / "demo_models" / "fashion-mnist-robust" / "model.onnx"
-
-
-def training_module():
-    path = REPO / "tools" / "training" / "train_fashion_mnist.py"
-    spec = importlib.util.spec_from_file_location("train_fashion_mnist", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def pgd_batch(model, x, y, eps: float, steps: int, generator):
@@ -63,7 +54,7 @@ def main() -> None:
 
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
-    train = training_module()
+    import train_fashion_mnist as train  # tools/training (this script's folder)
     x_train_u8, y_train = train.load_split("train")
     x_test_u8, y_test = train.load_split("t10k")
     x_train = torch.from_numpy(x_train_u8.astype(np.float32) / 255.0).unsqueeze(1)
