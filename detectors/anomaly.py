@@ -488,10 +488,18 @@ def save_state(path: str | os.PathLike, model: AnomalyModel, source: str,
         "source": source,
         "dim": model.dim,
         "n_reference": model.n_reference,
-        "arrays": {name: _array_digest(a) for name, a in sorted(arrays.items())},
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "extra": extra or {},
     }
+    return write_state_file(path, header, arrays)
+
+
+def write_state_file(path: str | os.PathLike, header: dict,
+                     arrays: dict[str, np.ndarray]) -> pathlib.Path:
+    """Write a checksummed state (``header`` + the digest of every array) atomically: a
+    temporary file renamed over ``path``. The one writer of every detector state format."""
+    path = pathlib.Path(path)
+    header = {**header, "arrays": {name: _array_digest(a) for name, a in sorted(arrays.items())}}
     header["checksum"] = _header_checksum(header)
     payload = dict(arrays)
     payload[_HEADER_KEY] = np.frombuffer(json.dumps(header, sort_keys=True).encode(), np.uint8)
@@ -502,6 +510,47 @@ def save_state(path: str | os.PathLike, model: AnomalyModel, source: str,
     tmp.write_bytes(buffer.getvalue())
     os.replace(tmp, path)
     return path
+
+
+def read_state_file(path: str | os.PathLike, fmt: str, version: int,
+                    what: str) -> tuple[dict, dict[str, np.ndarray]]:
+    """(header, arrays) of a state written by :func:`write_state_file`, verified: format,
+    version, header checksum, and every array against its digest. ``what`` names the kind of
+    state in errors."""
+    path = pathlib.Path(path)
+    try:
+        data = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError) as err:
+        raise StateError(f"{path}: not a readable state file ({err})") from None
+    with data:
+        if _HEADER_KEY not in data.files:
+            raise StateError(f"{path}: not a bastion {what} state (no header)")
+        try:
+            header = json.loads(data[_HEADER_KEY].tobytes().decode())
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise StateError(f"{path}: unreadable header") from None
+        if header.get("format") != fmt:
+            raise StateError(f"{path}: format {header.get('format')!r}, expected {fmt!r}")
+        if header.get("version") != version:
+            raise StateError(f"{path}: state format version {header.get('version')!r}; this "
+                             f"Bastion reads version {version}: refit it (bastion calibrate)")
+        if header.get("checksum") != _header_checksum(header):
+            raise StateError(f"{path}: header checksum mismatch (the file was modified)")
+        expected = header.get("arrays", {})
+        present = {name for name in data.files if name != _HEADER_KEY}
+        if present != set(expected):
+            raise StateError(f"{path}: arrays {sorted(present)} do not match the header's "
+                             f"{sorted(expected)}")
+        arrays = {}
+        for name in sorted(expected):
+            array = data[name]
+            if _array_digest(array) != expected[name]:
+                raise StateError(f"{path}: checksum mismatch in array {name!r} (the file was "
+                                 "modified or is corrupt)")
+            arrays[name] = array
+    return header, arrays
 
 
 def read_header(path: str | os.PathLike) -> dict:
@@ -516,45 +565,14 @@ def load_state(path: str | os.PathLike, source: str | None = None,
     """Load and verify a state file. ``source`` / ``method``: what the caller expects (refused
     when the file says otherwise). Returns the model and the header."""
     path = pathlib.Path(path)
-    try:
-        data = np.load(path, allow_pickle=False)
-    except FileNotFoundError:
-        raise
-    except (OSError, ValueError) as err:
-        raise StateError(f"{path}: not a readable state file ({err})") from None
-    with data:
-        if _HEADER_KEY not in data.files:
-            raise StateError(f"{path}: not a bastion anomaly state (no header)")
-        try:
-            header = json.loads(data[_HEADER_KEY].tobytes().decode())
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise StateError(f"{path}: unreadable header") from None
-        if header.get("format") != FORMAT:
-            raise StateError(f"{path}: format {header.get('format')!r}, expected {FORMAT!r}")
-        if header.get("version") != VERSION:
-            raise StateError(f"{path}: state format version {header.get('version')!r}; this "
-                             f"Bastion reads version {VERSION}: refit it (bastion calibrate)")
-        if header.get("checksum") != _header_checksum(header):
-            raise StateError(f"{path}: header checksum mismatch (the file was modified)")
-        if source is not None and header.get("source") != source:
-            raise StateError(f"{path}: fitted on features from {header.get('source')!r}, but "
-                             f"this stage's features come from {source!r}: refit the state "
-                             "(bastion calibrate) or point the stage at the right one")
-        if method is not None and header.get("method") != method:
-            raise StateError(f"{path}: holds a {header.get('method')!r} model, the stage is "
-                             f"configured for {method!r}")
-        expected = header.get("arrays", {})
-        present = {name for name in data.files if name != _HEADER_KEY}
-        if present != set(expected):
-            raise StateError(f"{path}: arrays {sorted(present)} do not match the header's "
-                             f"{sorted(expected)}")
-        arrays = {}
-        for name in sorted(expected):
-            array = data[name]
-            if _array_digest(array) != expected[name]:
-                raise StateError(f"{path}: checksum mismatch in array {name!r} (the file was "
-                                 "modified or is corrupt)")
-            arrays[name] = array
+    header, arrays = read_state_file(path, FORMAT, VERSION, "anomaly")
+    if source is not None and header.get("source") != source:
+        raise StateError(f"{path}: fitted on features from {header.get('source')!r}, but "
+                         f"this stage's features come from {source!r}: refit the state "
+                         "(bastion calibrate) or point the stage at the right one")
+    if method is not None and header.get("method") != method:
+        raise StateError(f"{path}: holds a {header.get('method')!r} model, the stage is "
+                         f"configured for {method!r}")
     cls = _MODELS.get(header.get("method"))
     if cls is None:
         raise StateError(f"{path}: unknown method {header.get('method')!r}")

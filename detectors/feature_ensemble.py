@@ -31,14 +31,12 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import io
-import json
 import os
 import pathlib
 
 import numpy as np
 
-from bastion.detectors.anomaly import Mahalanobis, StateError, _array_digest, _header_checksum
+from bastion.detectors.anomaly import Mahalanobis, read_state_file, write_state_file
 from bastion.detectors.base import ResponseResult, ResponseStage
 from bastion.detectors.upstream_features import AddedOutputs, ask_for_outputs, take_outputs
 from bastion.proxy.stages import StageOptions, register
@@ -49,7 +47,6 @@ __all__ = ["EnsembleModel", "FeatureEnsembleOptions", "FeatureEnsembleStage", "f
 
 FORMAT = "bastion-feature-ensemble"
 VERSION = 1
-_HEADER_KEY = "__header__"
 MARGIN_FLOOR = 0.01  # keeps log(margin) finite for ties
 
 
@@ -141,49 +138,15 @@ def save_ensemble(path: str | os.PathLike, model: EnsembleModel,
         "format": FORMAT, "version": VERSION, "source": model.source,
         "outputs": model.outputs, "logits": model.logits, "layers": layers,
         "features": model.feature_names,
-        "arrays": {name: _array_digest(a) for name, a in sorted(arrays.items())},
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "extra": extra or {},
     }
-    header["checksum"] = _header_checksum(header)
-    payload = dict(arrays)
-    payload[_HEADER_KEY] = np.frombuffer(json.dumps(header, sort_keys=True).encode(), np.uint8)
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    buffer = io.BytesIO()
-    np.savez_compressed(buffer, **payload)
-    tmp.write_bytes(buffer.getvalue())
-    os.replace(tmp, path)
-    return path
+    return write_state_file(path, header, arrays)
 
 
 def load_ensemble(path: str | os.PathLike) -> tuple[EnsembleModel, dict]:
     """Load and verify a state (format, version, checksums)."""
-    path = pathlib.Path(path)
-    try:
-        data = np.load(path, allow_pickle=False)
-    except FileNotFoundError:
-        raise
-    except (OSError, ValueError) as err:
-        raise StateError(f"{path}: not a readable state file ({err})") from None
-    with data:
-        if _HEADER_KEY not in data.files:
-            raise StateError(f"{path}: not a bastion feature-ensemble state (no header)")
-        header = json.loads(data[_HEADER_KEY].tobytes().decode())
-        if header.get("format") != FORMAT or header.get("version") != VERSION:
-            raise StateError(f"{path}: format {header.get('format')!r} version "
-                             f"{header.get('version')!r}, expected {FORMAT!r} {VERSION}")
-        if header.get("checksum") != _header_checksum(header):
-            raise StateError(f"{path}: header checksum mismatch (the file was modified)")
-        expected = header["arrays"]
-        if {n for n in data.files if n != _HEADER_KEY} != set(expected):
-            raise StateError(f"{path}: arrays do not match the header")
-        arrays = {}
-        for name in expected:
-            arrays[name] = data[name]
-            if _array_digest(arrays[name]) != expected[name]:
-                raise StateError(f"{path}: checksum mismatch in array {name!r}")
+    header, arrays = read_state_file(path, FORMAT, VERSION, "feature-ensemble")
     gaussians = []
     for i, layer in enumerate(header["layers"]):
         prefix = f"layer{i}."
