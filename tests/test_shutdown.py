@@ -17,8 +17,9 @@ import pytest
 
 from bastion.protos import SERVICE, pb
 from bastion.proxy.drain import REFUSED_DETAILS, DrainGate
-from tests.harness import Upstream, bastion, free_port, wait_health
+from tests.harness import Upstream
 from tests.test_limiter_redis import RedisServer
+from tests.test_reload_drain import start_sidecar as start_sidecar_process
 from tests.test_policy_integration import echo_model
 
 # The contract (issue 17): the process is gone within drain_delay_s + grace_s + 2 s of SIGTERM.
@@ -45,18 +46,11 @@ def echo_request() -> bytes:
 
 
 def start_sidecar(upstream, tmp_path, config: str):
+    """`bastion serve` on the config text, healthy: (process, address)."""
     path = tmp_path / "bastion.yaml"
     path.write_text(config)
-    port, admin = free_port(), free_port()
-    proc = bastion("serve", "-c", str(path), "--listen", f"127.0.0.1:{port}",
-                   "--admin", f"127.0.0.1:{admin}", "--upstream", upstream.address)
-    try:
-        proc.wait_for("bastion: serving", timeout=30)
-        wait_health(f"127.0.0.1:{port}")
-    except BaseException:
-        proc.stop()
-        raise
-    return proc, f"127.0.0.1:{port}"
+    proc, address, _ = start_sidecar_process(upstream, path)
+    return proc, address
 
 
 class Blackhole:
