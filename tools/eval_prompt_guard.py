@@ -28,6 +28,7 @@ import collections
 import hashlib
 import json
 import pathlib
+import random
 import subprocess
 import sys
 import time
@@ -128,7 +129,6 @@ def perplexity_scores(texts: list[str], work: pathlib.Path) -> np.ndarray:
 
 def stratified_sample(records: list[dict], per_cell: int, seed: int = 7) -> np.ndarray:
     """Indices of at most ``per_cell`` records per (label, group), seeded."""
-    import random
     cells: dict[tuple, list[int]] = collections.defaultdict(list)
     for index, record in enumerate(records):
         cells[(record["label"], record["group"])].append(index)
@@ -278,7 +278,6 @@ def main(argv: list[str] | None = None) -> int:
         model_dir = args.work / f"fold-{k}"
         train_rows = [r for r, f, c in zip(records, fold, calib) if f != k and not c]
         if not (model_dir / "config.json").exists():
-            import random
             if args.limit and len(train_rows) > args.limit:
                 train_rows = random.Random(k).sample(train_rows, args.limit)
             train(train_rows, model_dir, args.layers, args.epochs, 32, 8e-5, args.max_length,
