@@ -81,7 +81,7 @@ async def run_texts(runners, model_name: str, input_name: str, texts: list[str],
     the stage that refused the text or None, the texts as the last stage left them)."""
     from bastion.proxy.pipeline import RequestContext
     from bastion.transforms.base import InputRejected
-    from bastion.transforms.tensor import TensorError, as_bytes_array
+    from bastion.protos.codec import TensorError, as_bytes_array
 
     scores = {runner.config.stage_id: np.full(len(texts), np.nan) for runner in runners}
     refused = np.full(len(texts), None, dtype=object)
@@ -274,7 +274,7 @@ def upstream_outputs(config, model: str, arrays: dict[str, np.ndarray], outputs:
 
     from bastion.protos import pb
     from bastion.proxy.tls import channel_credentials
-    from bastion.transforms import tensor
+    from bastion.protos import codec
 
     tls = config.tls.upstream
     options = [("grpc.max_receive_message_length", config.upstream.max_receive_message_bytes),
@@ -289,7 +289,7 @@ def upstream_outputs(config, model: str, arrays: dict[str, np.ndarray], outputs:
     try:
         for start in range(0, total, batch):
             request = pb.ModelInferRequest(model_name=model, id=f"calibrate-{start}")
-            tensor.encode_request(request, {n: a[start:start + batch] for n, a in arrays.items()})
+            codec.encode_request(request, {n: a[start:start + batch] for n, a in arrays.items()})
             for name in outputs:
                 request.outputs.add(name=name)
             try:
@@ -297,7 +297,7 @@ def upstream_outputs(config, model: str, arrays: dict[str, np.ndarray], outputs:
             except grpc.RpcError as err:
                 raise SystemExit(f"bastion calibrate: upstream {target} answered "
                                  f"{err.code().name}: {err.details()}") from None
-            answer = tensor.decode_response(pb.ModelInferResponse.FromString(raw))
+            answer = codec.decode_response(pb.ModelInferResponse.FromString(raw))
             for name in outputs:
                 if name not in answer:
                     raise SystemExit(f"bastion calibrate: the upstream's answer for model "

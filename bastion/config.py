@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from bastion.detectors.extraction import ExtractionConfig
 from bastion.proxy.limiter import ClientsConfig
-from bastion.transforms.tensor import DATATYPES
+from bastion.protos.codec import DATATYPES
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 

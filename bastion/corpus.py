@@ -33,7 +33,7 @@ import numpy as np
 
 from bastion import traffic
 from bastion.protos import pb
-from bastion.transforms import tensor
+from bastion.protos import codec
 
 LABELS = ("benign", "attack")
 DEFAULT_TEXT_INPUT = "prompt"
@@ -160,14 +160,14 @@ def text_payload(model: str, text: str, input_name: str = DEFAULT_TEXT_INPUT,
                  request_id: str = "") -> bytes:
     """The serialized ModelInferRequest for one prompt: BYTES ``input_name``, shape [1, 1]."""
     request = pb.ModelInferRequest(model_name=model, id=request_id)
-    tensor.encode_request(request, {input_name: tensor.as_bytes_array([text], (1, 1))})
+    codec.encode_request(request, {input_name: codec.as_bytes_array([text], (1, 1))})
     return request.SerializeToString()
 
 
 def tensor_payload(model: str, array: np.ndarray, input_name: str, request_id: str = "") -> bytes:
     """The serialized ModelInferRequest for one FP32 tensor input."""
     request = pb.ModelInferRequest(model_name=model, id=request_id)
-    tensor.encode_request(request, {input_name: np.asarray(array, dtype=np.float32)},
+    codec.encode_request(request, {input_name: np.asarray(array, dtype=np.float32)},
                           {input_name: "FP32"})
     return request.SerializeToString()
 

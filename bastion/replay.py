@@ -225,7 +225,7 @@ class OfflinePipeline:
         from bastion.proxy import policy
         from bastion.proxy.inference import request_datatype
         from bastion.proxy.pipeline import RequestContext
-        from bastion.transforms import tensor
+        from bastion.protos import codec
         from bastion.transforms.base import InputRejected
         from bastion.transforms.validate import check as check_tensor
 
@@ -236,7 +236,7 @@ class OfflinePipeline:
             if request.model_name != self.model_name:
                 raise ReplayError(f"bastion replay: record {record.id!r} is for model "
                                   f"{request.model_name!r}; offline mode runs {self.model_name!r}")
-            inputs = tensor.decode_request(request, self.config.limits.max_tensor_elements)
+            inputs = codec.decode_request(request, self.config.limits.max_tensor_elements)
             for name, spec in self.specs.items():
                 if name in inputs:
                     check_tensor(inputs[name], request_datatype(request, name), spec, name)
@@ -245,7 +245,7 @@ class OfflinePipeline:
                                  datatypes={t.name: t.datatype for t in request.inputs},
                                  invalid_utf8=self.model.invalid_utf8)
             await self.pipeline.run(ctx, stop_on_block=False)
-        except (DecodeError, tensor.TensorError, InputRejected) as err:
+        except (DecodeError, codec.TensorError, InputRejected) as err:
             outcome.status = "INVALID_ARGUMENT"
             outcome.detail = f"bastion: {err}"[:300] if not isinstance(err, DecodeError) else \
                 "bastion: request is not a valid ModelInferRequest message"

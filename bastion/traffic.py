@@ -15,7 +15,7 @@ from importlib import resources
 import numpy as np
 
 from bastion.protos import pb
-from bastion.transforms import tensor
+from bastion.protos import codec
 
 IMAGE_MODEL = "fashion-mnist"
 TEXT_MODEL = "text-classifier"
@@ -68,13 +68,13 @@ def load_text_sample(path: str | pathlib.Path | None = None) -> list[dict]:
 
 def image_request(image: np.ndarray, request_id: str = "") -> pb.ModelInferRequest:
     request = pb.ModelInferRequest(model_name=IMAGE_MODEL, id=request_id)
-    tensor.encode_request(request, {"image": image.reshape(1, 1, 28, 28).astype(np.float32)})
+    codec.encode_request(request, {"image": image.reshape(1, 1, 28, 28).astype(np.float32)})
     return request
 
 
 def text_request(text: str, request_id: str = "") -> pb.ModelInferRequest:
     request = pb.ModelInferRequest(model_name=TEXT_MODEL, id=request_id)
-    tensor.encode_request(request, {"prompt": tensor.as_bytes_array([text], (1, 1))})
+    codec.encode_request(request, {"prompt": codec.as_bytes_array([text], (1, 1))})
     return request
 
 

@@ -19,7 +19,7 @@ from bastion.config import parse_config
 from bastion.protos import pb
 from bastion.proxy.pipeline import RequestContext, build_pipeline
 from bastion.traffic import load_text_sample, text_request
-from bastion.transforms import tensor
+from bastion.protos import codec
 
 CHAINS = {
     "sanitize.unicode (nfkc, invisible, control)": [{"sanitize.unicode": {"fold_confusables": False}}],
@@ -71,7 +71,7 @@ def main() -> None:
 
         def decode_only():
             request = pb.ModelInferRequest.FromString(raw)
-            arrays = tensor.decode_request(request)
+            arrays = codec.decode_request(request)
             arrays["prompt"].reshape(-1)[0].decode("utf-8")
 
         baseline = cpu_per_call(decode_only, args.repeat)
@@ -84,7 +84,7 @@ def main() -> None:
 
             def run_chain():
                 request = pb.ModelInferRequest.FromString(raw)
-                ctx = RequestContext("r", "m", "", tensor.decode_request(request),
+                ctx = RequestContext("r", "m", "", codec.decode_request(request),
                                      {"prompt": "BYTES"})
                 loop.run_until_complete(pipeline.run(ctx, stop_on_block=False))
 

@@ -7,7 +7,7 @@
    all of them) against `bastion serve` with the demo pipelines in front of `bastion upstream`.
    Every case is judged by the same oracles as the tests; the sidecar must stay alive. Prints a
    histogram of statuses per kind, the known bugs hit, and any new problem with a reproducer.
-2. Codec (``--codec-cases``): ``bastion.transforms.tensor.decode_request`` on ModelInferRequests
+2. Codec (``--codec-cases``): ``bastion.protos.codec.decode_request`` on ModelInferRequests
    parsed from random bytes, damaged real requests and generated ones: only TensorError (or
    protobuf's DecodeError when parsing) may escape. Exceptions are counted by type.
 3. atheris (``--atheris-runs``, if `pip install atheris` worked): coverage-guided fuzzing of the
@@ -38,7 +38,7 @@ from hypothesis import HealthCheck, Phase, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from bastion.protos import pb  # noqa: E402
-from bastion.transforms import tensor  # noqa: E402
+from bastion.protos import codec  # noqa: E402
 from tests import test_fuzz as tf  # noqa: E402
 
 
@@ -149,8 +149,8 @@ def codec_outcome(payload: bytes) -> str:
     except DecodeError:
         return "DecodeError (not a message)"
     try:
-        tensor.decode_request(request, tf.MAX_TENSOR_ELEMENTS)
-    except tensor.TensorError:
+        codec.decode_request(request, tf.MAX_TENSOR_ELEMENTS)
+    except codec.TensorError:
         return "TensorError"
     except Exception as err:  # noqa: BLE001 - what we are looking for
         # Group by exception type and message with numbers blanked out.
@@ -226,7 +226,7 @@ import atheris
 with atheris.instrument_imports():
     from google.protobuf.message import DecodeError
     from bastion.protos import pb
-    from bastion.transforms import tensor
+    from bastion.protos import codec
 
 KNOWN = ("array is too big", "maximum supported dimension")
 counts = collections.Counter()
@@ -237,9 +237,9 @@ def decode(data: bytes) -> str:
     except DecodeError:
         return "DecodeError"
     try:
-        tensor.decode_request(request, 64 * 1024 * 1024)
+        codec.decode_request(request, 64 * 1024 * 1024)
         return "decoded"
-    except tensor.TensorError:
+    except codec.TensorError:
         return "TensorError"
     except ValueError as err:
         if any(k in str(err) for k in KNOWN):   # reported: codec-valueerror

@@ -61,7 +61,7 @@ from pydantic import Field, field_validator
 from bastion.detectors.base import ResponseResult, ResponseStage
 from bastion.detectors.squeeze import request_template, shares_batch, with_inputs
 from bastion.proxy.stages import register
-from bastion.transforms import tensor
+from bastion.protos import codec
 from bastion.transforms.base import FLOAT_DATATYPES
 from bastion.transforms.image import ImageOptions, noise_seed
 
@@ -199,7 +199,7 @@ class RandomizedSmoothing(ResponseStage):
         self.output = options.output
 
     def prepare(self, request, inputs, request_id):
-        arrays = tensor.decode_request(request)
+        arrays = codec.decode_request(request)
         datatypes = {t.name: t.datatype for t in request.inputs}
         image = arrays.get(self.input)
         if image is None:
@@ -248,7 +248,7 @@ class RandomizedSmoothing(ResponseStage):
                 answer = await call_upstream(request)
             finally:
                 gate.release()
-            values = tensor.decode_response(answer).get(self.output)
+            values = codec.decode_response(answer).get(self.output)
             if values is None:
                 raise ValueError(f"a noisy copy's answer has no output '{self.output}'")
             classes[start:start + count] = predicted_classes(values, count)
@@ -275,7 +275,7 @@ class RandomizedSmoothing(ResponseStage):
             return ResponseResult(0.0)
         classes = await self.sample_classes(state, call_upstream)
         known = None
-        clean = tensor.decode_response(response)
+        clean = codec.decode_response(response)
         if self.output in clean and clean[self.output].ndim >= 2:
             known = int(np.prod(clean[self.output].shape[1:]))
         certificates = [certify(row[:o.n0], row[o.n0:], o.sigma, o.alpha, known)
@@ -324,7 +324,7 @@ class RandomizedSmoothing(ResponseStage):
         outputs[CLASS_OUTPUT] = classes
         outputs[RADIUS_OUTPUT] = radii
         datatypes.update({CLASS_OUTPUT: "INT64", RADIUS_OUTPUT: "FP64"})
-        tensor.encode_response(response, outputs, datatypes)
+        codec.encode_response(response, outputs, datatypes)
 
 
 register("smooth.randomized", "response", SmoothingOptions, RandomizedSmoothing)

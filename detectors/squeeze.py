@@ -57,7 +57,7 @@ from pydantic import field_validator
 from bastion.detectors.base import ResponseResult, ResponseStage
 from bastion.protos import pb
 from bastion.proxy.stages import register
-from bastion.transforms import tensor
+from bastion.protos import codec
 from bastion.transforms.base import TransformContext
 from bastion.transforms.image import (IMAGE_DATATYPES, BitDepth, ImageOptions, ImageTransform,
                                       Jpeg, Median)
@@ -149,7 +149,7 @@ def with_inputs(template: pb.ModelInferRequest, arrays: dict[str, np.ndarray],
                 datatypes: dict[str, str]) -> pb.ModelInferRequest:
     request = pb.ModelInferRequest()
     request.CopyFrom(template)
-    tensor.encode_request(request, arrays, datatypes)
+    codec.encode_request(request, arrays, datatypes)
     return request
 
 
@@ -188,14 +188,14 @@ class FeatureSqueezer(ResponseStage):
     def variants(self, image: np.ndarray, request_id: str = "",
                  datatype: str | None = None) -> list[np.ndarray]:
         """The squeezed copies of ``image``, one per squeezer, same shape and dtype."""
-        ctx = TransformContext(request_id, self.input, datatype or tensor.datatype_of(image))
+        ctx = TransformContext(request_id, self.input, datatype or codec.datatype_of(image))
         return [transform.apply(image, ctx).array for _, transform in self.squeezers]
 
     # --- before the upstream call ---------------------------------------------------------
     def prepare(self, request, inputs, request_id):
         # The forwarded request is the truth (in monitor mode a request stage's transform is
         # not forwarded): read the image from it, not from the pipeline's inputs.
-        arrays = tensor.decode_request(request)
+        arrays = codec.decode_request(request)
         datatypes = {t.name: t.datatype for t in request.inputs}
         image = arrays.get(self.input)
         if image is None:
@@ -218,7 +218,7 @@ class FeatureSqueezer(ResponseStage):
             combined = dict(repeat_rows(arrays, np.tile(np.arange(rows), blocks), self.input))
             combined[self.input] = np.concatenate([image, *variants])
             ordered = {name: combined[name] for name in arrays}  # keep the input order
-            tensor.encode_request(request, ordered, datatypes)
+            codec.encode_request(request, ordered, datatypes)
             return _State(rows, True, strip, [])
         template = request_template(request)
         extra = [with_inputs(template, {**arrays, self.input: variant}, datatypes)
@@ -231,7 +231,7 @@ class FeatureSqueezer(ResponseStage):
             return ResponseResult(0.0)
         rows, count = state.rows, len(self.squeezers)
         total = rows * (1 + count) if state.batched else None
-        outputs = tensor.decode_response(response)
+        outputs = codec.decode_response(response)
         scored = outputs.get(self.output)
         # Rewrite first: whatever happens next (a failure, the budget), the client gets only
         # its own rows and outputs.
@@ -251,7 +251,7 @@ class FeatureSqueezer(ResponseStage):
             answers = await asyncio.gather(*(call_upstream(r) for r in state.variants))
             variants = []
             for answer in answers:
-                values = tensor.decode_response(answer).get(self.output)
+                values = codec.decode_response(answer).get(self.output)
                 if values is None:
                     raise ValueError(f"a squeezed copy's answer has no output '{self.output}'")
                 variants.append(output_rows(values, rows))
@@ -281,7 +281,7 @@ class FeatureSqueezer(ResponseStage):
             del response.raw_output_contents[:]
             return
         datatypes = {t.name: t.datatype for t in response.outputs}
-        tensor.encode_response(response, outputs, datatypes)
+        codec.encode_response(response, outputs, datatypes)
 
 
 def _build(options: SqueezeOptions) -> FeatureSqueezer:

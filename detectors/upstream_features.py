@@ -43,7 +43,7 @@ from bastion.detectors.anomaly import (FeatureAnomalyDetector, Method, load_stat
                                        save_state)
 from bastion.detectors.base import ResponseResult, ResponseStage
 from bastion.proxy.stages import StageOptions, register
-from bastion.transforms import tensor
+from bastion.protos import codec
 from bastion.transforms.base import NUMERIC_DATATYPES
 
 __all__ = ["UpstreamFeatureOptions", "UpstreamFeatureStage", "AddedOutputs", "ask_for_outputs",
@@ -114,7 +114,7 @@ def take_outputs(response, wanted: set[str], state: AddedOutputs) -> dict[str, n
     arrays = {}
     for position, spec in enumerate(response.outputs):
         if spec.name in wanted:
-            arrays[spec.name] = tensor.decode_response(_one_output(response, position))[spec.name]
+            arrays[spec.name] = codec.decode_response(_one_output(response, position))[spec.name]
     strip_outputs(response, state.added)
     return arrays
 

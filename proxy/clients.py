@@ -13,7 +13,7 @@ import numpy as np
 from bastion.detectors.extraction import ExtractionMonitor
 from bastion.proxy import limiter
 from bastion.proxy.identity import resolve_identity
-from bastion.transforms import tensor
+from bastion.protos import codec
 
 log = logging.getLogger("bastion.clients")
 
@@ -70,7 +70,7 @@ class ClientControl:
         predicted = None
         if settings.class_output:
             from bastion.protos import pb
-            outputs = tensor.decode_response(pb.ModelInferResponse.FromString(reply))
+            outputs = codec.decode_response(pb.ModelInferResponse.FromString(reply))
             scores = outputs.get(settings.class_output)
             if scores is not None and scores.size:
                 predicted = int(np.argmax(scores.reshape(scores.shape[0], -1)[0]))

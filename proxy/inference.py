@@ -25,7 +25,7 @@ from bastion.proxy.memory import MemoryWatermark
 from bastion.proxy.pipeline import RequestContext, StageShed
 from bastion.proxy.passthrough import Passthrough
 from bastion.proxy.state import SidecarState
-from bastion.transforms import tensor
+from bastion.protos import codec
 from bastion.transforms.base import InputRejected
 from bastion.transforms.validate import check as check_tensor
 
@@ -184,8 +184,8 @@ class InferenceHandler:
         if out_of_band:
             return self._out_of_band(request, raw, request_id, model, out_of_band)
         try:
-            inputs = tensor.decode_request(request, snapshot.config.limits.max_tensor_elements)
-        except tensor.TensorError as err:
+            inputs = codec.decode_request(request, snapshot.config.limits.max_tensor_elements)
+        except codec.TensorError as err:
             raise _invalid(str(err)) from None
         if model is None:
             return Inspected(model_name, raw, None)
@@ -202,7 +202,7 @@ class InferenceHandler:
                              invalid_utf8=model.invalid_utf8)
         try:
             await pipeline.run(ctx, stop_on_block=model.mode == "enforce")
-        except (tensor.TensorError, InputRejected) as err:
+        except (codec.TensorError, InputRejected) as err:
             raise _invalid(str(err)) from None
         except StageShed as shed:
             raise _shed(shed, request_id, model.retry_after_ms) from None
@@ -217,7 +217,7 @@ class InferenceHandler:
             raise Rejected(code, details, verdict.action, trailers, verdict)
         original_raw = raw
         if ctx.changed and verdict.forwards_transformed:
-            tensor.encode_request(request, ctx.inputs, ctx.datatypes)
+            codec.encode_request(request, ctx.inputs, ctx.datatypes)
             original_raw = raw = request.SerializeToString()
         if respond:
             scored = request
@@ -227,10 +227,10 @@ class InferenceHandler:
                 # verdict says what enforce would do (thresholds are fitted on that tensor).
                 scored = pb.ModelInferRequest()
                 scored.CopyFrom(request)
-                tensor.encode_request(scored, ctx.inputs, ctx.datatypes)
+                codec.encode_request(scored, ctx.inputs, ctx.datatypes)
             try:
                 plan = [(runner, runner.prepare(scored, ctx)) for runner in pipeline.response_runners]
-            except (tensor.TensorError, InputRejected) as err:
+            except (codec.TensorError, InputRejected) as err:
                 raise _invalid(str(err)) from None
             if scored is not request:
                 client_raw = raw if raw is not None else request.SerializeToString()

@@ -26,7 +26,7 @@ from bastion.detectors.batcher import Overloaded
 from bastion.proxy import stages as stage_registry
 from bastion.proxy.policy import ACTIONS, Decision
 from bastion.transforms.base import InputRejected, Transform, TransformContext
-from bastion.transforms.tensor import TensorError, as_bytes_array
+from bastion.protos.codec import TensorError, as_bytes_array
 
 if TYPE_CHECKING:
     from bastion.config import Config, ModelConfig

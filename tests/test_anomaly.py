@@ -447,7 +447,7 @@ def test_embedding_stage_refuses_other_encoders_state(tmp_path, tiny_encoder):
 def test_unfitted_embedding_stage_fails_open(tmp_path, tiny_encoder):
     from bastion.proxy.pipeline import RequestContext, build_pipeline
     from bastion.config import parse_config
-    from bastion.transforms.tensor import as_bytes_array
+    from bastion.protos.codec import as_bytes_array
 
     config = parse_config({"models": {"chat": {"inputs": {"prompt": {"kind": "text"}},
                                                "pipeline": [{"detect.embedding": {

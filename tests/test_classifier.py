@@ -365,7 +365,7 @@ def test_one_encoder_pass_serves_classifier_knn_and_library(exported, tmp_path):
     from bastion.detectors.embedding import (EmbeddingAnomalyDetector, EmbeddingOptions,
                                              get_encoder)
     from bastion.proxy.pipeline import RequestContext, build_pipeline
-    from bastion.transforms.tensor import as_bytes_array
+    from bastion.protos.codec import as_bytes_array
 
     folder = str(exported)
     state = tmp_path / "knn.npz"

@@ -36,7 +36,7 @@ import numpy as np
 import pytest
 
 from bastion.protos import SERVICE, pb
-from bastion.transforms import tensor
+from bastion.protos import codec
 from tests.harness import Proc, Sidecar, free_port, wait_health
 
 MODEL_INFER = f"/{SERVICE}/ModelInfer"
@@ -227,7 +227,7 @@ def resources(pid: int) -> dict:
 
 def infer_payload(request_id: str = "r") -> bytes:
     request = pb.ModelInferRequest(model_name="m", id=request_id)
-    tensor.encode_request(request, {"x": np.ones(4, np.float32)})
+    codec.encode_request(request, {"x": np.ones(4, np.float32)})
     return request.SerializeToString()
 
 

@@ -12,7 +12,7 @@ from bastion.detectors.feature_ensemble import (FeatureEnsembleOptions, FeatureE
                                                 ensemble_features, fit_ensemble, load_ensemble,
                                                 save_ensemble)
 from bastion.protos import pb
-from bastion.transforms import tensor
+from bastion.protos import codec
 
 RNG = np.random.default_rng(3)
 CLASSES = 3
@@ -113,7 +113,7 @@ def test_stage_asks_for_its_outputs_scores_and_strips_them(tmp_path):
     assert [o.name for o in request.outputs] == ["logits", "low", "high"]
     outputs = _noise_attack(2)
     reply = pb.ModelInferResponse(model_name="toy")
-    tensor.encode_response(reply, {k: v.astype(np.float32) for k, v in outputs.items()})
+    codec.encode_response(reply, {k: v.astype(np.float32) for k, v in outputs.items()})
 
     async def no_upstream(_request):
         raise AssertionError("no extra upstream call")

@@ -32,7 +32,7 @@ from hypothesis import strategies as st
 from bastion import traffic
 from bastion.demo import demo_config
 from bastion.protos import SERVICE, pb
-from bastion.transforms import tensor
+from bastion.protos import codec
 from tests.harness import Sidecar, Upstream, wait_health
 
 MODEL_INFER = f"/{SERVICE}/ModelInfer"
@@ -47,7 +47,7 @@ EXAMPLES = 300
 # ---- strategies ------------------------------------------------------------------------------
 
 BAD_DATATYPES = ("", "FP8", "fp32", "STRING", "INT4", "BYTES\x00", "UINT128", "F" * 200)
-datatypes = st.one_of(st.sampled_from(tensor.DATATYPES), st.sampled_from(BAD_DATATYPES),
+datatypes = st.one_of(st.sampled_from(codec.DATATYPES), st.sampled_from(BAD_DATATYPES),
                       st.text(max_size=10))
 small_dims = st.integers(-2, 6)
 huge_dims = st.sampled_from([2**31 - 1, 2**31, 2**32 + 1, 2**53, 2**62, 2**63 - 1, -1, -(2**63)])
@@ -107,9 +107,9 @@ def raw_blob(draw, datatype: str, shape: list[int]) -> bytes:
     if datatype == "BYTES":
         blob = bytes_elements(draw(st.lists(elements, min_size=count, max_size=count)))
     else:
-        itemsize = tensor.NUMPY_DTYPES[datatype].itemsize if datatype in tensor.NUMPY_DTYPES else 4
+        itemsize = codec.NUMPY_DTYPES[datatype].itemsize if datatype in codec.NUMPY_DTYPES else 4
         if datatype in ("FP32", "FP64", "FP16") and draw(st.booleans()):
-            dtype = tensor.NUMPY_DTYPES[datatype]
+            dtype = codec.NUMPY_DTYPES[datatype]
             values = draw(st.lists(special_floats, min_size=count, max_size=count))
             with np.errstate(over="ignore"):
                 blob = np.asarray(values, dtype=np.float64).astype(dtype).tobytes()
@@ -139,7 +139,7 @@ def typed_contents(draw, datatype: str, shape: list[int]) -> pb.InferTensorConte
     """Typed contents: usually the datatype's field with the right count, sometimes another field
     or a wrong count, sometimes several fields at once."""
     count = _count(shape)
-    field = tensor.TYPED_FIELD.get(datatype)
+    field = codec.TYPED_FIELD.get(datatype)
     if field is None or draw(st.integers(0, 4)) == 0:
         field = draw(st.sampled_from(sorted(TYPED_VALUES)))
     if count is None or count > 2048 or draw(st.integers(0, 4)) == 0:
@@ -351,8 +351,8 @@ def codec_crashes(payload: bytes) -> bool:
     except Exception:  # noqa: BLE001 - not a message: the sidecar refuses it cleanly
         return False
     try:
-        tensor.decode_request(request, MAX_TENSOR_ELEMENTS)
-    except tensor.TensorError:
+        codec.decode_request(request, MAX_TENSOR_ELEMENTS)
+    except codec.TensorError:
         return False
     except Exception:  # noqa: BLE001
         return True

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from bastion.protos import pb
-from bastion.transforms import tensor
+from bastion.protos import codec
 from tests import scripted_upstream as su
 from tests.harness import Sidecar, free_port, wait_health
 from tests.test_tensor_codec import MALFORMED
@@ -107,13 +107,13 @@ def test_client_cancellation_reaches_upstream(upstream, sidecar):
 
 def infer_request(arrays, model="m", request_id="r1") -> pb.ModelInferRequest:
     request = pb.ModelInferRequest(model_name=model, id=request_id)
-    tensor.encode_request(request, arrays)
+    codec.encode_request(request, arrays)
     return request
 
 
 def test_valid_model_infer_is_forwarded_byte_identical(upstream, sidecar):
     request = infer_request({"x": np.arange(6, dtype=np.float32).reshape(2, 3),
-                             "p": tensor.as_bytes_array(["hello"])})
+                             "p": codec.as_bytes_array(["hello"])})
     payload = request.SerializeToString()
     reply, _ = call_unary(sidecar.address, su.MODEL_INFER, payload, timeout=5)
     assert pb.ModelInferResponse.FromString(reply).id == "r1"

@@ -15,7 +15,7 @@ import pytest
 
 from bastion import corpus, replay, traffic
 from bastion.protos import pb
-from bastion.transforms import tensor
+from bastion.protos import codec
 from tests.harness import REPO, Sidecar, Upstream
 
 MODEL = "text-classifier"
@@ -269,7 +269,7 @@ def test_corpus_encodes_requests_like_the_demo(tmp_path):
     mixed = corpus.demo_records()
     assert {r.label for r in mixed} == {"benign", "attack", "malformed"}
     request = pb.ModelInferRequest.FromString(records[0].payload)
-    decoded = tensor.decode_request(request)
+    decoded = codec.decode_request(request)
     assert request.model_name == MODEL and decoded["prompt"].shape == (1, 1)
     sampled = corpus.load_records(corpus.default_text_corpus(), MODEL, limit=10, seed=3)
     assert len(sampled) == 10

@@ -27,7 +27,7 @@ from bastion.detectors.smoothing import (RandomizedSmoothing, SmoothingOptions, 
                                          lower_confidence_bound)
 from bastion.detectors.squeeze import FeatureSqueezer, SqueezeOptions
 from bastion.protos import pb
-from bastion.transforms import tensor
+from bastion.protos import codec
 from tests.harness import REPO, Sidecar, Upstream
 
 MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
@@ -171,7 +171,7 @@ class Stack:
 
 def request(model: str, image: np.ndarray, **others: np.ndarray) -> pb.ModelInferRequest:
     message = pb.ModelInferRequest(model_name=model, id="client-id")
-    tensor.encode_request(message, {"image": image.astype(np.float32), **others})
+    codec.encode_request(message, {"image": image.astype(np.float32), **others})
     return message
 
 
@@ -184,8 +184,8 @@ def noisy_image(seed: int = 0, rows: int = 1) -> np.ndarray:
 def assert_same_outputs(got: pb.ModelInferResponse, want: pb.ModelInferResponse,
                         extra: tuple[str, ...] = ()) -> None:
     """Same outputs, names, datatypes, shapes and bytes (after parsing), in the same order."""
-    mine = tensor.decode_response(got)
-    theirs = tensor.decode_response(want)
+    mine = codec.decode_response(got)
+    theirs = codec.decode_response(want)
     assert [n for n in mine if n not in extra] == list(theirs)
     for name, array in theirs.items():
         spec = next(t for t in got.outputs if t.name == name)
@@ -211,7 +211,7 @@ def test_squeeze_scores_zero_when_the_model_ignores_the_detail(stack):
     # Both outputs back to the client's 3 rows, equal to the upstream's own answer; `mean` does
     # change under squeezing, so a variant row leaking into it would show.
     assert_same_outputs(reply, stack.direct(message))
-    assert tensor.decode_response(reply)["logits"].tobytes() == bias.tobytes()
+    assert codec.decode_response(reply)["logits"].tobytes() == bias.tobytes()
 
 
 def test_squeeze_positive_for_the_cnn_on_a_noisy_image_in_one_upstream_call(stack):
@@ -321,7 +321,7 @@ def test_smoothing_certifies_a_constant_model(stack):
                         SIGMA * norm.ppf(p_lower), rel_tol=1e-9)
     assert params["bastion.smoothing_abstain"].bool_param is False
     assert math.isclose(score(reply, "smooth.randomized"), 1 - p_lower, rel_tol=1e-9)
-    outputs = tensor.decode_response(reply)
+    outputs = codec.decode_response(reply)
     assert outputs["smoothed_class"].tolist() == [7]
     assert outputs["smoothed_class"].dtype == np.int64
     assert math.isclose(float(outputs["certified_radius"][0]), SIGMA * norm.ppf(p_lower))
@@ -417,20 +417,20 @@ class ScriptedUpstream:
 
     async def __call__(self, message: pb.ModelInferRequest) -> pb.ModelInferResponse:
         self.calls += 1
-        rows = tensor.decode_request(message)["image"].shape[0]
+        rows = codec.decode_request(message)["image"].shape[0]
         logits = np.zeros((rows, self.classes), np.float32)
         for row in range(rows):
             logits[row, self.plan(self.seen + row)] = 1.0
         self.seen += rows
         reply = pb.ModelInferResponse(model_name=message.model_name)
-        tensor.encode_response(reply, {"logits": logits})
+        codec.encode_response(reply, {"logits": logits})
         return reply
 
 
 def _run_stage(stage, message, request_id, upstream):
-    state = stage.prepare(message, tensor.decode_request(message), request_id)
+    state = stage.prepare(message, codec.decode_request(message), request_id)
     reply = pb.ModelInferResponse(model_name=message.model_name)
-    tensor.encode_response(reply, {"logits": np.zeros((1, 10), np.float32)})
+    codec.encode_response(reply, {"logits": np.zeros((1, 10), np.float32)})
     result = asyncio.run(stage.on_response(state, reply, upstream))
     return result, reply
 
@@ -445,7 +445,7 @@ def test_stage_abstains_just_below_half(below):
     p_lower = beta.ppf(ALPHA, k, n - k + 1)
     assert upstream.calls == math.ceil((n0 + n) / 256) and result.extra_items == n0 + n
     assert result.score == pytest.approx(1 - p_lower, rel=1e-12)
-    outputs = tensor.decode_response(reply)
+    outputs = codec.decode_response(reply)
     if below:
         assert p_lower < 0.5
         assert result.refusal == ("UNAVAILABLE", "smoothing_abstain")
@@ -466,7 +466,7 @@ def test_replace_rewrites_the_class_output():
                                                  concurrency=1))
     upstream = ScriptedUpstream(lambda j: 2 if j < n0 + 80 else 6)
     result, reply = _run_stage(stage, request("m", np.zeros((1, 1, 28, 28))), "rid", upstream)
-    logits = tensor.decode_response(reply)["logits"]
+    logits = codec.decode_response(reply)["logits"]
     assert logits.dtype == np.float32 and logits.shape == (1, 10)
     assert logits[0, 2] == pytest.approx(0.8) and logits[0, 6] == pytest.approx(0.2)
     assert int(np.argmax(logits)) == result.parameters["bastion.smoothed_class"] == 2
@@ -479,11 +479,11 @@ def _cnn_upstream():
     seen = []
 
     async def call(message):
-        images = tensor.decode_request(message)["image"]
+        images = codec.decode_request(message)["image"]
         seen.append(images.copy())
         names = [o.name for o in message.outputs] or ["logits", "features"]
         reply = pb.ModelInferResponse(model_name=message.model_name)
-        tensor.encode_response(reply, dict(zip(names, session.run(names, {"image": images}))))
+        codec.encode_response(reply, dict(zip(names, session.run(names, {"image": images}))))
         return reply
     return call, seen
 
@@ -499,7 +499,7 @@ def test_same_request_id_same_answer():
         message = request("fashion-mnist", ambiguous)
         state = stage.prepare(message, {}, request_id)
         reply = pb.ModelInferResponse()
-        tensor.encode_response(reply, {"logits": np.zeros((1, 10), np.float32)})
+        codec.encode_response(reply, {"logits": np.zeros((1, 10), np.float32)})
         result = asyncio.run(stage.on_response(state, reply, call))
         answers.append((result, reply.SerializeToString(), np.concatenate(seen)))
     (first, reply1, noise1), (again, reply2, noise2), (other, _, noise3) = answers

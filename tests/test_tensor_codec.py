@@ -9,9 +9,9 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from bastion.protos import pb
-from bastion.transforms import tensor
+from bastion.protos import codec
 
-NUMERIC = [d for d in tensor.DATATYPES if d != "BYTES"]
+NUMERIC = [d for d in codec.DATATYPES if d != "BYTES"]
 shapes = hnp.array_shapes(min_dims=0, max_dims=3, min_side=0, max_side=4)
 
 
@@ -19,12 +19,12 @@ def arrays_for(datatype: str):
     if datatype == "BYTES":
         return shapes.flatmap(lambda shape: st.lists(
             st.binary(max_size=12), min_size=int(np.prod(shape)), max_size=int(np.prod(shape))
-        ).map(lambda items: tensor.as_bytes_array(items, shape)))
+        ).map(lambda items: codec.as_bytes_array(items, shape)))
     if datatype == "BF16":
         # Values exactly representable in bfloat16, so equality is meaningful.
         return hnp.arrays(np.float32, shapes, elements=st.floats(-1e4, 1e4, width=32)).map(
             lambda a: a.astype(ml_dtypes.bfloat16))
-    return hnp.arrays(tensor.NUMPY_DTYPES[datatype], shapes)
+    return hnp.arrays(codec.NUMPY_DTYPES[datatype], shapes)
 
 
 def same(a: np.ndarray, b: np.ndarray) -> bool:
@@ -33,49 +33,49 @@ def same(a: np.ndarray, b: np.ndarray) -> bool:
     return a.shape == b.shape and a.dtype == b.dtype and a.tobytes() == b.tobytes()
 
 
-@pytest.mark.parametrize("datatype", tensor.DATATYPES)
+@pytest.mark.parametrize("datatype", codec.DATATYPES)
 @settings(max_examples=40, deadline=None)
 @given(data=st.data())
 def test_raw_round_trip(datatype, data):
     array = data.draw(arrays_for(datatype))
     request = pb.ModelInferRequest(model_name="m")
-    tensor.encode_request(request, {"x": array}, {"x": datatype})
+    codec.encode_request(request, {"x": array}, {"x": datatype})
     # Through the wire format, as the proxy sees it.
-    decoded = tensor.decode_request(pb.ModelInferRequest.FromString(request.SerializeToString()))
+    decoded = codec.decode_request(pb.ModelInferRequest.FromString(request.SerializeToString()))
     assert list(decoded) == ["x"]
     assert same(decoded["x"], array)
     assert request.inputs[0].datatype == datatype
 
 
-@pytest.mark.parametrize("datatype", sorted(tensor.TYPED_FIELD))
+@pytest.mark.parametrize("datatype", sorted(codec.TYPED_FIELD))
 @settings(max_examples=30, deadline=None)
 @given(data=st.data())
 def test_typed_round_trip(datatype, data):
     array = data.draw(arrays_for(datatype))
     request = pb.ModelInferRequest(model_name="m")
     item = request.inputs.add(name="x", datatype=datatype, shape=array.shape)
-    field = getattr(item.contents, tensor.TYPED_FIELD[datatype])
+    field = getattr(item.contents, codec.TYPED_FIELD[datatype])
     field.extend(array.reshape(-1).tolist())
-    decoded = tensor.decode_request(pb.ModelInferRequest.FromString(request.SerializeToString()))
+    decoded = codec.decode_request(pb.ModelInferRequest.FromString(request.SerializeToString()))
     assert same(decoded["x"], array)
 
 
 def test_multiple_inputs_keep_order_and_parameters():
     request = pb.ModelInferRequest(model_name="m")
     request.inputs.add(name="b").parameters["p"].int64_param = 7
-    arrays = {"b": np.arange(3, dtype=np.int32), "a": tensor.as_bytes_array(["hé", b"\xff"])}
-    tensor.encode_request(request, arrays)
+    arrays = {"b": np.arange(3, dtype=np.int32), "a": codec.as_bytes_array(["hé", b"\xff"])}
+    codec.encode_request(request, arrays)
     assert [i.name for i in request.inputs] == ["b", "a"]
     assert request.inputs[0].parameters["p"].int64_param == 7
-    decoded = tensor.decode_request(request)
+    decoded = codec.decode_request(request)
     assert same(decoded["b"], arrays["b"]) and same(decoded["a"], arrays["a"])
 
 
 def test_response_round_trip():
     response = pb.ModelInferResponse(model_name="m")
     outputs = {"logits": np.ones((2, 3), np.float32), "label": np.array([1, 2], np.int64)}
-    tensor.encode_response(response, outputs)
-    decoded = tensor.decode_response(response)
+    codec.encode_response(response, outputs)
+    decoded = codec.decode_response(response)
     assert all(same(decoded[k], v) for k, v in outputs.items())
 
 
@@ -137,20 +137,20 @@ MALFORMED = {
 @pytest.mark.parametrize("case", sorted(MALFORMED))
 def test_malformed_requests_name_input_and_problem(case):
     request, fragments = MALFORMED[case]
-    with pytest.raises(tensor.TensorError) as err:
-        tensor.decode_request(request)
+    with pytest.raises(codec.TensorError) as err:
+        codec.decode_request(request)
     for fragment in fragments:
         assert fragment in str(err.value)
 
 
 def test_element_cap_is_checked_before_allocating():
     request = raw_request(shape=(1 << 30, 1 << 4), raw=b"")  # 64 GiB of FP32, never allocated
-    with pytest.raises(tensor.TensorError, match="exceed the cap"):
-        tensor.decode_request(request, max_elements=1 << 20)
+    with pytest.raises(codec.TensorError, match="exceed the cap"):
+        codec.decode_request(request, max_elements=1 << 20)
 
 
 def test_error_messages_never_echo_data():
     secret = b"\x04\0\0\0SECRET-PROMPT-TEXT"
-    with pytest.raises(tensor.TensorError) as err:
-        tensor.decode_request(raw_request(datatype="BYTES", shape=(1,), raw=secret))
+    with pytest.raises(codec.TensorError) as err:
+        codec.decode_request(raw_request(datatype="BYTES", shape=(1,), raw=secret))
     assert "SECRET" not in str(err.value)

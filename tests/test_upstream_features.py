@@ -21,7 +21,7 @@ from bastion.detectors import anomaly
 from bastion.detectors.upstream_features import (UpstreamFeatureOptions, UpstreamFeatureStage,
                                                  strip_outputs)
 from bastion.protos import pb
-from bastion.transforms import tensor
+from bastion.protos import codec
 from tests.harness import Sidecar, Upstream, fashion_mnist
 
 RNG = np.random.default_rng(7)
@@ -39,7 +39,7 @@ def _stage(path, **options) -> UpstreamFeatureStage:
 
 def _answer(**outputs) -> pb.ModelInferResponse:
     reply = pb.ModelInferResponse(model_name="toy")
-    tensor.encode_response(reply, outputs)
+    codec.encode_response(reply, outputs)
     return reply
 
 
@@ -66,7 +66,7 @@ def test_output_added_only_when_the_client_named_outputs_and_removed_again(tmp_p
     result = _finish(stage, state, reply)
     assert [o.name for o in reply.outputs] == ["logits"]
     assert len(reply.raw_output_contents) == 1
-    assert tensor.decode_response(reply)["logits"].tobytes() == logits.tobytes()
+    assert codec.decode_response(reply)["logits"].tobytes() == logits.tobytes()
     assert result.score > 0 and result.reasons == ["anomaly:features:mahalanobis"]
 
     everything = pb.ModelInferRequest(model_name="toy")  # no names: all outputs come anyway
@@ -106,7 +106,7 @@ def test_strip_outputs_keeps_raw_contents_aligned():
     reply = _answer(a=np.zeros((1, 2), np.float32), b=np.ones((1, 3), np.int64),
                     c=np.full((1, 1), 7, np.int32))
     strip_outputs(reply, {"b"})
-    decoded = tensor.decode_response(reply)
+    decoded = codec.decode_response(reply)
     assert list(decoded) == ["a", "c"] and decoded["c"].tolist() == [[7]]
 
 

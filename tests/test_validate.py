@@ -8,7 +8,7 @@ from pydantic import ValidationError
 
 from bastion.protos import pb
 from bastion.proxy import stages
-from bastion.transforms import tensor
+from bastion.protos import codec
 from bastion.transforms.base import InputRejected, TransformContext
 from bastion.transforms.validate import (TensorSpec, ValidateTensor, check, spec_from_metadata,
                                          specs_from_metadata)
@@ -47,7 +47,7 @@ def test_stage_registered_and_changes_nothing():
     x = image()
     result = run(x)  # defaults: only `finite`
     assert result.array is x and result.counts == {} and result.changed == 0
-    assert ValidateTensor.accepts == frozenset(tensor.DATATYPES)
+    assert ValidateTensor.accepts == frozenset(codec.DATATYPES)
 
 
 # --- datatype ---------------------------------------------------------------------------------
@@ -124,7 +124,7 @@ def test_range_one_sided():
 
 @pytest.mark.parametrize("datatype", ["UINT8", "INT8", "INT32", "UINT64", "INT64"])
 def test_range_integers(datatype):
-    x = np.arange(0, 100, dtype=tensor.NUMPY_DTYPES[datatype]).reshape(10, 10)
+    x = np.arange(0, 100, dtype=codec.NUMPY_DTYPES[datatype]).reshape(10, 10)
     run(x, datatype, min=0, max=99)
     assert rejected(x, datatype, min=0, max=98.5) == "input 'image': value out of range [0, 98.5]"
     assert rejected(x, datatype, min=1, max=255) == "input 'image': value out of range [1, 255]"
@@ -152,7 +152,7 @@ def test_empty_tensor_passes_value_rules():
 # --- BYTES --------------------------------------------------------------------------------------
 
 def test_bytes_inputs():
-    prompts = tensor.as_bytes_array(["hello", "world"], (2,))
+    prompts = codec.as_bytes_array(["hello", "world"], (2,))
     run(prompts, "BYTES", input_name="prompt", datatype="BYTES", shape=[-1], max_elements=2)
     assert rejected(prompts, "BYTES", input_name="prompt", max_elements=1) == (
         "input 'prompt': 2 elements exceed the cap of 1")

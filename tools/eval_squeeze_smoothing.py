@@ -254,13 +254,13 @@ def evaluate_squeezing(args, train, model, sess, x_test, y_test) -> tuple[list[s
 
 def smoothing_upstream(sess):
     from bastion.protos import pb
-    from bastion.transforms import tensor
+    from bastion.protos import codec
 
     async def call(message):
-        images = tensor.decode_request(message)["image"]
+        images = codec.decode_request(message)["image"]
         names = [o.name for o in message.outputs] or ["logits"]
         reply = pb.ModelInferResponse(model_name=message.model_name, id=message.id)
-        tensor.encode_response(reply, dict(zip(names, sess.run(names, {"image": images}))))
+        codec.encode_response(reply, dict(zip(names, sess.run(names, {"image": images}))))
         return reply
     return call
 
@@ -269,7 +269,7 @@ def certify_images(sess, images, sigma, n0, n, alpha) -> list[tuple[int, float]]
     """(smoothed class or -1, certified radius) per image, through the stage itself."""
     from bastion.detectors.smoothing import RandomizedSmoothing, SmoothingOptions
     from bastion.protos import pb
-    from bastion.transforms import tensor
+    from bastion.protos import codec
     stage = RandomizedSmoothing(SmoothingOptions(sigma=sigma, n0=n0, n=n, alpha=alpha,
                                                  batch_size=256, concurrency=1))
     call = smoothing_upstream(sess)
@@ -278,7 +278,7 @@ def certify_images(sess, images, sigma, n0, n, alpha) -> list[tuple[int, float]]
         out = []
         for index, image in enumerate(images):
             message = pb.ModelInferRequest(model_name="fashion-mnist", id=f"eval-{index}")
-            tensor.encode_request(message, {"image": image[None]})
+            codec.encode_request(message, {"image": image[None]})
             state = stage.prepare(message, {}, f"eval-{index}")
             reply = await call(message)
             result = await stage.on_response(state, reply, call)

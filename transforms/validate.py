@@ -27,7 +27,7 @@ from pydantic import Field, field_validator, model_validator
 from bastion.proxy.stages import StageOptions, register
 from bastion.transforms.base import (NUMERIC_DATATYPES, TEXT_DATATYPES, InputRejected, Transform,
                                      TransformContext, TransformResult)
-from bastion.transforms.tensor import DATATYPES
+from bastion.protos.codec import DATATYPES
 
 
 @dataclasses.dataclass(frozen=True)

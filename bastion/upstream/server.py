@@ -19,7 +19,7 @@ import onnxruntime as ort
 
 import bastion
 from bastion.protos import pb, pb_grpc
-from bastion.transforms import tensor
+from bastion.protos import codec
 
 log = logging.getLogger("bastion.upstream")
 
@@ -65,8 +65,8 @@ class OnnxModel:
 
     def infer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
         try:
-            arrays = tensor.decode_request(request)
-        except tensor.TensorError as err:
+            arrays = codec.decode_request(request)
+        except codec.TensorError as err:
             raise InferError(grpc.StatusCode.INVALID_ARGUMENT, str(err)) from None
         feeds = {}
         for name, meta in self.inputs.items():
@@ -107,9 +107,9 @@ class OnnxModel:
             value = np.asarray(value)
             if value.dtype.kind in "OU":
                 datatypes[name] = "BYTES"
-                value = tensor.as_bytes_array([str(v) for v in value.reshape(-1)], value.shape)
+                value = codec.as_bytes_array([str(v) for v in value.reshape(-1)], value.shape)
             outputs[name] = value
-        tensor.encode_response(reply, outputs, datatypes)
+        codec.encode_response(reply, outputs, datatypes)
         return reply
 
 

@@ -1,5 +1,9 @@
 """Tensor codec: Open Inference Protocol tensors <-> named numpy arrays.
 
+Part of the protocol layer (next to the messages it reads and writes), not a transform: the
+server, the stages and the tools all decode and encode through it, and it imports nothing of
+Bastion's.
+
 Covers every v2 datatype, both wire forms (``raw_input_contents`` and typed ``contents``) and both
 directions (requests and responses). Every malformed tensor raises :class:`TensorError` with a
 message naming the tensor and the problem; the message never contains tensor data, so it is safe
