@@ -13,8 +13,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from bastion.detectors.extraction import ExtractionConfig
-from bastion.proxy.limiter import ClientsConfig
 from bastion.protos.codec import DATATYPES
+from bastion.proxy.limiter import ClientsConfig
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 

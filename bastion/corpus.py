@@ -32,8 +32,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from bastion import traffic
-from bastion.protos import pb
-from bastion.protos import codec
+from bastion.protos import codec, pb
 
 LABELS = ("benign", "attack")
 DEFAULT_TEXT_INPUT = "prompt"

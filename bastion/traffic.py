@@ -14,8 +14,7 @@ from importlib import resources
 
 import numpy as np
 
-from bastion.protos import pb
-from bastion.protos import codec
+from bastion.protos import codec, pb
 
 IMAGE_MODEL = "fashion-mnist"
 TEXT_MODEL = "text-classifier"

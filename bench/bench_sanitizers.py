@@ -16,10 +16,9 @@ import statistics
 import time
 
 from bastion.config import parse_config
-from bastion.protos import pb
+from bastion.protos import codec, pb
 from bastion.proxy.pipeline import RequestContext, build_pipeline
 from bastion.traffic import load_text_sample, text_request
-from bastion.protos import codec
 
 CHAINS = {
     "sanitize.unicode (nfkc, invisible, control)": [{"sanitize.unicode": {"fold_confusables": False}}],

@@ -37,8 +37,7 @@ from google.protobuf.message import DecodeError  # noqa: E402
 from hypothesis import HealthCheck, Phase, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from bastion.protos import pb  # noqa: E402
-from bastion.protos import codec  # noqa: E402
+from bastion.protos import codec, pb  # noqa: E402
 from tests import test_fuzz as tf  # noqa: E402
 
 

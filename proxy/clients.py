@@ -11,9 +11,9 @@ import logging
 import numpy as np
 
 from bastion.detectors.extraction import ExtractionMonitor
+from bastion.protos import codec
 from bastion.proxy import limiter
 from bastion.proxy.identity import resolve_identity
-from bastion.protos import codec
 
 log = logging.getLogger("bastion.clients")
 

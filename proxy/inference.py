@@ -15,17 +15,16 @@ import time
 import grpc
 from google.protobuf.message import DecodeError
 
-from bastion.protos import SERVICE, pb
+from bastion.protos import SERVICE, codec, pb
 from bastion.proxy import forwarding
-from bastion.proxy.metrics import Metrics
 from bastion.proxy import policy, telemetry
 from bastion.proxy.audit import AuditLog
 from bastion.proxy.clients import ClientControl
 from bastion.proxy.memory import MemoryWatermark
-from bastion.proxy.pipeline import RequestContext, StageShed
+from bastion.proxy.metrics import Metrics
 from bastion.proxy.passthrough import Passthrough
+from bastion.proxy.pipeline import RequestContext, StageShed
 from bastion.proxy.state import SidecarState
-from bastion.protos import codec
 from bastion.transforms.base import InputRejected
 from bastion.transforms.validate import check as check_tensor
 

@@ -23,10 +23,10 @@ from opentelemetry import trace
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from bastion.detectors.batcher import Overloaded
+from bastion.protos.codec import TensorError, as_bytes_array
 from bastion.proxy import stages as stage_registry
 from bastion.proxy.policy import ACTIONS, Decision
 from bastion.transforms.base import InputRejected, Transform, TransformContext
-from bastion.protos.codec import TensorError, as_bytes_array
 
 if TYPE_CHECKING:
     from bastion.config import Config, ModelConfig

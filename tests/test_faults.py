@@ -35,8 +35,7 @@ import grpc
 import numpy as np
 import pytest
 
-from bastion.protos import SERVICE, pb
-from bastion.protos import codec
+from bastion.protos import SERVICE, codec, pb
 from tests.harness import Proc, Sidecar, free_port, wait_health
 
 MODEL_INFER = f"/{SERVICE}/ModelInfer"

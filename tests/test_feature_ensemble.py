@@ -11,8 +11,7 @@ from bastion.detectors.anomaly import StateError
 from bastion.detectors.feature_ensemble import (FeatureEnsembleOptions, FeatureEnsembleStage,
                                                 ensemble_features, fit_ensemble, load_ensemble,
                                                 save_ensemble)
-from bastion.protos import pb
-from bastion.protos import codec
+from bastion.protos import codec, pb
 
 RNG = np.random.default_rng(3)
 CLASSES = 3

@@ -31,8 +31,7 @@ from hypothesis import strategies as st
 
 from bastion import traffic
 from bastion.demo import demo_config
-from bastion.protos import SERVICE, pb
-from bastion.protos import codec
+from bastion.protos import SERVICE, codec, pb
 from tests.harness import Sidecar, Upstream, wait_health
 
 MODEL_INFER = f"/{SERVICE}/ModelInfer"

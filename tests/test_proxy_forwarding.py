@@ -12,8 +12,7 @@ import grpc
 import numpy as np
 import pytest
 
-from bastion.protos import pb
-from bastion.protos import codec
+from bastion.protos import codec, pb
 from tests import scripted_upstream as su
 from tests.harness import Sidecar, free_port, wait_health
 from tests.test_tensor_codec import MALFORMED

@@ -14,8 +14,7 @@ import yaml
 import pytest
 
 from bastion import corpus, replay, traffic
-from bastion.protos import pb
-from bastion.protos import codec
+from bastion.protos import codec, pb
 from tests.harness import REPO, Sidecar, Upstream
 
 MODEL = "text-classifier"

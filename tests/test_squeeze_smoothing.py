@@ -26,8 +26,7 @@ from bastion import traffic
 from bastion.detectors.smoothing import (RandomizedSmoothing, SmoothingOptions, certify,
                                          lower_confidence_bound)
 from bastion.detectors.squeeze import FeatureSqueezer, SqueezeOptions
-from bastion.protos import pb
-from bastion.protos import codec
+from bastion.protos import codec, pb
 from tests.harness import REPO, Sidecar, Upstream
 
 MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"

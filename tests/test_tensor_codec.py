@@ -8,8 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from bastion.protos import pb
-from bastion.protos import codec
+from bastion.protos import codec, pb
 
 NUMERIC = [d for d in codec.DATATYPES if d != "BYTES"]
 shapes = hnp.array_shapes(min_dims=0, max_dims=3, min_side=0, max_side=4)

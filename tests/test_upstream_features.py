@@ -20,8 +20,7 @@ from bastion import traffic
 from bastion.detectors import anomaly
 from bastion.detectors.upstream_features import (UpstreamFeatureOptions, UpstreamFeatureStage,
                                                  strip_outputs)
-from bastion.protos import pb
-from bastion.protos import codec
+from bastion.protos import codec, pb
 from tests.harness import Sidecar, Upstream, fashion_mnist
 
 RNG = np.random.default_rng(7)

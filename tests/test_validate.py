@@ -6,9 +6,8 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from bastion.protos import pb
+from bastion.protos import codec, pb
 from bastion.proxy import stages
-from bastion.protos import codec
 from bastion.transforms.base import InputRejected, TransformContext
 from bastion.transforms.validate import (TensorSpec, ValidateTensor, check, spec_from_metadata,
                                          specs_from_metadata)

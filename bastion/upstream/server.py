@@ -18,8 +18,7 @@ import numpy as np
 import onnxruntime as ort
 
 import bastion
-from bastion.protos import pb, pb_grpc
-from bastion.protos import codec
+from bastion.protos import codec, pb, pb_grpc
 
 log = logging.getLogger("bastion.upstream")
 
