@@ -59,8 +59,8 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 from pydantic import Field
 
+from bastion.core.registry import StageOptions, register
 from bastion.detectors.base import Detector
-from bastion.proxy.stages import StageOptions, register
 from bastion.transforms.base import NUMERIC_DATATYPES
 
 __all__ = ["FORMAT", "VERSION", "METHODS", "StateError", "AnomalyModel", "Mahalanobis", "KNN",

@@ -75,9 +75,9 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field
 
+from bastion.core.registry import register
 from bastion.detectors.base import TextDetector
 from bastion.detectors.embedding import Encoder, EncoderStageOptions, _as_str
-from bastion.proxy.stages import register
 
 __all__ = ["LIBRARY_FORMAT", "LIBRARY_VERSION", "PROBE_TEXTS", "MODES", "LINEAR_C",
            "LibraryError", "AttackLibrary", "AttackLibraryDetector", "AttackLibraryOptions",

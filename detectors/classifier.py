@@ -35,11 +35,11 @@ from typing import Any
 
 import numpy as np
 
+from bastion.core.registry import register
 from bastion.detectors.base import TextDetector
 from bastion.detectors.cpu_features import Variant
 from bastion.detectors.embedding import (Encoder, EncoderRuntimeOptions, Outputs, _as_str,
                                          get_encoder, model_file)
-from bastion.proxy.stages import register
 
 __all__ = ["ClassifierDetector", "ClassifierOptions", "bundled_model_dir", "load_manifest",
            "resolve_classifier", "benign_label_names", "BENIGN_NAMES", "MANIFEST"]

@@ -52,12 +52,12 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field
 
+from bastion.core.registry import StageOptions, register
 from bastion.detectors.anomaly import (AnomalyModel, StateError, load_state, make_model,
                                        save_state)
 from bastion.detectors.base import TextDetector
 from bastion.detectors.batcher import MicroBatcher
 from bastion.detectors.cpu_features import Variant, choose_variant
-from bastion.proxy.stages import StageOptions, register
 
 __all__ = ["Encoder", "EncoderOptions", "get_encoder", "resolve_encoder_path", "model_file",
            "default_providers", "EmbeddingAnomalyDetector", "EmbeddingOptions", "sha256_file",

@@ -12,8 +12,8 @@ from collections.abc import Sequence
 import numpy as np
 from pydantic import Field
 
+from bastion.core.registry import StageOptions, register
 from bastion.detectors.base import Detector
-from bastion.proxy.stages import StageOptions, register
 from bastion.transforms.base import NUMERIC_DATATYPES, TEXT_DATATYPES
 
 

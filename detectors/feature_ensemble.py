@@ -36,10 +36,10 @@ import pathlib
 
 import numpy as np
 
+from bastion.core.registry import StageOptions, register
 from bastion.detectors.anomaly import Mahalanobis, read_state_file, write_state_file
 from bastion.detectors.base import ResponseResult, ResponseStage
 from bastion.detectors.upstream_features import AddedOutputs, ask_for_outputs, take_outputs
-from bastion.proxy.stages import StageOptions, register
 from bastion.transforms.base import NUMERIC_DATATYPES
 
 __all__ = ["EnsembleModel", "FeatureEnsembleOptions", "FeatureEnsembleStage", "fit_ensemble",

@@ -76,10 +76,10 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field, model_validator
 
+from bastion.core.registry import StageOptions, register
 from bastion.detectors.base import TextDetector
 from bastion.detectors.batcher import MicroBatcher
 from bastion.detectors.cpu_features import has_int8_dot_product
-from bastion.proxy.stages import StageOptions, register
 
 __all__ = ["LMRunner", "TokenNLL", "Analysis", "PerplexityDetector", "PerplexityOptions",
            "SCORES", "analyze", "chunk_plan", "window_spans", "get_runner", "resolve_model",

@@ -65,8 +65,8 @@ import numpy as np
 import yaml
 from pydantic import Field
 
+from bastion.core.registry import StageOptions, register
 from bastion.detectors.base import TextDetector
-from bastion.proxy.stages import StageOptions, register
 
 try:  # the regex parser, for the match-width check (private, stable since 3.11)
     from re import _parser as _sre_parse  # type: ignore[attr-defined]

@@ -58,9 +58,9 @@ from typing import Literal
 import numpy as np
 from pydantic import Field, field_validator
 
+from bastion.core.registry import register
 from bastion.detectors.base import ResponseResult, ResponseStage
 from bastion.detectors.squeeze import request_template, shares_batch, with_inputs
-from bastion.proxy.stages import register
 from bastion.protos import codec
 from bastion.transforms.base import FLOAT_DATATYPES
 from bastion.transforms.image import ImageOptions, noise_seed

@@ -54,10 +54,9 @@ import dataclasses
 import numpy as np
 from pydantic import field_validator
 
+from bastion.core.registry import register
 from bastion.detectors.base import ResponseResult, ResponseStage
-from bastion.protos import pb
-from bastion.proxy.stages import register
-from bastion.protos import codec
+from bastion.protos import codec, pb
 from bastion.transforms.base import TransformContext
 from bastion.transforms.image import (IMAGE_DATATYPES, BitDepth, ImageOptions, ImageTransform,
                                       Jpeg, Median)

@@ -39,10 +39,10 @@ import numpy as np
 
 from pydantic import Field
 
+from bastion.core.registry import StageOptions, register
 from bastion.detectors.anomaly import (FeatureAnomalyDetector, Method, load_state, make_model,
                                        save_state)
 from bastion.detectors.base import ResponseResult, ResponseStage
-from bastion.proxy.stages import StageOptions, register
 from bastion.protos import codec
 from bastion.transforms.base import NUMERIC_DATATYPES
 

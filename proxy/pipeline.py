@@ -22,9 +22,10 @@ import numpy as np
 from opentelemetry import trace
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from bastion import stage_catalog
+from bastion.core.registry import StageSpec
 from bastion.detectors.batcher import Overloaded
 from bastion.protos.codec import TensorError, as_bytes_array
-from bastion.proxy import stages as stage_registry
 from bastion.proxy.policy import ACTIONS, Decision
 from bastion.transforms.base import InputRejected, Transform, TransformContext
 
@@ -126,7 +127,7 @@ class StageConfig:
     kind_name: str          # registry name, e.g. "sanitize.unicode"
     stage_id: str           # name in annotations and metrics (defaults to kind_name)
     common: CommonOptions
-    spec: stage_registry.StageSpec
+    spec: StageSpec
     impl: Any               # Transform | Detector
     # Where common.threshold came from: "config" (a number in the config), "file" (its
     # threshold_file), "missing" (threshold_file not written yet: the stage is uncalibrated and
@@ -157,7 +158,7 @@ def resolve_paths(model_name: str, entries: list[dict], base_dir: pathlib.Path |
     folder; None keeps them relative to the working directory) and each acting detector without
     a threshold given its DEFAULT_THRESHOLD_FILE. Entries that do not parse are left for
     :func:`parse_stage` to report."""
-    registry = stage_registry.registry()
+    registry = stage_catalog.registry()
     resolved = []
     for entry in entries:
         (name, options), = entry.items()
@@ -199,7 +200,7 @@ def parse_stage(entry: dict, model: ModelConfig, path: str, *, allow_uncalibrate
     (``hint``) unless ``allow_uncalibrated`` (what `bastion calibrate` loads with)."""
     (name, options), = entry.items()
     options = dict(options or {})
-    registry = stage_registry.registry()
+    registry = stage_catalog.registry()
     spec = registry.get(name)
     if spec is None:
         raise ValueError(f"{path}: unknown stage {name!r} (known stages: "

@@ -15,8 +15,8 @@ import pytest
 from bastion.calibration_budget import OTHER_SOURCE, pool_sources, split_budget
 from bastion.cli import main
 from bastion.config import ConfigError, load_config, parse_config
+from bastion.core.registry import REGISTRY, StageOptions, register
 from bastion.detectors.base import TextDetector
-from bastion.proxy.stages import REGISTRY, StageOptions, register
 
 
 class FieldOptions(StageOptions):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from bastion.proxy import stages
+from bastion import stage_catalog
 from bastion.transforms import image
 from bastion.transforms.base import InputRejected, TransformContext
 from bastion.transforms.image import BitDepth, Jpeg, Median, Noise
@@ -357,7 +357,7 @@ STAGES = {
 @pytest.mark.parametrize("name", STAGES)
 def test_stage_registered_and_built(name):
     key, value, cls, offload = STAGES[name]
-    spec = stages.registry()[name]
+    spec = stage_catalog.registry()[name]
     assert spec.kind == "transform" and spec.offload is offload
     options = spec.options.model_validate({key: value, "layout": "NHWC", "range": [-1, 1]})
     transform = spec.build(options)
@@ -387,13 +387,13 @@ def test_stage_registered_and_built(name):
 ])
 def test_bad_options(name, options, message):
     with pytest.raises(ValueError, match=message) as info:
-        stages.registry()[name].options.model_validate(options)
+        stage_catalog.registry()[name].options.model_validate(options)
     assert isinstance(info.value, ValidationError)
 
 
 def test_missing_optional_dependency_is_a_config_error(monkeypatch):
     import sys
-    spec = stages.registry()["transform.jpeg"]
+    spec = stage_catalog.registry()["transform.jpeg"]
     options = spec.options.model_validate({"quality": 50})
     monkeypatch.setitem(sys.modules, "PIL.Image", None)  # import fails
     with pytest.raises(ValueError, match="transform.jpeg needs the pillow package"):

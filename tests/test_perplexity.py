@@ -328,7 +328,7 @@ def test_batched_equals_one_by_one(tiny):
 
 def test_stage_registration_and_options(tmp_path):
     from bastion.config import ConfigError, parse_config
-    from bastion.proxy.stages import registry
+    from bastion.stage_catalog import registry
     assert registry()["detect.perplexity"].kind == "detector"
     parsed = parse_config({"models": {"chat": {"pipeline": [{"detect.perplexity": {
         "model": "builtin:tiny-lm", "score": "suffix", "suffix_tokens": 8, "threshold": 5,

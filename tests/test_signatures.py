@@ -18,6 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from bastion.core.registry import REGISTRY
 from bastion.detectors import signatures as sig
 from bastion.detectors.signatures import (
     OVERLAP,
@@ -28,7 +29,7 @@ from bastion.detectors.signatures import (
     load_rules,
     rule_matches,
 )
-from bastion.proxy.stages import REGISTRY, registry
+from bastion.stage_catalog import registry
 from bastion.transforms.text import UnicodeSanitizer
 
 ROOT = Path(__file__).resolve().parent.parent

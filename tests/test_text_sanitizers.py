@@ -9,8 +9,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from bastion.core.registry import REGISTRY
 from bastion.detectors.signatures import SignatureDetector, load_rules
-from bastion.proxy.stages import REGISTRY, registry
+from bastion.stage_catalog import registry
 from bastion.transforms.base import InputRejected, TransformContext
 from bastion.transforms.text import (
     NFKC_MAX_EXPANSION,

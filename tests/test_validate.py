@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
+from bastion import stage_catalog
 from bastion.protos import codec, pb
-from bastion.proxy import stages
 from bastion.transforms.base import InputRejected, TransformContext
 from bastion.transforms.validate import (TensorSpec, ValidateTensor, check, spec_from_metadata,
                                          specs_from_metadata)
@@ -17,7 +17,7 @@ SECRET = 123.4567
 
 
 def build(**options) -> ValidateTensor:
-    spec = stages.registry()["validate.tensor"]
+    spec = stage_catalog.registry()["validate.tensor"]
     return spec.build(spec.options.model_validate(options))
 
 
@@ -41,7 +41,7 @@ def image(value=0.5, shape=(1, 1, 28, 28), dtype=np.float32):
 
 
 def test_stage_registered_and_changes_nothing():
-    spec = stages.registry()["validate.tensor"]
+    spec = stage_catalog.registry()["validate.tensor"]
     assert spec.kind == "transform" and spec.offload is False
     x = image()
     result = run(x)  # defaults: only `finite`
@@ -195,11 +195,11 @@ def test_messages_never_contain_tensor_values():
 ])
 def test_bad_options(options, message):
     with pytest.raises(ValidationError, match=message):
-        stages.registry()["validate.tensor"].options.model_validate(options)
+        stage_catalog.registry()["validate.tensor"].options.model_validate(options)
 
 
 def test_options_to_spec():
-    options = stages.registry()["validate.tensor"].options.model_validate(
+    options = stage_catalog.registry()["validate.tensor"].options.model_validate(
         {"datatype": "FP32", "shape": [-1, 1, 28, 28], "min": 0, "max": 1, "max_elements": 10})
     assert options.spec() == TensorSpec("FP32", (-1, 1, 28, 28), 0.0, 1.0, True, 10)
 

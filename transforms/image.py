@@ -72,7 +72,7 @@ import ml_dtypes
 import numpy as np
 from pydantic import Field, field_validator
 
-from bastion.proxy.stages import StageOptions, register
+from bastion.core.registry import StageOptions, register
 from bastion.transforms.base import InputRejected, Transform, TransformContext, TransformResult
 
 #: Datatypes the image transforms accept (UINT8 and every float type).

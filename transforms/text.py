@@ -7,7 +7,7 @@ category; the exact definition of each is documented on the class. All sanitizer
 idempotent (applying one twice gives the result of applying it once) and hold no per-call state,
 so one instance is safe to share between threads.
 
-Stages registered here (see :mod:`bastion.proxy.stages`):
+Stages registered here (see :mod:`bastion.core.registry`):
 
 * ``sanitize.unicode`` -- the composite, options ``nfkc``, ``strip_invisible``,
   ``fold_confusables``, ``strip_control``, ``collapse_whitespace``; see :class:`UnicodeSanitizer`
@@ -28,7 +28,7 @@ from collections import Counter
 import numpy as np
 from pydantic import Field, model_validator
 
-from bastion.proxy.stages import StageOptions, register
+from bastion.core.registry import StageOptions, register
 from bastion.transforms.base import (
     TEXT_DATATYPES,
     InputRejected,

@@ -24,10 +24,10 @@ import ml_dtypes
 import numpy as np
 from pydantic import Field, field_validator, model_validator
 
-from bastion.proxy.stages import StageOptions, register
+from bastion.core.registry import StageOptions, register
+from bastion.protos.codec import DATATYPES
 from bastion.transforms.base import (NUMERIC_DATATYPES, TEXT_DATATYPES, InputRejected, Transform,
                                      TransformContext, TransformResult)
-from bastion.protos.codec import DATATYPES
 
 
 @dataclasses.dataclass(frozen=True)
