@@ -157,7 +157,7 @@ def text_input(args, model) -> str:
 def default_threshold_file(args, runner) -> pathlib.Path:
     """Where a stage's threshold goes: its threshold_file, else the default file the stage
     would read (next to the config)."""
-    from bastion.proxy.pipeline import DEFAULT_THRESHOLD_FILE
+    from bastion.stage_config import DEFAULT_THRESHOLD_FILE
     if runner.config.common.threshold_file:
         return pathlib.Path(runner.config.common.threshold_file)
     return pathlib.Path(args.config).absolute().parent / DEFAULT_THRESHOLD_FILE.format(

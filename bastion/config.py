@@ -13,8 +13,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from bastion.detectors.extraction import ExtractionConfig
-from bastion.protos.codec import DATATYPES
 from bastion.proxy.limiter import ClientsConfig
+from bastion.stage_config import InputSpec, calibrate_command, parse_stage, resolve_paths
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
@@ -156,27 +156,6 @@ class TLSConfig(_Strict):
     upstream: TLSUpstreamConfig = TLSUpstreamConfig()
 
 
-class InputSpec(_Strict):
-    """What the sidecar knows about one model input; stages check they fit it."""
-    datatype: str | None = None
-    shape: list[int] | None = None
-    # `text` marks a BYTES input holding UTF-8 prompts; `tensor` a numeric array.
-    kind: Literal["text", "tensor"] | None = None
-
-    @field_validator("datatype")
-    @classmethod
-    def _known_datatype(cls, value: str | None) -> str | None:
-        if value is not None and value not in DATATYPES:
-            raise ValueError(f"unknown datatype {value!r}; expected one of {', '.join(DATATYPES)}")
-        return value
-
-    @model_validator(mode="after")
-    def _kind_matches(self) -> "InputSpec":
-        if self.kind == "text" and self.datatype not in (None, "BYTES"):
-            raise ValueError("a text input must have datatype BYTES")
-        return self
-
-
 class ModelExtractionConfig(ExtractionConfig):
     """PRADA model-extraction monitoring of one model: which input is the query, and which
     output gives the predicted class (its argmax), so distances are grouped by class."""
@@ -200,7 +179,7 @@ class ModelConfig(_Strict):
     extraction: ModelExtractionConfig | None = None
     # Sent in the `retry-after-ms` trailer when a stage's action is `throttle`.
     retry_after_ms: int = Field(1000, ge=0)
-    # Ordered stages, each a one-key mapping {stage-name: {options}}; see bastion.proxy.pipeline.
+    # Ordered stages, each a one-key mapping {stage-name: {options}}; see bastion.stage_config.
     pipeline: list[dict[str, dict[str, Any] | None]] = []
 
     @field_validator("pipeline")
@@ -234,6 +213,33 @@ class Config(_Strict):
         return _check_address(value)
 
 
+def validate_pipelines(config: Config, *, allow_uncalibrated: bool = False,
+                       config_path: str | None = None) -> list[str]:
+    """Problems with the configured pipelines, each naming its key path."""
+    problems = []
+    for model_name, model in config.models.items():
+        ids: dict[str, int] = {}
+        seen_response = False
+        for index, entry in enumerate(model.pipeline):
+            path = f"models.{model_name}.pipeline.{index}"
+            try:
+                stage = parse_stage(entry, model.inputs, path,
+                                    allow_uncalibrated=allow_uncalibrated,
+                                    hint=calibrate_command(model_name, config_path))
+            except ValueError as err:
+                problems.append(str(err))
+                continue
+            if stage.spec.kind == "response":
+                seen_response = True
+            elif seen_response:
+                problems.append(f"{path}: request stages must come before response stages")
+            if stage.stage_id in ids:
+                problems.append(f"{path}: stage id {stage.stage_id!r} is already used by stage "
+                                f"{ids[stage.stage_id]}; give one an `id`")
+            ids[stage.stage_id] = index
+    return problems
+
+
 def _format_error(err: ValidationError, source: str) -> str:
     lines = []
     for item in err.errors():
@@ -265,8 +271,6 @@ def parse_config(data: Any, source: str = "config", base_dir: pathlib.Path | Non
         config = Config.model_validate(data)
     except ValidationError as err:
         raise ConfigError(_format_error(err, source)) from None
-    # The stage registry lives with the pipeline.
-    from bastion.proxy.pipeline import resolve_paths, validate_pipelines
     config = config.model_copy(update={"models": {
         name: model.model_copy(update={"pipeline": resolve_paths(name, model.pipeline, base_dir)})
         for name, model in config.models.items()}})

@@ -218,7 +218,7 @@ def _model_config(inputs: dict):
 
 
 def test_input_anomaly_stage(tmp_path):
-    from bastion.proxy.pipeline import parse_stage
+    from bastion.stage_config import parse_stage
 
     rng = np.random.default_rng(0)
     clean = rng.random((600, 1, 8, 8)).astype(np.float32) * 0.2
@@ -226,10 +226,10 @@ def test_input_anomaly_stage(tmp_path):
     assert A.main(["fit", "--features", str(_save(tmp_path / "x.npy", clean)), "--method",
                    "mahalanobis", "--source", "input:toy:image", "--pool", "4", "--out",
                    str(state)]) == 0
-    model = _model_config({"image": {"datatype": "FP32", "shape": [-1, 1, 8, 8]}})
+    inputs = _model_config({"image": {"datatype": "FP32", "shape": [-1, 1, 8, 8]}}).inputs
     stage = parse_stage({"detect.input_anomaly": {"state": str(state), "pool": 4,
                                                   "source": "toy:image", "threshold": 100.0}},
-                        model, "models.m.pipeline.0")
+                        inputs, "models.m.pipeline.0")
     detector = stage.impl
     assert detector.source == "input:toy:image:pool=4"
     normal = detector.score([clean[:4]])[0]
@@ -237,9 +237,9 @@ def test_input_anomaly_stage(tmp_path):
     assert attacked > 3 * normal
     with pytest.raises(ValueError, match="fitted on features from 'input:toy:image:pool=4'"):
         parse_stage({"detect.input_anomaly": {"state": str(state), "pool": 2,
-                                              "source": "toy:image"}}, model, "p")
+                                              "source": "toy:image"}}, inputs, "p")
     with pytest.raises(ValueError, match="does not exist"):
-        parse_stage({"detect.input_anomaly": {"state": str(tmp_path / "no.npz")}}, model, "p")
+        parse_stage({"detect.input_anomaly": {"state": str(tmp_path / "no.npz")}}, inputs, "p")
 
 
 def _save(path, array):
@@ -427,21 +427,21 @@ def test_embedding_stage_with_calibrate(tmp_path, tiny_encoder, method):
 
 
 def test_embedding_stage_refuses_other_encoders_state(tmp_path, tiny_encoder):
-    from bastion.proxy.pipeline import parse_stage
+    from bastion.stage_config import parse_stage
 
     config, state, _ = _calibrate(tmp_path, tiny_encoder, "knn")
     other = make_tiny_encoder(tmp_path / "other-encoder", seed=1)  # other weights
-    model = _model_config({"prompt": {"kind": "text"}})
+    inputs = _model_config({"prompt": {"kind": "text"}}).inputs
     with pytest.raises(ValueError, match="detect.embedding: state: .*fitted on features from "
                                          "'encoder:tiny-test-encoder:fp32:sha256="):
         parse_stage({"detect.embedding": {"encoder": str(other), "method": "knn",
-                                          "state": str(state)}}, model, "models.chat.pipeline.0")
+                                          "state": str(state)}}, inputs, "models.chat.pipeline.0")
     with pytest.raises(ValueError, match="holds a 'knn' model"):
         parse_stage({"detect.embedding": {"encoder": str(tiny_encoder), "method": "iforest",
-                                          "state": str(state)}}, model, "p")
+                                          "state": str(state)}}, inputs, "p")
     with pytest.raises(ValueError, match="does not exist.*bastion models export minilm"):
         parse_stage({"detect.embedding": {"encoder": str(tmp_path / "none"),
-                                          "state": str(state)}}, model, "p")
+                                          "state": str(state)}}, inputs, "p")
 
 
 def test_unfitted_embedding_stage_fails_open(tmp_path, tiny_encoder):

@@ -273,7 +273,7 @@ def test_relative_paths_resolve_against_the_config_folder(tmp_path, monkeypatch)
     with pytest.raises(ConfigError, match="r.yaml"):
         parse_config({"models": {"chat": {"pipeline": [
             {"detect.signatures": {"rules": "rules/r.yaml"}}]}}})
-    from bastion.proxy.pipeline import resolve_paths
+    from bastion.stage_config import resolve_paths
     entry = resolve_paths("chat", [{"detect.perplexity": {"model": "builtin:tiny-lm"}}], folder)
     assert entry == [{"detect.perplexity": {"model": "builtin:tiny-lm"}}]
 

@@ -294,9 +294,9 @@ def test_auto_variant_follows_the_cpu(exported, tmp_path, monkeypatch):
 
 def _parse(options: dict):
     from bastion.config import parse_config
-    from bastion.proxy.pipeline import parse_stage
+    from bastion.stage_config import parse_stage
     model = parse_config({"models": {"m": {"inputs": {"prompt": {"kind": "text"}}}}}).models["m"]
-    return parse_stage({"detect.classifier": options}, model, "models.m.pipeline.0")
+    return parse_stage({"detect.classifier": options}, model.inputs, "models.m.pipeline.0")
 
 
 def test_bad_folders_are_clear_errors(exported, tmp_path, monkeypatch):

@@ -8,7 +8,7 @@ import pytest
 import tritonclient.grpc as tc
 
 from bastion.detectors.upstream_features import UpstreamFeatureOptions, UpstreamFeatureStage
-from bastion.proxy.pipeline import package_file
+from bastion.stage_config import package_file
 from tests.harness import Sidecar, Upstream, fashion_mnist
 
 STATE = "builtin:demo_models/fashion-mnist/conv1_stats.state.npz"

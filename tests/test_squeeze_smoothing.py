@@ -515,8 +515,7 @@ def test_same_request_id_same_answer():
 
 
 def test_config_errors_name_the_key():
-    from bastion.config import Config
-    from bastion.proxy.pipeline import validate_pipelines
+    from bastion.config import Config, validate_pipelines
     config = Config.model_validate(json.loads(json.dumps({"models": {"m": {"pipeline": [
         {"detect.squeeze": {"squeezers": ["bit_depth:1", "median:1"]}},
         {"smooth.randomized": {"sigma": 0.5, "abstain_status": "NOPE"}},
