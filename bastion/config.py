@@ -12,8 +12,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from bastion.clients_config import ClientsConfig
 from bastion.detectors.extraction import ExtractionConfig
-from bastion.proxy.limiter import ClientsConfig
 from bastion.stage_config import InputSpec, calibrate_command, parse_stage, resolve_paths
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024

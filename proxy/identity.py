@@ -33,12 +33,12 @@ import logging
 import os
 import secrets
 import urllib.parse
-from collections.abc import Iterable
+
+from bastion.clients_config import DEFAULT_KEY_SECRET_ENV, IPNetwork, check_source, parse_networks
 
 log = logging.getLogger("bastion.identity")
 
 UNKNOWN = "unknown"
-DEFAULT_KEY_SECRET_ENV = "BASTION_CLIENT_KEY_SECRET"
 KEY_HASH_HEX_CHARS = 32              # 128 bits of HMAC-SHA256
 MAX_SUBJECT_CHARS = 512
 MAX_FORWARDED_HOPS = 32              # x-forwarded-for entries looked at, right to left
@@ -47,33 +47,6 @@ PEER_CACHE_MAX_FORWARDED = 256       # longer x-forwarded-for values are not cac
 FORWARDED_HEADER = "x-forwarded-for"
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-
-
-def check_source(source: str) -> str:
-    """Validate one identity source spelling (used by the config model); returns it normalized."""
-    if source in ("mtls", "peer"):
-        return source
-    kind, sep, name = source.partition(":")
-    if kind == "header" and sep and name.strip():
-        name = name.strip().lower()
-        if name.endswith("-bin"):
-            raise ValueError(f"identity source {source!r}: binary (-bin) headers are not supported")
-        if any(c.isspace() for c in name):
-            raise ValueError(f"identity source {source!r}: header names have no whitespace")
-        return f"header:{name}"
-    raise ValueError(f"unknown identity source {source!r}; expected 'header:NAME', 'mtls' or 'peer'")
-
-
-def parse_networks(cidrs: Iterable[str]) -> tuple[IPNetwork, ...]:
-    """CIDRs (or single addresses) to networks; raises ValueError naming a bad entry."""
-    networks = []
-    for cidr in cidrs:
-        try:
-            networks.append(ipaddress.ip_network(cidr.strip(), strict=False))
-        except ValueError:
-            raise ValueError(f"not an IP network: {cidr!r}") from None
-    return tuple(networks)
 
 
 def _normalize(address: IPAddress) -> IPAddress:

@@ -30,122 +30,18 @@ import dataclasses
 import hashlib
 import logging
 import math
-import os
 import time
 from collections.abc import Callable
-from typing import Literal
 
 import grpc
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from bastion.proxy import identity as identity_mod
+from bastion.clients_config import ClientsConfig, SuspicionConfig
 
 log = logging.getLogger("bastion.limiter")
 
 TIERS = ("normal", "throttled", "blocked")
 NORMAL, THROTTLED, BLOCKED = 0, 1, 2
 REASONS = ("ok", "rate_limit", "model_rate_limit", "tier_blocked", "backend_unavailable")
-
-
-# ---- configuration ---------------------------------------------------------------------------
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class RateLimit(_Strict):
-    rps: float = Field(gt=0)
-    burst: int = Field(ge=1)
-
-
-class SuspicionConfig(_Strict):
-    # Reason-code prefix ("signature:") or exact stage id ("detect.perplexity") -> weight. Each
-    # reason adds the weight of its longest matching prefix; each stage whose outcome is in
-    # `stage_actions` adds its weight.
-    weights: dict[str, float] = {}
-    stage_actions: list[str] = ["flag", "throttle", "block"]
-    half_life_s: float = Field(300.0, gt=0)
-    throttle_at: float = Field(5.0, gt=0)
-    block_at: float = Field(20.0, gt=0)
-    throttled_rps: float = Field(1.0, gt=0)
-    throttled_burst: int = Field(1, ge=1)
-    block_cooldown_s: float = Field(300.0, ge=0)
-
-    @field_validator("weights")
-    @classmethod
-    def _finite(cls, weights: dict[str, float]) -> dict[str, float]:
-        for key, weight in weights.items():
-            if not key:
-                raise ValueError("a weight key must not be empty")
-            if not math.isfinite(weight) or weight < 0:
-                raise ValueError(f"weight for {key!r} must be a finite number >= 0")
-        return weights
-
-    @model_validator(mode="after")
-    def _ordered(self) -> "SuspicionConfig":
-        if self.block_at < self.throttle_at:
-            raise ValueError("block_at must be >= throttle_at")
-        return self
-
-
-class RedisConfig(_Strict):
-    url: str = "redis://127.0.0.1:6379/0"
-    # Every Redis call is bounded by this; past it the request is served per on_backend_error.
-    timeout_ms: int = Field(50, ge=1)
-    key_prefix: str = "bastion:"
-    # After a failure Redis is not tried again for this long (each request falls back at once).
-    retry_after_failure_ms: int = Field(1000, ge=0)
-
-
-class ClientsConfig(_Strict):
-    # Ordered identity sources: "header:NAME", "mtls", "peer" (see bastion.proxy.identity).
-    identity: list[str] = ["peer"]
-    key_secret_env: str = identity_mod.DEFAULT_KEY_SECRET_ENV
-    # Peers allowed to name the client in x-forwarded-for (CIDRs).
-    trusted_proxies: list[str] = []
-    limits: RateLimit | None = None
-    model_limits: RateLimit | None = None
-    suspicion: SuspicionConfig = SuspicionConfig()
-    backend: Literal["memory", "redis"] = "memory"
-    # Memory backend (and the Redis fallback): clients kept, least recently used evicted.
-    max_clients: int = Field(100_000, ge=1)
-    redis: RedisConfig = RedisConfig()
-    on_backend_error: Literal["open", "closed"] = "open"
-    # Refusals carry retry-after-ms of at least this (and never more than the cool-down left).
-    min_retry_after_ms: int = Field(1, ge=0)
-
-    @field_validator("identity")
-    @classmethod
-    def _sources(cls, sources: list[str]) -> list[str]:
-        if not sources:
-            raise ValueError("at least one identity source is needed")
-        return [identity_mod.check_source(s) for s in sources]
-
-    @field_validator("trusted_proxies")
-    @classmethod
-    def _networks(cls, cidrs: list[str]) -> list[str]:
-        identity_mod.parse_networks(cidrs)
-        return cidrs
-
-    @model_validator(mode="after")
-    def _throttle_is_lower(self) -> "ClientsConfig":
-        if self.limits is not None and self.suspicion.throttled_rps > self.limits.rps:
-            raise ValueError("suspicion.throttled_rps must not exceed limits.rps")
-        return self
-
-    @model_validator(mode="after")
-    def _shared_limits_need_a_shared_key(self) -> "ClientsConfig":
-        """Header identities are keyed hashes; without a key secret each process picks a random
-        key, so through Redis one API key would be a different client on every replica and
-        the shared limits would silently not hold. Refused rather than run that way."""
-        headers = [s for s in self.identity if s.startswith("header:")]
-        if self.backend == "redis" and headers and not os.environ.get(self.key_secret_env):
-            raise ValueError(
-                f"backend redis shares limits across replicas, but {headers[0]} identities are "
-                f"hashed with a random per-process key unless the environment variable "
-                f"{self.key_secret_env} is set: set it to the same secret value on every replica "
-                f"(e.g. from a Kubernetes Secret, deploy/k8s/base/client-key-secret.yaml; "
-                f"`openssl rand -hex 32` makes one), or use backend memory")
-        return self
 
 
 # ---- results ---------------------------------------------------------------------------------
