@@ -18,7 +18,7 @@ import sys
 
 import numpy as np
 
-from bastion.calibrate import (
+from bastion.calibration_steps import (
     default_threshold_file,
     fit_learner,
     read_records,
