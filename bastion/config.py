@@ -36,8 +36,14 @@ class _Strict(BaseModel):
 
 class UpstreamConfig(_Strict):
     target: str = "127.0.0.1:9001"
-    # Deadline applied when a client sends none, so no request can wait forever.
+    # Deadline applied when a client sends none, so no request can wait forever (unary calls;
+    # a ModelStreamInfer stream is bounded by the two stream limits below instead).
     timeout_s: float = Field(30.0, gt=0)
+    # A stream whose upstream sends nothing this long while a request waits for its response
+    # ends DEADLINE_EXCEEDED; a stream with nothing outstanding may idle (proxy/streams.py).
+    stream_idle_timeout_s: float = Field(60.0, gt=0)
+    # Longest life of any ModelStreamInfer stream; None: as long as the client keeps it.
+    max_stream_lifetime_s: float | None = Field(None, gt=0)
     # How often the upstream's ServerReady is polled for grpc.health.v1 and /readyz.
     health_interval_s: float = Field(1.0, gt=0)
     max_receive_message_bytes: int = Field(DEFAULT_MAX_MESSAGE_BYTES, gt=0)

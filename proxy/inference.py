@@ -17,7 +17,7 @@ from google.protobuf.message import DecodeError
 
 from bastion.protos import SERVICE, codec, pb
 from bastion.proxy import forwarding
-from bastion.proxy import policy, telemetry
+from bastion.proxy import policy, streams, telemetry
 from bastion.proxy.audit import AuditLog
 from bastion.proxy.clients import ClientControl
 from bastion.proxy.memory import MemoryWatermark
@@ -376,14 +376,18 @@ class InferenceHandler:
     # ---- bidirectional stream ----------------------------------------------------------
     async def model_stream_infer(self, request_iterator, context: grpc.aio.ServicerContext):
         """Each request is inspected on its own; a refused one gets a ModelStreamInferResponse
-        with ``error_message`` (Triton's per-request error) and the stream goes on."""
+        with ``error_message`` (Triton's per-request error) and the refused request's id, and the
+        stream goes on. The stream lives as the client wants, within proxy/streams.py's limits."""
         stream_id = forwarding.new_request_id()
         identity = self.clients.identity(context)
         span = telemetry.start_stream_span(MODEL_STREAM_INFER, context)
+        limits = self.state.current.config.upstream
+        timeout, lifetime_bound = streams.stream_deadline(context, limits.max_stream_lifetime_s)
         call = self.passthrough.upstream.stream(MODEL_STREAM_INFER)(
             metadata=telemetry.inject_headers(forwarding.upstream_metadata(context, stream_id),
                                               span),
-            timeout=forwarding.deadline(context, self.passthrough.default_timeout_s))
+            timeout=timeout)
+        idle = streams.IdleWatch(limits.stream_idle_timeout_s)
         outbox: asyncio.Queue = asyncio.Queue()
         done = object()
 
@@ -413,7 +417,7 @@ class InferenceHandler:
                                                  time.perf_counter() - started)
                     self._audit(identity, request_id, _model_name(raw), "ModelStreamInfer",
                                 rejected.code.name, rejected.verdict, rejected.reason)
-                    reply = pb.ModelStreamInferResponse(error_message=rejected.details)
+                    reply = streams.refusal_reply(raw, rejected.details)
                     await outbox.put(reply.SerializeToString())
                     continue
                 self.metrics.observe_request("ModelStreamInfer", inspected.model, "forwarded",
@@ -424,14 +428,15 @@ class InferenceHandler:
                 if inspected.verdict is not None and policy.needs_annotation(inspected.verdict):
                     client_id = pb.ModelInferRequest.FromString(raw).id
                     pending.append((client_id, inspected, request_id))
+                idle.sent()
                 try:
                     await call.write(inspected.body)
                 except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError):
                     return  # the upstream ended the stream; its status is what the client gets
             await call.done_writing()
 
-        def annotate_stream_reply(reply: bytes) -> bytes:
-            message = pb.ModelStreamInferResponse.FromString(reply)
+        def annotate_stream_reply(reply: bytes,
+                                  message: pb.ModelStreamInferResponse) -> bytes:
             if message.error_message and not message.HasField("infer_response"):
                 return reply
             match = next((entry for entry in pending if entry[0] == message.infer_response.id
@@ -447,12 +452,20 @@ class InferenceHandler:
         async def pump_responses() -> None:
             try:
                 async for reply in call:
-                    await outbox.put(annotate_stream_reply(reply) if pending else reply)
+                    message = pb.ModelStreamInferResponse.FromString(reply)
+                    idle.received(streams.is_final_response(message))
+                    await outbox.put(annotate_stream_reply(reply, message) if pending else reply)
             finally:
                 await outbox.put(done)
 
+        async def watch_idle() -> None:
+            await idle.expired()
+            await outbox.put(idle_expired)
+
+        idle_expired = object()
         requests_task = asyncio.create_task(pump_requests())
         responses_task = asyncio.create_task(pump_responses())
+        idle_task = asyncio.create_task(watch_idle())
         try:
             initial = forwarding.response_metadata(await call.initial_metadata())
             if initial:
@@ -461,15 +474,23 @@ class InferenceHandler:
                 item = await outbox.get()
                 if item is done:
                     break
+                if item is idle_expired:
+                    call.cancel()
+                    await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, idle.details())
                 yield item
             # Local error replies queued after the upstream closed still belong to the client.
             while not outbox.empty():
-                yield outbox.get_nowait()
+                item = outbox.get_nowait()
+                if item is not idle_expired:
+                    yield item
             await responses_task
         except grpc.aio.AioRpcError as error:
+            if lifetime_bound and error.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                    streams.lifetime_details(limits.max_stream_lifetime_s))
             await forwarding.pass_error(context, error, self.passthrough.upstream)
         finally:
-            for task in (requests_task, responses_task):
+            for task in (requests_task, responses_task, idle_task):
                 task.cancel()
             call.cancel()
             if span is not None:

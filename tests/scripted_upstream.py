@@ -21,6 +21,9 @@ SLOW = "/custom.v1.Lab/Slow"
 MODEL_INFER = f"/{SERVICE}/ModelInfer"
 MODEL_STREAM_INFER = f"/{SERVICE}/ModelStreamInfer"
 FAIL_DETAILS = "scripted failure: quota \u2713 exceeded"
+SILENT_MODEL = "silent"        # ModelStreamInfer: takes requests, never answers
+DECOUPLED_MODEL = "decoupled"  # ModelStreamInfer: CHUNKS responses per request, CHUNK_GAP_S apart
+CHUNKS, CHUNK_GAP_S = 5, 0.5
 
 
 class ScriptedUpstream(grpc.GenericRpcHandler):
@@ -96,7 +99,19 @@ class ScriptedUpstream(grpc.GenericRpcHandler):
                 for request in request_iterator:
                     self._record(method, context, request)
                     parsed = pb.ModelInferRequest.FromString(request)
-                    yield pb.ModelStreamInferResponse(infer_response=pb.ModelInferResponse(
-                        model_name=parsed.model_name, id=parsed.id)).SerializeToString()
+                    if parsed.model_name == SILENT_MODEL:
+                        continue  # takes the request, never answers it
+                    # A decoupled model answers in several chunks, the last one flagged final.
+                    chunks = CHUNKS if parsed.model_name == DECOUPLED_MODEL else 1
+                    for index in range(chunks):
+                        if index:
+                            time.sleep(CHUNK_GAP_S)
+                        response = pb.ModelInferResponse(model_name=parsed.model_name,
+                                                         id=parsed.id)
+                        if chunks > 1:
+                            response.parameters["triton_final_response"].bool_param = (
+                                index == chunks - 1)
+                        yield pb.ModelStreamInferResponse(
+                            infer_response=response).SerializeToString()
             return grpc.stream_stream_rpc_method_handler(stream_infer)
         return None
