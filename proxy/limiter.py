@@ -24,10 +24,8 @@ backend (limits then hold per replica, and suspicion learnt from Redis is kept l
 """
 from __future__ import annotations
 
-import asyncio
 import collections
 import dataclasses
-import hashlib
 import logging
 import math
 import time
@@ -36,6 +34,8 @@ from collections.abc import Callable
 import grpc
 
 from bastion.clients_config import ClientsConfig, SuspicionConfig
+from bastion.proxy.redis_scripts import (LUA_NOW, BackendUnavailable, Bucket as _Bucket,
+                                         ScriptedRedis, key_hash, refill as _refill)
 
 log = logging.getLogger("bastion.limiter")
 
@@ -122,24 +122,6 @@ class _Client:
         self.score_ts = now
         self.blocked_until = -math.inf
         self.tier = NORMAL            # the last tier reported (to notice moves)
-
-
-class _Bucket:
-    __slots__ = ("tokens", "ts")
-
-    def __init__(self, now: float):
-        self.tokens = math.inf
-        self.ts = now
-
-
-def _refill(bucket, now: float, rate: float, cap: float) -> float:
-    elapsed = now - bucket.ts
-    tokens = bucket.tokens + elapsed * rate if elapsed > 0 else bucket.tokens
-    tokens = cap if tokens > cap else tokens
-    bucket.tokens = tokens
-    if elapsed > 0:
-        bucket.ts = now
-    return tokens
 
 
 class MemoryBackend:
@@ -265,13 +247,8 @@ class MemoryBackend:
 
 
 # ---- Redis backend ---------------------------------------------------------------------------
-# Shared helpers: Redis's clock, decayed score, tier. Numbers are stored as strings (HSET) and
-# floats are returned as strings (Lua numbers become integers on the way out).
-_LUA_COMMON = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) * 1e-6
-local function fmt(x) return string.format('%.17g', x) end
-local function decayed(score, st, hl)
+# Shared helpers: Redis's clock and fmt (redis_scripts.LUA_NOW), decayed score, tier.
+_LUA_COMMON = LUA_NOW + """local function decayed(score, st, hl)
   if score > 0 and now > st then return score * 2 ^ (-(now - st) / hl) end
   return score
 end
@@ -384,97 +361,25 @@ return {old, tier, fmt(score), fmt(left)}
 _REASON_CODES = {0: "ok", 1: "rate_limit", 2: "model_rate_limit", 3: "tier_blocked"}
 
 
-class BackendUnavailable(Exception):
-    """Redis did not answer in time (or the circuit is open)."""
-
-
-def _ignore_outcome(task: asyncio.Future) -> None:
-    if not task.cancelled():
-        task.exception()        # retrieved, so asyncio does not log "never retrieved"
-
-
-def _key_hash(text: str) -> str:
-    return hashlib.blake2b(text.encode("utf-8", "surrogateescape"), digest_size=12).hexdigest()
-
-
-class RedisBackend:
+class RedisBackend(ScriptedRedis):
     """Shared state in Redis. Keys: ``{prefix}{<client hash>}`` (a hash: bucket, score, block,
     tier) and ``{prefix}{<client hash>}:m:<model hash>`` (that client's bucket for one model);
     the hash tag keeps one client's keys in one Redis Cluster slot. All keys expire when idle."""
 
     def __init__(self, config: ClientsConfig, client=None):
-        import redis.asyncio as aioredis
-        from redis.asyncio.retry import Retry
-        from redis.backoff import NoBackoff
-
-        self.config = config
-        rc = config.redis
-        self.timeout_s = rc.timeout_ms / 1000
-        self.retry_after_s = rc.retry_after_failure_ms / 1000
-        self.redis = client or aioredis.Redis.from_url(
-            rc.url, socket_timeout=self.timeout_s, socket_connect_timeout=self.timeout_s,
-            retry=Retry(NoBackoff(), 1), health_check_interval=0)
+        super().__init__(config, client, label="limiter", logger=log)
         self._admit = self.redis.register_script(ADMIT_LUA)
         self._observe = self.redis.register_script(OBSERVE_LUA)
-        self._errors = (asyncio.TimeoutError, OSError, aioredis.RedisError)
         s, lim, mlim = config.suspicion, config.limits, config.model_limits
         eps = s.throttle_at / 100
         self._admit_args = (lim.rps if lim else 0, lim.burst if lim else 0,
                             mlim.rps if mlim else 0, mlim.burst if mlim else 0,
                             s.throttled_rps, s.throttled_burst, s.half_life_s, s.throttle_at, eps)
         self._observe_args = (s.half_life_s, s.throttle_at, s.block_at, s.block_cooldown_s, eps)
-        self.healthy = True
-        self._retry_at = 0.0
-        self._probing = False
-        self.failures = 0          # calls that failed (timeout, connection error)
-        self.skipped = 0           # calls not tried because the circuit was open
 
     def keys(self, identity: str, model: str) -> tuple[str, str]:
-        base = f"{self.config.redis.key_prefix}{{{_key_hash(identity)}}}"
-        return base, f"{base}:m:{_key_hash(model)}"
-
-    async def _call(self, script, keys, args):
-        probe = False
-        if not self.healthy:
-            if time.monotonic() < self._retry_at or self._probing:
-                self.skipped += 1
-                raise BackendUnavailable("circuit open")
-            self._probing = probe = True
-        try:
-            result = await self._within_timeout(script(keys=keys, args=args))
-        except self._errors as err:
-            self.failures += 1
-            if self.healthy:
-                log.warning("limiter: Redis unavailable (%s: %s); on_backend_error=%s",
-                            type(err).__name__, err, self.config.on_backend_error)
-            self.healthy = False
-            self._retry_at = time.monotonic() + self.retry_after_s
-            raise BackendUnavailable(str(err) or type(err).__name__) from None
-        finally:
-            if probe:
-                self._probing = False
-        if not self.healthy:
-            log.warning("limiter: Redis is back")
-            self.healthy = True
-        return result
-
-    async def _within_timeout(self, call):
-        """The call's result, or TimeoutError at timeout_s sharp. The call runs as its own task
-        (about 5 us, against ~170 us for the round trip) so that on timeout the caller does not
-        wait for redis-py's clean-up of the cancelled command (closing the connection and
-        releasing it to the pool, whose lock concurrent callers share): with the clean-up
-        inline, one admit() took 212 ms at a 50 ms timeout, 20 callers, Redis stopped."""
-        task = asyncio.ensure_future(call)
-        try:
-            async with asyncio.timeout(self.timeout_s):
-                return await asyncio.shield(task)
-        except asyncio.TimeoutError:
-            task.cancel()
-            task.add_done_callback(_ignore_outcome)   # its clean-up finishes in the background
-            raise
-        except asyncio.CancelledError:
-            task.cancel()
-            raise
+        base = self.client_key(identity)
+        return base, f"{base}:m:{key_hash(model)}"
 
     async def admit(self, identity: str, model: str):
         return await self._call(self._admit, self.keys(identity, model), self._admit_args)
@@ -482,9 +387,6 @@ class RedisBackend:
     async def observe(self, identity: str, added: float):
         keys = (self.keys(identity, "")[0],)
         return await self._call(self._observe, keys, (added, *self._observe_args))
-
-    async def close(self) -> None:
-        await self.redis.aclose()
 
 
 # ---- the guard -------------------------------------------------------------------------------
