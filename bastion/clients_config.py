@@ -1,7 +1,9 @@
-"""The ``clients:`` section of the config: identity sources, rate limits, suspicion, backend.
+"""The ``clients:`` section of the config: identity sources, rate limits, token budgets,
+suspicion, backend.
 
 Only the schema and the spelling rules of its values live here, so the config validates without
-importing the server; :mod:`bastion.proxy.identity` and :mod:`bastion.proxy.limiter` carry it out.
+importing the server; :mod:`bastion.proxy.identity`, :mod:`bastion.proxy.limiter` and
+:mod:`bastion.proxy.token_budget` carry it out.
 """
 from __future__ import annotations
 
@@ -92,6 +94,86 @@ class RedisConfig(_Strict):
     retry_after_failure_ms: int = Field(1000, ge=0)
 
 
+class TokenRate(_Strict):
+    """A token bucket counted in (model) tokens: refills at ``tokens_per_s``, holds ``burst``."""
+    tokens_per_s: float = Field(gt=0)
+    burst: int = Field(ge=1)
+
+
+#: What counts tokens when the config names no tokenizer: the bundled tiny LM's byte-level BPE
+#: (4096 entries), roughly a GPT-2 style count; name your model's tokenizer.json for its count.
+DEFAULT_TOKENIZER = "builtin:lm/tiny-lm/tokenizer.json"
+
+
+class TokenBudgetsConfig(_Strict):
+    """``clients.token_budgets``: token buckets on input (prompt) tokens and on generated
+    (output) tokens, per client and per (client, model); all off unless set. An input bucket is
+    taken from before a request goes upstream (both or neither); an output bucket is charged as
+    tokens are generated and may go into debt, refusing new generation until repaid."""
+    input: TokenRate | None = None
+    output: TokenRate | None = None
+    model_input: TokenRate | None = None
+    model_output: TokenRate | None = None
+    # A Hugging Face tokenizer.json: a path (relative to the config file's folder) or
+    # builtin:REL, a file inside the bastion package. model_tokenizers: per model name.
+    tokenizer: str = DEFAULT_TOKENIZER
+    model_tokenizers: dict[str, str] = {}
+
+    @property
+    def enabled(self) -> bool:
+        return any(b is not None for b in (self.input, self.output, self.model_input,
+                                           self.model_output))
+
+    @field_validator("tokenizer")
+    @classmethod
+    def _tokenizer(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("tokenizer must name a tokenizer.json")
+        return value
+
+    @field_validator("model_tokenizers")
+    @classmethod
+    def _model_tokenizers(cls, values: dict[str, str]) -> dict[str, str]:
+        for model, value in values.items():
+            if not model or not value.strip():
+                raise ValueError("model_tokenizers maps a model name to a tokenizer.json")
+        return values
+
+
+def resolve_token_budget_paths(clients: "ClientsConfig", base_dir) -> tuple["ClientsConfig",
+                                                                            list[str]]:
+    """``clients`` with relative tokenizer paths resolved against ``base_dir`` (the config
+    file's folder; None keeps them relative to the working directory; ``builtin:`` names are
+    kept as written), and the problems found: files that do not exist."""
+    from bastion.stage_config import PACKAGE_PREFIX, package_file
+
+    budgets = clients.token_budgets
+    problems: list[str] = []
+
+    def resolve(value: str, where: str) -> str:
+        if value.startswith(PACKAGE_PREFIX):
+            try:
+                path = package_file(value)
+            except ValueError as err:
+                problems.append(f"clients.token_budgets.{where}: {err}")
+                return value
+        else:
+            if base_dir is not None and not os.path.isabs(value):
+                value = os.path.normpath(os.path.join(base_dir, value))
+            path = value
+        if not os.path.isfile(path):
+            problems.append(f"clients.token_budgets.{where}: no such tokenizer file: {path}")
+        return value
+
+    tokenizer = resolve(budgets.tokenizer, "tokenizer")
+    per_model = {model: resolve(value, f"model_tokenizers.{model}")
+                 for model, value in budgets.model_tokenizers.items()}
+    if tokenizer == budgets.tokenizer and per_model == budgets.model_tokenizers:
+        return clients, problems
+    budgets = budgets.model_copy(update={"tokenizer": tokenizer, "model_tokenizers": per_model})
+    return clients.model_copy(update={"token_budgets": budgets}), problems
+
+
 class ClientsConfig(_Strict):
     # Ordered identity sources: "header:NAME", "mtls", "peer" (see bastion.proxy.identity).
     identity: list[str] = ["peer"]
@@ -108,6 +190,8 @@ class ClientsConfig(_Strict):
     on_backend_error: Literal["open", "closed"] = "open"
     # Refusals carry retry-after-ms of at least this (and never more than the cool-down left).
     min_retry_after_ms: int = Field(1, ge=0)
+    # Token budgets on input and generated tokens (bastion.proxy.token_budget); same backend.
+    token_budgets: TokenBudgetsConfig = TokenBudgetsConfig()
 
     @field_validator("identity")
     @classmethod

@@ -12,7 +12,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from bastion.clients_config import ClientsConfig
+from bastion.clients_config import ClientsConfig, resolve_token_budget_paths
 from bastion.detectors.extraction import ExtractionConfig
 from bastion.stage_config import InputSpec, calibrate_command, parse_stage, resolve_paths
 
@@ -277,11 +277,12 @@ def parse_config(data: Any, source: str = "config", base_dir: pathlib.Path | Non
         config = Config.model_validate(data)
     except ValidationError as err:
         raise ConfigError(_format_error(err, source)) from None
-    config = config.model_copy(update={"models": {
+    clients, problems = resolve_token_budget_paths(config.clients, base_dir)
+    config = config.model_copy(update={"clients": clients, "models": {
         name: model.model_copy(update={"pipeline": resolve_paths(name, model.pipeline, base_dir)})
         for name, model in config.models.items()}})
-    problems = validate_pipelines(config, allow_uncalibrated=allow_uncalibrated,
-                                  config_path=source if base_dir is not None else None)
+    problems += validate_pipelines(config, allow_uncalibrated=allow_uncalibrated,
+                                   config_path=source if base_dir is not None else None)
     if problems:
         raise ConfigError("\n".join(f"{source}: {p}" for p in problems))
     return config
