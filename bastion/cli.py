@@ -113,7 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     upstream = sub.add_parser("upstream", help="reference v2 model server (onnxruntime)")
     upstream.add_argument("--listen", default="127.0.0.1:9001")
-    upstream.add_argument("--models", help="folder of <name>/model.onnx (default: demo models)")
+    upstream.add_argument("--models", help="folder of <name>/model.onnx and <name>/generator.json "
+                          "(default: demo models)")
     upstream.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads")
     upstream.add_argument("--request-log", help="append one JSON line per inference request")
     upstream.set_defaults(func=_cmd_upstream)

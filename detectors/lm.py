@@ -275,7 +275,7 @@ class LMRunner:
         chosen = [p for p in wanted_providers if p in available] or ["CPUExecutionProvider"]
         if chosen != wanted_providers:
             log.warning("onnx providers %s not available; using %s", wanted_providers, chosen)
-        self.session = ort.InferenceSession(str(self.model_path), options, providers=chosen)
+        self.session = self._open_session(options, chosen)
         self.providers = self.session.get_providers()
         inputs = {i.name for i in self.session.get_inputs()}
         if "input_ids" not in inputs:
@@ -299,6 +299,12 @@ class LMRunner:
             vocab = vocab if isinstance(vocab, int) else self.tokenizer.get_vocab_size()
             self.max_tokens = max(self.context, min(self.max_tokens, MAX_LOGITS_PER_RUN // vocab))
         self.runs = 0  # onnxruntime calls (tests, benchmarks)
+
+    def _open_session(self, options, providers: Sequence[str]):
+        """The onnxruntime session for ``self.model_path`` (a subclass may load the graph
+        differently, e.g. bastion/upstream/generation.py adds an output)."""
+        import onnxruntime as ort
+        return ort.InferenceSession(str(self.model_path), options, providers=list(providers))
 
     def __repr__(self) -> str:
         return (f"LMRunner({self.name!r}, output={self.output}, context={self.context}, "

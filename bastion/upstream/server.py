@@ -1,8 +1,20 @@
 """Reference Open Inference Protocol model server over onnxruntime, for demos and tests.
 
-Serves every ``<models>/<name>/model.onnx`` as model ``name`` (version "1"). It is deliberately
-small: the real peers (Triton, MLServer, KServe) are what production runs; this one exists so a
-demo and the test-suite need nothing but this package.
+Serves every ``<models>/<name>/model.onnx`` as model ``name`` (version "1"), and every
+``<models>/<name>/generator.json`` as a decoupled text-generation model (bastion/upstream/
+generation.py; the demo models' ``text-generator``). It is deliberately small: the real peers
+(Triton, MLServer, KServe) are what production runs; this one exists so a demo and the
+test-suite need nothing but this package.
+
+ModelStreamInfer answers each request on its own. A request to an onnx model gets one response,
+in request order. A request to a generation model is answered as Triton answers a decoupled
+model, concurrently with the stream's other requests (so the chunks of several requests may
+interleave): one response per text chunk (output ``text_output`` BYTES [1], parameter
+``triton_final_response`` false), then an empty final response (no outputs, parameter
+``triton_final_response`` true), all with the request's ``id`` and ``model_name``; with request
+parameter ``stream: false`` one response with the whole text, flagged final. A refused request
+gets an in-band ``error_message`` with its ``id``, model name and version in ``infer_response``
+(after a generation has started, it ends the request in place of the final response).
 """
 from __future__ import annotations
 
@@ -19,6 +31,8 @@ import onnxruntime as ort
 
 import bastion
 from bastion.protos import codec, pb, pb_grpc
+from bastion.upstream.common import VERSION, InferError
+from bastion.upstream.generation import GENERATOR_FILE, GenerationModel
 
 log = logging.getLogger("bastion.upstream")
 
@@ -29,17 +43,10 @@ ORT_TO_V2 = {
     "tensor(uint32)": "UINT32", "tensor(uint64)": "UINT64", "tensor(bool)": "BOOL",
     "tensor(string)": "BYTES", "tensor(bfloat16)": "BF16",
 }
-VERSION = "1"
 
 
 def default_models_dir() -> pathlib.Path:
     return pathlib.Path(str(resources.files("bastion") / "demo_models"))
-
-
-class InferError(Exception):
-    def __init__(self, code: grpc.StatusCode, message: str):
-        super().__init__(message)
-        self.code = code
 
 
 class OnnxModel:
@@ -112,12 +119,24 @@ class OnnxModel:
         return reply
 
 
+Model = OnnxModel | GenerationModel
+
+
+def stream_error(request: pb.ModelInferRequest, message: str) -> pb.ModelStreamInferResponse:
+    """An in-band error for one request of a stream, naming that request."""
+    return pb.ModelStreamInferResponse(
+        error_message=message,
+        infer_response=pb.ModelInferResponse(model_name=request.model_name,
+                                             model_version=request.model_version,
+                                             id=request.id))
+
+
 class ReferenceServer(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, models: dict[str, OnnxModel], request_log: pathlib.Path | None = None):
+    def __init__(self, models: dict[str, Model], request_log: pathlib.Path | None = None):
         self.models = models
         self.request_log = request_log.open("a", buffering=1) if request_log else None
 
-    def _model(self, name: str, version: str) -> OnnxModel:
+    def _model(self, name: str, version: str) -> Model:
         model = self.models.get(name)
         if model is None or version not in ("", VERSION):
             raise InferError(grpc.StatusCode.NOT_FOUND,
@@ -144,10 +163,17 @@ class ReferenceServer(pb_grpc.GRPCInferenceServiceServicer):
         except InferError as err:
             await context.abort(err.code, str(err))
 
-    async def _infer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
+    def _received(self, request: pb.ModelInferRequest) -> Model:
         if self.request_log is not None:
             self.request_log.write(json.dumps({"model": request.model_name, "id": request.id}) + "\n")
-        model = self._model(request.model_name, request.model_version)
+        return self._model(request.model_name, request.model_version)
+
+    async def _infer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
+        model = self._received(request)
+        if isinstance(model, GenerationModel):
+            job = model.parse(request)
+            text = await asyncio.to_thread(model.text, job)
+            return model.response(request, text, final=None)
         return await asyncio.to_thread(model.infer, request)
 
     async def ModelInfer(self, request, context):
@@ -157,19 +183,71 @@ class ReferenceServer(pb_grpc.GRPCInferenceServiceServicer):
             await context.abort(err.code, str(err))
 
     async def ModelStreamInfer(self, request_iterator, context):
-        async for request in request_iterator:
+        outbox: asyncio.Queue = asyncio.Queue()
+        generations: set[asyncio.Task] = set()
+        done = object()
+
+        async def generate(model: GenerationModel, request: pb.ModelInferRequest, job) -> None:
             try:
-                yield pb.ModelStreamInferResponse(infer_response=await self._infer(request))
+                if not job.stream:
+                    text = await asyncio.to_thread(model.text, job)
+                    await outbox.put(pb.ModelStreamInferResponse(
+                        infer_response=model.response(request, text, final=True)))
+                    return
+                chunks = model.chunks(job)
+                while (chunk := await asyncio.to_thread(next, chunks, None)) is not None:
+                    await outbox.put(pb.ModelStreamInferResponse(
+                        infer_response=model.response(request, chunk, final=False)))
+                await outbox.put(pb.ModelStreamInferResponse(
+                    infer_response=model.response(request, None, final=True)))
             except InferError as err:
-                yield pb.ModelStreamInferResponse(error_message=str(err))
+                await outbox.put(stream_error(request, str(err)))
+            except Exception:  # noqa: BLE001 - one request must not end the stream
+                log.exception("generation failed")
+                await outbox.put(stream_error(request, f"model '{model.name}': internal error"))
+
+        async def read() -> None:
+            try:
+                async for request in request_iterator:
+                    try:
+                        model = self._received(request)
+                        if isinstance(model, GenerationModel):
+                            task = asyncio.create_task(generate(model, request,
+                                                                model.parse(request)))
+                            generations.add(task)
+                            task.add_done_callback(generations.discard)
+                        else:
+                            await outbox.put(pb.ModelStreamInferResponse(
+                                infer_response=await asyncio.to_thread(model.infer, request)))
+                    except InferError as err:
+                        await outbox.put(stream_error(request, str(err)))
+                while generations:
+                    await asyncio.wait(set(generations))
+            finally:
+                await outbox.put(done)
+
+        reader = asyncio.create_task(read())
+        try:
+            while (reply := await outbox.get()) is not done:
+                yield reply
+            await reader  # the client's stream errors, if any, end the call
+        finally:
+            for task in (reader, *generations):
+                task.cancel()
 
 
-def load_models(models_dir: pathlib.Path, threads: int = 1) -> dict[str, OnnxModel]:
-    models = {}
-    for path in sorted(models_dir.glob("*/model.onnx")):
-        models[path.parent.name] = OnnxModel(path.parent.name, path, threads)
+def load_models(models_dir: pathlib.Path, threads: int = 1) -> dict[str, Model]:
+    """``<name>/model.onnx`` (an onnx model) and ``<name>/generator.json`` (a text-generation
+    model) under ``models_dir``, by name."""
+    models: dict[str, Model] = {}
+    for folder in sorted(p for p in models_dir.iterdir() if p.is_dir()):
+        if (folder / "model.onnx").is_file():
+            models[folder.name] = OnnxModel(folder.name, folder / "model.onnx", threads)
+        elif (folder / GENERATOR_FILE).is_file():
+            models[folder.name] = GenerationModel(folder.name, folder, threads)
     if not models:
-        raise FileNotFoundError(f"no <name>/model.onnx under {models_dir}")
+        raise FileNotFoundError(f"no <name>/model.onnx or <name>/{GENERATOR_FILE} under "
+                                f"{models_dir}")
     return models
 
 
