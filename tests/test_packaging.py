@@ -21,6 +21,7 @@ def test_wheel_installs_only_the_bastion_namespace(tmp_path):
         assert f"bastion/{package}/__init__.py" in names
     for shipped in ("bastion/demo_models/fashion-mnist/model.onnx",
                     "bastion/demo_models/text-classifier/model.onnx",
+                    "bastion/demo_models/text-generator/generator.json",
                     "bastion/protos/grpc_predict_v2.proto", "bastion/data/text_sample.jsonl",
                     "bastion/data/signatures/default.yaml"):
         assert shipped in names
