@@ -14,6 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from bastion.clients_config import ClientsConfig, resolve_token_budget_paths
 from bastion.detectors.extraction import ExtractionConfig
+from bastion import stage_catalog
+from bastion.core.registry import StagePluginError
 from bastion.stage_config import InputSpec, calibrate_command, parse_stage, resolve_paths
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
@@ -269,6 +271,10 @@ def parse_config(data: Any, source: str = "config", base_dir: pathlib.Path | Non
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: top level must be a mapping, got {type(data).__name__}")
+    try:
+        stage_catalog.registry()  # plugins load here, so a broken one is a one-line config error
+    except StagePluginError as err:
+        raise ConfigError(f"{source}: {err}") from None
     from bastion.shipped_profiles import expand_profiles
     data, problems = expand_profiles(data)
     if problems:

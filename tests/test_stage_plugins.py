@@ -128,6 +128,22 @@ def test_a_broken_plugin_is_named(monkeypatch):
     broken = EntryPoint(name="broken", value="bastion_no_such_plugin_module",
                         group=registry.ENTRY_POINT_GROUP)
     monkeypatch.setattr(registry, "entry_points", lambda group: [broken])
-    with pytest.raises(ImportError, match="stage plugin 'broken' .*failed to load: "
-                                          "ModuleNotFoundError"):
+    with pytest.raises(registry.StagePluginError, match="stage plugin 'broken' .*failed to "
+                                                        "load: ModuleNotFoundError"):
         registry.load_plugins()
+
+
+def test_check_config_names_a_broken_plugin_in_one_line(tmp_path):
+    site = tmp_path / "site"
+    info = site / "bastion_test_broken-1.0.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: bastion-test-broken\n"
+                                   "Version: 1.0\n")
+    (info / "entry_points.txt").write_text(f"[{registry.ENTRY_POINT_GROUP}]\n"
+                                           "broken = bastion_no_such_plugin_module\n")
+    config = tmp_path / "bastion.yaml"
+    config.write_text(json.dumps(CONFIG))
+    checked = _run(["-m", "bastion", "check-config", str(config)], site, tmp_path)
+    assert checked.returncode == 1
+    assert "Traceback" not in checked.stderr
+    assert "stage plugin 'broken'" in checked.stderr and "failed to load" in checked.stderr

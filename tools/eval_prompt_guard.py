@@ -96,7 +96,7 @@ def threshold_at_fpr(benign: np.ndarray, fpr: float) -> float:
 
 def rule_scores(texts: list[str]) -> dict[str, np.ndarray]:
     """Scores of the profile's rule stages, run by the real stage code."""
-    from bastion.proxy.stages import registry
+    from bastion.stage_catalog import registry
     stages = registry()
     invisible = stages["sanitize.unicode"].build(stages["sanitize.unicode"].options(
         nfkc=False, strip_invisible=True, fold_confusables=False, strip_control=False))
@@ -119,7 +119,7 @@ def perplexity_scores(texts: list[str], work: pathlib.Path) -> np.ndarray:
         values = np.load(cache)
         if len(values) == len(texts):
             return values
-    from bastion.proxy.stages import registry
+    from bastion.stage_catalog import registry
     spec = registry()["detect.perplexity"]
     detector = spec.build(spec.options())
     values = np.concatenate([detector.score(texts[i:i + 64]) for i in range(0, len(texts), 64)])

@@ -67,6 +67,10 @@ def stage(name: str, kind: StageKind, options: type[StageOptions],
     return decorate
 
 
+class StagePluginError(ValueError):
+    """An installed stage plugin could not be loaded (a config error, reported in one line)."""
+
+
 def load_plugins() -> None:
     """Import every stage module that an installed distribution declares under
     :data:`ENTRY_POINT_GROUP`. Loading one twice is harmless (Python imports a module once).
@@ -75,6 +79,6 @@ def load_plugins() -> None:
         try:
             entry.load()
         except Exception as err:  # noqa: BLE001 - any failure is reported with the plugin's name
-            raise ImportError(f"stage plugin {entry.name!r} ({entry.value}, entry point group "
+            raise StagePluginError(f"stage plugin {entry.name!r} ({entry.value}, entry point group "
                               f"{ENTRY_POINT_GROUP!r}) failed to load: "
                               f"{type(err).__name__}: {err}") from err
