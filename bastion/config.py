@@ -12,10 +12,11 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from bastion.clients_config import ClientsConfig, resolve_token_budget_paths
-from bastion.detectors.extraction import ExtractionConfig
 from bastion import stage_catalog
+from bastion.clients_config import ClientsConfig, resolve_token_budget_paths
 from bastion.core.registry import StagePluginError
+from bastion.detectors.extraction import ExtractionConfig
+from bastion.output_config import OutputConfig
 from bastion.stage_config import InputSpec, calibrate_command, parse_stage, resolve_paths
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
@@ -189,6 +190,8 @@ class ModelConfig(_Strict):
     retry_after_ms: int = Field(1000, ge=0)
     # Ordered stages, each a one-key mapping {stage-name: {options}}; see bastion.stage_config.
     pipeline: list[dict[str, dict[str, Any] | None]] = []
+    # Off unless set: scan the generated text (canary leaks, secrets, PII); bastion.output_config.
+    output: OutputConfig | None = None
 
     @field_validator("pipeline")
     @classmethod

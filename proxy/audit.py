@@ -28,6 +28,7 @@ _DIGITS = re.compile(r"\d")
 
 
 CLIENT_REFUSAL_PREFIX = "client_"
+OUTPUT_STOP_PREFIX = "output-stop:"  # an answer the output scan stopped (proxy/output_guard.py)
 SHED_PREFIX = "overloaded:"          # a stage at capacity shed the request (proxy/inference.py)
 
 
@@ -111,6 +112,11 @@ class AuditLog:
             record.update({"mode": "enforce", "verdict": client_refusal_verdict(reason),
                            "reasons": [reason], "stage": "clients", "scores": {},
                            "thresholds": {}})
+        elif reason and reason.startswith(OUTPUT_STOP_PREFIX):
+            # The answer was refused after the model generated it (proxy/output_guard.py).
+            record.update({"mode": "enforce", "verdict": "block",
+                           "reasons": reason.removeprefix(OUTPUT_STOP_PREFIX).split(","),
+                           "stage": "output", "scores": {}, "thresholds": {}})
         elif reason and reason.startswith(SHED_PREFIX):
             record.update({"mode": "enforce", "verdict": "throttle", "reasons": [reason],
                            "stage": reason.removeprefix(SHED_PREFIX), "scores": {},
@@ -119,6 +125,17 @@ class AuditLog:
             record.update({"mode": None, "verdict": "invalid", "reasons": [reason or "malformed"],
                            "stage": None, "scores": {}, "thresholds": {}})
         self._write(record)
+
+    def output(self, *, request_id: str, client: str, model: str, method: str, action: str,
+               findings: list[dict]) -> None:
+        """Something the output scan found in generated text (redacted or stopped): rule names,
+        kinds and offsets only, never the text."""
+        self._write({
+            "schema": SCHEMA_VERSION,
+            "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds"),
+            "event": "output", "request_id": request_id, "trace_id": _trace_id(),
+            "client": self.client_hash(client), "model": model, "method": method,
+            "action": action, "findings": findings})
 
     def tier_change(self, *, client: str, old: str, new: str, score: float, model: str | None) -> None:
         self._write({

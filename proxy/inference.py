@@ -7,7 +7,6 @@ reaches the upstream: it ends with INVALID_ARGUMENT naming the input and the pro
 from __future__ import annotations
 
 import asyncio
-import collections
 import dataclasses
 import logging
 import time
@@ -17,8 +16,8 @@ from google.protobuf.message import DecodeError
 
 from bastion.protos import SERVICE, codec, pb
 from bastion.proxy import forwarding
-from bastion.proxy import policy, streams, telemetry
-from bastion.proxy.audit import AuditLog
+from bastion.proxy import output_guard, policy, telemetry
+from bastion.proxy.audit import OUTPUT_STOP_PREFIX, AuditLog
 from bastion.proxy.clients import ClientControl
 from bastion.proxy.memory import MemoryWatermark
 from bastion.proxy.metrics import Metrics
@@ -31,7 +30,6 @@ from bastion.transforms.validate import check as check_tensor
 log = logging.getLogger("bastion.inference")
 
 MODEL_INFER = f"/{SERVICE}/ModelInfer"
-MODEL_STREAM_INFER = f"/{SERVICE}/ModelStreamInfer"
 # Triton's parameter naming a shared-memory region: the tensor's bytes are not in the message.
 SHARED_MEMORY_KEY = "shared_memory_region"
 
@@ -67,7 +65,7 @@ class Inspected:
     scoring: bytes | None = None
 
 
-def _model_name(raw: bytes) -> str:
+def requested_model(raw: bytes) -> str:
     """The model a (possibly malformed) request names, for logs; empty if unparseable."""
     try:
         return pb.ModelInferRequest.FromString(raw).model_name[:128]
@@ -123,6 +121,7 @@ class InferenceHandler:
         self.audit = audit
         self.clients = clients
         self._memory = MemoryWatermark(None)
+        self.output_events = output_guard.OutputEvents(metrics, audit, clients)
 
     def _watermark(self) -> MemoryWatermark:
         """The memory watermark of the current config (reloads change the limit, the cached
@@ -130,7 +129,7 @@ class InferenceHandler:
         self._memory.limit_bytes = self.state.current.config.limits.max_memory_bytes
         return self._memory
 
-    def _audit(self, identity: str, request_id: str, model: str, method: str, status: str,
+    def audit_decision(self, identity: str, request_id: str, model: str, method: str, status: str,
                verdict: policy.Verdict | None, reason: str | None = None) -> None:
         if verdict is not None and status == "OK" and not policy.needs_annotation(verdict):
             return  # plainly allowed: nothing to audit
@@ -289,6 +288,25 @@ class InferenceHandler:
             policy.annotate(response, verdict, request_id)
         return response.SerializeToString()
 
+    async def guard_output(self, model: str, reply: bytes, identity: str, request_id: str,
+                           span=None) -> bytes:
+        """The model's output section on a unary answer: redact in place, or refuse it
+        (PERMISSION_DENIED naming the rule) when a finding stops it."""
+        entry = self.state.current.outputs.get(model)
+        if entry is None:
+            return reply
+        response = pb.ModelInferResponse.FromString(reply)
+        found = output_guard.scan_unary(*entry, response)
+        await self.output_events.report(identity=identity, request_id=request_id, model=model,
+                                        method="ModelInfer", outcome=found, span=span)
+        if found.stop is not None:
+            reasons = ",".join(found.reasons)
+            raise Rejected(grpc.StatusCode.PERMISSION_DENIED, output_guard.stop_details(found.stop),
+                           f"{OUTPUT_STOP_PREFIX}{reasons}",
+                           (("bastion-verdict", "block"), ("bastion-reasons", reasons),
+                            (forwarding.REQUEST_ID_KEY, request_id)))
+        return response.SerializeToString() if found.findings else reply
+
     def _out_of_band(self, request, raw: bytes, request_id: str, model, names: list[str]) -> Inspected:
         """Tensor data in shared memory cannot be inspected: the model's policy decides."""
         if model is None:
@@ -344,20 +362,21 @@ class InferenceHandler:
                         identity, model, list(verdict.reasons) if verdict else [refused.reason],
                         {d.stage: d.action for d in verdict.decisions} if verdict else {})
                     raise
+                reply = await self.guard_output(model, reply, identity, request_id, span)
                 outcome = "OK"
                 settings = self._extraction(model)
                 if settings is not None:
                     await self.clients.observe_extraction(identity, model, settings,
                                                           inspected.inputs, reply)
                 if inspected.verdict is not None:
-                    self._audit(identity, request_id, model, "ModelInfer", outcome, inspected.verdict)
+                    self.audit_decision(identity, request_id, model, "ModelInfer", outcome, inspected.verdict)
                 self.metrics.observe_added(model, time.perf_counter() - started - upstream_s)
                 return reply
             except Rejected as rejected:
                 outcome = rejected.code.name
-                model = model or _model_name(raw)
+                model = model or requested_model(raw)
                 telemetry.record_verdict(span, rejected.verdict)
-                self._audit(identity, request_id, model, "ModelInfer", outcome,
+                self.audit_decision(identity, request_id, model, "ModelInfer", outcome,
                             rejected.verdict, rejected.reason)
                 trailers = rejected.trailers or ((forwarding.REQUEST_ID_KEY, request_id),)
                 await context.abort(rejected.code, rejected.details, trailers)
@@ -372,129 +391,3 @@ class InferenceHandler:
                                                       grpc.StatusCode.UNKNOWN))
                 self.metrics.observe_request("ModelInfer", model, outcome,
                                              time.perf_counter() - started)
-
-    # ---- bidirectional stream ----------------------------------------------------------
-    async def model_stream_infer(self, request_iterator, context: grpc.aio.ServicerContext):
-        """Each request is inspected on its own; a refused one gets a ModelStreamInferResponse
-        with ``error_message`` (Triton's per-request error) and the refused request's id, and the
-        stream goes on. The stream lives as the client wants, within proxy/streams.py's limits."""
-        stream_id = forwarding.new_request_id()
-        identity = self.clients.identity(context)
-        span = telemetry.start_stream_span(MODEL_STREAM_INFER, context)
-        limits = self.state.current.config.upstream
-        timeout, lifetime_bound = streams.stream_deadline(context, limits.max_stream_lifetime_s)
-        call = self.passthrough.upstream.stream(MODEL_STREAM_INFER)(
-            metadata=telemetry.inject_headers(forwarding.upstream_metadata(context, stream_id),
-                                              span),
-            timeout=timeout)
-        idle = streams.IdleWatch(limits.stream_idle_timeout_s)
-        outbox: asyncio.Queue = asyncio.Queue()
-        done = object()
-
-        # Responses to annotate, matched by the client's request id (Triton echoes it), or in
-        # order for requests without one (a non-decoupled model answers in order).
-        pending: collections.deque[tuple[str, Inspected, str]] = collections.deque()
-
-        async def pump_requests() -> None:
-            async for raw in request_iterator:
-                started = time.perf_counter()
-                request_id = forwarding.new_request_id()
-                rejected = None
-                try:
-                    # Response stages need one answer per request; a stream's answers are not
-                    # matched to requests reliably enough, so streams get request stages only.
-                    inspected = await self.inspect(raw, request_id, identity,
-                                                   response_stages=False)
-                except Rejected as refusal:
-                    rejected = refusal
-                except Exception:  # noqa: BLE001 - one bad message must not end the stream
-                    log.exception("inspecting a stream message failed")
-                    rejected = Rejected(grpc.StatusCode.INTERNAL,
-                                        "bastion: internal error while inspecting the request",
-                                        "internal")
-                if rejected is not None:
-                    self.metrics.observe_request("ModelStreamInfer", "", rejected.code.name,
-                                                 time.perf_counter() - started)
-                    self._audit(identity, request_id, _model_name(raw), "ModelStreamInfer",
-                                rejected.code.name, rejected.verdict, rejected.reason)
-                    reply = streams.refusal_reply(raw, rejected.details)
-                    await outbox.put(reply.SerializeToString())
-                    continue
-                self.metrics.observe_request("ModelStreamInfer", inspected.model, "forwarded",
-                                             time.perf_counter() - started)
-                if inspected.verdict is not None:
-                    self._audit(identity, request_id, inspected.model, "ModelStreamInfer",
-                                "OK", inspected.verdict)
-                if inspected.verdict is not None and policy.needs_annotation(inspected.verdict):
-                    client_id = pb.ModelInferRequest.FromString(raw).id
-                    pending.append((client_id, inspected, request_id))
-                idle.sent()
-                try:
-                    await call.write(inspected.body)
-                except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError):
-                    return  # the upstream ended the stream; its status is what the client gets
-            await call.done_writing()
-
-        def annotate_stream_reply(reply: bytes,
-                                  message: pb.ModelStreamInferResponse) -> bytes:
-            if message.error_message and not message.HasField("infer_response"):
-                return reply
-            match = next((entry for entry in pending if entry[0] == message.infer_response.id
-                          and entry[0]), None)
-            if match is None:
-                match = next((entry for entry in pending if not entry[0]), None)
-            if match is None:
-                return reply
-            pending.remove(match)
-            policy.annotate(message.infer_response, match[1].verdict, match[2])
-            return message.SerializeToString()
-
-        async def pump_responses() -> None:
-            try:
-                async for reply in call:
-                    message = pb.ModelStreamInferResponse.FromString(reply)
-                    idle.received(streams.is_final_response(message))
-                    await outbox.put(annotate_stream_reply(reply, message) if pending else reply)
-            finally:
-                await outbox.put(done)
-
-        async def watch_idle() -> None:
-            await idle.expired()
-            await outbox.put(idle_expired)
-
-        idle_expired = object()
-        requests_task = asyncio.create_task(pump_requests())
-        responses_task = asyncio.create_task(pump_responses())
-        idle_task = asyncio.create_task(watch_idle())
-        try:
-            initial = forwarding.response_metadata(await call.initial_metadata())
-            if initial:
-                await context.send_initial_metadata(initial)
-            while True:
-                item = await outbox.get()
-                if item is done:
-                    break
-                if item is idle_expired:
-                    call.cancel()
-                    await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, idle.details())
-                yield item
-            # Local error replies queued after the upstream closed still belong to the client.
-            while not outbox.empty():
-                item = outbox.get_nowait()
-                if item is not idle_expired:
-                    yield item
-            await responses_task
-        except grpc.aio.AioRpcError as error:
-            if lifetime_bound and error.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
-                await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
-                                    streams.lifetime_details(limits.max_stream_lifetime_s))
-            await forwarding.pass_error(context, error, self.passthrough.upstream)
-        finally:
-            for task in (requests_task, responses_task, idle_task):
-                task.cancel()
-            call.cancel()
-            if span is not None:
-                span.end()
-        trailing = forwarding.response_metadata(await call.trailing_metadata())
-        if trailing:
-            context.set_trailing_metadata(trailing)

@@ -78,6 +78,10 @@ class Metrics:
             "bastion_client_tier_changes", "Client suspicion tier changes, by new tier "
             "(client ids go to the audit log, never to labels).", ["tier"],
             registry=self.registry)
+        self.output_findings = Counter(
+            "bastion_output_findings", "What the output scan found in generated text, by model, "
+            "kind (canary, secret, pii) and action (redact, stop).", ["model", "kind", "action"],
+            registry=self.registry)
         self.extraction_flags = Counter(
             "bastion_extraction_flags", "Queries after which a client's PRADA test flagged it "
             "as a likely model-extraction attempt.", ["model"], registry=self.registry)
@@ -159,6 +163,10 @@ class Metrics:
 
     def observe_score(self, model: str, stage: str, score: float) -> None:
         self.scores.labels(model, stage).observe(score)
+
+    def observe_output(self, model: str, findings) -> None:
+        for finding in findings:
+            self.output_findings.labels(model, finding.kind, finding.action.value).inc()
 
     def observe_verdict(self, model: str, verdict) -> None:
         self.verdicts.labels(model, verdict.action, str(verdict.enforced).lower()).inc()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import pathlib
@@ -19,11 +20,12 @@ from bastion.proxy.admin import AdminServer
 from bastion.proxy.audit import AuditLog
 from bastion.proxy.clients import ClientControl
 from bastion.proxy.drain import DrainGate
-from bastion.proxy.inference import MODEL_INFER, MODEL_STREAM_INFER, InferenceHandler
+from bastion.proxy.inference import MODEL_INFER, InferenceHandler
 from bastion.proxy.metrics import Metrics
 from bastion.proxy.passthrough import Passthrough, PassthroughHandler
 from bastion.proxy.reload import ConfigReloader
 from bastion.proxy.state import SidecarState
+from bastion.proxy.stream_infer import MODEL_STREAM_INFER, model_stream_infer
 from bastion.proxy.upstream import Upstream
 from bastion.transforms.validate import specs_from_metadata
 
@@ -44,7 +46,8 @@ class _InferenceMethods(grpc.GenericRpcHandler):
     def __init__(self, handler: InferenceHandler):
         self._handlers = {
             MODEL_INFER: grpc.unary_unary_rpc_method_handler(handler.model_infer),
-            MODEL_STREAM_INFER: grpc.stream_stream_rpc_method_handler(handler.model_stream_infer),
+            MODEL_STREAM_INFER: grpc.stream_stream_rpc_method_handler(
+                functools.partial(model_stream_infer, handler)),
         }
 
     def service(self, handler_call_details):

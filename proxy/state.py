@@ -8,6 +8,8 @@ from __future__ import annotations
 import dataclasses
 
 from bastion.config import Config
+from bastion.output_config import build_scanner
+from bastion.detectors.output_scan import OutputScanner
 from bastion.proxy.pipeline import Pipeline, build_pipeline
 from bastion.transforms.validate import TensorSpec
 
@@ -16,11 +18,15 @@ from bastion.transforms.validate import TensorSpec
 class Snapshot:
     config: Config
     pipelines: dict[str, Pipeline]
+    # Model -> (output scanner, output tensor) for models with an `output` section.
+    outputs: dict[str, tuple[OutputScanner, str]] = dataclasses.field(default_factory=dict)
 
 
 def build_snapshot(config: Config, metrics=None) -> Snapshot:
     return Snapshot(config, {name: build_pipeline(name, model, metrics)
-                             for name, model in config.models.items()})
+                             for name, model in config.models.items()},
+                    {name: (build_scanner(model.output), model.output.tensor)
+                     for name, model in config.models.items() if model.output is not None})
 
 
 def _publish(snapshot: Snapshot, metrics) -> Snapshot:
