@@ -35,7 +35,9 @@ SHED_PREFIX = "overloaded:"          # a stage at capacity shed the request (pro
 def client_refusal_verdict(reason: str) -> str:
     """``client_tier_blocked`` -> block; rate limits, throttled tier, no backend -> throttle
     (the same as limiter.refusal's bastion-verdict trailer)."""
-    return "block" if reason == f"{CLIENT_REFUSAL_PREFIX}tier_blocked" else "throttle"
+    if reason == f"{CLIENT_REFUSAL_PREFIX}tier_blocked" or reason.endswith("_too_large"):
+        return "block"  # retrying cannot help (a token request larger than the whole budget)
+    return "throttle"
 
 
 def redact(text: str, limit: int) -> str:

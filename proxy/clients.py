@@ -12,7 +12,7 @@ import numpy as np
 
 from bastion.detectors.extraction import ExtractionMonitor
 from bastion.protos import codec
-from bastion.proxy import limiter
+from bastion.proxy import limiter, token_budget
 from bastion.proxy.identity import resolve_identity
 
 log = logging.getLogger("bastion.clients")
@@ -29,6 +29,10 @@ class ClientControl:
         # Nothing to enforce or score: skip the limiter entirely on the hot path.
         self.active = bool(config.limits or config.model_limits or config.suspicion.weights)
         self.monitors: dict[str, ExtractionMonitor] = {}
+        # Token budgets share the limiter's Redis connections when both use Redis.
+        shared = self.guard.redis.redis if self.guard.redis is not None else None
+        self.tokens = (token_budget.TokenBudget(config, redis_client=shared)
+                       if config.token_budgets.enabled else None)
 
     def identity(self, context) -> str:
         return resolve_identity(context, self.config)
@@ -53,6 +57,41 @@ class ClientControl:
         self.metrics.throttled.labels(self.metrics.model_label(model), admission.reason).inc()
         code, details, trailers = limiter.refusal(admission, request_id)
         return code, details, trailers, f"client_{admission.reason}"
+
+    async def admit_tokens(self, identity: str, model: str, request, request_id: str):
+        """Token budgets before a request goes upstream: the client's generation debt, then its
+        input tokens (every BYTES input, counted with the model's tokenizer). None when admitted,
+        else (code, details, trailers, reason) to refuse with."""
+        if self.tokens is None:
+            return None
+        result = await self.tokens.check_output(identity, model)
+        if result.allowed:
+            texts = request_texts(request) if self.tokens.has_input else []
+            result = await self.tokens.admit_input(identity, model,
+                                                   self.tokens.count(texts, model))
+        if result.allowed:
+            return None
+        self.metrics.throttled.labels(self.metrics.model_label(model),
+                                      f"tokens_{result.reason}").inc()
+        code, details, trailers = token_budget.refusal(result, request_id)
+        return code, details, trailers, f"client_tokens_{result.reason}"
+
+    async def charge_tokens(self, identity: str, model: str, texts) -> None:
+        """Generated text (what the client received) against the client's output budgets."""
+        if self.tokens is None or not self.tokens.has_output:
+            return
+        texts = [t for t in texts if t]
+        if texts:
+            await self.tokens.charge_output(identity, model, self.tokens.count(texts, model))
+
+    @property
+    def charges_output(self) -> bool:
+        return self.tokens is not None and self.tokens.has_output
+
+    async def charge_response(self, identity: str, model: str, response, tensor: str) -> None:
+        """Charge one (unary or stream) response's generated ``tensor`` text."""
+        if self.charges_output:
+            await self.charge_tokens(identity, model, response_texts(response, tensor))
 
     async def observe(self, identity: str, model: str, reasons, stages: dict[str, str]) -> None:
         if not self.active:
@@ -81,4 +120,33 @@ class ClientControl:
             await self.observe(identity, model, [EXTRACTION_REASON], {})
 
     async def close(self) -> None:
+        if self.tokens is not None:
+            await self.tokens.close()
         await self.guard.close()
+
+
+def _bytes_tensor(tensors, raw_contents, kind: str, wanted=None) -> list[bytes]:
+    texts: list[bytes] = []
+    for index, tensor in enumerate(tensors):
+        if tensor.datatype != "BYTES" or (wanted is not None and tensor.name != wanted):
+            continue
+        try:
+            if raw_contents:
+                count = codec.element_count(tensor.name, tensor.shape, kind)
+                values = codec.decode_bytes_elements(tensor.name, raw_contents[index], count, kind)
+            else:
+                values = tensor.contents.bytes_contents
+        except codec.TensorError:
+            continue  # malformed: the pipeline refuses it with INVALID_ARGUMENT
+        texts.extend(bytes(v) for v in np.asarray(values, dtype=object).ravel())
+    return texts
+
+
+def request_texts(request) -> list[bytes]:
+    """Every element of a request's BYTES inputs (what input token budgets count)."""
+    return _bytes_tensor(request.inputs, request.raw_input_contents, "input")
+
+
+def response_texts(response, tensor: str) -> list[bytes]:
+    """Every element of one BYTES output of a response (what output token budgets count)."""
+    return _bytes_tensor(response.outputs, response.raw_output_contents, "output", tensor)

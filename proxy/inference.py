@@ -73,6 +73,13 @@ def requested_model(raw: bytes) -> str:
         return ""
 
 
+def output_tensor(snapshot, model: str) -> str:
+    """The BYTES output that carries a model's generated text (its output section's, else
+    Triton's LLM convention)."""
+    entry = snapshot.outputs.get(model)
+    return entry[1] if entry is not None else "text_output"
+
+
 def request_datatype(request: pb.ModelInferRequest, name: str) -> str:
     return next(t.datatype for t in request.inputs if t.name == name)
 
@@ -154,7 +161,9 @@ class InferenceHandler:
         if watermark.over():
             self.metrics.observe_shed(request.model_name, MEMORY_STAGE)
             raise _shed_memory(watermark, request_id)
-        refusal = await self.clients.admit(identity, request.model_name, request_id)
+        refusal = (await self.clients.admit(identity, request.model_name, request_id)
+                   or await self.clients.admit_tokens(identity, request.model_name, request,
+                                                      request_id))
         if refusal is not None:
             code, details, trailers, reason = refusal
             raise Rejected(code, details, reason, trailers)
@@ -363,6 +372,10 @@ class InferenceHandler:
                         {d.stage: d.action for d in verdict.decisions} if verdict else {})
                     raise
                 reply = await self.guard_output(model, reply, identity, request_id, span)
+                if self.clients.charges_output:
+                    await self.clients.charge_response(
+                        identity, model, pb.ModelInferResponse.FromString(reply),
+                        output_tensor(self.state.current, model))
                 outcome = "OK"
                 settings = self._extraction(model)
                 if settings is not None:

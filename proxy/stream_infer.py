@@ -11,7 +11,8 @@ import grpc
 
 from bastion.protos import SERVICE, pb
 from bastion.proxy import forwarding, output_guard, policy, streams, telemetry
-from bastion.proxy.inference import Inspected, InferenceHandler, Rejected, requested_model
+from bastion.proxy.inference import (Inspected, InferenceHandler, Rejected, output_tensor,
+                                     requested_model)
 
 log = logging.getLogger("bastion.inference")
 MODEL_STREAM_INFER = f"/{SERVICE}/ModelStreamInfer"
@@ -109,6 +110,10 @@ async def model_stream_infer(handler: InferenceHandler, request_iterator,
                         continue  # a stopped request's later chunks
                     if model in outputs.outputs:  # rewritten: held-back, redacted or flushed
                         reply = message.SerializeToString()
+                if handler.clients.charges_output and message.HasField("infer_response"):
+                    model = message.infer_response.model_name
+                    await handler.clients.charge_response(identity, model, message.infer_response,
+                                                          output_tensor(snapshot, model))
                 await outbox.put(annotate_stream_reply(reply, message) if pending else reply)
         finally:
             await outbox.put(done)
