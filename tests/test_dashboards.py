@@ -27,6 +27,7 @@ import pytest
 import yaml
 
 from bastion import traffic
+from bastion.protos import codec, pb
 from tests.harness import REPO, Proc, Sidecar, Upstream, free_port
 
 DASHBOARD = REPO / "deploy" / "grafana" / "bastion-attacks.json"
@@ -69,6 +70,10 @@ models:
     pipeline:
       - debug.fault: {id: fault, error_rate: 0.2, on_error: open}
       - detect.squeeze: {}
+  text-generator:
+    inputs:
+      text_input: {datatype: BYTES, kind: text}
+    output: {canaries: [ZX-CANARY-41f9], pii: redact}
 """
 # Client limits, once the config has a `clients` section (the limiter is being wired): the
 # attacking client's blocked requests raise its suspicion until it is throttled, then blocked,
@@ -79,6 +84,7 @@ clients:
   identity: ["header:x-client-id", "peer"]
   limits: {rps: 500, burst: 500}
   suspicion: {weights: {detect.signatures: 5}, throttle_at: 5, block_at: 20, block_cooldown_s: 60}
+  token_budgets: {input: {tokens_per_s: 10000, burst: 5000}}
 """
 CLIENT_HEADER = "x-client-id"
 REPLAY_S = 6.0          # seconds of traffic, in two halves around a rejected and a good reload
@@ -370,7 +376,7 @@ def test_dashboard_structure():
                       "bastion_stage_duration_seconds", "bastion_stage_errors",
                       "bastion_stage_score", "bastion_stage_threshold",
                       "bastion_added_latency_seconds", "bastion_throttled_requests",
-                      "bastion_extra_upstream_items"}
+                      "bastion_extra_upstream_items", "bastion_output_findings"}
     for where, expr in dashboard_exprs(board):
         if {family(n) for n in metric_names(expr)} & model_labelled:
             assert '=~"$model"' in expr, f"{where}: not filtered by $model"
@@ -457,6 +463,26 @@ def replay_records() -> list[traffic.Record]:
     return records
 
 
+def generation_traffic(address: str, outcomes: collections.Counter) -> None:
+    """text-generator echo requests whose answers the output scan redacts (an e-mail address)
+    or stops (a canary), and a prompt larger than the input token budget's burst."""
+    texts = [("output_redact", "Mail jane.doe@example.com today."),
+             ("output_stop", "The code is ZX-CANARY-41f9."),
+             ("token_budget", "word " * 6000)]
+    with grpc.insecure_channel(address) as channel:
+        infer = channel.unary_unary(MODEL_INFER)
+        for label, text in texts * 3:
+            request = pb.ModelInferRequest(model_name="text-generator", id=label)
+            codec.encode_request(request, {"text_input": codec.as_bytes_array([text], (1,))})
+            request.parameters["echo"].bool_param = True
+            try:
+                infer(request.SerializeToString(), timeout=10,
+                      metadata=((CLIENT_HEADER, "replay-user"),))
+                outcomes[(label, "OK")] += 1
+            except grpc.RpcError as err:
+                outcomes[(label, err.code().name)] += 1
+
+
 def unknown_model_request() -> bytes:
     request = traffic.text_request("hello", "unknown-0")
     request.model_name = UNKNOWN_MODEL
@@ -516,6 +542,7 @@ def stack(tmp_path_factory):
         config.write_text(sidecar_config() + "# reloaded\n")
         sidecar.proc.wait_for(r"config reloaded", timeout=15)
         replay(sidecar.address, records, REPLAY_S / 2, outcomes, rng)
+        generation_traffic(sidecar.address, outcomes)
         prometheus.wait_scrapes_after(time.time(), count=2)
         time.sleep(1.5)  # one more rule evaluation over the final samples
         yield prometheus, upstream, sidecar, outcomes
@@ -530,6 +557,8 @@ def test_every_dashboard_and_alert_query_returns_data(stack):
     assert outcomes[("attack", "PERMISSION_DENIED")] > 0, "no attack was blocked"
     assert outcomes[("malformed", "INVALID_ARGUMENT")] > 0
     assert outcomes[("unknown_model", "NOT_FOUND")] > 0
+    assert outcomes[("output_redact", "OK")] and outcomes[("output_stop", "PERMISSION_DENIED")]
+    assert outcomes[("token_budget", "INVALID_ARGUMENT")]
 
     # The `model` variable's query: label_values(bastion_requests_total, model).
     models = set(prometheus.api("label/model/values", **{"match[]": "bastion_requests_total"}))

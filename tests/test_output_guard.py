@@ -11,11 +11,12 @@ import queue
 import re
 import urllib.request
 
+import jsonschema
 import numpy as np
 import pytest
 import tritonclient.grpc as tc
 
-from tests.harness import Sidecar, Upstream
+from tests.harness import REPO, Sidecar, Upstream
 
 MODEL = "text-generator"
 CANARY = "ZX-CANARY-41f9"
@@ -130,6 +131,9 @@ def test_findings_reach_metrics_and_audit(servers, client):
                       rf'model="{MODEL}"\}} (\d+)', metrics)
     assert found and int(found.group(1)) >= 1
     events = [json.loads(line) for line in audit.read_text().splitlines()]
+    schema = json.loads((REPO / "docs" / "audit-log.schema.json").read_text())
+    for event in events:
+        jsonschema.validate(event, schema, format_checker=jsonschema.FormatChecker())
     outputs = [e for e in events if e["event"] == "output"]
     assert {e["action"] for e in outputs} >= {"redact", "stop"}
     assert all("jane" not in json.dumps(e) and CANARY not in json.dumps(e) for e in events)
