@@ -19,7 +19,7 @@ import urllib.request
 
 import grpc
 
-from bastion import corpus, traffic
+from bastion import corpus, demo_generation, traffic
 from bastion.protos import SERVICE
 
 DEMO_CONFIG = """\
@@ -32,12 +32,13 @@ audit: {{output: {audit}}}
 models:
   fashion-mnist: {{profile: image-classifier}}
   text-classifier: {{profile: llm-prompt}}
-"""
+{generator}"""
 
 
 def demo_config(listen: str, admin: str, upstream: str, audit: str | os.PathLike) -> str:
     """DEMO_CONFIG filled in: the shipped profiles, whose files live inside the package."""
-    return DEMO_CONFIG.format(listen=listen, admin=admin, upstream=upstream, audit=audit)
+    return DEMO_CONFIG.format(listen=listen, admin=admin, upstream=upstream, audit=audit,
+                              generator=demo_generation.CONFIG)
 
 
 # How gRPC outcomes read in the summary.
@@ -176,7 +177,8 @@ def _bastion_metrics(admin: str) -> str:
             text = reply.read().decode()
     except OSError as err:
         return f"(metrics unavailable: {err})"
-    verdicts = [line for line in text.splitlines() if line.startswith("bastion_verdicts_total")]
+    verdicts = [line for line in text.splitlines()
+                if line.startswith(("bastion_verdicts_total", "bastion_output_findings_total"))]
     reasons = []
     for line in text.splitlines():
         if line.startswith("bastion_reasons_total{"):
@@ -225,6 +227,7 @@ def run_demo(duration_s: float | None = None, rate: float = 50.0, data: str | No
             await _send_traffic(listen, rate, duration_s, tally, admin, stop, data)
 
         asyncio.run(main())
+        print("\n" + "\n".join(demo_generation.generation_lines(listen)), flush=True)
         print(f"\nsidecar metrics (http://{admin}/metrics):\n{_bastion_metrics(admin)}", flush=True)
         return 0
     except KeyboardInterrupt:

@@ -18,7 +18,7 @@ import numpy as np
 from bastion.detectors.output_match import Finding
 from bastion.detectors.output_scan import OutputGuard, OutputScanner
 from bastion.protos import codec, pb
-from bastion.proxy.streams import is_final_response
+from bastion.proxy.streams import FINAL_RESPONSE_PARAMETER, is_final_response
 
 STOP_REASON = "output:{kind}:{label}"
 
@@ -94,57 +94,65 @@ class StreamOutput:
         self.stopped: set[str] = set()
 
     def on_response(self, message: pb.ModelStreamInferResponse
-                    ) -> tuple[pb.ModelStreamInferResponse | None, Outcome]:
-        """(what to send instead, what was found): None drops the response (a stopped request's
-        later chunks). An in-band error from the upstream passes as it is."""
+                    ) -> tuple[list[pb.ModelStreamInferResponse], Outcome]:
+        """(what to send instead, what was found). Usually the one response, rewritten; none
+        for a stopped request's later chunks; on a stop, the clean text before the match (if
+        any) and then the in-band error. An error from the upstream passes as it is."""
         outcome = Outcome()
         if message.error_message or not message.HasField("infer_response"):
-            return message, outcome
+            return [message], outcome
         response = message.infer_response
         key = response.id
-        if key in self.stopped:
-            if is_final_response(message):
-                self.stopped.discard(key)
-            return None, outcome
         final = is_final_response(message)
-        guard = self.guards.get(key)
-        if guard is None:
-            guard = self.guards[key] = self.scanner.guard()
+        if key in self.stopped:
+            if final:
+                self.stopped.discard(key)
+            return [], outcome
         index = _tensor_index(response, self.tensor)
         if index is not None and response.outputs[index].datatype != "BYTES":
-            return message, outcome  # not text: nothing to scan
-        chunk = b""
+            return [message], outcome  # not text: nothing to scan
+        chunk, shape = b"", (1,)
         if index is not None:
             texts = _read_texts(response, index)
             if texts.size != 1:  # a batch of texts in one response: each is whole
-                return message, scan_unary(self.scanner, self.tensor, response)
-            chunk = bytes(texts.ravel()[0])
+                return [message], scan_unary(self.scanner, self.tensor, response)
+            chunk, shape = bytes(texts.ravel()[0]), texts.shape
+        guard = self.guards.get(key)
+        if guard is None:
+            guard = self.guards[key] = self.scanner.guard()
         release = guard.feed(chunk, final=final)
         _collect(outcome, release)
+        if final or release.stop:
+            self.guards.pop(key, None)
+        if not release.stop:
+            self._set_text(response, index, release.data, shape)
+            return [message], outcome
+        if not final:
+            self.stopped.add(key)
+        error = pb.ModelStreamInferResponse(
+            error_message=f"{stop_details(outcome.stop)} (request id '{key}')",
+            infer_response=pb.ModelInferResponse(model_name=response.model_name,
+                                                  model_version=response.model_version, id=key))
+        if not release.text:
+            return [error], outcome
+        # The clean text before the match still reaches the client, as a non-final chunk.
+        self._set_text(response, index, release.data, shape)
         if final:
-            self.guards.pop(key, None)
-        if release.stop:
-            self.guards.pop(key, None)
-            if not final:
-                self.stopped.add(key)
-            error = pb.ModelStreamInferResponse(
-                error_message=f"{stop_details(outcome.stop)} (request id '{key}')",
-                infer_response=pb.ModelInferResponse(model_name=response.model_name,
-                                                      model_version=response.model_version,
-                                                      id=key))
-            return error, outcome
+            response.parameters[FINAL_RESPONSE_PARAMETER].bool_param = False
+        return [message, error], outcome
+
+    def _set_text(self, response: pb.ModelInferResponse, index: int | None, data: bytes,
+                  shape) -> None:
         if index is not None:
-            texts = np.empty(texts.shape, dtype=object)
-            texts.ravel()[0] = release.data
+            texts = np.empty(shape, dtype=object)
+            texts.ravel()[0] = data
             _write_texts(response, index, texts)
-        elif release.text:
+        elif data:
             # Triton's empty final response: the held-back text rides on it as the output.
             encoded = pb.ModelInferResponse()
-            codec.encode_response(encoded, {self.tensor: codec.as_bytes_array([release.data],
-                                                                                (1,))})
+            codec.encode_response(encoded, {self.tensor: codec.as_bytes_array([data], (1,))})
             response.outputs.extend(encoded.outputs)
             response.raw_output_contents.extend(encoded.raw_output_contents)
-        return message, outcome
 
 
 class OutputEvents:
@@ -181,11 +189,11 @@ class StreamOutputs:
         self.per_model: dict[str, StreamOutput] = {}
 
     def on_response(self, message: pb.ModelStreamInferResponse
-                    ) -> tuple[str, pb.ModelStreamInferResponse | None, Outcome]:
+                    ) -> tuple[str, list[pb.ModelStreamInferResponse], Outcome]:
         model = message.infer_response.model_name if message.HasField("infer_response") else ""
         entry = self.outputs.get(model)
         if entry is None:
-            return model, message, Outcome()
+            return model, [message], Outcome()
         stream = self.per_model.get(model)
         if stream is None:
             stream = self.per_model[model] = StreamOutput(*entry)

@@ -101,20 +101,20 @@ async def model_stream_infer(handler: InferenceHandler, request_iterator,
             async for reply in call:
                 message = pb.ModelStreamInferResponse.FromString(reply)
                 idle.received(streams.is_final_response(message))
+                sending = [(reply, message)]
                 if outputs.active:
-                    model, message, found = outputs.on_response(message)
+                    model, messages, found = outputs.on_response(message)
                     await handler.output_events.report(
                         identity=identity, request_id=stream_id, model=model,
                         method="ModelStreamInfer", outcome=found, span=span)
-                    if message is None:
-                        continue  # a stopped request's later chunks
-                    if model in outputs.outputs:  # rewritten: held-back, redacted or flushed
-                        reply = message.SerializeToString()
-                if handler.clients.charges_output and message.HasField("infer_response"):
-                    model = message.infer_response.model_name
-                    await handler.clients.charge_response(identity, model, message.infer_response,
-                                                          output_tensor(snapshot, model))
-                await outbox.put(annotate_stream_reply(reply, message) if pending else reply)
+                    if model in outputs.outputs:  # rewritten: held back, redacted, stopped
+                        sending = [(m.SerializeToString(), m) for m in messages]
+                for reply, message in sending:
+                    if handler.clients.charges_output and message.HasField("infer_response"):
+                        model = message.infer_response.model_name
+                        await handler.clients.charge_response(
+                            identity, model, message.infer_response, output_tensor(snapshot, model))
+                    await outbox.put(annotate_stream_reply(reply, message) if pending else reply)
         finally:
             await outbox.put(done)
 

@@ -67,6 +67,12 @@ def check_output(code, out):
         assert label == "attack" and blocked_count >= 0.6 * sent_count, (family, final)
     label, blocked_count, sent_count = families["benign_chat"]
     assert label == "benign" and blocked_count <= 0.1 * sent_count, final
+    # Generation streams: the e-mail comes back redacted, the canary never comes back.
+    assert re.search(r"redaction\s+\d+ chunks relayed: .*\[REDACTED:email\]", out), out
+    assert "dana.miles" not in out
+    assert re.search(r"canary leak\s+\d+ chunks relayed \('Here is my hidden configuration: the "
+                     r"code word is '\), then stopped: bastion: output stopped: canary", out), out
+    assert out.count("DEMO-CANARY") == 0
     assert re.search(r'bastion_verdicts_total\{action="block",enforced="true"', out)
     assert "top reasons:" in out
     for pid in re.findall(r"(?:upstream|sidecar) pid (\d+)", out):
