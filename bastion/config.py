@@ -16,7 +16,7 @@ from bastion import stage_catalog
 from bastion.clients_config import ClientsConfig, resolve_token_budget_paths
 from bastion.core.registry import StagePluginError
 from bastion.detectors.extraction import ExtractionConfig
-from bastion.output_config import OutputConfig
+from bastion.output_config import OutputConfig, parse_output_detectors
 from bastion.stage_config import InputSpec, calibrate_command, parse_stage, resolve_paths
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
@@ -248,6 +248,13 @@ def validate_pipelines(config: Config, *, allow_uncalibrated: bool = False,
                 problems.append(f"{path}: stage id {stage.stage_id!r} is already used by stage "
                                 f"{ids[stage.stage_id]}; give one an `id`")
             ids[stage.stage_id] = index
+        if model.output is not None and model.output.detectors:
+            try:
+                parse_output_detectors(model_name, model.output,
+                                       allow_uncalibrated=allow_uncalibrated,
+                                       hint=calibrate_command(model_name, config_path))
+            except ValueError as err:
+                problems.append(str(err))
     return problems
 
 
@@ -288,7 +295,10 @@ def parse_config(data: Any, source: str = "config", base_dir: pathlib.Path | Non
         raise ConfigError(_format_error(err, source)) from None
     clients, problems = resolve_token_budget_paths(config.clients, base_dir)
     config = config.model_copy(update={"clients": clients, "models": {
-        name: model.model_copy(update={"pipeline": resolve_paths(name, model.pipeline, base_dir)})
+        name: model.model_copy(update={
+            "pipeline": resolve_paths(name, model.pipeline, base_dir),
+            "output": model.output if model.output is None else model.output.model_copy(update={
+                "detectors": resolve_paths(name, model.output.detectors, base_dir)})})
         for name, model in config.models.items()}})
     problems += validate_pipelines(config, allow_uncalibrated=allow_uncalibrated,
                                    config_path=source if base_dir is not None else None)

@@ -8,12 +8,13 @@ is released; detectors/output_scan.py) and redacts or stops.
 """
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from bastion.detectors.output_match import Action as ScanAction
 from bastion.detectors.output_scan import OutputScanner, build_matchers
+from bastion.stage_config import InputSpec, parse_stage
 
 Action = Literal["redact", "stop", "off"]
 
@@ -38,6 +39,22 @@ class OutputConfig(BaseModel):
     pii_kinds: list[Literal["email", "phone", "card"]] = ["email", "phone", "card"]
     # Characters held back in a stream; None: the widest rule's span (the least that is safe).
     holdback_chars: int | None = Field(None, gt=0)
+    # Text detector stages on the generated text, as pipeline entries (e.g. detect.signatures
+    # with a threshold, or detect.classifier with its calibrated threshold_file): one scoring at
+    # or above its threshold stops the answer. A stream scores each text about to be released
+    # with the last `detector_context_chars` already released, so nothing unscored goes out
+    # (each release costs one scoring per detector: pick cheap ones for long generations).
+    detectors: list[dict[str, dict[str, Any] | None]] = []
+    detector_context_chars: int = Field(256, ge=0)
+
+    @field_validator("detectors")
+    @classmethod
+    def _one_key_per_detector(cls, entries: list[dict]) -> list[dict]:
+        for index, entry in enumerate(entries):
+            if len(entry) != 1:
+                raise ValueError(f"detector {index} must be a mapping with exactly one key (the "
+                                 f"stage name), got {len(entry)} keys")
+        return entries
 
     @model_validator(mode="after")
     def _buildable(self) -> "OutputConfig":
@@ -53,3 +70,25 @@ def build_scanner(config: OutputConfig) -> OutputScanner:
                               secrets=group[config.secrets], pii=group[config.pii],
                               pii_kinds=config.pii_kinds, leak_threshold=config.leak_threshold)
     return OutputScanner(matchers, holdback_chars=config.holdback_chars)
+
+
+#: What output detectors are told they read: one UTF-8 text, the generated text.
+OUTPUT_INPUTS = {"generated": InputSpec(datatype="BYTES", kind="text")}
+
+
+def parse_output_detectors(model_name: str, config: OutputConfig, **parse_options) -> list:
+    """The output section's detectors as built stages (bastion.stage_config.StageConfig); a
+    ValueError names the key path of the first problem. Each must be a detector with a
+    threshold (in the config or its threshold_file)."""
+    stages = []
+    for index, entry in enumerate(config.detectors):
+        path = f"models.{model_name}.output.detectors.{index}"
+        stage = parse_stage(entry, OUTPUT_INPUTS, path, **parse_options)
+        if stage.spec.kind != "detector":
+            raise ValueError(f"{path}: {stage.kind_name} is a {stage.spec.kind} stage; output "
+                             "detectors must be detectors")
+        if stage.common.threshold is None and stage.threshold_source != "missing":
+            raise ValueError(f"{path}.{stage.kind_name}: an output detector needs a threshold "
+                             "(or a threshold_file)")
+        stages.append(stage)
+    return stages

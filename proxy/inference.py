@@ -76,8 +76,8 @@ def requested_model(raw: bytes) -> str:
 def output_tensor(snapshot, model: str) -> str:
     """The BYTES output that carries a model's generated text (its output section's, else
     Triton's LLM convention)."""
-    entry = snapshot.outputs.get(model)
-    return entry[1] if entry is not None else "text_output"
+    output = snapshot.outputs.get(model)
+    return output.tensor if output is not None else "text_output"
 
 
 def request_datatype(request: pb.ModelInferRequest, name: str) -> str:
@@ -301,11 +301,11 @@ class InferenceHandler:
                            span=None) -> bytes:
         """The model's output section on a unary answer: redact in place, or refuse it
         (PERMISSION_DENIED naming the rule) when a finding stops it."""
-        entry = self.state.current.outputs.get(model)
-        if entry is None:
+        output = self.state.current.outputs.get(model)
+        if output is None:
             return reply
         response = pb.ModelInferResponse.FromString(reply)
-        found = output_guard.scan_unary(*entry, response)
+        found = await output_guard.check_unary(output, response)
         await self.output_events.report(identity=identity, request_id=request_id, model=model,
                                         method="ModelInfer", outcome=found, span=span)
         if found.stop is not None:

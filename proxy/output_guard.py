@@ -15,12 +15,43 @@ import dataclasses
 
 import numpy as np
 
-from bastion.detectors.output_match import Finding
-from bastion.detectors.output_scan import OutputGuard, OutputScanner
+from bastion.detectors.output_match import Action, Finding
+from bastion.detectors.output_scan import OutputGuard, OutputScanner, Release
+from bastion.output_config import build_scanner, parse_output_detectors
 from bastion.protos import codec, pb
 from bastion.proxy.streams import FINAL_RESPONSE_PARAMETER, is_final_response
 
 STOP_REASON = "output:{kind}:{label}"
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelOutput:
+    """One model's output section, built: the scanner, the text tensor, the detector stages
+    (bastion.stage_config.StageConfig, threshold in ``common``) and their context."""
+    scanner: OutputScanner
+    tensor: str
+    detectors: tuple = ()
+    context_chars: int = 256
+
+    async def detect(self, text: str, start: int) -> Finding | None:
+        """The first detector scoring ``text`` at or above its threshold, as a stop finding
+        (offsets: ``start`` in the generated text, to the end of ``text``)."""
+        for stage in self.detectors:
+            impl, threshold = stage.impl, stage.common.threshold
+            if threshold is None:
+                continue  # uncalibrated (only `bastion calibrate` loads such a config)
+            score = float((await impl.ascore([text]))[0])
+            if score >= threshold:
+                return Finding("detector", stage.stage_id, stage.stage_id, Action.STOP, start,
+                               start + len(text))
+        return None
+
+
+def build_model_output(model_name: str, config) -> ModelOutput:
+    """A model's `output` section (bastion.output_config.OutputConfig) made ready to serve."""
+    return ModelOutput(build_scanner(config), config.tensor,
+                       tuple(parse_output_detectors(model_name, config)),
+                       config.detector_context_chars)
 
 
 @dataclasses.dataclass
@@ -74,7 +105,7 @@ def scan_unary(scanner: OutputScanner, tensor: str, response: pb.ModelInferRespo
     if index is None or response.outputs[index].datatype != "BYTES":
         return outcome
     texts = _read_texts(response, index)
-    out = np.empty(len(texts), dtype=object)
+    out = np.empty(texts.size, dtype=object)
     for i, text in enumerate(texts.ravel()):
         release = scanner.scan(bytes(text))
         _collect(outcome, release)
@@ -84,16 +115,50 @@ def scan_unary(scanner: OutputScanner, tensor: str, response: pb.ModelInferRespo
     return outcome
 
 
+async def check_unary(output: ModelOutput, response: pb.ModelInferResponse) -> Outcome:
+    """scan_unary, then the output detectors on each (redacted) text."""
+    outcome = scan_unary(output.scanner, output.tensor, response)
+    index = _tensor_index(response, output.tensor)
+    if outcome.stop is not None or not output.detectors or index is None \
+            or response.outputs[index].datatype != "BYTES":
+        return outcome
+    for text in _read_texts(response, index).ravel():
+        found = await output.detect(bytes(text).decode("utf-8", "replace"), 0)
+        if found is not None:
+            outcome.findings.append(found)
+            outcome.stop = found
+            break
+    return outcome
+
+
 class StreamOutput:
     """One stream's guards, one per request id still generating."""
 
-    def __init__(self, scanner: OutputScanner, tensor: str):
-        self.scanner = scanner
-        self.tensor = tensor
+    def __init__(self, output: ModelOutput):
+        self.output = output
+        self.scanner = output.scanner
+        self.tensor = output.tensor
         self.guards: dict[str, OutputGuard] = {}
         self.stopped: set[str] = set()
+        # Per request: (characters released so far, the last context_chars of them).
+        self.released: dict[str, tuple[int, str]] = {}
 
-    def on_response(self, message: pb.ModelStreamInferResponse
+    async def _detect(self, key: str, release) -> Release:
+        """Run the output detectors on what ``release`` would let out (with the context before
+        it); a hit turns the release into a stop that lets nothing of it out."""
+        if not self.output.detectors or release.stop or not release.text:
+            return release
+        count, context = self.released.get(key, (0, ""))
+        found = await self.output.detect(context + release.text, count - len(context))
+        if found is None:
+            keep = (context + release.text)[-self.output.context_chars:] \
+                if self.output.context_chars else ""
+            self.released[key] = (count + len(release.text), keep)
+            return release
+        return dataclasses.replace(release, text="", findings=release.findings + (found,),
+                                   stop=True)
+
+    async def on_response(self, message: pb.ModelStreamInferResponse
                     ) -> tuple[list[pb.ModelStreamInferResponse], Outcome]:
         """(what to send instead, what was found). Usually the one response, rewritten; none
         for a stopped request's later chunks; on a stop, the clean text before the match (if
@@ -120,10 +185,11 @@ class StreamOutput:
         guard = self.guards.get(key)
         if guard is None:
             guard = self.guards[key] = self.scanner.guard()
-        release = guard.feed(chunk, final=final)
+        release = await self._detect(key, guard.feed(chunk, final=final))
         _collect(outcome, release)
         if final or release.stop:
             self.guards.pop(key, None)
+            self.released.pop(key, None)
         if not release.stop:
             self._set_text(response, index, release.data, shape)
             return [message], outcome
@@ -181,20 +247,20 @@ class OutputEvents:
 
 class StreamOutputs:
     """A stream's output scanning across the models its requests name: ``outputs`` maps a model
-    to (scanner, tensor) for the models with an output section (the config snapshot's)."""
+    to its ModelOutput for the models with an output section (the config snapshot's)."""
 
-    def __init__(self, outputs: dict[str, tuple[OutputScanner, str]]):
+    def __init__(self, outputs: dict[str, ModelOutput]):
         self.outputs = outputs
         self.active = bool(outputs)
         self.per_model: dict[str, StreamOutput] = {}
 
-    def on_response(self, message: pb.ModelStreamInferResponse
-                    ) -> tuple[str, list[pb.ModelStreamInferResponse], Outcome]:
+    async def on_response(self, message: pb.ModelStreamInferResponse
+                          ) -> tuple[str, list[pb.ModelStreamInferResponse], Outcome]:
         model = message.infer_response.model_name if message.HasField("infer_response") else ""
         entry = self.outputs.get(model)
         if entry is None:
             return model, [message], Outcome()
         stream = self.per_model.get(model)
         if stream is None:
-            stream = self.per_model[model] = StreamOutput(*entry)
-        return (model, *stream.on_response(message))
+            stream = self.per_model[model] = StreamOutput(entry)
+        return (model, *(await stream.on_response(message)))

@@ -8,8 +8,7 @@ from __future__ import annotations
 import dataclasses
 
 from bastion.config import Config
-from bastion.output_config import build_scanner
-from bastion.detectors.output_scan import OutputScanner
+from bastion.proxy.output_guard import ModelOutput, build_model_output
 from bastion.proxy.pipeline import Pipeline, build_pipeline
 from bastion.transforms.validate import TensorSpec
 
@@ -18,14 +17,14 @@ from bastion.transforms.validate import TensorSpec
 class Snapshot:
     config: Config
     pipelines: dict[str, Pipeline]
-    # Model -> (output scanner, output tensor) for models with an `output` section.
-    outputs: dict[str, tuple[OutputScanner, str]] = dataclasses.field(default_factory=dict)
+    # Model -> its built `output` section (scanner, tensor, detectors), where it has one.
+    outputs: dict[str, ModelOutput] = dataclasses.field(default_factory=dict)
 
 
 def build_snapshot(config: Config, metrics=None) -> Snapshot:
     return Snapshot(config, {name: build_pipeline(name, model, metrics)
                              for name, model in config.models.items()},
-                    {name: (build_scanner(model.output), model.output.tensor)
+                    {name: build_model_output(name, model.output)
                      for name, model in config.models.items() if model.output is not None})
 
 

@@ -103,7 +103,7 @@ async def model_stream_infer(handler: InferenceHandler, request_iterator,
                 idle.received(streams.is_final_response(message))
                 sending = [(reply, message)]
                 if outputs.active:
-                    model, messages, found = outputs.on_response(message)
+                    model, messages, found = await outputs.on_response(message)
                     await handler.output_events.report(
                         identity=identity, request_id=stream_id, model=model,
                         method="ModelStreamInfer", outcome=found, span=span)
