@@ -22,7 +22,7 @@ BUILTIN_STAGE_MODULES = (
     "bastion.detectors.smoothing",
     "bastion.detectors.upstream_features",
     "bastion.detectors.feature_ensemble",
-    "bastion.detectors.lm",
+    "bastion.detectors.perplexity",
     "bastion.detectors.anomaly",
     "bastion.detectors.embedding",
     "bastion.detectors.attack_library",

@@ -33,7 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
-from bastion.detectors.lm import LMRunner, PerplexityDetector
+from bastion.detectors.lm import LMRunner
+from bastion.detectors.perplexity import PerplexityDetector
 
 
 def prompts_of(runner: LMRunner, length: int, count: int = 32) -> list[str]:

@@ -1,4 +1,5 @@
-"""`detect.perplexity` and the ONNX causal-LM runner (bastion.detectors.lm).
+"""`detect.perplexity` (bastion.detectors.perplexity) and the ONNX causal-LM runner
+(bastion.detectors.lm).
 
 Needs no torch: the references are numpy computations (a tiny logits model built here with
 onnx.helper, and the bundled tiny LM's own logits read out of its graph).
@@ -21,8 +22,8 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 from bastion.detectors import lm
-from bastion.detectors.lm import (LMRunner, PerplexityDetector, TokenNLL, analyze, chunk_plan,
-                                  window_spans)
+from bastion.detectors.lm import LMRunner, TokenNLL, chunk_plan
+from bastion.detectors.perplexity import PerplexityDetector, analyze, window_spans
 
 BUILTIN = Path(lm.__file__).resolve().parent.parent / "bastion" / "lm" / "tiny-lm"
 if not BUILTIN.is_dir():  # installed (non-editable) layout

@@ -161,7 +161,7 @@ def nll_for(label: str, model: str, texts: list[str], threads: int,
 
 
 def score_all(items, score: str) -> np.ndarray:
-    from bastion.detectors.lm import analyze
+    from bastion.detectors.perplexity import analyze
     if score == "tokens":
         return np.array([float(i.tokens) for i in items])
     return np.array([analyze(i, score).score for i in items])
