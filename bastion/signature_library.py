@@ -57,7 +57,7 @@ def _cmd_add(args: argparse.Namespace) -> int:
                                                   library_paths)
     import numpy as np
 
-    from bastion.detectors.embedding import Encoder, EncoderOptions
+    from bastion.detectors.encoder import Encoder, EncoderOptions
 
     try:
         encoder = Encoder(args.encoder, EncoderOptions(threads=args.threads,

@@ -83,7 +83,8 @@ def main() -> int:
 
     from bastion.detectors.anomaly import Mahalanobis
     from bastion.detectors.attack_library import AttackLibraryDetector, default_library_path
-    from bastion.detectors.embedding import EmbeddingAnomalyDetector, Encoder, EncoderOptions
+    from bastion.detectors.embedding import EmbeddingAnomalyDetector
+    from bastion.detectors.encoder import Encoder, EncoderOptions
 
     rows = [json.loads(line) for line in
             open(REPO / "bastion" / "data" / "text_sample.jsonl", encoding="utf-8")]

@@ -20,7 +20,7 @@ higher = more anomalous), three methods, all scikit-learn based:
 
 Features come from one *source*, named by a string that the state records and that loading
 checks: ``encoder:<name>:<variant>:sha256=<model file sha256>`` (the text encoder, see
-:mod:`bastion.detectors.embedding`), ``input:<model>:<input>`` (the input tensor itself, e.g.
+:mod:`bastion.detectors.encoder`), ``input:<model>:<input>`` (the input tensor itself, e.g.
 ``input:fashion-mnist:image``), ``upstream:<model>:<output>`` (features the model returns, e.g.
 ``upstream:fashion-mnist:features``).
 

@@ -1,7 +1,7 @@
 """Known-attack signature library: embeddings of known attack prompts, matched or classified.
 
 ``detect.attack_library`` {encoder, library, reload_interval_s, mode, contrast} embeds the
-prompt with the shared :class:`~bastion.detectors.embedding.Encoder` and scores each of its
+prompt with the shared :class:`~bastion.detectors.encoder.Encoder` and scores each of its
 windows against the library; the worst (largest) window counts. ``mode``:
 
 ``nearest``
@@ -77,7 +77,7 @@ from pydantic import Field
 
 from bastion.core.registry import register
 from bastion.detectors.base import TextDetector
-from bastion.detectors.embedding import Encoder, EncoderStageOptions, _as_str
+from bastion.detectors.encoder import Encoder, EncoderStageOptions, _as_str
 
 __all__ = ["LIBRARY_FORMAT", "LIBRARY_VERSION", "PROBE_TEXTS", "MODES", "LINEAR_C",
            "LibraryError", "AttackLibrary", "AttackLibraryDetector", "AttackLibraryOptions",

@@ -2,7 +2,7 @@
 
 Any Hugging Face sequence-classification checkpoint exported with ``bastion models export
 classifier --from DIR`` runs here (fp32 ``model.onnx`` or int8 ``model_int8.onnx``). The model
-runs through the shared :class:`~bastion.detectors.embedding.Encoder`: concurrent requests are
+runs through the shared :class:`~bastion.detectors.encoder.Encoder`: concurrent requests are
 micro-batched, long texts are cut into ``max_length``-token windows (at most ``max_chunks``), and
 every output of the graph (``logits`` and the pooled ``embedding``) is cached per text, so
 ``detect.embedding`` and ``detect.attack_library`` on the same folder reuse this stage's run.
@@ -38,8 +38,8 @@ import numpy as np
 from bastion.core.registry import register
 from bastion.detectors.base import TextDetector
 from bastion.detectors.cpu_features import Variant
-from bastion.detectors.embedding import (Encoder, EncoderRuntimeOptions, Outputs, _as_str,
-                                         get_encoder, model_file)
+from bastion.detectors.encoder import (Encoder, EncoderRuntimeOptions, Outputs, _as_str,
+                                       get_encoder, model_file)
 
 __all__ = ["ClassifierDetector", "ClassifierOptions", "bundled_model_dir", "load_manifest",
            "resolve_classifier", "benign_label_names", "BENIGN_NAMES", "MANIFEST"]

@@ -331,7 +331,7 @@ def tiny_encoder(tmp_path_factory) -> pathlib.Path:
 
 
 def test_encoder_windows_batching_and_cache(tiny_encoder):
-    from bastion.detectors.embedding import Encoder, EncoderOptions
+    from bastion.detectors.encoder import Encoder, EncoderOptions
 
     encoder = Encoder(tiny_encoder, EncoderOptions(max_chunks=3, max_batch=4, max_wait_ms=5))
     assert encoder.dim == 16 and encoder.window == 14
@@ -362,7 +362,7 @@ def test_encoder_windows_batching_and_cache(tiny_encoder):
 
 
 def test_encoder_providers_from_env(tiny_encoder, monkeypatch):
-    from bastion.detectors.embedding import Encoder, default_providers
+    from bastion.detectors.encoder import Encoder, default_providers
 
     monkeypatch.setenv("BASTION_ONNX_PROVIDERS", "NoSuchExecutionProvider, CPUExecutionProvider")
     assert default_providers() == ["NoSuchExecutionProvider", "CPUExecutionProvider"]
@@ -493,7 +493,7 @@ def minilm_dir() -> pathlib.Path:
 
 
 def test_minilm_encoder(minilm_dir):
-    from bastion.detectors.embedding import Encoder, EncoderOptions
+    from bastion.detectors.encoder import Encoder, EncoderOptions
 
     manifest = json.loads((minilm_dir / "encoder.json").read_text())
     assert manifest["check"]["model_max_abs_diff"] < 1e-4

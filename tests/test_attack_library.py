@@ -20,7 +20,7 @@ from bastion.detectors.attack_library import (AttackLibrary, AttackLibraryDetect
                                               AttackLibraryOptions, LibraryError,
                                               build_attack_library, default_library_path,
                                               library_paths)
-from bastion.detectors.embedding import Encoder, EncoderOptions
+from bastion.detectors.encoder import Encoder, EncoderOptions
 from tests.test_anomaly import make_tiny_encoder, minilm_dir  # noqa: F401 - fixture
 
 ATTACKS = [

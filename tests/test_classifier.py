@@ -17,7 +17,7 @@ from bastion.detectors import cpu_features  # noqa: E402
 from bastion.detectors.classifier import (ClassifierDetector, ClassifierOptions,  # noqa: E402
                                           benign_label_names, build_classifier,
                                           resolve_classifier)
-from bastion.detectors.embedding import Encoder, EncoderOptions  # noqa: E402
+from bastion.detectors.encoder import Encoder, EncoderOptions  # noqa: E402
 
 LABELS = ["benign", "prompt_injection", "jailbreak"]
 MAX_LENGTH = 32
@@ -137,7 +137,7 @@ def test_export_writes_the_folder_the_stage_reads(exported, checkpoint):
     assert manifest["labels"] == LABELS and manifest["benign_labels"] == ["benign"]
     assert manifest["max_length"] == MAX_LENGTH and manifest["output"] == "embedding"
     assert manifest["inputs"] == ["input_ids", "attention_mask", "token_type_ids"]
-    from bastion.detectors.embedding import sha256_file
+    from bastion.detectors.encoder import sha256_file
     assert manifest["source"]["weights_sha256"] == sha256_file(checkpoint / "model.safetensors")
     for name, entry in manifest["models"].items():
         assert entry["sha256"] == sha256_file(exported / name)
@@ -362,8 +362,8 @@ class CountingSession:
 def test_one_encoder_pass_serves_classifier_knn_and_library(exported, tmp_path):
     from bastion.config import parse_config
     from bastion.detectors.attack_library import AttackLibrary
-    from bastion.detectors.embedding import (EmbeddingAnomalyDetector, EmbeddingOptions,
-                                             get_encoder)
+    from bastion.detectors.embedding import EmbeddingAnomalyDetector, EmbeddingOptions
+    from bastion.detectors.encoder import get_encoder
     from bastion.proxy.pipeline import RequestContext, build_pipeline
     from bastion.protos.codec import as_bytes_array
 

@@ -124,7 +124,7 @@ def load_sets(data_dir: pathlib.Path, heldout_per_corpus: int, docs_per_corpus: 
 def nll_for(label: str, model: str, texts: list[str], threads: int,
             cache: pathlib.Path | None, batch: int = 16):
     """Per-token NLL of each text (cached by texts + model file); (items, seconds or None)."""
-    from bastion.detectors.embedding import sha256_file
+    from bastion.detectors.encoder import sha256_file
     from bastion.detectors.lm import LMRunner, TokenNLL, resolve_model
     onnx_path, tokenizer_path, config = resolve_model(model)
     settings = {k: config.get(k) for k in ("context", "overlap", "prefix", "pad_id")}

@@ -18,7 +18,7 @@ What it does
   injection probes: summaries, translations, whois reports, press releases, questions *about*
   jailbreaks), and ``corpus_task`` (an instruction written here wrapped around a passage of the
   Austen / Bible / Python-docs corpora, 1-30 sentences). See :func:`benign_texts`.
-* Embeddings: the stage's own :class:`~bastion.detectors.embedding.Encoder` (windows of 256
+* Embeddings: the stage's own :class:`~bastion.detectors.encoder.Encoder` (windows of 256
   tokens, ``--max-chunks``), cached under ``--cache``.
 * Protocol: ``--splits`` random splits of the benign set: 50 % fit (the anomaly detectors'
   reference, and the library's benign entries in ``contrast`` and ``linear`` modes), 25 %
@@ -392,7 +392,7 @@ def main() -> None:
     from bastion.calibrate import threshold_at_fpr
     from bastion.detectors.anomaly import make_model
     from bastion.detectors.attack_library import AttackLibrary, _normalize, _quantize
-    from bastion.detectors.embedding import Encoder, EncoderOptions
+    from bastion.detectors.encoder import Encoder, EncoderOptions
 
     threadpool_limits(args.threads)  # the machine is shared; BLAS would take every core
     started = time.time()

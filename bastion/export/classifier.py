@@ -36,7 +36,7 @@ import sys
 import time
 import warnings
 
-from bastion.detectors.embedding import sha256_file  # one hasher for every manifest
+from bastion.detectors.encoder import sha256_file  # one hasher for every manifest
 
 MAX_FP32_LOGIT_DIFF = 1e-3
 PROBE_TEXTS = (

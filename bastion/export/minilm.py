@@ -16,7 +16,7 @@ Files written to ``--out`` (default ``models/minilm``):
 * ``model.onnx``       fp32 (~90 MB; not committed: run the export at install time)
 * ``model_int8.onnx``  int8 dynamic quantization of the above (``--no-int8`` skips it)
 * ``tokenizer.json``   the HuggingFace tokenizers file (WordPiece, lower case)
-* ``encoder.json``     manifest read by :class:`bastion.detectors.embedding.Encoder`: name,
+* ``encoder.json``     manifest read by :class:`bastion.detectors.encoder.Encoder`: name,
   dimension, max_length, special tokens, sha256 of every file and of the source weights, and
   the export check (cosine of ONNX vs sentence-transformers embeddings on probe texts)
 
@@ -34,7 +34,7 @@ import shutil
 import time
 import warnings
 
-from bastion.detectors.embedding import sha256_file  # one hasher for every manifest
+from bastion.detectors.encoder import sha256_file  # one hasher for every manifest
 
 NAME = "all-MiniLM-L6-v2"
 DIM = 384

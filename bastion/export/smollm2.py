@@ -45,7 +45,7 @@ import os
 import pathlib
 import sys
 
-from bastion.detectors.embedding import sha256_file  # one hasher for every manifest
+from bastion.detectors.encoder import sha256_file  # one hasher for every manifest
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PREFIX = "<|im_start|>user\n"

@@ -181,7 +181,7 @@ def train(records: list[dict], out: pathlib.Path, layers: int, epochs: float, ba
 
 
 def stage_windows(ids: list[int], max_length: int, max_chunks: int) -> list[list[int]]:
-    """The windows ``bastion.detectors.embedding.Encoder.windows`` cuts (same rule, so the
+    """The windows ``bastion.detectors.encoder.Encoder.windows`` cuts (same rule, so the
     numbers measured here are the stage's): a quarter overlap, at most ``max_chunks`` windows,
     spread from the first to the last when there are more."""
     window = max_length - 2
