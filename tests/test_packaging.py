@@ -17,7 +17,7 @@ def test_wheel_installs_only_the_bastion_namespace(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     top = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
     assert top == {"bastion"}
-    for package in ("proxy", "detectors", "transforms", "protos", "upstream"):
+    for package in ("proxy", "detectors", "transforms", "protos", "upstream", "replay"):
         assert f"bastion/{package}/__init__.py" in names
     for shipped in ("bastion/demo_models/fashion-mnist/model.onnx",
                     "bastion/demo_models/text-classifier/model.onnx",

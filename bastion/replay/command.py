@@ -1,0 +1,290 @@
+"""The `bastion replay` command: its options, and one run from corpus to report files and exit
+status."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import datetime
+import json
+import math
+import pathlib
+import re
+import shlex
+import sys
+import time
+
+import numpy as np
+
+from bastion.replay.gates import GATE_METRICS, evaluate_gates, parse_gates
+from bastion.replay.metrics import compute_report
+from bastion.replay.offline import OfflinePipeline, replay_offline
+from bastion.replay.online import replay_online
+from bastion.replay.outcome import EXIT_GATES, EXIT_OK, ReplayError
+from bastion.replay.plots import write_plots
+from bastion.replay.render import render_markdown, summary_text
+from bastion.replay.thresholds import (pipeline_of_config, stage_ids, thresholds_from_admin,
+                                       thresholds_of_pipeline)
+
+
+def load_config_or_exit(path: str):
+    from bastion.config import ConfigError, load_config
+    try:
+        return load_config(path)
+    except ConfigError as err:
+        raise ReplayError(str(err)) from None
+
+
+def _json_default(value):
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    raise TypeError(type(value).__name__)
+
+
+def _clean(value):
+    """NaN / inf -> None, so report.json is strict JSON."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
+
+
+def _command_line(args: argparse.Namespace) -> str:
+    argv = getattr(args, "argv", None)
+    if argv is None and len(sys.argv) > 1 and "replay" in sys.argv[1:]:
+        argv = sys.argv[sys.argv.index("replay") + 1:]
+    if argv is not None:  # report-only options say nothing about what was measured
+        kept, skip = [], False
+        for item in argv:
+            if skip:
+                skip = False
+                continue
+            if item in ("--note", "--reproduce"):
+                skip = True
+                continue
+            if item.startswith(("--note=", "--reproduce=")):
+                continue
+            kept.append(item)
+        argv = kept
+    if argv is None:
+        argv = []
+        for key in ("target", "admin", "config", "model", "data", "input", "concurrency",
+                    "rate", "timeout", "out", "fpr", "fail_under", "limit", "seed"):
+            value = getattr(args, key, None)
+            if value is not None:
+                argv += [f"--{key.replace('_', '-')}", str(value)]
+        if args.offline:
+            argv.insert(0, "--offline")
+    return "bastion replay " + shlex.join(argv)
+
+
+def _parse_shape(text: str | None) -> list[int] | None:
+    if not text:
+        return None
+    try:
+        return [int(d) for d in re.split(r"[,x\s]+", text.strip("[]() ")) if d]
+    except ValueError:
+        raise ReplayError(f"bastion replay: --shape: expected numbers like 1,1,28,28, got "
+                          f"{text!r}") from None
+
+
+def _tensor_input_name(args, rows, config) -> str | None:
+    """--input, else the model's one declared non-text input (config), else None."""
+    from bastion import corpus
+    if not corpus.needs_tensor_input(rows):
+        return args.input
+    if args.input:
+        return args.input
+    if config is not None and args.model in config.models:
+        declared = [n for n, s in config.models[args.model].inputs.items() if s.kind != "text"
+                    and s.datatype != "BYTES"]
+        if len(declared) == 1:
+            return declared[0]
+    raise ReplayError("bastion replay: the data has tensor records; name the model input with "
+                      "--input")
+
+
+def run(args: argparse.Namespace) -> int:
+    from bastion import corpus
+
+    if not 0 <= args.fpr <= 1:
+        raise ReplayError("bastion replay: --fpr must be between 0 and 1")
+    if args.concurrency < 1:
+        raise ReplayError("bastion replay: --concurrency must be at least 1")
+    if args.rate is not None and args.rate <= 0:
+        raise ReplayError("bastion replay: --rate must be positive")
+    gates = parse_gates(args.fail_under)
+    if args.offline:
+        if not args.config:
+            raise ReplayError("bastion replay: --offline needs -c/--config (the pipeline to run)")
+    elif not args.target:
+        raise ReplayError("bastion replay: --target HOST:PORT is required (or use --offline "
+                          "-c CONFIG)")
+    config = load_config_or_exit(args.config) if args.config else None
+    runner = OfflinePipeline(config, args.model) if args.offline else None
+
+    try:
+        rows = corpus.select(corpus.read_rows(args.data), args.limit, args.seed)
+        records = corpus.encode_rows(rows, args.data, args.model,
+                                     text_input=args.input or corpus.DEFAULT_TEXT_INPUT,
+                                     tensor_input=_tensor_input_name(args, rows, config),
+                                     shape=_parse_shape(args.shape))
+    except corpus.CorpusError as err:
+        raise ReplayError(f"bastion replay: {err}") from None
+
+    # Thresholds for per-stage rates and the plots' vertical lines; stage order for the tables.
+    pipeline = runner.pipeline if args.offline else (
+        pipeline_of_config(config, args.model) if config is not None else None)
+    if args.offline:
+        thresholds, source = runner.thresholds(), f"config {args.config}"
+    elif args.admin:
+        thresholds, source = thresholds_from_admin(args.admin, args.model), \
+            f"{args.admin}/metrics"
+    elif pipeline is not None:
+        thresholds, source = thresholds_of_pipeline(pipeline), f"config {args.config}"
+    else:
+        thresholds, source = {}, None
+
+    progress = args.progress or sys.stderr.isatty()
+    started = time.perf_counter()
+    if args.offline:
+        outcomes = asyncio.run(replay_offline(records, runner, progress))
+    else:
+        outcomes = asyncio.run(replay_online(records, args.target, args.concurrency, args.rate,
+                                             args.timeout, progress))
+    duration = time.perf_counter() - started
+
+    report, arrays = compute_report(outcomes, thresholds, args.fpr,
+                                    stage_ids(pipeline, response=not args.offline))
+    if source is not None:  # thresholds were read: a stage without one has none configured
+        for entry in report["stages"].values():
+            if entry.get("note") and entry["threshold"] is None:
+                entry["note"] = "no threshold configured"
+    warnings = []
+    if args.offline and runner.skipped_stages():
+        warnings.append("offline mode runs request stages only; not run (they need the model's "
+                        f"answer): {', '.join(runner.skipped_stages())}")
+    modes = report["annotations"]["modes"]
+    if not args.offline and modes.get("none", 0) == len(outcomes) - report["overall"]["errors"] \
+            and len(outcomes) > report["overall"]["errors"]:
+        warnings.append(f"no response carried a bastion verdict: is model {args.model!r} "
+                        "configured in the sidecar? (enforce mode annotates only non-allow "
+                        "verdicts; monitor mode annotates every response with per-stage scores)")
+    if not report["stages"] and not args.offline:
+        warnings.append("no per-stage scores were seen (they come with monitor mode)")
+    errors = collections.defaultdict(lambda: {"count": 0, "example": ""})
+    for o in outcomes:
+        if o.error:
+            errors[o.status]["count"] += 1
+            errors[o.status]["example"] = errors[o.status]["example"] or o.detail
+    report = {
+        "bastion_replay": 1,
+        "run": {"command": _command_line(args), "reproduce": args.reproduce, "note": args.note,
+                "generated": datetime.datetime.now(datetime.timezone.utc)
+                .replace(microsecond=0).isoformat(),
+                "offline": bool(args.offline), "target": None if args.offline else args.target,
+                "config": args.config, "model": args.model, "data": str(args.data),
+                "records": len(records), "limit": args.limit, "seed": args.seed,
+                "concurrency": 1 if args.offline else args.concurrency,
+                "rate": None if args.offline else args.rate, "timeout_s": args.timeout,
+                "fpr_target": args.fpr, "duration_s": duration,
+                "throughput_rps": len(records) / duration if duration > 0 else 0.0},
+        "thresholds": thresholds, "threshold_source": source, "warnings": warnings,
+        **report,
+        "errors": {"total": sum(e["count"] for e in errors.values()),
+                   "by_code": dict(sorted(errors.items()))},
+        "latency_ms": report["overall"]["latency"],
+    }
+    gate_results = evaluate_gates(gates, report)
+    report["gates"] = gate_results
+    report["gates_passed"] = all(g["ok"] for g in gate_results)
+
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    report["plots"] = {}
+    if not args.no_plots:
+        try:
+            report["plots"] = write_plots(out, arrays, thresholds, report)
+        except ImportError as err:  # matplotlib is optional: the numbers do not need it
+            report["warnings"].append(f"no plots: {err.name or err} is not installed "
+                                      "(pip install matplotlib)")
+    report = _clean(report)
+    (out / "report.json").write_text(json.dumps(report, indent=2, default=_json_default) + "\n")
+    (out / "report.md").write_text(render_markdown(report))
+    with (out / "records.jsonl").open("w") as handle:
+        for o in outcomes:
+            handle.write(json.dumps(_clean(o.to_json()), default=_json_default) + "\n")
+
+    print(summary_text(report, out), flush=True)
+    failed = [g for g in gate_results if not g["ok"]]
+    if failed:
+        print("bastion replay: gates failed:", file=sys.stderr)
+        for gate in failed:
+            print(f"  {gate['gate']}: {gate['message']}", file=sys.stderr)
+        return EXIT_GATES
+    return EXIT_OK
+
+
+def _cmd_replay(args: argparse.Namespace) -> int:
+    try:
+        return run(args)
+    except ReplayError as err:
+        print(err, file=sys.stderr)
+        return err.code
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "replay", help="replay a labelled corpus through the sidecar; report TPR/FPR/AUROC",
+        description="Send a labelled JSONL corpus through a running sidecar (or, with --offline, "
+                    "the configured pipeline in-process) and write report.json, report.md and "
+                    "plots. Exit 3 when a --fail-under gate is unmet, 2 on bad input.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="gates: METRIC[:FAMILY|STAGE]OP VALUE, space or comma separated; metrics: "
+               + ", ".join(GATE_METRICS) + "\n  e.g. --fail-under \"tpr:adv_suffix>=0.99 "
+               "fpr<=0.01 auroc:detect.signatures>=0.9 errors<=0\"")
+    parser.add_argument("--target", help="sidecar gRPC HOST:PORT")
+    parser.add_argument("--model", required=True, help="model name the requests are sent to")
+    parser.add_argument("--data", required=True, help="labelled corpus (.jsonl or .jsonl.gz)")
+    parser.add_argument("--input", help="input name (default: prompt for text records; for "
+                        "tensor records the config's one declared tensor input)")
+    parser.add_argument("--shape", help="reshape tensor records, e.g. 1,1,28,28")
+    parser.add_argument("--concurrency", type=int, default=8, help="requests in flight (8)")
+    parser.add_argument("--rate", type=float, default=None, help="requests per second (no limit)")
+    parser.add_argument("--timeout", type=float, default=10.0, help="per-request deadline, s (10)")
+    parser.add_argument("--out", default="replay-report", help="report folder (replay-report)")
+    parser.add_argument("--fpr", type=float, default=0.01,
+                        help="false positive rate for 'TPR at FPR' (0.01)")
+    parser.add_argument("--fail-under", dest="fail_under", metavar="GATES",
+                        help="conditions that must hold, e.g. \"tpr:adv_suffix>=0.99 fpr<=0.01\"")
+    parser.add_argument("--limit", type=int, default=None, help="replay a random sample of N")
+    parser.add_argument("--seed", type=int, default=0, help="seed for --limit's sample (0)")
+    parser.add_argument("--admin", help="sidecar admin HOST:PORT: read stage thresholds from "
+                        "/metrics")
+    parser.add_argument("-c", "--config", help="sidecar config: stage thresholds (online) or "
+                        "the pipeline to run (--offline)")
+    parser.add_argument("--offline", action="store_true",
+                        help="run the model's configured pipeline in-process, no server")
+    parser.add_argument("--progress", action="store_true",
+                        help="show the progress bar even when stderr is not a terminal")
+    parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    parser.add_argument("--note", help="a line of Markdown put under the command in report.md")
+    parser.add_argument("--reproduce", metavar="COMMAND", help="the command report.md shows as "
+                        "the way to reproduce it (default: this replay command)")
+    parser.set_defaults(func=_cmd_replay)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``bastion replay`` without the rest of the CLI (tests, scripts)."""
+    parser = argparse.ArgumentParser(prog="bastion")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] != "replay":
+        argv = ["replay", *argv]
+    args = parser.parse_args(argv)
+    args.argv = argv[1:]
+    return args.func(args)
