@@ -52,9 +52,8 @@ def _records(path: str, args: argparse.Namespace):
 
 
 def _cmd_add(args: argparse.Namespace) -> int:
-    from bastion.detectors.attack_library import (AttackLibrary, LibraryError,
-                                                  default_library_path, entry_id,
-                                                  library_paths)
+    from bastion.detectors.known_attacks import (AttackLibrary, LibraryError,
+                                                 default_library_path, entry_id, library_paths)
     import numpy as np
 
     from bastion.detectors.encoder import Encoder, EncoderOptions
@@ -107,8 +106,8 @@ def _cmd_add(args: argparse.Namespace) -> int:
 def _cmd_info(args: argparse.Namespace) -> int:
     import collections
 
-    from bastion.detectors.attack_library import (AttackLibrary, LibraryError,
-                                                  default_library_path, library_paths)
+    from bastion.detectors.known_attacks import (AttackLibrary, LibraryError,
+                                                 default_library_path, library_paths)
 
     path = args.library or default_library_path()
     try:

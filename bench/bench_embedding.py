@@ -82,9 +82,10 @@ def main() -> int:
     args = parser.parse_args()
 
     from bastion.detectors.anomaly import Mahalanobis
-    from bastion.detectors.attack_library import AttackLibraryDetector, default_library_path
+    from bastion.detectors.attack_library import AttackLibraryDetector
     from bastion.detectors.embedding import EmbeddingAnomalyDetector
     from bastion.detectors.encoder import Encoder, EncoderOptions
+    from bastion.detectors.known_attacks import default_library_path
 
     rows = [json.loads(line) for line in
             open(REPO / "bastion" / "data" / "text_sample.jsonl", encoding="utf-8")]

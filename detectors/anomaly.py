@@ -46,7 +46,6 @@ from __future__ import annotations
 import abc
 import argparse
 import datetime
-import hashlib
 import io
 import json
 import os
@@ -61,6 +60,7 @@ from pydantic import Field
 
 from bastion.core.registry import StageOptions, register
 from bastion.detectors.base import Detector
+from bastion.detectors.digests import array_digest, manifest_checksum
 from bastion.transforms.base import NUMERIC_DATATYPES
 
 __all__ = ["FORMAT", "VERSION", "METHODS", "StateError", "AnomalyModel", "Mahalanobis", "KNN",
@@ -459,20 +459,6 @@ def make_model(method: str, *, k: int = 10, reduce: str = "mean", class_mode: st
 # --------------------------------------------------------------------------------------------
 
 
-def _array_digest(array: np.ndarray) -> str:
-    array = np.array(array, order="C", copy=None)  # (ascontiguousarray would make 0-d 1-d)
-    digest = hashlib.sha256()
-    digest.update(f"{array.dtype.str}{list(array.shape)}".encode())
-    digest.update(array.tobytes())
-    return digest.hexdigest()
-
-
-def _header_checksum(header: dict) -> str:
-    body = {k: v for k, v in header.items() if k != "checksum"}
-    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
-                          ).hexdigest()
-
-
 def save_state(path: str | os.PathLike, model: AnomalyModel, source: str,
                extra: dict | None = None) -> pathlib.Path:
     """Write ``model``'s state (atomically: a temporary file renamed over ``path``)."""
@@ -499,8 +485,8 @@ def write_state_file(path: str | os.PathLike, header: dict,
     """Write a checksummed state (``header`` + the digest of every array) atomically: a
     temporary file renamed over ``path``. The one writer of every detector state format."""
     path = pathlib.Path(path)
-    header = {**header, "arrays": {name: _array_digest(a) for name, a in sorted(arrays.items())}}
-    header["checksum"] = _header_checksum(header)
+    header = {**header, "arrays": {name: array_digest(a) for name, a in sorted(arrays.items())}}
+    header["checksum"] = manifest_checksum(header)
     payload = dict(arrays)
     payload[_HEADER_KEY] = np.frombuffer(json.dumps(header, sort_keys=True).encode(), np.uint8)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -536,7 +522,7 @@ def read_state_file(path: str | os.PathLike, fmt: str, version: int,
         if header.get("version") != version:
             raise StateError(f"{path}: state format version {header.get('version')!r}; this "
                              f"Bastion reads version {version}: refit it (bastion calibrate)")
-        if header.get("checksum") != _header_checksum(header):
+        if header.get("checksum") != manifest_checksum(header):
             raise StateError(f"{path}: header checksum mismatch (the file was modified)")
         expected = header.get("arrays", {})
         present = {name for name in data.files if name != _HEADER_KEY}
@@ -546,7 +532,7 @@ def read_state_file(path: str | os.PathLike, fmt: str, version: int,
         arrays = {}
         for name in sorted(expected):
             array = data[name]
-            if _array_digest(array) != expected[name]:
+            if array_digest(array) != expected[name]:
                 raise StateError(f"{path}: checksum mismatch in array {name!r} (the file was "
                                  "modified or is corrupt)")
             arrays[name] = array

@@ -20,6 +20,7 @@ import pytest
 
 from bastion.calibrate import threshold_at_fpr
 from bastion.detectors import anomaly as A
+from bastion.detectors.digests import manifest_checksum
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 SOURCE = "upstream:test:features"
@@ -147,7 +148,7 @@ def _rewrite(path: pathlib.Path, change_header=None, change_array=None, fix_chec
     if change_header:
         change_header(header)
         if fix_checksum:
-            header["checksum"] = A._header_checksum(header)
+            header["checksum"] = manifest_checksum(header)
     if change_array:
         change_array(arrays)
     arrays["__header__"] = np.frombuffer(json.dumps(header).encode(), np.uint8)

@@ -16,11 +16,11 @@ import threading
 import numpy as np
 import pytest
 
-from bastion.detectors.attack_library import (AttackLibrary, AttackLibraryDetector,
-                                              AttackLibraryOptions, LibraryError,
-                                              build_attack_library, default_library_path,
-                                              library_paths)
+from bastion.detectors.attack_library import (AttackLibraryDetector, AttackLibraryOptions,
+                                              build_attack_library)
 from bastion.detectors.encoder import Encoder, EncoderOptions
+from bastion.detectors.known_attacks import (AttackLibrary, LibraryError, default_library_path,
+                                             library_paths)
 from tests.test_anomaly import make_tiny_encoder, minilm_dir  # noqa: F401 - fixture
 
 ATTACKS = [

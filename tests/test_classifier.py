@@ -361,7 +361,7 @@ class CountingSession:
 
 def test_one_encoder_pass_serves_classifier_knn_and_library(exported, tmp_path):
     from bastion.config import parse_config
-    from bastion.detectors.attack_library import AttackLibrary
+    from bastion.detectors.known_attacks import AttackLibrary
     from bastion.detectors.embedding import EmbeddingAnomalyDetector, EmbeddingOptions
     from bastion.detectors.encoder import get_encoder
     from bastion.proxy.pipeline import RequestContext, build_pipeline

@@ -391,7 +391,7 @@ def main() -> None:
 
     from bastion.calibrate import threshold_at_fpr
     from bastion.detectors.anomaly import make_model
-    from bastion.detectors.attack_library import AttackLibrary, _normalize, _quantize
+    from bastion.detectors.known_attacks import AttackLibrary, _normalize, _quantize
     from bastion.detectors.encoder import Encoder, EncoderOptions
 
     threadpool_limits(args.threads)  # the machine is shared; BLAS would take every core

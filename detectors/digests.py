@@ -1,0 +1,31 @@
+"""Digests that Bastion's own data files record, so that loading can refuse a file that was
+changed, is corrupt or is half written: the sha256 of an array (its dtype, shape and bytes) and
+the checksum of a JSON manifest or header (every key but ``checksum`` itself, canonically
+serialised). The attack library (:mod:`bastion.detectors.known_attacks`) and the fitted anomaly
+states use them.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+
+import numpy as np
+
+__all__ = ["array_digest", "manifest_checksum"]
+
+
+def array_digest(array: np.ndarray) -> str:
+    """sha256 (hex) of an array's dtype, shape and C-order bytes."""
+    array = np.array(array, order="C", copy=None)  # (ascontiguousarray would make 0-d 1-d)
+    digest = hashlib.sha256()
+    digest.update(f"{array.dtype.str}{list(array.shape)}".encode())
+    digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
+def manifest_checksum(manifest: Mapping) -> str:
+    """sha256 (hex) of ``manifest`` without its ``checksum`` key, as sorted compact JSON."""
+    body = {k: v for k, v in manifest.items() if k != "checksum"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+                          ).hexdigest()
