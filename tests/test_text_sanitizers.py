@@ -10,7 +10,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bastion.core.registry import REGISTRY
-from bastion.detectors.signatures import SignatureDetector, load_rules
+from bastion.detectors.signature_rules import load_rules
+from bastion.detectors.signatures import SignatureDetector
 from bastion.stage_catalog import registry
 from bastion.transforms.base import InputRejected, TransformContext
 from bastion.transforms.text import (

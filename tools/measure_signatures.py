@@ -29,7 +29,9 @@ import sys
 import time
 from pathlib import Path
 
-from bastion.detectors.signatures import SCHEMES, SignatureDetector, load_rules
+from bastion.detectors.signature_decoders import SCHEMES
+from bastion.detectors.signature_rules import load_rules
+from bastion.detectors.signatures import SignatureDetector
 from bastion.transforms.text import UnicodeSanitizer
 
 DEFAULT_DATA_DIR = "/work/shared/data/text"
