@@ -81,7 +81,7 @@ def main() -> int:
     parser.add_argument("--max-chunks", type=int, default=8)
     args = parser.parse_args()
 
-    from bastion.detectors.anomaly import Mahalanobis
+    from bastion.detectors.anomaly_models import Mahalanobis
     from bastion.detectors.attack_library import AttackLibraryDetector
     from bastion.detectors.embedding import EmbeddingAnomalyDetector
     from bastion.detectors.encoder import Encoder, EncoderOptions

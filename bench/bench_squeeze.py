@@ -78,7 +78,8 @@ def fit_feature_states(tmp: pathlib.Path, count: int) -> None:
     """States for the detect.features targets, from the model's conv1_stats on training images."""
     import onnxruntime
 
-    from bastion.detectors.anomaly import make_model, save_state
+    from bastion.detectors.anomaly import save_state
+    from bastion.detectors.anomaly_models import make_model
     images, labels = fashion_mnist("train", count)
     session = onnxruntime.InferenceSession(str(CNN), providers=["CPUExecutionProvider"])
     stats = session.run(["conv1_stats"], {"image": images})[0]

@@ -22,8 +22,9 @@ import numpy as np
 from pydantic import Field
 
 from bastion.core.registry import register
-from bastion.detectors.anomaly import (AnomalyModel, StateError, load_state, make_model,
-                                       save_state)
+from bastion.detectors.anomaly import load_state, save_state
+from bastion.detectors.anomaly_models import AnomalyModel, make_model
+from bastion.detectors.anomaly_state import StateError
 from bastion.detectors.base import TextDetector
 from bastion.detectors.encoder import Encoder, EncoderStageOptions, _as_str
 

@@ -9,7 +9,7 @@ outputs (the demo CNN returns ``conv1_stats``, ``conv2_stats``, ``features`` and
 Per row the ensemble computes the feature vector
 
 * ``maha:<output>``: log(1 + class-conditional Mahalanobis distance to the nearest class
-  mean) of each configured output (the same :class:`~bastion.detectors.anomaly.Mahalanobis`
+  mean) of each configured output (the same :class:`~bastion.detectors.anomaly_models.Mahalanobis`
   ``detect.features`` uses);
 * ``margin`` (when a logits output is configured): log(top-1 logit - top-2 logit + 0.01).
   Minimal-perturbation attacks (Carlini-Wagner, DeepFool) stop just past the decision
@@ -37,7 +37,8 @@ import pathlib
 import numpy as np
 
 from bastion.core.registry import StageOptions, register
-from bastion.detectors.anomaly import Mahalanobis, read_state_file, write_state_file
+from bastion.detectors.anomaly_models import Mahalanobis
+from bastion.detectors.anomaly_state import read_state_file, write_state_file
 from bastion.detectors.base import ResponseResult, ResponseStage
 from bastion.detectors.upstream_features import AddedOutputs, ask_for_outputs, take_outputs
 from bastion.transforms.base import NUMERIC_DATATYPES

@@ -8,7 +8,7 @@ an extra output (the demo CNN returns ``features``, its 64-d penultimate layer, 
 1. before forwarding, asks for that output (and the ``logits`` output when the state's
    Mahalanobis model scores against the predicted class) if the client named the outputs it
    wants and did not name these: a request naming no outputs gets all of them anyway;
-2. scores the output's rows with a fitted :class:`~bastion.detectors.anomaly.AnomalyModel`
+2. scores the output's rows with a fitted :class:`~bastion.detectors.anomaly_models.AnomalyModel`
    (Mahalanobis, class-conditional or not, kNN, IsolationForest), the request's score being its
    most anomalous row's;
 3. removes what it added from the answer, so the client gets exactly the outputs it asked for.
@@ -40,8 +40,8 @@ import numpy as np
 from pydantic import Field
 
 from bastion.core.registry import StageOptions, register
-from bastion.detectors.anomaly import (FeatureAnomalyDetector, Method, load_state, make_model,
-                                       save_state)
+from bastion.detectors.anomaly import FeatureAnomalyDetector, load_state, save_state
+from bastion.detectors.anomaly_models import Method, make_model
 from bastion.detectors.base import ResponseResult, ResponseStage
 from bastion.protos import codec
 from bastion.transforms.base import NUMERIC_DATATYPES

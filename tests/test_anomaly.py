@@ -20,6 +20,8 @@ import pytest
 
 from bastion.calibrate import threshold_at_fpr
 from bastion.detectors import anomaly as A
+from bastion.detectors import anomaly_models as M
+from bastion.detectors.anomaly_state import StateError
 from bastion.detectors.digests import manifest_checksum
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -45,8 +47,8 @@ def gaussian(n: int, seed: int, dim: int = 8, classes: int = 3):
 
 def fitted(method: str, params: dict, X, y):
     if method == "mahalanobis-cc":
-        return A.make_model("mahalanobis").fit(X, y)
-    return A.make_model(method, **params).fit(X)
+        return M.make_model("mahalanobis").fit(X, y)
+    return M.make_model(method, **params).fit(X)
 
 
 @pytest.mark.parametrize("method,params", METHODS)
@@ -75,8 +77,8 @@ def test_threshold_gives_target_fpr_on_the_reference(method, params, target):
 
 def test_class_conditional_uses_class_means():
     X, y = gaussian(3000, 5)
-    single = A.Mahalanobis().fit(X)
-    conditional = A.Mahalanobis().fit(X, y)
+    single = M.Mahalanobis().fit(X)
+    conditional = M.Mahalanobis().fit(X, y)
     assert conditional.class_conditional and not single.class_conditional
     probe, labels = gaussian(500, 6)
     # between the class means: ordinary for one Gaussian, far from every class
@@ -85,7 +87,7 @@ def test_class_conditional_uses_class_means():
     assert (conditional.score(between).mean() / conditional.score(probe).mean()
             > single.score(between).mean() / single.score(probe).mean())
     # predicted-class mode: distance to the given class (min over classes without it)
-    predicted = A.Mahalanobis(class_mode="predicted").fit(X, y)
+    predicted = M.Mahalanobis(class_mode="predicted").fit(X, y)
     right = predicted.score(probe, labels)
     wrong = predicted.score(probe, (labels + 1) % 3)
     assert np.allclose(right, conditional.score(probe), atol=1e-9) or right.mean() <= \
@@ -99,27 +101,27 @@ def test_knn_mean_and_kth():
     X, _ = gaussian(500, 7)
     query, _ = gaussian(20, 8)
     distances = np.sort(np.linalg.norm(query[:, None, :] - X[None, :, :], axis=2), axis=1)
-    assert np.allclose(A.KNN(k=4).fit(X).score(query), distances[:, :4].mean(axis=1))
-    assert np.allclose(A.KNN(k=4, reduce="kth").fit(X).score(query), distances[:, 3])
+    assert np.allclose(M.KNN(k=4).fit(X).score(query), distances[:, :4].mean(axis=1))
+    assert np.allclose(M.KNN(k=4, reduce="kth").fit(X).score(query), distances[:, 3])
 
 
 def test_iforest_matches_sklearn_exactly():
     X, _ = gaussian(1500, 9)
-    model = A.IForest(n_estimators=50, seed=3).fit(X)
+    model = M.IForest(n_estimators=50, seed=3).fit(X)
     query = np.vstack([gaussian(200, 10)[0], gaussian(50, 11)[0] + 4])
     assert np.allclose(model.score(query), -model._sklearn.score_samples(query), atol=1e-12)
 
 
 def test_bad_inputs():
-    model = A.Mahalanobis().fit(gaussian(100, 0)[0])
+    model = M.Mahalanobis().fit(gaussian(100, 0)[0])
     with pytest.raises(ValueError, match="dimension"):
         model.score(np.zeros((2, 5)))
     scores = model.score(np.array([[np.nan] * 8, [0.0] * 8]))
     assert np.isinf(scores[0]) and np.isfinite(scores[1])
     with pytest.raises(RuntimeError, match="not fitted"):
-        A.KNN().score(np.zeros((1, 8)))
+        M.KNN().score(np.zeros((1, 8)))
     with pytest.raises(ValueError, match="unknown method"):
-        A.make_model("lof")
+        M.make_model("lof")
 
 
 # -- state files --------------------------------------------------------------------------------
@@ -157,18 +159,18 @@ def _rewrite(path: pathlib.Path, change_header=None, change_array=None, fix_chec
 
 def test_mismatched_state_is_refused(tmp_path):
     X, _ = gaussian(300, 14)
-    model = A.KNN(k=3).fit(X)
+    model = M.KNN(k=3).fit(X)
     path = A.save_state(tmp_path / "s.npz", model, SOURCE)
-    with pytest.raises(A.StateError, match="fitted on features from 'upstream:test:features'.*"
+    with pytest.raises(StateError, match="fitted on features from 'upstream:test:features'.*"
                                            "input:other"):
         A.load_state(path, source="input:other")
-    with pytest.raises(A.StateError, match="holds a 'knn' model"):
+    with pytest.raises(StateError, match="holds a 'knn' model"):
         A.load_state(path, source=SOURCE, method="mahalanobis")
 
     version = tmp_path / "version.npz"
     version.write_bytes(path.read_bytes())
     _rewrite(version, change_header=lambda h: h.update(version=A.VERSION + 1))
-    with pytest.raises(A.StateError, match="version 2"):
+    with pytest.raises(StateError, match="version 2"):
         A.load_state(version, source=SOURCE)
 
     tampered = tmp_path / "tampered.npz"
@@ -177,22 +179,22 @@ def test_mismatched_state_is_refused(tmp_path):
     def bump(arrays):
         arrays["reference"][0, 0] += 1.0
     _rewrite(tampered, change_array=bump)
-    with pytest.raises(A.StateError, match="checksum mismatch in array 'reference'"):
+    with pytest.raises(StateError, match="checksum mismatch in array 'reference'"):
         A.load_state(tampered, source=SOURCE)
 
     params = tmp_path / "params.npz"
     params.write_bytes(path.read_bytes())
     _rewrite(params, change_header=lambda h: h["params"].update(k=1), fix_checksum=False)
-    with pytest.raises(A.StateError, match="header checksum"):
+    with pytest.raises(StateError, match="header checksum"):
         A.load_state(params, source=SOURCE)
 
     other = tmp_path / "other.npz"
     np.savez(other, x=np.zeros(3))
-    with pytest.raises(A.StateError, match="not a bastion anomaly state"):
+    with pytest.raises(StateError, match="not a bastion anomaly state"):
         A.load_state(other)
     garbage = tmp_path / "garbage.npz"
     garbage.write_bytes(b"not a zip file")
-    with pytest.raises(A.StateError, match="not a readable state file"):
+    with pytest.raises(StateError, match="not a readable state file"):
         A.load_state(garbage)
 
 
@@ -250,7 +252,7 @@ def _save(path, array):
 
 def test_feature_detector_scores_rows_and_items(tmp_path):
     X, y = gaussian(2000, 20)
-    model = A.Mahalanobis(class_mode="predicted").fit(X, y)
+    model = M.Mahalanobis(class_mode="predicted").fit(X, y)
     path = A.save_state(tmp_path / "f.npz", model, "upstream:toy:features")
     detector = A.FeatureAnomalyDetector.from_state(path, "upstream:toy:features")
     probe, labels = gaussian(10, 21)
@@ -259,7 +261,7 @@ def test_feature_detector_scores_rows_and_items(tmp_path):
     logits = np.eye(3)[labels]
     item = detector.score([{"features": probe, "logits": logits}, probe + 5])
     assert item[0] == pytest.approx(rows.max()) and item[1] > item[0]
-    with pytest.raises(A.StateError):
+    with pytest.raises(StateError):
         A.FeatureAnomalyDetector.from_state(path, "upstream:other:features")
 
 

@@ -7,7 +7,7 @@ import asyncio
 import numpy as np
 import pytest
 
-from bastion.detectors.anomaly import StateError
+from bastion.detectors.anomaly_state import StateError
 from bastion.detectors.feature_ensemble import (FeatureEnsembleOptions, FeatureEnsembleStage,
                                                 ensemble_features, fit_ensemble, load_ensemble,
                                                 save_ensemble)

@@ -17,7 +17,7 @@ import pytest
 import tritonclient.grpc as tc
 
 from bastion import traffic
-from bastion.detectors import anomaly
+from bastion.detectors import anomaly, anomaly_models, anomaly_state
 from bastion.detectors.upstream_features import (UpstreamFeatureOptions, UpstreamFeatureStage,
                                                  strip_outputs)
 from bastion.protos import codec, pb
@@ -28,7 +28,7 @@ RNG = np.random.default_rng(7)
 
 def _fit_state(path, dim=8, method="mahalanobis", source="upstream:toy:features", classes=None):
     reference = RNG.normal(size=(400, dim))
-    model = anomaly.make_model(method, k=5).fit(reference, classes)
+    model = anomaly_models.make_model(method, k=5).fit(reference, classes)
     return anomaly.save_state(path, model, source)
 
 
@@ -111,7 +111,7 @@ def test_strip_outputs_keeps_raw_contents_aligned():
 
 def test_class_conditional_predicted_mode_asks_for_logits(tmp_path):
     classes = np.repeat([0, 1], 200)
-    model = anomaly.make_model("mahalanobis", class_mode="predicted").fit(
+    model = anomaly_models.make_model("mahalanobis", class_mode="predicted").fit(
         RNG.normal(size=(400, 8)) + classes[:, None] * 3, classes)
     path = anomaly.save_state(tmp_path / "p.npz", model, "upstream:toy:features")
     stage = _stage(path)
@@ -135,7 +135,7 @@ def test_state_checks(tmp_path):
         _stage(path, output="conv1_stats")
     with pytest.raises(ValueError, match="fitted on features from"):
         _stage(path, source="upstream:other:features")
-    with pytest.raises(anomaly.StateError, match="holds a 'mahalanobis' model"):
+    with pytest.raises(anomaly_state.StateError, match="holds a 'mahalanobis' model"):
         _stage(path, method="knn")
     stage = _stage(path)
     with pytest.raises(ValueError, match="has 5 values per row; the state was fitted on 8"):

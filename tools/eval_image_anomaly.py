@@ -106,7 +106,8 @@ def main() -> None:
 
     from bastion.calibrate import threshold_at_fpr
     from bastion.detectors.anomaly import (FeatureAnomalyDetector, InputAnomalyDetector,
-                                           make_model, pool_features, save_state)
+                                           pool_features, save_state)
+    from bastion.detectors.anomaly_models import make_model
 
     torch.set_num_threads(args.threads)
     started = time.time()

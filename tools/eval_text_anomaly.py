@@ -390,7 +390,7 @@ def main() -> None:
     from threadpoolctl import threadpool_limits
 
     from bastion.calibrate import threshold_at_fpr
-    from bastion.detectors.anomaly import make_model
+    from bastion.detectors.anomaly_models import make_model
     from bastion.detectors.known_attacks import AttackLibrary, _normalize, _quantize
     from bastion.detectors.encoder import Encoder, EncoderOptions
 
