@@ -17,7 +17,8 @@ from bastion.clients_config import ClientsConfig, resolve_token_budget_paths
 from bastion.core.registry import StagePluginError
 from bastion.detectors.extraction import ExtractionConfig
 from bastion.output_config import OutputConfig, parse_output_detectors
-from bastion.stage_config import InputSpec, calibrate_command, parse_stage, resolve_paths
+from bastion.stage_config import (InputSpec, calibrate_command, check_one_key_entries,
+                                  parse_stage, resolve_paths)
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
@@ -196,11 +197,7 @@ class ModelConfig(_Strict):
     @field_validator("pipeline")
     @classmethod
     def _one_key_per_stage(cls, stages: list[dict]) -> list[dict]:
-        for index, stage in enumerate(stages):
-            if len(stage) != 1:
-                raise ValueError(f"stage {index} must be a mapping with exactly one key (the stage "
-                                 f"name), got {len(stage)} keys")
-        return stages
+        return check_one_key_entries(stages, "stage")
 
 
 class Config(_Strict):

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from bastion.detectors.output_match import Action as ScanAction
 from bastion.detectors.output_scan import OutputScanner, build_matchers
-from bastion.stage_config import InputSpec, parse_stage
+from bastion.stage_config import InputSpec, check_one_key_entries, parse_stage
 
 Action = Literal["redact", "stop", "off"]
 
@@ -50,11 +50,7 @@ class OutputConfig(BaseModel):
     @field_validator("detectors")
     @classmethod
     def _one_key_per_detector(cls, entries: list[dict]) -> list[dict]:
-        for index, entry in enumerate(entries):
-            if len(entry) != 1:
-                raise ValueError(f"detector {index} must be a mapping with exactly one key (the "
-                                 f"stage name), got {len(entry)} keys")
-        return entries
+        return check_one_key_entries(entries, "detector")
 
     @model_validator(mode="after")
     def _buildable(self) -> "OutputConfig":

@@ -235,3 +235,12 @@ def _declared_datatype(spec) -> str | None:
 
 def _describe(accepts: frozenset[str]) -> str:
     return "BYTES (text)" if accepts == {"BYTES"} else ", ".join(sorted(accepts))
+
+
+def check_one_key_entries(entries: list[dict], what: str) -> list[dict]:
+    """Pipeline-style entries: each a mapping with exactly one key, the stage name."""
+    for index, entry in enumerate(entries):
+        if len(entry) != 1:
+            raise ValueError(f"{what} {index} must be a mapping with exactly one key (the stage "
+                             f"name), got {len(entry)} keys")
+    return entries

@@ -56,3 +56,10 @@ async def pass_error(context: grpc.aio.ServicerContext, error: grpc.aio.AioRpcEr
     if is_transport_failure(error):
         details = f"bastion: upstream {upstream.target} unavailable: {details}"
     await context.abort(code, details, response_metadata(error.trailing_metadata()))
+
+
+async def relay_trailers(call, context: grpc.aio.ServicerContext) -> None:
+    """The upstream call's trailing metadata, minus hop-by-hop keys, onto the client's call."""
+    trailing = response_metadata(await call.trailing_metadata())
+    if trailing:
+        context.set_trailing_metadata(trailing)

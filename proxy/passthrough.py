@@ -68,9 +68,7 @@ class Passthrough:
         initial = forwarding.response_metadata(await call.initial_metadata())
         if initial:
             await context.send_initial_metadata(initial)
-        trailing = forwarding.response_metadata(await call.trailing_metadata())
-        if trailing:
-            context.set_trailing_metadata(trailing)
+        await forwarding.relay_trailers(call, context)
         return reply
 
     async def call_unary(self, method: str, request: bytes, context: grpc.aio.ServicerContext,
@@ -172,9 +170,7 @@ class Passthrough:
                 call.cancel()
             if span is not None:
                 span.end()
-        trailing = forwarding.response_metadata(await call.trailing_metadata())
-        if trailing:
-            context.set_trailing_metadata(trailing)
+        await forwarding.relay_trailers(call, context)
 
     async def _forward_one_request(self, method: str, message: bytes,
                                    context: grpc.aio.ServicerContext):

@@ -155,6 +155,4 @@ async def model_stream_infer(handler: InferenceHandler, request_iterator,
         call.cancel()
         if span is not None:
             span.end()
-    trailing = forwarding.response_metadata(await call.trailing_metadata())
-    if trailing:
-        context.set_trailing_metadata(trailing)
+    await forwarding.relay_trailers(call, context)
