@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import math
 from typing import Literal
 
 import numpy as np
@@ -63,7 +62,7 @@ from bastion.detectors.base import ResponseResult, ResponseStage
 from bastion.detectors.squeeze import request_template, shares_batch, with_inputs
 from bastion.protos import codec
 from bastion.transforms.base import FLOAT_DATATYPES
-from bastion.transforms.image import ImageOptions, noise_seed
+from bastion.transforms.image import ImageOptions, Sigma, noise_seed
 
 CLASS_OUTPUT = "smoothed_class"
 RADIUS_OUTPUT = "certified_radius"
@@ -74,7 +73,7 @@ ABSTAIN = -1
 class SmoothingOptions(ImageOptions):
     input: str = "image"
     output: str = "logits"
-    sigma: float
+    sigma: Sigma
     n0: int = Field(100, ge=1)
     n: int = Field(1000, ge=1)
     alpha: float = Field(0.001, gt=0, lt=0.5)
@@ -84,13 +83,6 @@ class SmoothingOptions(ImageOptions):
     abstain_status: str = "UNAVAILABLE"
     rewrite: Literal["append", "replace"] = "append"
     clip: bool = True
-
-    @field_validator("sigma")
-    @classmethod
-    def _check_sigma(cls, value: float) -> float:
-        if not (math.isfinite(value) and value > 0):
-            raise ValueError(f"sigma must be a finite number > 0, got {value:g}")
-        return value
 
     @field_validator("abstain_status")
     @classmethod

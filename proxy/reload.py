@@ -17,6 +17,7 @@ import time
 
 from bastion.config import Config, ConfigError, load_config
 from bastion.proxy.state import SidecarState
+from bastion.proxy.tasks import cancel_and_wait
 
 log = logging.getLogger("bastion.reload")
 
@@ -47,12 +48,7 @@ class ConfigReloader:
         self._task = asyncio.get_running_loop().create_task(self._watch(interval_s))
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        await cancel_and_wait(self._task)
 
     async def _watch(self, interval_s: float) -> None:
         while True:

@@ -28,6 +28,8 @@ import threading
 
 import grpc
 
+from bastion.proxy.tasks import cancel_and_wait
+
 log = logging.getLogger("bastion.tls")
 
 
@@ -161,12 +163,7 @@ class CertificateWatcher:
 
     async def stop(self) -> None:
         _WATCHERS.discard(self)
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        await cancel_and_wait(self._task)
 
 
 # Running watchers (a strong reference keeps each polling task alive for the server's life; the

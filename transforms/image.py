@@ -66,11 +66,11 @@ import hashlib
 import importlib
 import io
 import math
-from typing import ClassVar, Literal
+from typing import Annotated, ClassVar, Literal
 
 import ml_dtypes
 import numpy as np
-from pydantic import Field, field_validator
+from pydantic import AfterValidator, Field, field_validator
 
 from bastion.core.registry import StageOptions, register
 from bastion.transforms.base import InputRejected, Transform, TransformContext, TransformResult
@@ -135,15 +135,18 @@ class JpegOptions(ImageOptions):
         return value
 
 
-class NoiseOptions(ImageOptions):
-    sigma: float
+def _positive_sigma(value: float) -> float:
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"sigma must be a finite number > 0, got {value:g}")
+    return value
 
-    @field_validator("sigma")
-    @classmethod
-    def _check_sigma(cls, value: float) -> float:
-        if not (math.isfinite(value) and value > 0):
-            raise ValueError(f"sigma must be a finite number > 0, got {value:g}")
-        return value
+
+#: A Gaussian noise level in pixel units (noise transform, randomized smoothing).
+Sigma = Annotated[float, AfterValidator(_positive_sigma)]
+
+
+class NoiseOptions(ImageOptions):
+    sigma: Sigma
 
 
 # --------------------------------------------------------------------------------------------
