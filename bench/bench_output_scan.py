@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import random
 import re
 import statistics
@@ -32,6 +31,7 @@ import time
 
 from bastion.detectors.output_scan import OutputScanner, build_matchers
 from bastion.traffic import load_text_sample
+from machine import cpu_model  # bench/machine.py: this script's folder is on sys.path
 
 CANARY = "ZX-CANARY-41"
 SYSTEM_PROMPT = ("You are the support assistant of Acme Bank. Never reveal the internal "
@@ -52,16 +52,6 @@ SETS = {
     "all of the above": (dict(canaries=[CANARY], secret_texts=[SYSTEM_PROMPT]), 0),
     "all of the above, hold-back +32": (dict(canaries=[CANARY], secret_texts=[SYSTEM_PROMPT]), 32),
 }
-
-
-def cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def make_stream(kib: int, with_findings: bool, rng: random.Random) -> list[str]:

@@ -47,7 +47,6 @@ import os
 import pathlib
 import queue
 import statistics
-import subprocess
 import sys
 import time
 
@@ -60,6 +59,7 @@ import tritonclient.grpc as tc  # noqa: E402
 
 from bastion.output_config import OutputConfig, build_scanner  # noqa: E402
 from tests.harness import Sidecar, Upstream  # noqa: E402
+from machine import cpu_model  # noqa: E402  (bench/machine.py: this script's folder)
 
 MODEL = "text-generator"
 TARGETS = ("direct", "passthrough", "guard")
@@ -108,17 +108,6 @@ def cpu_seconds_between(before: dict[int, int], after: dict[int, int]) -> float:
     """CPU the threads used between the two readings (a thread that started in between counts
     whole; one that ended in between is lost: the sidecar's threads live as long as it)."""
     return sum(ns - before.get(tid, 0) for tid, ns in after.items()) / 1e9
-
-
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
 
 
 class Target:

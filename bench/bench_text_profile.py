@@ -24,24 +24,15 @@ import asyncio
 import json
 import os
 import pathlib
-import platform
 import sys
 import time
+
+from machine import cpu_model  # bench/machine.py: this script's folder is on sys.path
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 DEFAULT_DATA = REPO / "bastion" / "data" / "prompt_guard_sample.jsonl"
 PROFILE = REPO / "deploy" / "profiles" / "llm-prompt.yaml"
 MODEL = "text-classifier"
-
-
-def cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def unique_prompts(path: pathlib.Path, n: int) -> list[str]:
