@@ -159,6 +159,12 @@ class StageRunner:
             return 0.0, [], {}
         return self._summarize(items, await self.config.impl.ascore(items), ctx)
 
+    def _observe_run(self, started: float, error: str | None) -> None:
+        """The stage's time and outcome into the metrics, for every run, failed or not."""
+        if self.metrics is not None:
+            self.metrics.observe_stage(self.model_name, self.config.stage_id,
+                                       time.perf_counter() - started, error)
+
     def _failed(self, error: str, span) -> Decision:
         """A stage that raised or ran over budget: on_error decides (closed blocks)."""
         span.set_attribute("bastion.stage.error", error)
@@ -205,9 +211,7 @@ class StageRunner:
             except Exception as exc:  # noqa: BLE001 - any stage bug is handled by on_error
                 error = "error"
                 span.record_exception(exc)
-            elapsed = time.perf_counter() - started
-            if self.metrics is not None:
-                self.metrics.observe_stage(self.model_name, stage_id, elapsed, error)
+            self._observe_run(started, error)
             if error is not None:
                 return self._failed(error, span)
             for name, value in replacements.items():
@@ -261,9 +265,7 @@ class ResponseRunner(StageRunner):
                 except Exception as exc:  # noqa: BLE001 - handled by on_error
                     error = "error"
                     span.record_exception(exc)
-            elapsed = time.perf_counter() - started
-            if self.metrics is not None:
-                self.metrics.observe_stage(self.model_name, stage_id, elapsed, error)
+            self._observe_run(started, error)
             if error is not None:
                 return self._failed(error, span), {}, 0
             if self.metrics is not None:
