@@ -71,7 +71,8 @@ def _wait_line(proc: subprocess.Popen, log_path: pathlib.Path, marker: str, time
                        f"{log_path.read_text(errors='replace')[-2000:]}")
 
 
-def _stop(proc: subprocess.Popen) -> None:
+def stop_process(proc: subprocess.Popen) -> None:
+    """SIGTERM, then SIGKILL after 10 s: a child this process started, stopped by its PID."""
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -236,5 +237,5 @@ def run_demo(duration_s: float | None = None, rate: float = 50.0, data: str | No
     finally:
         signal.signal(signal.SIGTERM, previous)
         for proc in reversed(procs):
-            _stop(proc)
+            stop_process(proc)
         print("bastion demo: stopped upstream and sidecar", flush=True)

@@ -18,7 +18,6 @@ import os
 import pathlib
 import platform
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -27,6 +26,7 @@ import time
 REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bastion.demo import stop_process  # noqa: E402
 from bastion.proxy.identity import resolve_identity  # noqa: E402
 from bastion.proxy.limiter import ClientGuard, ClientsConfig  # noqa: E402
 
@@ -144,12 +144,7 @@ async def measure(args) -> list[dict]:
         finally:
             await guard.close()
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+        stop_process(proc)
     base = rows[0]
     for row in rows:
         row["p50_ratio"] = row["p50_us"] / base["p50_us"]
