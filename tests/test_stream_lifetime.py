@@ -20,18 +20,12 @@ from bastion import traffic
 from bastion.protos import codec, pb
 from tests import scripted_upstream as su
 from tests.harness import Sidecar, Upstream
+from tests.test_proxy_forwarding import upstream  # noqa: F401 (the scripted upstream fixture)
 from tests.test_tensor_codec import MALFORMED
 
 TIMEOUT_S, IDLE_S, LIFETIME_S = 1.0, 1.5, 2.0
 CONFIG = f"upstream: {{timeout_s: {TIMEOUT_S}, stream_idle_timeout_s: {IDLE_S}}}\n"
 MARGIN_S = 1.0  # scheduling slack on a loaded 2-core machine; every bound is checked both ways
-
-
-@pytest.fixture(scope="module")
-def upstream():
-    server = su.ScriptedUpstream()
-    yield server
-    server.stop()
 
 
 @pytest.fixture(scope="module")

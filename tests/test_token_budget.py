@@ -17,25 +17,11 @@ from pydantic import ValidationError
 from bastion.clients_config import ClientsConfig
 from bastion.config import ConfigError, load_config, parse_config
 from bastion.proxy.token_budget import TokenBudget, refusal, token_counter
+from tests.test_limiter import Clock, run
 from tests.test_limiter_redis import RedisServer, redis_server  # noqa: F401 (the fixture)
 
 TINY_LM_TOKENIZER = pathlib.Path(__file__).resolve().parent.parent / "bastion" / "lm" / \
     "tiny-lm" / "tokenizer.json"
-
-
-class Clock:
-    def __init__(self, t: float = 1000.0):
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
-
-    def advance(self, seconds: float) -> None:
-        self.t += seconds
-
-
-def run(coro):
-    return asyncio.run(coro)
 
 
 def budget(clock: Clock, min_retry_after_ms: int = 1, max_clients: int = 100_000,
