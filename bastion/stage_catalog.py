@@ -27,6 +27,7 @@ BUILTIN_STAGE_MODULES = (
     "bastion.detectors.embedding",
     "bastion.detectors.attack_library",
     "bastion.detectors.classifier",
+    "bastion.detectors.ngram",
 )
 
 _loaded = False

@@ -78,3 +78,12 @@ class ResponseStage(abc.ABC):
     async def on_response(self, state: Any, response, call_upstream) -> ResponseResult:
         """Score ``response`` (a ModelInferResponse, modified in place to what the client gets).
         ``await call_upstream(request)`` sends an extra ModelInferRequest upstream."""
+
+
+def as_text(item: Any) -> str:
+    """A text element as str (BYTES tensors hold bytes; undecodable bytes are replaced)."""
+    if isinstance(item, str):
+        return item
+    if isinstance(item, (bytes, bytearray, memoryview)):
+        return bytes(item).decode("utf-8", "replace")
+    return str(item)

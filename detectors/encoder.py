@@ -47,6 +47,7 @@ import numpy as np
 from pydantic import Field
 
 from bastion.core.registry import StageOptions
+from bastion.detectors.base import as_text as _as_str
 from bastion.detectors.batcher import MicroBatcher
 from bastion.detectors.cpu_features import Variant, choose_variant
 
@@ -383,14 +384,6 @@ class Encoder:
 
     def close(self) -> None:
         self.batcher.close()
-
-
-def _as_str(text: Any) -> str:
-    if isinstance(text, str):
-        return text
-    if isinstance(text, (bytes, bytearray, memoryview)):
-        return bytes(text).decode("utf-8", "replace")
-    return str(text)
 
 
 _ENCODERS: dict[tuple, Encoder] = {}

