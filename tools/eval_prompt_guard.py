@@ -90,41 +90,57 @@ def calibrated_threshold(scores: dict[str, np.ndarray], fixed_flags: np.ndarray,
 
 
 def fused_rank(stages: dict[str, tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
-    """One ranking score for several stages that share a split budget: 1 - the smallest
-    exceedance (share of calibration scores at or above the text's score) over the stages.
-    Thresholding it is the split budget's decision (every stage at the same level)."""
-    worst = None
+    """One ranking score for several stages that share a split budget: the largest per-stage
+    rank among the calibration scores (thresholding it is the split budget's decision: every
+    stage at the same level). Above every calibration score, the stage's own score (in [0, 1])
+    breaks the tie, scaled so it never reorders ranks."""
+    best = None
     for calibration, scores in stages.values():
         ordered = np.sort(calibration)
-        exceed = 1.0 - np.searchsorted(ordered, scores, side="left") / len(ordered)
-        worst = exceed if worst is None else np.minimum(worst, exceed)
-    return 1.0 - worst
+        rank = np.searchsorted(ordered, scores, side="left") / len(ordered)
+        rank = rank + 1e-6 * np.clip(scores, 0.0, 1.0)
+        best = rank if best is None else np.maximum(best, rank)
+    return best
 
 
-def fold_ngram_scores(train_rows: list[dict], texts: list[str], cache: pathlib.Path
+def text_digest(text: str) -> str:
+    return hashlib.sha1(text.encode("utf-8")).hexdigest()
+
+
+def fold_ngram_scores(train_rows: list[dict], texts: list[str], work: pathlib.Path, k: int
                       ) -> np.ndarray:
-    """A fold's n-gram model (train_prompt_ngram's recipe) scoring ``texts``; cached."""
+    """A fold's n-gram model (train_prompt_ngram's recipe) scoring ``texts``; cached under a
+    digest of its training texts, so a changed corpus refits (a minute)."""
+    key = hashlib.sha1("\n".join(sorted(r["text"] for r in train_rows)).encode()).hexdigest()
+    cache = work / f"ngram-{k}-{key[:12]}.npz"
+    wanted = [text_digest(t) for t in texts]
     if cache.exists():
-        values = np.load(cache)
-        if len(values) == len(texts):
-            return values
+        with np.load(cache) as data:
+            known = dict(zip(data["digests"].tolist(), data["scores"].tolist()))
+        if all(d in known for d in wanted):
+            return np.array([known[d] for d in wanted])
     from train_prompt_ngram import fit
     values = fit(train_rows).predict_proba(texts)[:, 1]
-    np.save(cache, values)
+    np.savez(cache, digests=np.array(wanted), scores=values)
     return values
 
 
 def fold_classifier_scores(model_dir: pathlib.Path, texts: list[str], args) -> np.ndarray:
-    """A fold classifier's attack probability of ``texts``; cached beside the model."""
-    cache = model_dir / "scores.npy"
+    """A fold classifier's attack probability of ``texts``; cached beside the model by text
+    digest, so a grown corpus scores only its new texts."""
+    cache = model_dir / "scores.npz"
+    known: dict[str, float] = {}
     if cache.exists():
-        values = np.load(cache)
-        if len(values) == len(texts):
-            return values
-    probs = predict(model_dir, texts, args.max_length, args.max_chunks, threads=args.threads)
-    values = 1.0 - probs[:, 0]
-    np.save(cache, values)
-    return values
+        with np.load(cache) as data:
+            known = dict(zip(data["digests"].tolist(), data["scores"].tolist()))
+    wanted = [text_digest(t) for t in texts]
+    missing = sorted({d: t for d, t in zip(wanted, texts) if d not in known}.items())
+    if missing:
+        probs = predict(model_dir, [t for _, t in missing], args.max_length, args.max_chunks,
+                        threads=args.threads)
+        known.update(zip([d for d, _ in missing], (1.0 - probs[:, 0]).tolist()))
+        np.savez(cache, digests=np.array(list(known)), scores=np.array(list(known.values())))
+    return np.array([known[d] for d in wanted])
 
 
 def auroc(benign: np.ndarray, attack: np.ndarray) -> float:
@@ -326,11 +342,11 @@ def main(argv: list[str] | None = None) -> int:
     rules = rule_scores(texts)
     rule_flags = (rules["signatures"] >= SIGNATURE_THRESHOLD) | \
         (rules["invisible"] >= INVISIBLE_THRESHOLD)
-    # The profile as shipped (classifier + n-gram + rules, one split budget), and the previous
-    # profile (classifier + rules) for comparison: flags and a fused ranking score.
+    # The profile as shipped (classifier + rules) and the profile with detect.ngram added (one
+    # split budget for both models; measured, not shipped): flags and a fused ranking score.
     profile_flag = np.zeros(len(records), dtype=bool)
-    profile_score = np.zeros(len(records))
-    previous_flag = np.zeros(len(records), dtype=bool)
+    with_ngram_flag = np.zeros(len(records), dtype=bool)
+    with_ngram_score = np.zeros(len(records))
     # Each fold model's scores of the calibration texts (the other folds' benign split).
     cal_scores_all = {stage: np.full((len(records), args.folds), np.nan)
                       for stage in ("classifier", "ngram")}
@@ -340,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
         score_index = np.where((fold == k) | ((fold != k) & calib))[0]
         # The n-gram model trains on every training row (it takes a minute, not hours).
         ngram_probs = fold_ngram_scores(train_rows, [texts[i] for i in score_index],
-                                        args.work / f"ngram-{k}.npy")
+                                        args.work, k)
         if not (model_dir / "config.json").exists():
             if args.limit and len(train_rows) > args.limit:
                 train_rows = random.Random(k).sample(train_rows, args.limit)
@@ -365,26 +381,27 @@ def main(argv: list[str] | None = None) -> int:
         held = fold == k
         clf_threshold[held] = t["classifier"]
         ngram_threshold[held] = tn["ngram"]
-        previous_flag[held] = (clf[held] >= tp["classifier"]) | rule_flags[held]
-        profile_flag[held] = ((clf[held] >= joint["classifier"])
-                              | (ngram[held] >= joint["ngram"]) | rule_flags[held])
-        profile_score[held] = np.maximum(
+        profile_flag[held] = (clf[held] >= tp["classifier"]) | rule_flags[held]
+        with_ngram_flag[held] = ((clf[held] >= joint["classifier"])
+                                 | (ngram[held] >= joint["ngram"]) | rule_flags[held])
+        with_ngram_score[held] = np.maximum(
             fused_rank({"classifier": (cal_clf, clf[held]), "ngram": (cal_ngram, ngram[held])}),
             rule_flags[held].astype(float))
         print(f"fold {k}: classifier {t['classifier']:.4f} alone; n-gram {tn['ngram']:.4f} "
-              f"alone; profile: classifier {joint['classifier']:.4f}, n-gram "
-              f"{joint['ngram']:.4f}; {held.sum()} held-out texts", file=sys.stderr)
+              f"alone; profile {tp['classifier']:.4f}; profile + n-gram: classifier "
+              f"{joint['classifier']:.4f}, n-gram {joint['ngram']:.4f}; {held.sum()} held-out "
+              "texts", file=sys.stderr)
 
     held_benign = np.array([r["label"] == "benign" for r in records])
-    previous_score = np.maximum(clf, rule_flags.astype(float))
+    profile_score = np.maximum(clf, rule_flags.astype(float))
     results = {"classifier": evaluate(records, clf >= clf_threshold, clf, held_benign,
                                       args.target_fpr),
-               "n-gram": evaluate(records, ngram >= ngram_threshold, ngram, held_benign,
-                                  args.target_fpr),
-               "classifier + rules (previous profile)": evaluate(
-                   records, previous_flag, previous_score, held_benign, args.target_fpr),
                "llm-prompt profile": evaluate(records, profile_flag, profile_score, held_benign,
-                                              args.target_fpr)}
+                                              args.target_fpr),
+               "detect.ngram alone": evaluate(records, ngram >= ngram_threshold, ngram,
+                                              held_benign, args.target_fpr),
+               "profile + detect.ngram": evaluate(records, with_ngram_flag, with_ngram_score,
+                                                  held_benign, args.target_fpr)}
 
     # Side by side on a stratified sample (the peers cost up to 65 ms of CPU a prompt).
     sample = stratified_sample(records, args.sample_per_group)
@@ -400,13 +417,11 @@ def main(argv: list[str] | None = None) -> int:
         for k in range(args.folds):
             cal = np.where(calib & (fold != k) & np.isfinite(ppl))[0]
             joint = split_budget({"classifier": cal_scores_all["classifier"][cal, k],
-                                  "ngram": cal_scores_all["ngram"][cal, k],
                                   "perplexity": ppl[cal]},
                                  rule_flags[cal], args.target_fpr,
                                  pool_sources([records[i]["group"] for i in cal]))
             held = fold == k
             flag[held] = ((clf[held] >= joint.thresholds["classifier"])
-                          | (ngram[held] >= joint.thresholds["ngram"])
                           | (ppl[held] >= joint.thresholds["perplexity"]) | rule_flags[held])
         side["profile + perplexity"] = evaluate(sub, flag[sample], profile_score[sample],
                                                 held_benign[sample], args.target_fpr)

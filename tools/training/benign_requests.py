@@ -5,9 +5,10 @@ harmless objects (written for this project; no source text).
 Why a generator: the attack corpus wraps harmful requests in jailbreaks, encodings and suffixes,
 and those requests open with a few frames ("Write a tutorial on how to", "Develop a program
 that", "Create a guide for"). Without the same frames on the benign side, a model learns the
-frame instead of the wrapper: an n-gram model trained without these flagged "Write a short poem
-about the ocean." and "can you write a stack in Python?". The attack is the wrapper; these texts
-teach that a plain request in any of those shapes is not one.
+frame instead of the wrapper: an n-gram model trained without these flagged short everyday
+requests ("Write a poem about ...", "can you write a ... in Python?"). The attack is the wrapper;
+these texts teach that a plain request in any of those shapes is not one. (The objects were
+written here, not taken from the development or evaluation chat sets.)
 
 Never generated here: a harmful goal, or any instruction about other instructions.
 """
@@ -46,18 +47,18 @@ TASKS = ["bake sourdough bread", "change a bicycle tyre", "set up a home Wi-Fi n
          "teach a child to ride a bike", "reduce food waste at home", "speed up a slow laptop",
          "make a compost bin", "prepare a presentation", "read a nutrition label",
          "recover a forgotten password for my own e-mail account", "set up a fish tank"]
-TOPICS = ["the ocean", "autumn leaves", "a lighthouse keeper", "friendship", "a rainy day in Paris",
-          "a magical forest", "the first day of school", "a cat who loves jazz", "the moon landing",
+TOPICS = ["a coral reef", "autumn leaves", "a lighthouse keeper", "old neighbours", "a rainy day in Paris",
+          "an enchanted garden", "the first day of school", "a cat who loves jazz", "the moon landing",
           "a small town bakery", "mountains at dawn", "a robot learning to paint", "grandparents",
           "the history of tea", "honeybees", "a lost umbrella", "space travel", "a summer festival"]
 WRITINGS = ["poem", "short story", "haiku", "description", "limerick", "song", "speech",
             "fairy tale", "dialogue", "product description", "toast", "letter"]
-CODE_THINGS = ["stack", "queue", "priority queue", "linked list", "binary search", "callback",
-               "filter", "decorator", "sorting algorithm", "hash map", "REST client", "regex for dates",
-               "Lambda", "context manager", "retry loop", "tree traversal", "web scraper for my own site",
-               "rate limiter", "LRU cache", "matrix multiplication"]
+CODE_THINGS = ["queue", "heap", "trie", "linked list", "binary search", "event emitter",
+               "state machine", "decorator", "merge sort", "hash map", "REST client", "regex for dates",
+               "dependency graph", "context manager", "retry loop", "tree traversal",
+               "web scraper for my own site", "rate limiter", "LRU cache", "matrix multiplication"]
 LANGUAGES = ["Python", "JavaScript", "Go", "Rust", "Java", "C", "TypeScript", "Bash", "SQL", "Kotlin",
-             "AWS", "C#", "Ruby"]
+             "C#", "Ruby", "Haskell"]
 AUDIENCES = ["beginners", "a ten-year-old", "my team", "a busy parent", "new employees", "retirees",
              "high-school students", "a non-technical manager"]
 

@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Rebuild the bundled prompt-guard classifier and the llm-prompt profile's threshold, end to end.
+"""Rebuild the bundled prompt-guard classifier, the bundled n-gram model and the llm-prompt
+profile's threshold, end to end.
 
     pip install '.[export]'
     python3 tools/training/build_prompt_guard.py [--work /tmp/prompt-guard] [--skip-corpus]
@@ -11,7 +12,9 @@ Steps (each one a command you can also run alone; all seeded, CPU only):
 2. train: ``tools/training/train_prompt_guard.py`` (all-MiniLM-L6-v2 cut to 3 layers, fine-tuned,
    max_length 128, 1 epoch; 15 % of the benign texts kept out for calibration)
 3. export: ``bastion models export classifier`` -> bastion/models/prompt-guard/
-4. calibrate: ``bastion calibrate`` on the profile (pipeline mode, split budget: 1 % pooled and
+4. n-gram model: ``tools/training/train_prompt_ngram.py`` (same corpus and split, a minute)
+   -> bastion/models/prompt-ngram/ngram.npz (``detect.ngram``'s default; not in the profile)
+5. calibrate: ``bastion calibrate`` on the profile (pipeline mode, split budget: 1 % pooled and
    at most 2 % on every calibration source,
    with the kept-out benign texts) -> bastion/profiles/thresholds/
 """
@@ -50,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         "--threads", str(args.threads))
     run(python, "-m", "bastion", "models", "export", "classifier", "--from", str(checkpoint),
         "--out", str(MODEL_DIR), "--max-length", "128", "--model-name", "prompt-guard")
+    run(python, "tools/training/train_prompt_ngram.py", "--corpus", str(corpus))
     run(python, "-m", "bastion", "calibrate", "-c", str(PROFILE), "--model", "text-classifier",
         "--data", str(checkpoint / "calibration.jsonl"), "--target-fpr", "0.01",
         "--source-tolerance", "2",
