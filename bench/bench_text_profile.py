@@ -10,7 +10,8 @@ OfflinePipeline: decode the ModelInferRequest, every stage, the policy), one req
 with onnxruntime on one intra-op thread, and count this process's CPU time (time.process_time):
 
 * ``pass-through``: the same model with an empty pipeline (decode + policy only): the baseline;
-* ``llm-prompt profile``: deploy/profiles/llm-prompt.yaml (the bundled classifier + rules).
+* ``llm-prompt profile``: deploy/profiles/llm-prompt.yaml (the bundled classifier + rules);
+* ``detect.ngram alone``: the bundled n-gram model as the only stage (what it would add).
 
 jailguard (``tools/peers``) scores the same prompts in a fresh process of its own venv, measured
 the same way: as shipped (its onnxruntime takes one thread per core, all counted) and with its
@@ -99,8 +100,11 @@ def main(argv: list[str] | None = None) -> int:
             options["threads"] = 1
     empty = {"models": {MODEL: {**model, "pipeline": []}}}
 
+    ngram = {"models": {MODEL: {**model, "pipeline": [{"detect.ngram": {"threshold": 0.5}}]}}}
+
     rows = [("pass-through (decode + policy)", pipeline_cpu_ms(empty, texts, warmup)),
-            (f"llm-prompt profile ({args.variant})", pipeline_cpu_ms(profile, texts, warmup))]
+            (f"llm-prompt profile ({args.variant})", pipeline_cpu_ms(profile, texts, warmup)),
+            ("detect.ngram alone (not in the profile)", pipeline_cpu_ms(ngram, texts, warmup))]
     if args.peers_python and pathlib.Path(args.peers_python).exists():
         sys.path.insert(0, str(REPO / "tools" / "peers"))
         os.environ.setdefault("BASTION_PEERS_PYTHON", args.peers_python)

@@ -1,11 +1,12 @@
 """``detect.ngram``: a linear model over character and word n-grams scores each prompt.
 
 The model (:class:`~bastion.detectors.ngram_model.NgramClassifier`) is trained by
-``tools/training/train_prompt_ngram.py`` on the same corpus as the bundled classifier; the one
-the package ships is ``bastion/models/prompt-ngram/ngram.npz``. It reads the text as the client
-sent it (obfuscation is evidence), needs no encoder pass and costs well under a millisecond per
-prompt, so it sits beside ``detect.classifier`` in the llm-prompt profile: the two err on
-different texts.
+``tools/training/train_prompt_ngram.py``; the one the package ships is
+``bastion/models/prompt-ngram/ngram.npz``. It reads the text as the client sent it (obfuscation
+is evidence) and needs no encoder pass (about 2 ms of CPU per prompt in bench/bench_text_profile.py,
+a quarter of the llm-prompt profile's). It is not in that profile: held out by source, its
+thresholds do not transfer to benign registers it never saw (docs/quality-prompt-guard.md);
+it is for traffic whose benign kinds it was trained on (docs/tuning.md).
 
 Score: the attack probability of the text's most suspicious window, in [0, 1]. Reason:
 ``ngram:attack`` (the model is binary; it never quotes the text).

@@ -1,10 +1,10 @@
 """A linear model over hashed character and word n-grams, fitted like a scikit-learn estimator.
 
 Why it is in the text defense: held out by source (docs/quality-prompt-guard.md), a logistic
-regression on TF-IDF of character 3-6-grams and word 1-3-grams ranks unseen attack kits as well
-as the fine-tuned encoder or better (AUROC 0.95-0.99 per family), costs well under a
-millisecond per prompt, and errs on different texts than the encoder, so the two together
-catch more at the same false-positive budget than either alone.
+regression on TF-IDF of character 3-6-grams and word 1-3-grams ranks unseen attack kits about
+as well as the fine-tuned encoder (AUROC 0.95-0.98 per family) for a quarter of its CPU, and
+refits in a minute, so a team can train it on its own traffic. Its weakness, measured there:
+benign registers it never saw look like attacks to surface features.
 
 The features are stateless (``HashingVectorizer``: no vocabulary to ship); the fitted state is
 the inverse document frequencies, the coefficients and the intercept, saved as one ``.npz``
