@@ -17,6 +17,12 @@ Protocol (what it predicts: traffic from sources the model and its thresholds ne
   negatives. So every number below is measured on groups left out of training AND calibration.
 - The profile rows add the profile's fixed rules (``invisible`` characters and
   ``detect.signatures``), run by the real stages, flagged if any stage flags.
+- ``detect.ngram`` (the n-gram model, train_prompt_ngram's recipe, fitted per fold on every
+  training row) is scored alone and added to the profile under one split budget: measured,
+  not shipped (see the doc's reading).
+- Scores are cached by text digest (fold classifiers, peers) or by training set (n-gram), so a
+  rerun after the corpus grows scores only what is new; ``--folds-file`` keeps an earlier run's
+  fold assignment so its fold models stay held out.
 - Peers (jailguard, securevector-guardian-model) score the same held-out texts; they were never
   trained on any of this corpus, so their numbers are held-out by construction. Their thresholds:
   their own defaults (jailguard 0.5, securevector 0.807) and the one that gives 1 % FPR on the pooled held-out benign texts.
@@ -207,21 +213,31 @@ def stratified_sample(records: list[dict], per_cell: int, seed: int = 7) -> np.n
 # -- peers ------------------------------------------------------------------------------------
 
 def peer_scores(texts: list[str], python: str, work: pathlib.Path) -> dict[str, np.ndarray]:
-    cache = work / "peers.jsonl"
-    digest = hashlib.sha1("\n".join(texts).encode()).hexdigest()
-    stamp = work / "peers.sha1"
-    if not (cache.exists() and stamp.exists() and stamp.read_text() == digest):
-        source = work / "peer-input.jsonl"
+    """The peers' scores of ``texts`` (tools/peers/score_peers.py in their own venv), cached by
+    text digest in WORK/peers-cache.jsonl: a grown sample scores only its new texts."""
+    cache = work / "peers-cache.jsonl"
+    known: dict[str, dict] = {}
+    if cache.exists():
+        for line in open(cache):
+            row = json.loads(line)
+            known[row["digest"]] = row
+    missing = sorted({text_digest(t): t for t in texts if text_digest(t) not in known}.items())
+    if missing:
+        source, scored = work / "peer-input.jsonl", work / "peers.jsonl"
         with open(source, "w") as handle:
-            for text in texts:
+            for _, text in missing:
                 handle.write(json.dumps({"text": text}) + "\n")
         script = pathlib.Path(__file__).resolve().parent / "peers" / "score_peers.py"
-        subprocess.run([python, str(script), "--data", str(source), "--out", str(cache)],
+        subprocess.run([python, str(script), "--data", str(source), "--out", str(scored)],
                        check=True)
-        stamp.write_text(digest)
-    rows = [json.loads(line) for line in open(cache)]
+        with open(cache, "a") as handle:
+            for (digest, _), line in zip(missing, open(scored)):
+                row = dict(json.loads(line), digest=digest)
+                known[digest] = row
+                handle.write(json.dumps(row) + "\n")
     names = sorted(PEER_THRESHOLDS)
-    return {name: np.array([float(row.get(name, np.nan)) for row in rows]) for name in names}
+    return {name: np.array([float(known[text_digest(t)].get(name, np.nan)) for t in texts])
+            for name in names}
 
 
 # -- report -----------------------------------------------------------------------------------
