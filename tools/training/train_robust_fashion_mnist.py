@@ -38,7 +38,7 @@ def pgd_batch(model, x, y, eps: float, steps: int, generator):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--eps", type=float, default=0.1)
     ap.add_argument("--steps", type=int, default=7)
     ap.add_argument("--batch-size", type=int, default=128)
