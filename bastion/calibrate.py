@@ -13,7 +13,7 @@ uncalibrated); `bastion serve` refuses it until they are written.
 Records are JSON lines with a text field (default `text`); rows with a `label` other than
 `benign` are ignored, so a labelled dev file can be passed as is. The configured pipeline runs
 as in the sidecar (sanitizers before the detector), so the threshold matches what production
-scores. Detectors that learn (``needs_fit``) are fitted on one part of the data and the
+scores. Stages that learn (a :class:`~bastion.core.learner.Learner`) are fitted on one part of the data and the
 threshold is set on the other, and their state is saved where the stage's `state` option says.
 The result is a JSON file that the stage's `threshold_file` option reads.
 
@@ -36,6 +36,7 @@ import sys
 import numpy as np
 
 from bastion.calibrate_pipeline import calibrate_pipeline
+from bastion.core.learner import FeatureReference, is_learner
 from bastion.calibration_steps import (
     default_threshold_file,
     fit_learner,
@@ -117,7 +118,7 @@ def calibrate(args: argparse.Namespace) -> int:
         return 2
     fit_note = "none (the detector does not learn)"
     held_out = texts
-    if getattr(runner.config.impl, "needs_fit", False):
+    if is_learner(runner.config.impl):
         rng = random.Random(args.seed)
         shuffled = texts[:]
         rng.shuffle(shuffled)
@@ -208,7 +209,7 @@ def upstream_outputs(config, model: str, arrays: dict[str, np.ndarray], outputs:
 def calibrate_response_stage(args, config, runner) -> int:
     """Fit a feature stage on the upstream's answers to benign inputs; threshold on held-out."""
     stage = runner.config.impl
-    if not hasattr(stage, "fit_features"):
+    if not is_learner(stage):
         print(f"bastion calibrate: stage {args.stage!r} ({runner.config.kind_name}) learns "
               "nothing from benign data; set its threshold in the config", file=sys.stderr)
         return 2
@@ -235,8 +236,8 @@ def calibrate_response_stage(args, config, runner) -> int:
     cut = int(total * args.fit_fraction)
     fit_rows, held_rows = order[:cut], order[cut:]
     source = f"upstream:{args.model}:{wanted[0]}"
-    stage.fit_features(features[fit_rows], classes[fit_rows] if classes is not None else None,
-                       source)
+    stage.fit(FeatureReference(features[fit_rows],
+                               classes[fit_rows] if classes is not None else None, source))
     saved = stage.save()
     fit_note = (f"fitted on {len(fit_rows)} inputs' `{wanted[0]}` from {target}"
                 + (" (classes: " + ("labels" if labels is not None else "predicted") + ")"

@@ -3,7 +3,7 @@
 Every request stage that acts (it has an ``action`` or a ``threshold_file``) and whose threshold
 is not a number in the config gets a threshold; stages with a fixed ``threshold`` keep it, and
 what they flag, like the texts a stage refuses (``limit.text``), counts against the budget.
-Learners (``needs_fit``) are fitted first on ``--fit-fraction`` of the texts; the thresholds are
+Learners (:class:`~bastion.core.learner.Learner` stages) are fitted first on ``--fit-fraction`` of the texts; the thresholds are
 set on the rest, each text run once through the whole pipeline as the sidecar runs it. How the
 budget is shared: :mod:`bastion.calibration_budget`. Shadow stages and monitor-mode models are
 calibrated as if they acted, so the budget still holds once they are enforced.
@@ -26,6 +26,7 @@ from bastion.calibration_steps import (
     threshold_record,
 )
 from bastion.calibration_budget import flag_rates, pool_sources, split_budget
+from bastion.core.learner import is_learner
 
 WARN_FACTOR = 2.0  # a source over this multiple of the target gets a WARNING line
 
@@ -59,7 +60,7 @@ def calibrate_pipeline(args, pipeline, input_name: str) -> int:
 
     order = list(range(len(texts)))
     learners = [i for i, r in enumerate(pipeline.runners)
-                if getattr(r.config.impl, "needs_fit", False)]
+                if is_learner(r.config.impl)]
     fit_note = "none (no stage learns)"
     if learners:
         random.Random(args.seed).shuffle(order)

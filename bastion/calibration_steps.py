@@ -89,7 +89,7 @@ def fit_learner(pipeline, index: int, input_name: str, texts: list[str]) -> str:
     seen = [text for text, why in zip(seen, refused) if why is None]
     detector = runner.config.impl
     detector.fit(seen)
-    saved = detector.save() if hasattr(detector, "save") else None
+    saved = detector.save()
     note = f"fitted on {len(seen)} texts" + (f", state saved to {saved}" if saved else "")
     print(f"bastion calibrate: {runner.config.stage_id} {note}", file=sys.stderr)
     return note

@@ -6,7 +6,7 @@ the encoder stages); a text scores as its most anomalous window.
 
 ``detect.embedding`` {encoder, method: mahalanobis|knn|iforest, k, state}: anomaly score of
 the prompt's embedding against a benign reference (see :mod:`bastion.detectors.anomaly`).
-``bastion calibrate`` fits it (``needs_fit``) and ``save()`` writes ``state``; the state
+``bastion calibrate`` fits it (a :class:`~bastion.core.learner.Learner`) and ``save()`` writes ``state``; the state
 records the encoder's identity (name, variant, sha256 of the model file) and is refused by an
 encoder it was not fitted with.
 """
@@ -21,6 +21,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field
 
+from bastion.core.learner import Learner
 from bastion.core.registry import register
 from bastion.detectors.anomaly import load_state, save_state
 from bastion.detectors.anomaly_models import AnomalyModel, make_model
@@ -41,11 +42,11 @@ class EmbeddingOptions(EncoderStageOptions):
     seed: int = 0
 
 
-class EmbeddingAnomalyDetector(TextDetector):
-    """Anomaly score of a text's embedding (its most anomalous window) against benign texts."""
+class EmbeddingAnomalyDetector(TextDetector, Learner):
+    """Anomaly score of a text's embedding (its most anomalous window) against benign texts;
+    a Learner: ``bastion calibrate`` fits it on benign texts."""
 
     is_async = True
-    needs_fit = True
 
     def __init__(self, encoder: Encoder, model: AnomalyModel, state: str | os.PathLike | None):
         self.encoder = encoder

@@ -39,6 +39,7 @@ import numpy as np
 
 from pydantic import Field
 
+from bastion.core.learner import FeatureReference, Learner
 from bastion.core.registry import StageOptions, register
 from bastion.detectors.anomaly import FeatureAnomalyDetector, load_state, save_state
 from bastion.detectors.anomaly_models import Method, make_model
@@ -119,10 +120,10 @@ def take_outputs(response, wanted: set[str], state: AddedOutputs) -> dict[str, n
     return arrays
 
 
-class UpstreamFeatureStage(ResponseStage):
+class UpstreamFeatureStage(ResponseStage, Learner):
+    """``bastion calibrate`` fits it (a Learner) on the upstream's answers to benign inputs."""
+
     accepts = NUMERIC_DATATYPES
-    #: ``bastion calibrate`` fits it on the upstream's answers to benign inputs.
-    needs_fit = True
 
     def __init__(self, options: UpstreamFeatureOptions):
         self.options = options
@@ -158,9 +159,10 @@ class UpstreamFeatureStage(ResponseStage):
         return [self.options.output] + ([logits] if logits else [])
 
     # --- fitting (bastion calibrate) -----------------------------------------------------
-    def fit_features(self, features: np.ndarray, classes: np.ndarray | None, source: str):
+    def fit(self, reference: FeatureReference) -> "UpstreamFeatureStage":
         """Fit a fresh model on benign rows (classes: per row, for a class-conditional
         Mahalanobis) and use it; ``source`` is recorded in the state."""
+        features, classes, source = reference.features, reference.classes, reference.source
         if not fnmatch.fnmatchcase(source, self.source_pattern):
             raise ValueError(f"features from {source!r} do not match the stage's source "
                              f"{self.source_pattern!r}")

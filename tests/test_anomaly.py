@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from bastion.calibrate import threshold_at_fpr
+from bastion.core.learner import is_learner
 from bastion.detectors import anomaly as A
 from bastion.detectors import anomaly_models as M
 from bastion.detectors.anomaly_state import StateError
@@ -419,7 +420,7 @@ def test_embedding_stage_with_calibrate(tmp_path, tiny_encoder, method):
     assert result["scored"] == len(BENIGN) - int(len(BENIGN) * 0.5)
     pipeline = build_pipeline("chat", load_config(str(config)).models["chat"])
     detector = pipeline.runners[0].config.impl
-    assert detector.model.fitted and detector.is_async and detector.needs_fit
+    assert detector.model.fitted and detector.is_async and is_learner(detector)
     scores = asyncio.run(detector.ascore(ATTACKS + BENIGN[:5]))
     assert np.array_equal(scores, detector.score(ATTACKS + BENIGN[:5]))
     if method == "iforest":  # 63 texts in 16-d are too few for isolation trees to separate
