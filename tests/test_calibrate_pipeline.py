@@ -47,9 +47,20 @@ class LearnerDetector(FieldDetector, Learner):
         return None  # nothing to write: the test reads LearnerDetector.fitted
 
 
+class LooksLikeALearner(FieldDetector):
+    """Has fit() and the old ``needs_fit`` flag but is no Learner: calibrate must not fit it."""
+    needs_fit = True
+    fitted: list[list[str]] = []
+
+    def fit(self, reference):
+        LooksLikeALearner.fitted.append(list(reference))
+        return self
+
+
 if "test.field" not in REGISTRY:
     register("test.field", "detector", FieldOptions, lambda o: FieldDetector(o.field))
     register("test.learner", "detector", FieldOptions, lambda o: LearnerDetector(o.field))
+    register("test.lookalike", "detector", FieldOptions, lambda o: LooksLikeALearner(o.field))
 
 TARGET = 0.02
 SIZES = {"chat": 500, "docs": 500, "short": 200, "rare": 10}
@@ -240,6 +251,20 @@ def test_learners_are_fitted_on_sanitized_fit_texts_then_thresholded_on_the_rest
     assert len(fitted) == 40 and not any("\u200b" in t for t in fitted)
     record = json.loads((tmp_path / "thresholds/chat.learn.json").read_text())
     assert record["scored"] == 60 and "fitted on 40 texts" in record["fit"]
+
+
+def test_calibrate_fits_stages_by_type_not_by_attributes(tmp_path):
+    rows = [{"text": f"a={i / 100:.2f} {i}", "source": "s"} for i in range(100)]
+    data = tmp_path / "benign.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    config = tmp_path / "c.yaml"
+    config.write_text("models:\n  chat:\n    inputs: {prompt: {kind: text}}\n    pipeline:\n"
+                      "      - test.lookalike: {id: look, field: a, action: block}\n")
+    LooksLikeALearner.fitted.clear()
+    assert calibrate(config, data) == 0
+    assert LooksLikeALearner.fitted == []  # not a Learner: every text scores, none fits
+    record = json.loads((tmp_path / "thresholds/chat.look.json").read_text())
+    assert record["scored"] == 100 and record["fit"].startswith("none")
 
 
 def test_a_config_with_nothing_to_calibrate_says_so(tmp_path, capsys):
