@@ -13,6 +13,7 @@ generator is a grpc.aio client sending pre-serialized ModelInferRequest bytes (n
 protobuf work); its own CPU per request is reported too, since it shares the cores.
 
     python bench/passthrough.py [--duration 3] [--rounds 3] [--quick] [--json OUT]
+        [--baseline-python OLD_VENV/bin/python]   # adds bastion_baseline: an older commit's sidecar
 """
 from __future__ import annotations
 
@@ -48,7 +49,7 @@ CHANNEL_OPTIONS = [("grpc.max_receive_message_length", MAX_MESSAGE),
                    ("grpc.max_send_message_length", MAX_MESSAGE),
                    ("grpc.enable_retries", 0)]
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-ALL_TARGETS = ("direct", "bastion", "bare_proxy", "nginx")
+ALL_TARGETS = ("direct", "bastion", "bare_proxy", "nginx", "bastion_baseline")
 
 
 # ---- fixtures ---------------------------------------------------------------------------------
@@ -361,6 +362,15 @@ def ratios(rows: list[dict]) -> list[dict]:
             entry["cpu_per_req_vs_bare_rounds"] = [
                 a / b for a, b in zip(row.get("proxy_cpu_us_per_req_rounds") or [],
                                       bare.get("proxy_cpu_us_per_req_rounds") or []) if a and b]
+        baseline = index.get(("bastion_baseline", payload, in_flight))
+        if (target == "bastion" and baseline and baseline["proxy_cpu_us_per_req"]
+                and row["proxy_cpu_us_per_req"] is not None):
+            entry["cpu_per_req_vs_baseline"] = (row["proxy_cpu_us_per_req"]
+                                                / baseline["proxy_cpu_us_per_req"])
+            entry["cpu_per_req_vs_baseline_rounds"] = [
+                a / b for a, b in zip(row.get("proxy_cpu_us_per_req_rounds") or [],
+                                      baseline.get("proxy_cpu_us_per_req_rounds") or [])
+                if a and b]
         if direct and direct["throughput_rps"]:
             entry["throughput_vs_direct"] = row["throughput_rps"] / direct["throughput_rps"]
             entry["throughput_vs_direct_rounds"] = [
@@ -413,6 +423,15 @@ def markdown(result: dict) -> str:
         lines.append(f"| {e['target']} | {size(e['payload_bytes'])} | {e['in_flight']} "
                      f"| {cpu_s} | {spread(e.get('cpu_per_req_vs_bare_rounds'))} "
                      f"| {tput_s} | {spread(e.get('throughput_vs_direct_rounds'))} |")
+    versus = [e for e in result["ratios"] if "cpu_per_req_vs_baseline" in e]
+    if versus:
+        lines += ["", "| payload | in flight | bastion proxy CPU/req vs bastion_baseline "
+                  "(this commit / the older one; target ≤ 1.0×) | per-round range |",
+                  "|---|---:|---:|---:|"]
+        for e in sorted(versus, key=lambda e: (e["payload_bytes"], e["in_flight"])):
+            lines.append(f"| {size(e['payload_bytes'])} | {e['in_flight']} "
+                         f"| {e['cpu_per_req_vs_baseline']:.2f}× "
+                         f"| {spread(e.get('cpu_per_req_vs_baseline_rounds'))} |")
     return "\n".join(lines)
 
 
@@ -436,7 +455,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--payloads", default="1024,262144", help="bytes of FP32 data, comma list")
     parser.add_argument("--in-flight", default="1,16", help="concurrent requests, comma list")
-    parser.add_argument("--targets", default=",".join(ALL_TARGETS))
+    parser.add_argument("--targets", default=",".join(ALL_TARGETS[:4]))
+    parser.add_argument("--baseline-python", metavar="PY",
+                        help="target bastion_baseline: the sidecar run by this interpreter (an "
+                             "environment with another commit installed, e.g. `pip install -e "
+                             "OLD_WORKTREE` in its own venv): old vs new in the same run")
     parser.add_argument("--quick", action="store_true", help="smoke run: 1 round of 0.5 s windows")
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--report", metavar="JSON",
@@ -455,6 +478,10 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(targets) - set(ALL_TARGETS)
     if unknown:
         parser.error(f"unknown targets {sorted(unknown)}; known: {', '.join(ALL_TARGETS)}")
+    if "bastion_baseline" in targets and not args.baseline_python:
+        parser.error("target bastion_baseline needs --baseline-python")
+    if args.baseline_python and "bastion_baseline" not in targets:
+        targets.append("bastion_baseline")
     if "nginx" in targets and not os.path.exists(NGINX):
         print(f"note: {NGINX} is absent; skipping the nginx target", flush=True)
         targets.remove("nginx")
@@ -474,6 +501,11 @@ def main(argv: list[str] | None = None) -> int:
             procs.append(sidecar)
             addresses["bastion"] = sidecar.address
             pid_of["bastion"] = lambda pid=sidecar.proc.pid: [pid]
+        if "bastion_baseline" in targets:
+            baseline = Sidecar(upstream.address, python=args.baseline_python)
+            procs.append(baseline)
+            addresses["bastion_baseline"] = baseline.address
+            pid_of["bastion_baseline"] = lambda pid=baseline.proc.pid: [pid]
         if "bare_proxy" in targets:
             bare = BareProxy(upstream.address)
             procs.append(bare)
