@@ -502,7 +502,7 @@ def main(argv: list[str] | None = None) -> int:
             addresses["bastion"] = sidecar.address
             pid_of["bastion"] = lambda pid=sidecar.proc.pid: [pid]
         if "bastion_baseline" in targets:
-            baseline = Sidecar(upstream.address, python=args.baseline_python)
+            baseline = Sidecar(upstream.address, python=args.baseline_python, cwd=str(tmp))
             procs.append(baseline)
             addresses["bastion_baseline"] = baseline.address
             pid_of["bastion_baseline"] = lambda pid=baseline.proc.pid: [pid]

@@ -104,10 +104,12 @@ class Proc:
         return self.popen.returncode
 
 
-def bastion(*args: str, env: dict | None = None, python: str | None = None) -> Proc:
+def bastion(*args: str, env: dict | None = None, python: str | None = None,
+            cwd: str | None = None) -> Proc:
     """``python -m bastion ARGS`` (python: this interpreter, or another environment's, e.g.
-    a build of an older commit for an old-vs-new benchmark)."""
-    return Proc([python or sys.executable, "-m", "bastion", *args], env=env)
+    a build of an older commit for an old-vs-new benchmark; run that one with a ``cwd``
+    outside this checkout, or ``-m`` finds this checkout's ``bastion/`` first)."""
+    return Proc([python or sys.executable, "-m", "bastion", *args], env=env, cwd=cwd)
 
 
 class Upstream:
@@ -140,7 +142,7 @@ class Upstream:
 class Sidecar:
     def __init__(self, upstream: str, config: str | None = None, wait_ready: bool = True,
                  extra_args: tuple[str, ...] = (), env: dict | None = None,
-                 python: str | None = None):
+                 python: str | None = None, cwd: str | None = None):
         self.port = free_port()
         self.admin_port = free_port()
         self.address = f"127.0.0.1:{self.port}"
@@ -152,7 +154,7 @@ class Sidecar:
             path = pathlib.Path(self._config_dir.name) / "bastion.yaml"
             path.write_text(config)
             args += ["-c", str(path)]
-        self.proc = bastion(*args, *extra_args, env=env, python=python)
+        self.proc = bastion(*args, *extra_args, env=env, python=python, cwd=cwd)
         try:
             self.proc.wait_for(r"bastion: serving grpc=", timeout=30)
             if wait_ready:
