@@ -237,14 +237,22 @@ def test_pooled_budget_warns_about_the_source_that_overspends(tmp_path, capsys):
     assert json.loads((tmp_path / "thresholds/chat.a.json").read_text())["budget"] == "pooled"
 
 
-def test_learners_are_fitted_on_sanitized_fit_texts_then_thresholded_on_the_rest(tmp_path):
-    rows = [{"text": f"a={i / 100:.2f} zero\u200bwidth {i}", "source": "s"} for i in range(100)]
+def one_source_config(tmp_path, text: str, *stages: str):
+    """100 benign texts of one source (``text`` formatted with a=i/100 and i) and a chat model
+    whose pipeline is ``stages`` (YAML flow entries); returns (config, data)."""
+    rows = [{"text": text.format(a=i / 100, i=i), "source": "s"} for i in range(100)]
     data = tmp_path / "benign.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in rows))
     config = tmp_path / "c.yaml"
     config.write_text("models:\n  chat:\n    inputs: {prompt: {kind: text}}\n    pipeline:\n"
-                      "      - sanitize.unicode: {}\n"
-                      "      - test.learner: {id: learn, field: a, action: block}\n")
+                      + "".join(f"      - {stage}\n" for stage in stages))
+    return config, data
+
+
+def test_learners_are_fitted_on_sanitized_fit_texts_then_thresholded_on_the_rest(tmp_path):
+    config, data = one_source_config(tmp_path, "a={a:.2f} zero\u200bwidth {i}",
+                                     "sanitize.unicode: {}",
+                                     "test.learner: {id: learn, field: a, action: block}")
     LearnerDetector.fitted.clear()
     assert calibrate(config, data, "--fit-fraction", "0.4") == 0
     (fitted,) = LearnerDetector.fitted
@@ -254,12 +262,8 @@ def test_learners_are_fitted_on_sanitized_fit_texts_then_thresholded_on_the_rest
 
 
 def test_calibrate_fits_stages_by_type_not_by_attributes(tmp_path):
-    rows = [{"text": f"a={i / 100:.2f} {i}", "source": "s"} for i in range(100)]
-    data = tmp_path / "benign.jsonl"
-    data.write_text("\n".join(json.dumps(r) for r in rows))
-    config = tmp_path / "c.yaml"
-    config.write_text("models:\n  chat:\n    inputs: {prompt: {kind: text}}\n    pipeline:\n"
-                      "      - test.lookalike: {id: look, field: a, action: block}\n")
+    config, data = one_source_config(tmp_path, "a={a:.2f} {i}",
+                                     "test.lookalike: {id: look, field: a, action: block}")
     LooksLikeALearner.fitted.clear()
     assert calibrate(config, data) == 0
     assert LooksLikeALearner.fitted == []  # not a Learner: every text scores, none fits
