@@ -16,7 +16,7 @@ import pathlib
 
 import numpy as np
 
-from bastion.detectors.digests import array_digest, manifest_checksum
+from bastion.detectors.digests import array_digest, check_manifest, manifest_checksum
 
 __all__ = ["StateError", "write_state_file", "read_state_file", "read_header"]
 
@@ -64,13 +64,8 @@ def read_state_file(path: str | os.PathLike, fmt: str, version: int,
             header = json.loads(data[_HEADER_KEY].tobytes().decode())
         except (UnicodeDecodeError, json.JSONDecodeError):
             raise StateError(f"{path}: unreadable header") from None
-        if header.get("format") != fmt:
-            raise StateError(f"{path}: format {header.get('format')!r}, expected {fmt!r}")
-        if header.get("version") != version:
-            raise StateError(f"{path}: state format version {header.get('version')!r}; this "
-                             f"Bastion reads version {version}: refit it (bastion calibrate)")
-        if header.get("checksum") != manifest_checksum(header):
-            raise StateError(f"{path}: header checksum mismatch (the file was modified)")
+        check_manifest(header, path, fmt, version, StateError, f"{what} state",
+                       refit=": refit it (bastion calibrate)")
         expected = header.get("arrays", {})
         present = {name for name in data.files if name != _HEADER_KEY}
         if present != set(expected):

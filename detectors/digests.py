@@ -29,3 +29,18 @@ def manifest_checksum(manifest: Mapping) -> str:
     body = {k: v for k, v in manifest.items() if k != "checksum"}
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
                           ).hexdigest()
+
+
+def check_manifest(manifest: Mapping, where: object, fmt: str, version: int,
+                   error: type[Exception], what: str, refit: str = "") -> None:
+    """Raise ``error`` (naming ``where`` and ``what``) unless ``manifest`` has format ``fmt``,
+    version ``version`` and a matching checksum; ``refit`` is appended to the version error
+    (how to make a current one)."""
+    if manifest.get("format") != fmt:
+        raise error(f"{where}: not a bastion {what} (format {manifest.get('format')!r}, "
+                    f"expected {fmt!r})")
+    if manifest.get("version") != version:
+        raise error(f"{where}: {what} version {manifest.get('version')!r}; this Bastion reads "
+                    f"version {version}{refit}")
+    if manifest.get("checksum") != manifest_checksum(manifest):
+        raise error(f"{where}: {what} header checksum mismatch (the file was modified)")

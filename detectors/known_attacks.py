@@ -60,7 +60,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from bastion.detectors.digests import array_digest, manifest_checksum
+from bastion.detectors.digests import array_digest, check_manifest, manifest_checksum
 from bastion.detectors.encoder import Encoder
 
 __all__ = ["LIBRARY_FORMAT", "LIBRARY_VERSION", "PROBE_TEXTS", "MODES", "LINEAR_C",
@@ -317,13 +317,10 @@ class AttackLibrary:
             raise LibraryError(f"{json_path}: no such library file") from None
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
             raise LibraryError(f"{json_path}: unreadable ({err})") from None
-        if not isinstance(manifest, dict) or manifest.get("format") != LIBRARY_FORMAT:
+        if not isinstance(manifest, dict):
             raise LibraryError(f"{json_path}: not a bastion attack library")
-        if manifest.get("version") != LIBRARY_VERSION:
-            raise LibraryError(f"{json_path}: library version {manifest.get('version')!r}; "
-                               f"this Bastion reads version {LIBRARY_VERSION}")
-        if manifest.get("checksum") != manifest_checksum(manifest):
-            raise LibraryError(f"{json_path}: checksum mismatch (the file was modified)")
+        check_manifest(manifest, json_path, LIBRARY_FORMAT, LIBRARY_VERSION, LibraryError,
+                       "attack library")
         try:
             with np.load(npz_path, allow_pickle=False) as data:
                 q, scales = data["embeddings"], data["scales"]
