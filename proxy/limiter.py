@@ -44,6 +44,20 @@ NORMAL, THROTTLED, BLOCKED = 0, 1, 2
 REASONS = ("ok", "rate_limit", "model_rate_limit", "tier_blocked", "backend_unavailable")
 
 
+def _lru_entry(table, key, make, cap: int):
+    """``table[key]`` (an OrderedDict), made by ``make()`` when missing and marked most recently
+    used; beyond ``cap`` entries the least recently used one is dropped (client ids come from
+    clients, so the table is bounded)."""
+    entry = table.get(key)
+    if entry is None:
+        entry = table[key] = make()
+        if len(table) > cap:
+            table.popitem(last=False)
+    else:
+        table.move_to_end(key)
+    return entry
+
+
 # ---- results ---------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class TierChange:
@@ -136,14 +150,7 @@ class MemoryBackend:
         self._decay = math.log(2) / s.half_life_s
 
     def _client(self, identity: str, now: float) -> _Client:
-        client = self.clients.get(identity)
-        if client is None:
-            client = self.clients[identity] = _Client(now)
-            if len(self.clients) > self.config.max_clients:
-                self.clients.popitem(last=False)
-        else:
-            self.clients.move_to_end(identity)
-        return client
+        return _lru_entry(self.clients, identity, lambda: _Client(now), self.config.max_clients)
 
     def _score(self, client: _Client, now: float) -> float:
         elapsed = now - client.score_ts
@@ -206,15 +213,8 @@ class MemoryBackend:
         return Admission(True, name, 0, "ok", change, backend)
 
     def _bucket(self, identity: str, model: str, now: float) -> _Bucket:
-        key = (identity, model)
-        bucket = self.buckets.get(key)
-        if bucket is None:
-            bucket = self.buckets[key] = _Bucket(now)
-            if len(self.buckets) > self.config.max_clients:
-                self.buckets.popitem(last=False)
-        else:
-            self.buckets.move_to_end(key)
-        return bucket
+        return _lru_entry(self.buckets, (identity, model), lambda: _Bucket(now),
+                          self.config.max_clients)
 
     def _ms(self, seconds: float) -> int:
         return max(self.config.min_retry_after_ms, math.ceil(seconds * 1000))

@@ -102,37 +102,27 @@ class ImageOptions(StageOptions):
         return value
 
 
-class BitDepthOptions(ImageOptions):
-    bits: int = Field(strict=True)
-
-    @field_validator("bits")
-    @classmethod
-    def _check_bits(cls, value: int) -> int:
-        if not 1 <= value <= 16:
-            raise ValueError(f"bits must be an integer from 1 to 16, got {value}")
+def _int_option(name: str, lo: int, hi: int | None = None):
+    """An ``int`` option checked to lie in [lo, hi] (hi None: no upper bound), whose error names
+    the option and the range."""
+    def check(value: int) -> int:
+        if value < lo or (hi is not None and value > hi):
+            bound = f"from {lo} to {hi}" if hi is not None else f">= {lo}"
+            raise ValueError(f"{name} must be an integer {bound}, got {value}")
         return value
+    return Annotated[int, Field(strict=True), AfterValidator(check)]
+
+
+class BitDepthOptions(ImageOptions):
+    bits: _int_option("bits", 1, 16)
 
 
 class MedianOptions(ImageOptions):
-    k: int = Field(strict=True)
-
-    @field_validator("k")
-    @classmethod
-    def _check_k(cls, value: int) -> int:
-        if value < 2:
-            raise ValueError(f"k (the median window size) must be an integer >= 2, got {value}")
-        return value
+    k: _int_option("k (the median window size)", 2)
 
 
 class JpegOptions(ImageOptions):
-    quality: int = Field(strict=True)
-
-    @field_validator("quality")
-    @classmethod
-    def _check_quality(cls, value: int) -> int:
-        if not 1 <= value <= 95:
-            raise ValueError(f"quality must be an integer from 1 to 95, got {value}")
-        return value
+    quality: _int_option("quality", 1, 95)
 
 
 def _positive_sigma(value: float) -> float:
