@@ -11,7 +11,7 @@ TOOLS = pathlib.Path(__file__).resolve().parents[1] / "tools"
 sys.path.insert(0, str(TOOLS))
 sys.path.insert(0, str(TOOLS / "training"))
 
-from eval_prompt_guard import assign_folds, fused_rank  # noqa: E402
+from eval_prompt_guard import assign_folds, fused_rank, held_out_of  # noqa: E402
 
 
 def _records(groups: dict[str, tuple[str, str, int]]) -> list[dict]:
@@ -59,3 +59,14 @@ def test_fused_rank_is_the_split_budgets_decision():
     assert above[0] == above[1]  # both beyond every calibration score: tied ranks ...
     scores = fused_rank({"a": (np.zeros(10), np.array([0.2, 0.9]))})
     assert scores[1] > scores[0]  # ... unless the stage's own [0, 1] score breaks the tie
+
+
+def test_only_folds_keeps_the_selected_folds_held_out_records_in_every_column():
+    fold = np.array([0, 2, 1, 2, 0])
+    records = [{"i": i} for i in range(5)]
+    scores = np.array([0.1, 0.2, 0.3, 0.4, 0.5])
+    kept_records, kept_scores = held_out_of([2], fold, records, scores)
+    assert kept_records == [{"i": 1}, {"i": 3}]
+    assert kept_scores.tolist() == [0.2, 0.4]
+    kept_records, kept_scores = held_out_of([0, 1], fold, records, scores)
+    assert [r["i"] for r in kept_records] == [0, 2, 4] and kept_scores.tolist() == [0.1, 0.3, 0.5]

@@ -84,6 +84,14 @@ def assign_folds(records: list[dict], folds: int, fixed: dict[str, int] | None =
     return assignment
 
 
+def held_out_of(selected: list[int], fold: np.ndarray, *columns) -> list:
+    """Each column (a list or an array, one entry per corpus record) cut to the records whose
+    group is held out in one of the ``selected`` folds: what ``--only-folds`` scores."""
+    keep = np.isin(fold, selected)
+    return [column[keep] if isinstance(column, np.ndarray)
+            else [item for item, k in zip(column, keep) if k] for column in columns]
+
+
 def calibrated_threshold(scores: dict[str, np.ndarray], fixed_flags: np.ndarray,
                          groups: list[str], target: float) -> dict[str, float]:
     """The stages' thresholds as `bastion calibrate` sets them: the split budget with the
@@ -418,13 +426,10 @@ def main(argv: list[str] | None = None) -> int:
               "texts", file=sys.stderr)
 
     if len(selected) < args.folds:  # score and report the selected folds' held-out texts only
-        keep = np.isin(fold, selected)
-        records = [r for r, k in zip(records, keep) if k]
-        texts = [t for t, k in zip(texts, keep) if k]
-        clf, ngram, clf_threshold, ngram_threshold = (
-            clf[keep], ngram[keep], clf_threshold[keep], ngram_threshold[keep])
-        profile_flag, with_ngram_flag, with_ngram_score, rule_flags = (
-            profile_flag[keep], with_ngram_flag[keep], with_ngram_score[keep], rule_flags[keep])
+        (records, texts, clf, ngram, clf_threshold, ngram_threshold, profile_flag,
+         with_ngram_flag, with_ngram_score, rule_flags) = held_out_of(
+            selected, fold, records, texts, clf, ngram, clf_threshold, ngram_threshold,
+            profile_flag, with_ngram_flag, with_ngram_score, rule_flags)
     held_benign = np.array([r["label"] == "benign" for r in records])
     profile_score = np.maximum(clf, rule_flags.astype(float))
     results = {"classifier": evaluate(records, clf >= clf_threshold, clf, held_benign,
