@@ -76,8 +76,8 @@ def save_state(path: str | os.PathLike, model: AnomalyModel, source: str,
         "method": model.method,
         "params": model.params(),
         "source": source,
-        "dim": model.dim,
-        "n_reference": model.n_reference,
+        "dim": model.dim_,
+        "n_reference": model.n_reference_,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "extra": extra or {},
     }
@@ -319,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
                        n_estimators=args.n_estimators, seed=args.seed)
     model.fit(X, classes)
     path = save_state(args.out, model, source)
-    print(f"{path}: {model.method} on {model.n_reference} x {model.dim} features from {source}")
+    print(f"{path}: {model.method} on {model.n_reference_} x {model.dim_} features from {source}")
     return 0
 
 

@@ -60,12 +60,12 @@ class AnomalyModel(abc.ABC):
     heavy: ClassVar[bool] = False
 
     def __init__(self) -> None:
-        self.dim: int | None = None
-        self.n_reference = 0
+        self.dim_: int | None = None
+        self.n_reference_ = 0
 
     @property
     def fitted(self) -> bool:
-        return self.dim is not None
+        return self.dim_ is not None
 
     def fit(self, X: Any, classes: Any = None) -> "AnomalyModel":
         X = as_2d(X).astype(np.float64)
@@ -78,17 +78,17 @@ class AnomalyModel(abc.ABC):
             if len(classes) != len(X):
                 raise ValueError(f"{len(classes)} classes for {len(X)} rows")
         self._fit(X, classes)
-        self.dim = X.shape[1]
-        self.n_reference = len(X)
+        self.dim_ = X.shape[1]
+        self.n_reference_ = len(X)
         return self
 
     def score(self, X: Any, classes: Any = None) -> np.ndarray:
         if not self.fitted:
             raise RuntimeError(f"{self.method} model is not fitted")
         X = as_2d(X)
-        if X.shape[1] != self.dim:
+        if X.shape[1] != self.dim_:
             raise ValueError(f"features have dimension {X.shape[1]}, the model was fitted on "
-                             f"{self.dim}")
+                             f"{self.dim_}")
         X = X.astype(np.float64)
         bad = ~np.isfinite(X).all(axis=1)
         if bad.any():  # NaN / inf features are as anomalous as it gets
@@ -125,8 +125,8 @@ class AnomalyModel(abc.ABC):
                    n_reference: int) -> "AnomalyModel":
         model = cls(**params)
         model._restore(arrays)
-        model.dim = dim
-        model.n_reference = n_reference
+        model.dim_ = dim
+        model.n_reference_ = n_reference
         return model
 
 
@@ -141,9 +141,9 @@ class Mahalanobis(AnomalyModel):
             raise ValueError("class_mode must be 'min' or 'predicted'")
         self.class_mode = class_mode
         self.classes_: np.ndarray | None = None   # class labels (int64), None = one Gaussian
-        self.whitener: np.ndarray | None = None   # W with W W^T = precision
-        self.means_w: np.ndarray | None = None    # class means, whitened [C, d]
-        self.shrinkage = 0.0
+        self.whitener_: np.ndarray | None = None   # W with W W^T = precision
+        self.means_w_: np.ndarray | None = None    # class means, whitened [C, d]
+        self.shrinkage_ = 0.0
 
     @property
     def class_conditional(self) -> bool:
@@ -166,20 +166,20 @@ class Mahalanobis(AnomalyModel):
             centred = X - means[inverse]
             self.classes_ = labels
         lw = LedoitWolf(assume_centered=True).fit(centred)
-        self.shrinkage = float(lw.shrinkage_)
+        self.shrinkage_ = float(lw.shrinkage_)
         # Whitening from the eigendecomposition of the (well conditioned, shrunk) covariance.
         eigval, eigvec = np.linalg.eigh(lw.covariance_)
         eigval = np.maximum(eigval, eigval.max() * 1e-12)
-        self.whitener = eigvec / np.sqrt(eigval)
-        self.means_w = means @ self.whitener
+        self.whitener_ = eigvec / np.sqrt(eigval)
+        self.means_w_ = means @ self.whitener_
 
     def _score(self, X: np.ndarray, classes: np.ndarray | None) -> np.ndarray:
-        Z = X @ self.whitener
+        Z = X @ self.whitener_
         if (classes is not None and self.class_conditional and self.class_mode == "predicted"):
             rows = np.searchsorted(self.classes_, classes.astype(np.int64))
             rows = np.clip(rows, 0, len(self.classes_) - 1)
             known = self.classes_[rows] == classes
-            diff = Z - self.means_w[rows]
+            diff = Z - self.means_w_[rows]
             d2 = np.einsum("ij,ij->i", diff, diff)
             if not known.all():  # a class never seen in fitting: nearest class instead
                 d2[~known] = self._min_d2(Z[~known])
@@ -187,24 +187,24 @@ class Mahalanobis(AnomalyModel):
         return np.sqrt(self._min_d2(Z))
 
     def _min_d2(self, Z: np.ndarray) -> np.ndarray:
-        d2 = (np.einsum("ij,ij->i", Z, Z)[:, None] - 2.0 * Z @ self.means_w.T
-              + np.einsum("ij,ij->i", self.means_w, self.means_w)[None, :])
+        d2 = (np.einsum("ij,ij->i", Z, Z)[:, None] - 2.0 * Z @ self.means_w_.T
+              + np.einsum("ij,ij->i", self.means_w_, self.means_w_)[None, :])
         return np.maximum(d2.min(axis=1), 0.0)
 
     def params(self) -> dict:
         return {"class_mode": self.class_mode}
 
     def arrays(self) -> dict[str, np.ndarray]:
-        out = {"whitener": self.whitener, "means_w": self.means_w,
-               "shrinkage": np.array(self.shrinkage)}
+        out = {"whitener": self.whitener_, "means_w": self.means_w_,
+               "shrinkage": np.array(self.shrinkage_)}
         if self.classes_ is not None:
             out["classes"] = self.classes_
         return out
 
     def _restore(self, arrays: dict[str, np.ndarray]) -> None:
-        self.whitener = arrays["whitener"].astype(np.float64)
-        self.means_w = arrays["means_w"].astype(np.float64)
-        self.shrinkage = float(arrays["shrinkage"])
+        self.whitener_ = arrays["whitener"].astype(np.float64)
+        self.means_w_ = arrays["means_w"].astype(np.float64)
+        self.shrinkage_ = float(arrays["shrinkage"])
         self.classes_ = arrays["classes"].astype(np.int64) if "classes" in arrays else None
 
 
@@ -224,7 +224,7 @@ class KNN(AnomalyModel):
         self.reduce = reduce
         self.max_reference = int(max_reference)
         self.seed = int(seed)
-        self.reference: np.ndarray | None = None
+        self.reference_: np.ndarray | None = None
         self._norms_cache = None   # squared norms of the reference rows, on first use
         self._lock = threading.Lock()
         self._chunk = 128    # query rows per distance block (bounds memory: 128 x n floats)
@@ -235,13 +235,13 @@ class KNN(AnomalyModel):
             X = X[np.sort(rng.choice(len(X), self.max_reference, replace=False))]
         if len(X) < self.k:
             raise ValueError(f"k={self.k} needs at least {self.k} reference rows, got {len(X)}")
-        self.reference = np.ascontiguousarray(X, dtype=np.float32)
+        self.reference_ = np.ascontiguousarray(X, dtype=np.float32)
         self._norms_cache = None
 
     def _norms(self) -> np.ndarray:
         with self._lock:
             if self._norms_cache is None:
-                ref = self.reference.astype(np.float64)
+                ref = self.reference_.astype(np.float64)
                 self._norms_cache = np.einsum("ij,ij->i", ref, ref).astype(np.float32)
             return self._norms_cache
 
@@ -250,7 +250,7 @@ class KNN(AnomalyModel):
         # few rows per request, where sklearn's per-call overhead dominates (~10 ms vs ~0.2 ms
         # for 20k x 48). Candidates come from a float32 matrix product; the final k distances
         # are recomputed exactly in float64 among 4k + 8 candidates.
-        reference, norms = self.reference, self._norms()
+        reference, norms = self.reference_, self._norms()
         candidates = min(len(reference), 4 * self.k + 8)
         out = np.empty(len(X), dtype=np.float64)
         for start in range(0, len(X), self._chunk):
@@ -273,12 +273,12 @@ class KNN(AnomalyModel):
                 "seed": self.seed}
 
     def arrays(self) -> dict[str, np.ndarray]:
-        return {"reference": self.reference}
+        return {"reference": self.reference_}
 
     def _restore(self, arrays: dict[str, np.ndarray]) -> None:
-        self.reference = np.ascontiguousarray(arrays["reference"], dtype=np.float32)
-        if len(self.reference) < self.k:
-            raise StateError(f"knn state has {len(self.reference)} rows for k={self.k}")
+        self.reference_ = np.ascontiguousarray(arrays["reference"], dtype=np.float32)
+        if len(self.reference_) < self.k:
+            raise StateError(f"knn state has {len(self.reference_)} rows for k={self.k}")
         self._norms_cache = None
 
 
@@ -304,13 +304,13 @@ class IForest(AnomalyModel):
         self.max_samples = max_samples
         self.seed = int(seed)
         # [T, M] node arrays (M = most nodes of any tree; padded nodes are never reached)
-        self.left: np.ndarray | None = None
-        self.right: np.ndarray | None = None
-        self.feature: np.ndarray | None = None
-        self.threshold: np.ndarray | None = None
-        self.value: np.ndarray | None = None     # at leaves: depth + c(n_node_samples)
-        self.denominator = 1.0                   # T * c(max_samples_)
-        self.max_depth = 0
+        self.left_: np.ndarray | None = None
+        self.right_: np.ndarray | None = None
+        self.feature_: np.ndarray | None = None
+        self.threshold_: np.ndarray | None = None
+        self.value_: np.ndarray | None = None     # at leaves: depth + c(n_node_samples)
+        self.denominator_ = 1.0                   # T * c(max_samples_)
+        self.max_depth_ = 0
 
     def _fit(self, X: np.ndarray, classes: np.ndarray | None) -> None:
         from sklearn.ensemble import IsolationForest
@@ -328,70 +328,70 @@ class IForest(AnomalyModel):
                 raise ValueError("feature subsampling (max_features < 1) is not supported")
         size = max(t.node_count for t in trees)
         count = len(trees)
-        self.left = np.full((count, size), -1, dtype=np.int32)
-        self.right = np.full((count, size), -1, dtype=np.int32)
-        self.feature = np.zeros((count, size), dtype=np.int32)
-        self.threshold = np.zeros((count, size), dtype=np.float64)
-        self.value = np.zeros((count, size), dtype=np.float64)
+        self.left_ = np.full((count, size), -1, dtype=np.int32)
+        self.right_ = np.full((count, size), -1, dtype=np.int32)
+        self.feature_ = np.zeros((count, size), dtype=np.int32)
+        self.threshold_ = np.zeros((count, size), dtype=np.float64)
+        self.value_ = np.zeros((count, size), dtype=np.float64)
         depth_max = 0
         for i, (tree, features) in enumerate(zip(trees, forest.estimators_features_)):
             n = tree.node_count
             left, right = tree.children_left, tree.children_right
-            self.left[i, :n] = left
-            self.right[i, :n] = right
+            self.left_[i, :n] = left
+            self.right_[i, :n] = right
             # estimator feature indices -> original feature indices
-            self.feature[i, :n] = np.where(tree.feature >= 0,
+            self.feature_[i, :n] = np.where(tree.feature >= 0,
                                            np.asarray(features)[np.maximum(tree.feature, 0)], 0)
-            self.threshold[i, :n] = tree.threshold
+            self.threshold_[i, :n] = tree.threshold
             depth = np.zeros(n, dtype=np.int64)
             for node in range(n):  # parents come before children in sklearn's node order
                 if left[node] >= 0:
                     depth[left[node]] = depth[node] + 1
                     depth[right[node]] = depth[node] + 1
             depth_max = max(depth_max, int(depth.max()))
-            self.value[i, :n] = depth + _average_path_length(tree.n_node_samples)
-        self.max_depth = depth_max
-        self.denominator = float(count * _average_path_length(
+            self.value_[i, :n] = depth + _average_path_length(tree.n_node_samples)
+        self.max_depth_ = depth_max
+        self.denominator_ = float(count * _average_path_length(
             np.array([forest._max_samples]))[0])
 
     def _score(self, X: np.ndarray, classes: np.ndarray | None) -> np.ndarray:
         # sklearn's trees compare float32 features with float64 thresholds
         X = X.astype(np.float32).astype(np.float64)
-        count = self.left.shape[0]
+        count = self.left_.shape[0]
         rows = np.arange(count)[None, :]
         node = np.zeros((len(X), count), dtype=np.int64)
         sample = np.arange(len(X))[:, None]
-        for _ in range(self.max_depth):
-            left = self.left[rows, node]
+        for _ in range(self.max_depth_):
+            left = self.left_[rows, node]
             internal = left >= 0
             if not internal.any():
                 break
-            go_left = X[sample, self.feature[rows, node]] <= self.threshold[rows, node]
-            node = np.where(internal, np.where(go_left, left, self.right[rows, node]), node)
-        depths = self.value[rows, node].sum(axis=1)
-        if self.denominator == 0:
+            go_left = X[sample, self.feature_[rows, node]] <= self.threshold_[rows, node]
+            node = np.where(internal, np.where(go_left, left, self.right_[rows, node]), node)
+        depths = self.value_[rows, node].sum(axis=1)
+        if self.denominator_ == 0:
             return np.ones(len(X))
-        return 2.0 ** (-depths / self.denominator)
+        return 2.0 ** (-depths / self.denominator_)
 
     def params(self) -> dict:
         return {"n_estimators": self.n_estimators, "max_samples": self.max_samples,
                 "seed": self.seed}
 
     def arrays(self) -> dict[str, np.ndarray]:
-        return {"left": self.left, "right": self.right, "feature": self.feature,
-                "threshold": self.threshold, "value": self.value,
-                "denominator": np.array(self.denominator), "max_depth": np.array(self.max_depth)}
+        return {"left": self.left_, "right": self.right_, "feature": self.feature_,
+                "threshold": self.threshold_, "value": self.value_,
+                "denominator": np.array(self.denominator_), "max_depth": np.array(self.max_depth_)}
 
     def _restore(self, arrays: dict[str, np.ndarray]) -> None:
-        self.left = arrays["left"].astype(np.int32)
-        self.right = arrays["right"].astype(np.int32)
-        self.feature = arrays["feature"].astype(np.int32)
-        self.threshold = arrays["threshold"].astype(np.float64)
-        self.value = arrays["value"].astype(np.float64)
-        self.denominator = float(arrays["denominator"])
-        self.max_depth = int(arrays["max_depth"])
-        shapes = {a.shape for a in (self.left, self.right, self.feature, self.threshold,
-                                    self.value)}
+        self.left_ = arrays["left"].astype(np.int32)
+        self.right_ = arrays["right"].astype(np.int32)
+        self.feature_ = arrays["feature"].astype(np.int32)
+        self.threshold_ = arrays["threshold"].astype(np.float64)
+        self.value_ = arrays["value"].astype(np.float64)
+        self.denominator_ = float(arrays["denominator"])
+        self.max_depth_ = int(arrays["max_depth"])
+        shapes = {a.shape for a in (self.left_, self.right_, self.feature_, self.threshold_,
+                                    self.value_)}
         if len(shapes) != 1:
             raise StateError("iforest state arrays disagree in shape")
 

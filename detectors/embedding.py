@@ -74,7 +74,7 @@ class EmbeddingAnomalyDetector(TextDetector, Learner):
     def fit(self, reference: Sequence[str]) -> "EmbeddingAnomalyDetector":
         texts = [_as_str(t) for t in reference]
         self.model.fit(self.features(texts))
-        self._fitted_texts = len(texts)
+        self.n_texts_ = len(texts)
         return self
 
     def save(self, path: str | os.PathLike | None = None) -> pathlib.Path:
@@ -82,7 +82,7 @@ class EmbeddingAnomalyDetector(TextDetector, Learner):
         if target is None:
             raise ValueError("no state path to save to")
         return save_state(target, self.model, self.encoder.identity,
-                          extra={"texts": getattr(self, "_fitted_texts", None),
+                          extra={"texts": getattr(self, "n_texts_", None),
                                  "max_chunks": self.encoder.options.max_chunks})
 
     # -- scoring -------------------------------------------------------------------------------

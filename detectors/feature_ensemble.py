@@ -87,9 +87,9 @@ def ensemble_features(arrays: dict[str, np.ndarray], outputs: list[str],
     for name, gaussian in zip(outputs, gaussians):
         rows = np.asarray(arrays[name], dtype=np.float64)
         rows = rows.reshape(len(rows), -1)
-        if rows.shape[1] != gaussian.dim:
+        if rows.shape[1] != gaussian.dim_:
             raise ValueError(f"output '{name}' has {rows.shape[1]} values per row; the state "
-                             f"was fitted on {gaussian.dim}")
+                             f"was fitted on {gaussian.dim_}")
         columns.append(np.log1p(gaussian.score(rows)))
     if logits:
         values = np.asarray(arrays[logits], dtype=np.float64)
@@ -133,7 +133,7 @@ def save_ensemble(path: str | os.PathLike, model: EnsembleModel,
     for i, (name, gaussian) in enumerate(zip(model.outputs, model.gaussians)):
         for key, value in gaussian.arrays().items():
             arrays[f"layer{i}.{key}"] = np.array(value, order="C", copy=None)
-        layers.append({"output": name, "dim": gaussian.dim, "n_reference": gaussian.n_reference,
+        layers.append({"output": name, "dim": gaussian.dim_, "n_reference": gaussian.n_reference_,
                        "params": gaussian.params()})
     header = {
         "format": FORMAT, "version": VERSION, "source": model.source,

@@ -146,7 +146,7 @@ class UpstreamFeatureStage(ResponseStage, Learner):
                           n_estimators=o.n_estimators, seed=o.seed)
 
     def _use(self, model, source: str) -> None:
-        self.detector = FeatureAnomalyDetector(model, source)
+        self.detector_ = FeatureAnomalyDetector(model, source)
         uses_class = getattr(model, "class_conditional", False) and \
             getattr(model, "class_mode", "min") == "predicted"
         self.logits = self.options.logits if uses_class else None
@@ -173,11 +173,11 @@ class UpstreamFeatureStage(ResponseStage, Learner):
         return self
 
     def save(self) -> pathlib.Path:
-        return save_state(self.state, self.detector.model, self.detector.source)
+        return save_state(self.state, self.detector_.model, self.detector_.source)
 
     def score_rows(self, features: np.ndarray, predicted: np.ndarray | None = None) -> np.ndarray:
         """Per-row scores, as ``on_response`` computes them."""
-        return self.detector.score_features(
+        return self.detector_.score_features(
             features.reshape(len(features), -1).astype(np.float64),
             predicted if self.logits else None)
 
@@ -186,7 +186,7 @@ class UpstreamFeatureStage(ResponseStage, Learner):
 
     async def on_response(self, state: AddedOutputs, response, call_upstream) -> ResponseResult:
         arrays = take_outputs(response, set(self.wanted()), state)
-        if not self.detector.model.fitted:
+        if not self.detector_.model.fitted:
             raise RuntimeError(f"detect.features: no fitted state at {self.state} (run "
                                "`bastion calibrate` for this stage)")
         features = arrays.get(self.options.output)
@@ -195,22 +195,22 @@ class UpstreamFeatureStage(ResponseStage, Learner):
         if features.dtype.kind not in "fiub":
             raise ValueError(f"output '{self.options.output}' is not numeric")
         rows = features.reshape(len(features), -1) if features.ndim > 1 else features[None]
-        if rows.shape[1] != self.detector.model.dim:
+        if rows.shape[1] != self.detector_.model.dim_:
             raise ValueError(f"output '{self.options.output}' has {rows.shape[1]} values per "
-                             f"row; the state was fitted on {self.detector.model.dim}")
+                             f"row; the state was fitted on {self.detector_.model.dim_}")
         predicted = None
         if self.logits and self.logits in arrays:
             logits = arrays[self.logits]
             predicted = logits.reshape(len(rows), -1).argmax(axis=1)
         rows = rows.astype(np.float64)
-        if self.detector.model.method == "mahalanobis":  # a few matrix products: inline
-            scores = self.detector.score_features(rows, predicted)
+        if self.detector_.model.method == "mahalanobis":  # a few matrix products: inline
+            scores = self.detector_.score_features(rows, predicted)
         else:  # neighbour search / tree walks: off the event loop
-            scores = await asyncio.to_thread(self.detector.score_features, rows, predicted)
+            scores = await asyncio.to_thread(self.detector_.score_features, rows, predicted)
         score = float(np.max(scores)) if len(scores) else 0.0
         if not np.isfinite(score):  # a non-finite feature is as anomalous as it gets
             score = float(np.finfo(np.float64).max)
-        return ResponseResult(score, [f"anomaly:{self.options.output}:{self.detector.model.method}"])
+        return ResponseResult(score, [f"anomaly:{self.options.output}:{self.detector_.model.method}"])
 
 
 def _one_output(response, position: int):

@@ -199,7 +199,7 @@ def test_calibrate_fits_on_the_upstreams_answers(calibrated):
     assert "conv1_stats" in written["fit"] and str(state) in written["fit"]
     model, header = anomaly.load_state(state)
     assert header["source"] == "upstream:fashion-mnist:conv1_stats"
-    assert (model.method, model.dim, model.n_reference) == ("knn", 48, 1500)
+    assert (model.method, model.dim_, model.n_reference_) == ("knn", 48, 1500)
 
 
 def _infer(client, images, outputs=None):

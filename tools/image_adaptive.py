@@ -21,7 +21,7 @@ def torch_ensemble(model):
 
     layers = []
     for gaussian in model.gaussians:
-        layers.append((torch.tensor(gaussian.whitener), torch.tensor(gaussian.means_w)))
+        layers.append((torch.tensor(gaussian.whitener_), torch.tensor(gaussian.means_w_)))
     mean, scale = torch.tensor(model.mean), torch.tensor(model.scale)
     weights = torch.tensor(model.weights)
 

@@ -5,7 +5,10 @@ Gaussians over a model's hidden layer) inherits :class:`Learner`: ``fit(referenc
 stage itself, ``save()`` writes the fitted state where the stage's options say and returns that
 path. ``bastion calibrate`` fits a stage because it *is* a Learner (``isinstance``), never by
 probing attributes; what ``reference`` holds is the stage's to say (texts for a text detector,
-a :class:`FeatureReference` for a stage that reads the upstream's outputs).
+a :class:`FeatureReference` for a stage that reads the upstream's outputs). What ``fit``
+learned lives in attributes ending in ``_`` (scikit-learn's convention: ``detector_``,
+``n_texts_``; the anomaly models' ``dim_``, ``whitener_``, ``reference_``, ...), so it never
+reads as an option.
 
 Learners trained offline by a tool (the bundled classifier, the n-gram model) are not stages'
 Learners: the stage only loads their file.
