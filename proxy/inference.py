@@ -22,10 +22,9 @@ from bastion.proxy.clients import ClientControl
 from bastion.proxy.memory import MemoryWatermark
 from bastion.proxy.metrics import Metrics
 from bastion.proxy.passthrough import Passthrough
-from bastion.proxy.pipeline import RequestContext, StageShed
+from bastion.proxy.pipeline import Pipeline, RequestContext, StageShed, decode_checked
 from bastion.proxy.state import SidecarState
 from bastion.transforms.base import InputRejected
-from bastion.transforms.validate import check as check_tensor
 
 log = logging.getLogger("bastion.inference")
 
@@ -57,12 +56,13 @@ class Inspected:
     # decisions and mode so the verdict can be completed once the answer is in.
     plan: list | None = None
     ctx: RequestContext | None = None
-    mode: str = "enforce"
     original: bytes | None = None    # the request as the client sent it (response-stage fallback)
     retry_after_ms: int = 1000
     # Monitor mode with a transformed input: the request enforce mode would forward (prepared
     # by the response stages), asked separately so they score what enforce would score.
     scoring: bytes | None = None
+    # The chain that inspected the request (a reload meanwhile must not swap it for the answer).
+    pipeline: Pipeline | None = None
 
 
 def requested_model(raw: bytes) -> str:
@@ -78,10 +78,6 @@ def output_tensor(snapshot, model: str) -> str:
     Triton's LLM convention)."""
     output = snapshot.outputs.get(model)
     return output.tensor if output is not None else "text_output"
-
-
-def request_datatype(request: pb.ModelInferRequest, name: str) -> str:
-    return next(t.datatype for t in request.inputs if t.name == name)
 
 
 def _invalid(message: str) -> Rejected:
@@ -190,30 +186,21 @@ class InferenceHandler:
         out_of_band = [t.name for t in request.inputs if SHARED_MEMORY_KEY in t.parameters]
         if out_of_band:
             return self._out_of_band(request, raw, request_id, model, out_of_band)
-        try:
-            inputs = codec.decode_request(request, snapshot.config.limits.max_tensor_elements)
-        except codec.TensorError as err:
+        specs = self.state.input_specs(model_name) if model is not None else {}
+        try:  # an unconfigured model's request is still decoded: malformed never goes up
+            inputs = decode_checked(request, snapshot.config.limits.max_tensor_elements, specs)
+        except (codec.TensorError, InputRejected) as err:
             raise _invalid(str(err)) from None
         if model is None:
             return Inspected(model_name, raw, None)
-        try:
-            for name, spec in self.state.input_specs(model_name).items():
-                if name in inputs:
-                    check_tensor(inputs[name], request_datatype(request, name), spec, name)
-        except InputRejected as err:
-            raise _invalid(str(err)) from None
         pipeline = snapshot.pipelines[model_name]
-        ctx = RequestContext(request_id=request_id, model_name=model_name,
-                             model_version=request.model_version, inputs=dict(inputs),
-                             datatypes={t.name: t.datatype for t in request.inputs},
-                             invalid_utf8=model.invalid_utf8)
         try:
-            await pipeline.run(ctx, stop_on_block=model.mode == "enforce")
+            ctx, verdict = await pipeline.run_request(request, inputs, request_id,
+                                                      stop_on_block=model.mode == "enforce")
         except (codec.TensorError, InputRejected) as err:
             raise _invalid(str(err)) from None
         except StageShed as shed:
             raise _shed(shed, request_id, model.retry_after_ms) from None
-        verdict = policy.decide(ctx.decisions, ctx.scores, model.mode)
         if self.audit.include_excerpt and ctx.suspicious_text is not None:
             verdict = dataclasses.replace(verdict, suspicious_text=ctx.suspicious_text)
         respond = bool(pipeline.response_runners) and response_stages
@@ -236,15 +223,16 @@ class InferenceHandler:
                 scored.CopyFrom(request)
                 codec.encode_request(scored, ctx.inputs, ctx.datatypes)
             try:
-                plan = [(runner, runner.prepare(scored, ctx)) for runner in pipeline.response_runners]
+                plan = pipeline.prepare_response(scored, ctx)
             except (codec.TensorError, InputRejected) as err:
                 raise _invalid(str(err)) from None
             if scored is not request:
                 client_raw = raw if raw is not None else request.SerializeToString()
-                return Inspected(model_name, client_raw, verdict, inputs, plan, ctx, model.mode,
-                                 original_raw, model.retry_after_ms, scored.SerializeToString())
+                return Inspected(model_name, client_raw, verdict, inputs, plan, ctx,
+                                 original_raw, model.retry_after_ms, scored.SerializeToString(),
+                                 pipeline)
             return Inspected(model_name, request.SerializeToString(), verdict, inputs, plan, ctx,
-                             model.mode, original_raw, model.retry_after_ms)
+                             original_raw, model.retry_after_ms, pipeline=pipeline)
         return Inspected(model_name, raw if raw is not None else request.SerializeToString(),
                          verdict, inputs)
 
@@ -260,25 +248,12 @@ class InferenceHandler:
                                                     context, request_id)
             return pb.ModelInferResponse.FromString(raw)
 
-        ctx = inspected.ctx
-        extra: dict = {}
-        failed = False
         client_response = None
         if inspected.scoring is not None:  # monitor: score what enforce would forward
             client_response = response
             response = await call_upstream(pb.ModelInferRequest.FromString(inspected.scoring))
-        # Reverse order (Envoy's encoder filters): the stage that changed the forwarded request
-        # last sees the answer first, so each one undoes its own change after the stages that
-        # came after it have read the answer (e.g. an output two stages asked for).
-        for runner, prepared in reversed(inspected.plan):
-            decision, parameters, _ = await runner.finish(prepared, response, call_upstream)
-            ctx.decisions.append(decision)
-            if decision.score is not None:
-                ctx.scores[decision.stage] = decision.score
-            else:
-                failed = True
-            extra.update(parameters)
-        verdict = policy.decide(ctx.decisions, ctx.scores, inspected.mode)
+        verdict, extra, failed = await inspected.pipeline.run_response(
+            inspected.plan, response, call_upstream, inspected.ctx)
         inspected.verdict = verdict
         self.metrics.observe_verdict(inspected.model, verdict)
         if verdict.blocks:

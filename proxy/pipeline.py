@@ -19,10 +19,13 @@ import numpy as np
 from opentelemetry import trace
 
 from bastion.detectors.batcher import Overloaded
+from bastion.protos import codec
 from bastion.protos.codec import TensorError, as_bytes_array
+from bastion.proxy import policy
 from bastion.proxy.policy import ACTIONS, Decision
 from bastion.stage_config import StageConfig, calibrate_command, parse_stage
 from bastion.transforms.base import InputRejected, Transform, TransformContext
+from bastion.transforms.validate import check as check_tensor
 
 if TYPE_CHECKING:
     from bastion.config import ModelConfig
@@ -292,8 +295,26 @@ class ResponseRunner(StageRunner):
             return decision, result.parameters, result.extra_items
 
 
+def request_datatype(request, name: str) -> str:
+    """The datatype a ModelInferRequest declares for input ``name``."""
+    return next(t.datatype for t in request.inputs if t.name == name)
+
+
+def decode_checked(request, max_elements: int, specs: dict) -> dict[str, np.ndarray]:
+    """The request's inputs, decoded and checked against the model's declared input specs
+    (raises TensorError or InputRejected, naming the input, never echoing its data)."""
+    inputs = codec.decode_request(request, max_elements)
+    for name, spec in specs.items():
+        if name in inputs:
+            check_tensor(inputs[name], request_datatype(request, name), spec, name)
+    return inputs
+
+
 class Pipeline:
-    """An ordered chain of stages for one model: request stages, then response stages."""
+    """One model's chain (Envoy's filter chain): the request stages in order, then, on the
+    upstream's answer, the response stages in reverse order, and the policy's verdict after
+    each half. The server (bastion.proxy.inference), ``replay --offline`` and ``calibrate``
+    all run a request through this object."""
 
     def __init__(self, model_name: str, model: ModelConfig, runners: list[StageRunner],
                  response_runners: list[ResponseRunner] | None = None):
@@ -316,6 +337,39 @@ class Pipeline:
         ctx.finish()
         return ctx
 
+    async def run_request(self, request, inputs: dict[str, np.ndarray], request_id: str,
+                          stop_on_block: bool) -> tuple[RequestContext, policy.Verdict]:
+        """The request half on decoded ``inputs``: every request stage, then the verdict."""
+        ctx = RequestContext(request_id=request_id, model_name=self.model_name,
+                             model_version=request.model_version, inputs=dict(inputs),
+                             datatypes={t.name: t.datatype for t in request.inputs},
+                             invalid_utf8=self.model.invalid_utf8)
+        await self.run(ctx, stop_on_block)
+        return ctx, policy.decide(ctx.decisions, ctx.scores, self.model.mode)
+
+    def prepare_response(self, request, ctx: RequestContext) -> list:
+        """Each response stage's ``prepare`` on the request about to be forwarded: the plan
+        :meth:`run_response` completes."""
+        return [(runner, runner.prepare(request, ctx)) for runner in self.response_runners]
+
+    async def run_response(self, plan: list, response, call_upstream, ctx: RequestContext
+                           ) -> tuple[policy.Verdict, dict, bool]:
+        """The response half: the prepared stages in reverse order (the stage that changed the
+        forwarded request last sees the answer first, so each undoes its own change after the
+        later stages have read the answer), then the verdict of the whole request. Returns
+        (verdict, extra response parameters, whether a stage failed)."""
+        extra: dict = {}
+        failed = False
+        for runner, prepared in reversed(plan):
+            decision, parameters, _ = await runner.finish(prepared, response, call_upstream)
+            ctx.decisions.append(decision)
+            if decision.score is not None:
+                ctx.scores[decision.stage] = decision.score
+            else:
+                failed = True
+            extra.update(parameters)
+        return policy.decide(ctx.decisions, ctx.scores, self.model.mode), extra, failed
+
 
 def build_pipeline(model_name: str, model: ModelConfig, metrics: Metrics | None = None, *,
                    allow_uncalibrated: bool = False) -> Pipeline:
@@ -336,4 +390,4 @@ def build_pipeline(model_name: str, model: ModelConfig, metrics: Metrics | None 
 
 
 __all__ = ["ACTIONS", "Pipeline", "RequestContext", "ResponseRunner", "StageRunner", "StageShed",
-           "build_pipeline"]
+           "build_pipeline", "decode_checked", "request_datatype"]

@@ -9,8 +9,9 @@ from bastion.replay.thresholds import thresholds_of_pipeline
 
 class OfflinePipeline:
     """The model's configured pipeline and policy, in-process, exactly as the proxy runs them
-    (bastion.proxy.inference): decode the same request bytes, check declared input specs, run
-    every stage (``stop_on_block=False``, so every stage scores), then ``policy.decide``."""
+    (bastion.proxy.inference): decode the same request bytes and check the declared input specs
+    (``decode_checked``), then the chain's request half (``Pipeline.run_request``, with
+    ``stop_on_block=False`` so every stage scores) and its verdict."""
 
     def __init__(self, config, model_name: str):
         from bastion.proxy.state import SidecarState
@@ -35,13 +36,10 @@ class OfflinePipeline:
     async def inspect(self, record) -> Outcome:
         from google.protobuf.message import DecodeError
 
-        from bastion.protos import pb
+        from bastion.protos import codec, pb
         from bastion.proxy import policy
-        from bastion.proxy.inference import request_datatype
-        from bastion.proxy.pipeline import RequestContext
-        from bastion.protos import codec
+        from bastion.proxy.pipeline import decode_checked
         from bastion.transforms.base import InputRejected
-        from bastion.transforms.validate import check as check_tensor
 
         started = time.perf_counter()
         outcome = Outcome(record.id, record.label, record.family, "OK")
@@ -50,22 +48,15 @@ class OfflinePipeline:
             if request.model_name != self.model_name:
                 raise ReplayError(f"bastion replay: record {record.id!r} is for model "
                                   f"{request.model_name!r}; offline mode runs {self.model_name!r}")
-            inputs = codec.decode_request(request, self.config.limits.max_tensor_elements)
-            for name, spec in self.specs.items():
-                if name in inputs:
-                    check_tensor(inputs[name], request_datatype(request, name), spec, name)
-            ctx = RequestContext(request_id=record.id, model_name=self.model_name,
-                                 model_version=request.model_version, inputs=dict(inputs),
-                                 datatypes={t.name: t.datatype for t in request.inputs},
-                                 invalid_utf8=self.model.invalid_utf8)
-            await self.pipeline.run(ctx, stop_on_block=False)
+            inputs = decode_checked(request, self.config.limits.max_tensor_elements, self.specs)
+            _, verdict = await self.pipeline.run_request(request, inputs, record.id,
+                                                         stop_on_block=False)
         except (DecodeError, codec.TensorError, InputRejected) as err:
             outcome.status = "INVALID_ARGUMENT"
             outcome.detail = f"bastion: {err}"[:300] if not isinstance(err, DecodeError) else \
                 "bastion: request is not a valid ModelInferRequest message"
             outcome.latency_ms = (time.perf_counter() - started) * 1000
             return outcome
-        verdict = policy.decide(ctx.decisions, ctx.scores, self.model.mode)
         outcome.latency_ms = (time.perf_counter() - started) * 1000
         outcome.verdict = verdict.action
         outcome.mode = "enforce" if verdict.enforced else "monitor"
