@@ -102,7 +102,8 @@ def calibrate(args: argparse.Namespace) -> int:
     if model is None:
         print(f"bastion calibrate: {args.config} has no model {args.model!r}", file=sys.stderr)
         return 2
-    pipeline = build_pipeline(args.model, model, allow_uncalibrated=True)
+    pipeline = build_pipeline(args.model, model, allow_uncalibrated=True,
+                              stages=config.built_stages(args.model))
     if args.stage is None:
         return calibrate_pipeline(args, pipeline, text_input(args, model))
     if _is_response_stage(pipeline, args.stage):

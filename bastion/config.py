@@ -10,7 +10,8 @@ import pathlib
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator,
+                      model_validator)
 
 from bastion import stage_catalog
 from bastion.clients_config import ClientsConfig, resolve_token_budget_paths
@@ -214,6 +215,15 @@ class Config(_Strict):
     models: dict[str, ModelConfig] = {}
     # TLS and mTLS on the front and to the upstream (restart-only; certificates reload).
     tls: TLSConfig = TLSConfig()
+    # The stages validation built, reused by the sidecar so a load builds each stage once:
+    # model name -> (the ModelConfig they were built from, its StageConfigs in order).
+    _stages: dict = PrivateAttr(default_factory=dict)
+
+    def built_stages(self, model_name: str) -> list | None:
+        """The stages validation built for ``model_name``, if they are still this config's."""
+        cached = self._stages.get(model_name)
+        model = self.models.get(model_name)
+        return cached[1] if cached is not None and cached[0] is model else None
 
     @field_validator("listen", "admin")
     @classmethod
@@ -222,21 +232,31 @@ class Config(_Strict):
 
 
 def validate_pipelines(config: Config, *, allow_uncalibrated: bool = False,
-                       config_path: str | None = None) -> list[str]:
-    """Problems with the configured pipelines, each naming its key path."""
+                       config_path: str | None = None, reuse: Config | None = None) -> list[str]:
+    """Problems with the configured pipelines, each naming its key path. The stages it builds
+    are kept on ``config`` for the sidecar (:meth:`Config.built_stages`); a model whose
+    pipeline and inputs equal those of ``reuse`` (the config being re-validated with CLI
+    overrides) takes that config's stages instead of building them again."""
     problems = []
     for model_name, model in config.models.items():
         ids: dict[str, int] = {}
         seen_response = False
+        stages, model_problems = [], len(problems)
+        previous = reuse.models.get(model_name) if reuse is not None else None
+        prebuilt = reuse.built_stages(model_name) if previous is not None else None
+        if prebuilt is not None and (previous.pipeline, previous.inputs) != (model.pipeline,
+                                                                            model.inputs):
+            prebuilt = None
         for index, entry in enumerate(model.pipeline):
             path = f"models.{model_name}.pipeline.{index}"
             try:
-                stage = parse_stage(entry, model.inputs, path,
-                                    allow_uncalibrated=allow_uncalibrated,
-                                    hint=calibrate_command(model_name, config_path))
+                stage = prebuilt[index] if prebuilt is not None else parse_stage(
+                    entry, model.inputs, path, allow_uncalibrated=allow_uncalibrated,
+                    hint=calibrate_command(model_name, config_path))
             except ValueError as err:
                 problems.append(str(err))
                 continue
+            stages.append(stage)
             if stage.spec.kind == "response":
                 seen_response = True
             elif seen_response:
@@ -245,6 +265,8 @@ def validate_pipelines(config: Config, *, allow_uncalibrated: bool = False,
                 problems.append(f"{path}: stage id {stage.stage_id!r} is already used by stage "
                                 f"{ids[stage.stage_id]}; give one an `id`")
             ids[stage.stage_id] = index
+        if len(problems) == model_problems:
+            config._stages[model_name] = (model, stages)
         if model.output is not None and model.output.detectors:
             try:
                 parse_output_detectors(model_name, model.output,
@@ -269,7 +291,7 @@ def _format_error(err: ValidationError, source: str) -> str:
 
 
 def parse_config(data: Any, source: str = "config", base_dir: pathlib.Path | None = None,
-                 allow_uncalibrated: bool = False) -> Config:
+                 allow_uncalibrated: bool = False, reuse: Config | None = None) -> Config:
     """Validate ``data``. Relative file paths in the pipelines resolve against ``base_dir`` (the
     config file's folder; None: the working directory). A stage whose threshold file does not
     exist yet is an error unless ``allow_uncalibrated`` (for `bastion calibrate`, which writes it).
@@ -298,7 +320,8 @@ def parse_config(data: Any, source: str = "config", base_dir: pathlib.Path | Non
                 "detectors": resolve_paths(name, model.output.detectors, base_dir)})})
         for name, model in config.models.items()}})
     problems += validate_pipelines(config, allow_uncalibrated=allow_uncalibrated,
-                                   config_path=source if base_dir is not None else None)
+                                   config_path=source if base_dir is not None else None,
+                                   reuse=reuse)
     if problems:
         raise ConfigError("\n".join(f"{source}: {p}" for p in problems))
     return config
@@ -332,4 +355,4 @@ def with_overrides(config: Config, **overrides: Any) -> Config:
             data["upstream"]["target"] = value
         else:
             data[key] = value
-    return parse_config(data, "command line")
+    return parse_config(data, "command line", reuse=config)

@@ -372,12 +372,14 @@ class Pipeline:
 
 
 def build_pipeline(model_name: str, model: ModelConfig, metrics: Metrics | None = None, *,
-                   allow_uncalibrated: bool = False) -> Pipeline:
+                   allow_uncalibrated: bool = False, stages: list | None = None) -> Pipeline:
+    """The model's chain. ``stages``: the StageConfigs the config's validation already built
+    (``Config.built_stages``), so a load builds each stage once; None builds them here."""
     runners, response_runners = [], []
     for index, entry in enumerate(model.pipeline):
-        config = parse_stage(entry, model.inputs, f"models.{model_name}.pipeline.{index}",
-                             allow_uncalibrated=allow_uncalibrated,
-                             hint=calibrate_command(model_name))
+        config = stages[index] if stages is not None else parse_stage(
+            entry, model.inputs, f"models.{model_name}.pipeline.{index}",
+            allow_uncalibrated=allow_uncalibrated, hint=calibrate_command(model_name))
         if config.spec.kind == "response":
             response_runners.append(ResponseRunner(model_name, config, metrics))
         elif response_runners:

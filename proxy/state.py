@@ -22,7 +22,8 @@ class Snapshot:
 
 
 def build_snapshot(config: Config, metrics=None) -> Snapshot:
-    return Snapshot(config, {name: build_pipeline(name, model, metrics)
+    return Snapshot(config, {name: build_pipeline(name, model, metrics,
+                                                  stages=config.built_stages(name))
                              for name, model in config.models.items()},
                     {name: build_model_output(name, model.output)
                      for name, model in config.models.items() if model.output is not None})
