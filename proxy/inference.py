@@ -53,7 +53,7 @@ class Inspected:
     verdict: policy.Verdict | None   # None: no configured model, nothing to say
     inputs: dict | None = None       # decoded inputs (for monitors that need the query)
     # Response stages to run on the answer: (runner, prepared state); with the request's
-    # decisions and mode so the verdict can be completed once the answer is in.
+    # context (its decisions) so the chain can complete the verdict once the answer is in.
     plan: list | None = None
     ctx: RequestContext | None = None
     original: bytes | None = None    # the request as the client sent it (response-stage fallback)
