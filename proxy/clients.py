@@ -99,8 +99,9 @@ class ClientControl:
         self._tier_change(identity, model, await self.guard.observe(identity, model, list(reasons),
                                                                     stages))
 
-    async def observe_extraction(self, identity: str, model: str, settings, inputs, reply: bytes):
-        """Feed one answered query to the model's PRADA monitor; a flag raises suspicion."""
+    async def observe_extraction(self, identity: str, model: str, settings, inputs, answer):
+        """Feed one answered query to the model's PRADA monitor; a flag raises suspicion.
+        ``answer``: the unary answer (``.message``, a ModelInferResponse, parsed once)."""
         if settings is None or settings.input not in (inputs or {}):
             return
         monitor = self.monitors.get(model)
@@ -108,8 +109,7 @@ class ClientControl:
             monitor = self.monitors[model] = ExtractionMonitor(settings)
         predicted = None
         if settings.class_output:
-            from bastion.protos import pb
-            outputs = codec.decode_response(pb.ModelInferResponse.FromString(reply))
+            outputs = codec.decode_response(answer.message)
             scores = outputs.get(settings.class_output)
             if scores is not None and scores.size:
                 predicted = int(np.argmax(scores.reshape(scores.shape[0], -1)[0]))

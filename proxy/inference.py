@@ -65,6 +65,31 @@ class Inspected:
     pipeline: Pipeline | None = None
 
 
+class Answer:
+    """The upstream's answer to one unary call, parsed at most once and serialized at most once:
+    the response stages, the output guard, the token charge and the extraction monitor all read
+    (and may change) the one ModelInferResponse; ``raw`` re-encodes it only if one changed it."""
+
+    def __init__(self, raw: bytes | None = None, message: pb.ModelInferResponse | None = None):
+        self._raw, self._message = raw, message
+
+    @property
+    def message(self) -> pb.ModelInferResponse:
+        if self._message is None:
+            self._message = pb.ModelInferResponse.FromString(self._raw)
+        return self._message
+
+    def changed(self) -> None:
+        """The message was modified in place: ``raw`` must be re-encoded."""
+        self._raw = None
+
+    @property
+    def raw(self) -> bytes:
+        if self._raw is None:
+            self._raw = self._message.SerializeToString()
+        return self._raw
+
+
 def requested_model(raw: bytes) -> str:
     """The model a (possibly malformed) request names, for logs; empty if unparseable."""
     try:
@@ -236,12 +261,13 @@ class InferenceHandler:
         return Inspected(model_name, raw if raw is not None else request.SerializeToString(),
                          verdict, inputs)
 
-    async def complete(self, inspected: Inspected, reply: bytes, context, request_id: str) -> bytes:
+    async def complete(self, inspected: Inspected, answer: Answer, context,
+                       request_id: str) -> Answer:
         """Run response stages on the upstream's answer, finish the verdict, and return what the
         client gets (raises Rejected when a response stage refuses it)."""
         if not inspected.plan:
-            return self.annotated(reply, inspected, request_id)
-        response = pb.ModelInferResponse.FromString(reply)
+            return self.annotated(answer, inspected, request_id)
+        response = answer.message
 
         async def call_upstream(request: pb.ModelInferRequest) -> pb.ModelInferResponse:
             raw = await self.passthrough.call_unary(MODEL_INFER, request.SerializeToString(),
@@ -270,17 +296,16 @@ class InferenceHandler:
         policy.set_parameters(response, extra)
         if policy.needs_annotation(verdict):
             policy.annotate(response, verdict, request_id)
-        return response.SerializeToString()
+        return Answer(message=response)
 
-    async def guard_output(self, model: str, reply: bytes, identity: str, request_id: str,
-                           span=None) -> bytes:
+    async def guard_output(self, model: str, answer: Answer, identity: str, request_id: str,
+                           span=None) -> Answer:
         """The model's output section on a unary answer: redact in place, or refuse it
         (PERMISSION_DENIED naming the rule) when a finding stops it."""
         output = self.state.current.outputs.get(model)
         if output is None:
-            return reply
-        response = pb.ModelInferResponse.FromString(reply)
-        found = await output_guard.check_unary(output, response)
+            return answer
+        found = await output_guard.check_unary(output, answer.message)
         await self.output_events.report(identity=identity, request_id=request_id, model=model,
                                         method="ModelInfer", outcome=found, span=span)
         if found.stop is not None:
@@ -289,7 +314,9 @@ class InferenceHandler:
                            f"{OUTPUT_STOP_PREFIX}{reasons}",
                            (("bastion-verdict", "block"), ("bastion-reasons", reasons),
                             (forwarding.REQUEST_ID_KEY, request_id)))
-        return response.SerializeToString() if found.findings else reply
+        if found.findings:
+            answer.changed()  # redacted in place
+        return answer
 
     def _out_of_band(self, request, raw: bytes, request_id: str, model, names: list[str]) -> Inspected:
         """Tensor data in shared memory cannot be inspected: the model's policy decides."""
@@ -310,12 +337,12 @@ class InferenceHandler:
         return config.extraction if config is not None else None
 
     @staticmethod
-    def annotated(reply: bytes, inspected: Inspected, request_id: str) -> bytes:
+    def annotated(answer: Answer, inspected: Inspected, request_id: str) -> Answer:
         if inspected.verdict is None or not policy.needs_annotation(inspected.verdict):
-            return reply
-        response = pb.ModelInferResponse.FromString(reply)
-        policy.annotate(response, inspected.verdict, request_id)
-        return response.SerializeToString()
+            return answer
+        policy.annotate(answer.message, inspected.verdict, request_id)
+        answer.changed()
+        return answer
 
     # ---- unary -------------------------------------------------------------------------
     async def model_infer(self, raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
@@ -336,7 +363,7 @@ class InferenceHandler:
                                                              request_id)
                 upstream_s = time.perf_counter() - forward_started
                 try:
-                    reply = await self.complete(inspected, reply, context, request_id)
+                    answer = await self.complete(inspected, Answer(reply), context, request_id)
                 except Rejected as refused:
                     # A response stage refused the answer: that is the client's doing as much
                     # as a request stage's refusal, so it feeds the suspicion score too (a
@@ -346,20 +373,19 @@ class InferenceHandler:
                         identity, model, list(verdict.reasons) if verdict else [refused.reason],
                         {d.stage: d.action for d in verdict.decisions} if verdict else {})
                     raise
-                reply = await self.guard_output(model, reply, identity, request_id, span)
+                answer = await self.guard_output(model, answer, identity, request_id, span)
                 if self.clients.charges_output:
-                    await self.clients.charge_response(
-                        identity, model, pb.ModelInferResponse.FromString(reply),
-                        output_tensor(self.state.current, model))
+                    await self.clients.charge_response(identity, model, answer.message,
+                                                       output_tensor(self.state.current, model))
                 outcome = "OK"
                 settings = self._extraction(model)
                 if settings is not None:
                     await self.clients.observe_extraction(identity, model, settings,
-                                                          inspected.inputs, reply)
+                                                          inspected.inputs, answer)
                 if inspected.verdict is not None:
                     self.audit_decision(identity, request_id, model, "ModelInfer", outcome, inspected.verdict)
                 self.metrics.observe_added(model, time.perf_counter() - started - upstream_s)
-                return reply
+                return answer.raw
             except Rejected as rejected:
                 outcome = rejected.code.name
                 model = model or requested_model(raw)
