@@ -313,8 +313,9 @@ def decode_checked(request, max_elements: int, specs: dict) -> dict[str, np.ndar
 class Pipeline:
     """One model's chain (Envoy's filter chain): the request stages in order, then, on the
     upstream's answer, the response stages in reverse order, and the policy's verdict after
-    each half. The server (bastion.proxy.inference), ``replay --offline`` and ``calibrate``
-    all run a request through this object."""
+    each half. The server (bastion.proxy.inference) and ``replay --offline`` run requests
+    through these methods; ``calibrate`` builds the chain and drives its runners text by text
+    (it needs to know which stage refused each text)."""
 
     def __init__(self, model_name: str, model: ModelConfig, runners: list[StageRunner],
                  response_runners: list[ResponseRunner] | None = None):
