@@ -15,8 +15,6 @@ threshold and the benign groups above 2 %.
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import pathlib
 import sys
 
@@ -25,9 +23,8 @@ import numpy as np
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent / "training"))
 
-from eval_prompt_guard import (CALIBRATION_SHARE, INVISIBLE_THRESHOLD,  # noqa: E402
-                               SIGNATURE_THRESHOLD, assign_folds, rule_scores)
-from train_prompt_guard import ATTACK_FAMILIES, calibration_key, read_corpus  # noqa: E402
+from eval_prompt_guard import FoldFrame, assign_folds, text_digest  # noqa: E402
+from train_prompt_guard import ATTACK_FAMILIES  # noqa: E402
 from train_prompt_ngram import fit  # noqa: E402
 
 
@@ -40,20 +37,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from bastion.calibration_budget import pool_sources, split_budget
 
-    records = read_corpus(args.corpus)
-    folds = assign_folds(records, 4, json.loads(args.folds_file.read_text()))
-    n_folds = max(folds.values()) + 1
-    fold = np.array([folds[r["group"]] for r in records])
-    calib = np.array([r["label"] == "benign" and calibration_key(r["text"]) < CALIBRATION_SHARE
-                      for r in records])
-    attack = np.array([r["label"] != "benign" for r in records])
-    groups = np.array([r["group"] for r in records])
-    family = np.array([r["family"] for r in records])
-    texts = [r["text"] for r in records]
-    digests = [hashlib.sha1(t.encode("utf-8")).hexdigest() for t in texts]
-    rules = rule_scores(texts)
-    rule_flags = (rules["signatures"] >= SIGNATURE_THRESHOLD) | \
-        (rules["invisible"] >= INVISIBLE_THRESHOLD)
+    frame = FoldFrame.load(args.corpus, args.folds_file)
+    records, texts, groups, family = frame.records, frame.texts, frame.groups, frame.family
+    fold, calib, attack, rule_flags = frame.fold, frame.calib, frame.attack, frame.rule_flags
+    n_folds = frame.n_folds
+    digests = [text_digest(t) for t in texts]
 
     def classifier(k: int, index: np.ndarray) -> np.ndarray:
         with np.load(args.work / f"fold-{k}" / "scores.npz") as data:

@@ -92,6 +92,32 @@ def held_out_of(selected: list[int], fold: np.ndarray, *columns) -> list:
             else [item for item, k in zip(column, keep) if k] for column in columns]
 
 
+class FoldFrame:
+    """The corpus as the fold tools see it, one entry per record: its fold (by ``fold_of``,
+    group -> fold), whether it is a benign calibration text (the fixed hash split), its label,
+    group and family, its text and whether the profile's fixed rules flag it."""
+
+    def __init__(self, records: list[dict], fold_of: dict[str, int]):
+        self.records = records
+        self.texts = [r["text"] for r in records]
+        self.fold = np.array([fold_of[r["group"]] for r in records])
+        self.n_folds = int(self.fold.max()) + 1
+        self.calib = np.array([r["label"] == "benign"
+                               and calibration_key(r["text"]) < CALIBRATION_SHARE
+                               for r in records])
+        self.attack = np.array([r["label"] != "benign" for r in records])
+        self.groups = np.array([r["group"] for r in records])
+        self.family = np.array([r["family"] for r in records])
+        rules = rule_scores(self.texts)
+        self.rule_flags = ((rules["signatures"] >= SIGNATURE_THRESHOLD)
+                           | (rules["invisible"] >= INVISIBLE_THRESHOLD))
+
+    @classmethod
+    def load(cls, corpus: pathlib.Path, folds_file: pathlib.Path, folds: int = 4) -> "FoldFrame":
+        records = read_corpus(corpus)
+        return cls(records, assign_folds(records, folds, json.loads(folds_file.read_text())))
+
+
 def calibrated_threshold(scores: dict[str, np.ndarray], fixed_flags: np.ndarray,
                          groups: list[str], target: float) -> dict[str, float]:
     """The stages' thresholds as `bastion calibrate` sets them: the split budget with the
@@ -363,18 +389,14 @@ def main(argv: list[str] | None = None) -> int:
     texts = [r["text"] for r in records]
     fixed = json.loads(args.folds_file.read_text()) if args.folds_file else None
     fold_of_group = assign_folds(records, args.folds, fixed)
-    fold = np.array([fold_of_group[r["group"]] for r in records])
-    calib = np.array([r["label"] == "benign" and calibration_key(r["text"]) < CALIBRATION_SHARE
-                      for r in records])
+    frame = FoldFrame(records, fold_of_group)
+    fold, calib, rule_flags = frame.fold, frame.calib, frame.rule_flags
     (args.work / "folds.json").write_text(json.dumps(fold_of_group, indent=1, sort_keys=True))
 
     clf = np.full(len(records), np.nan)
     ngram = np.full(len(records), np.nan)
     clf_threshold = np.zeros(len(records))
     ngram_threshold = np.zeros(len(records))
-    rules = rule_scores(texts)
-    rule_flags = (rules["signatures"] >= SIGNATURE_THRESHOLD) | \
-        (rules["invisible"] >= INVISIBLE_THRESHOLD)
     # The profile as shipped (classifier + rules) and the profile with detect.ngram added (one
     # split budget for both models; measured, not shipped): flags and a fused ranking score.
     profile_flag = np.zeros(len(records), dtype=bool)
