@@ -84,7 +84,7 @@ def fit_learner(pipeline, index: int, input_name: str, texts: list[str]) -> str:
     """Fit request stage ``index`` on ``texts`` as it sees them in serving (after the
     transforms before it); save its state. Returns a note for the threshold file."""
     runner = pipeline.runners[index]
-    transforms = [r for r in pipeline.runners[:index] if r.is_transform]
+    transforms = [r for r in pipeline.runners[:index] if r.kind == "transform"]
     _, refused, seen = asyncio.run(run_texts(transforms, pipeline.model_name, input_name, texts))
     seen = [text for text, why in zip(seen, refused) if why is None]
     detector = runner.config.impl

@@ -20,6 +20,7 @@ import urllib.request
 import grpc
 
 from bastion import corpus, demo_generation, traffic
+from bastion.proxy.process import stop_event
 from bastion.protos import SERVICE
 
 DEMO_CONFIG = """\
@@ -221,10 +222,7 @@ def run_demo(duration_s: float | None = None, rate: float = 50.0, data: str | No
         tally = Tally()
 
         async def main() -> None:
-            stop = asyncio.Event()
-            loop = asyncio.get_running_loop()
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.add_signal_handler(sig, stop.set)
+            stop = stop_event()
             await _send_traffic(listen, rate, duration_s, tally, admin, stop, data)
 
         asyncio.run(main())

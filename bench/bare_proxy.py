@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import signal
 
 import grpc
+
+from bastion.proxy.process import stop_event
 
 MAX_MESSAGE = 64 * 1024 * 1024
 # Keys grpc sets itself on the outgoing call (pseudo-headers, transport headers).
@@ -60,11 +61,7 @@ async def serve(listen: str, upstream: str) -> None:
         raise OSError(f"cannot listen on {listen}")
     await server.start()
     print(f"bare_proxy: serving grpc={port} upstream={upstream}", flush=True)
-    stopping = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stopping.set)
-    await stopping.wait()
+    await stop_event().wait()
     await server.stop(1)
     await channel.close()
 

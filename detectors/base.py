@@ -1,4 +1,6 @@
-"""The one interface every detector implements (scikit-learn style).
+"""The bases of scoring stages: :class:`Detector` (the request half scores inputs) and
+:class:`ResponseStage` (the response half reads the model's answer), both a
+:class:`~bastion.core.stage.Stage`.
 
 ``fit`` learns from reference (benign) data where the detector learns at all; ``score`` maps a
 batch to one float per item, higher = more suspicious. Thresholds live in config, never in the
@@ -7,21 +9,47 @@ detector, so the same fitted detector serves monitor and enforce alike.
 from __future__ import annotations
 
 import abc
-import dataclasses
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import numpy as np
 
+from bastion.core.stage import ResponseResult, Stage, StageOutcome, StageView
 from bastion.transforms.base import TEXT_DATATYPES
 
+__all__ = ["Detector", "ResponseResult", "ResponseStage", "TextDetector", "as_text"]
 
-class Detector(abc.ABC):
+
+class Detector(Stage, abc.ABC):
+    """A stage whose request half scores items: each text element of a text input, or each
+    whole tensor; the stage's score is the highest item's, its reasons that item's."""
     #: v2 datatypes of the inputs this detector scores.
     accepts: ClassVar[frozenset[str]]
     #: True for detectors that score through a MicroBatcher (ONNX models): the pipeline then
     #: awaits ``ascore`` on the event loop instead of calling ``score`` inline.
     is_async: ClassVar[bool] = False
+
+    def on_request(self, view: StageView) -> StageOutcome:
+        items = self._items(view)
+        return self._outcome(items, self.score(items)) if items else StageOutcome()
+
+    async def aon_request(self, view: StageView) -> StageOutcome:
+        items = self._items(view)
+        return self._outcome(items, await self.ascore(items)) if items else StageOutcome()
+
+    def _items(self, view: StageView) -> list:
+        text = self.accepts == TEXT_DATATYPES
+        items: list = []
+        for values in view.values.values():
+            items.extend(list(values.reshape(-1)) if text else [values])
+        return items
+
+    def _outcome(self, items: list, scores) -> StageOutcome:
+        scores = np.asarray(scores, dtype=np.float64)
+        worst = int(np.argmax(scores))
+        score = float(scores[worst])
+        return StageOutcome(score, self.reasons(items[worst]) if score > 0 else [],
+                            worst_text=items[worst] if isinstance(items[worst], str) else None)
 
     async def ascore(self, batch: Sequence[Any]) -> np.ndarray:
         """Async scoring (batched detectors override this); the default calls ``score``."""
@@ -33,34 +61,14 @@ class Detector(abc.ABC):
 
     @abc.abstractmethod
     def score(self, batch: Sequence[Any]) -> np.ndarray:
-        """One float per item; higher is more suspicious."""
-
-    def reasons(self, item: Any) -> list[str]:
-        """Short reason codes for one item (e.g. ``signature:ignore_previous``); never raw input."""
-        return []
+        """One float per item; higher is more suspicious. ``reasons(item)`` (Stage) names why."""
 
 
 class TextDetector(Detector):
     accepts = TEXT_DATATYPES
 
 
-@dataclasses.dataclass
-class ResponseResult:
-    """What a response stage found in the upstream's answer."""
-    score: float
-    reasons: list[str] = dataclasses.field(default_factory=list)
-    #: Extra response parameters to return (e.g. ``bastion.certified_radius``).
-    parameters: dict[str, float | int | str | bool] = dataclasses.field(default_factory=dict)
-    #: Refuse the answer regardless of thresholds: (gRPC status code name, reason code), e.g.
-    #: randomized smoothing abstaining. In monitor mode this only annotates.
-    refusal: tuple[str, str] | None = None
-    #: Flag the answer with this reason code regardless of thresholds (forwarded, annotated).
-    flag: str | None = None
-    #: Extra work this answer cost the upstream (squeezed variants, noisy samples), for metrics.
-    extra_items: int = 0
-
-
-class ResponseStage(abc.ABC):
+class ResponseStage(Stage, abc.ABC):
     """A stage that needs the model's answer (Envoy's response filters): it may change the
     request before it is forwarded (ask for an extra output, batch squeezed variants), make
     extra upstream calls, score the response, and rewrite it before the client sees it.

@@ -18,13 +18,14 @@ from typing import TYPE_CHECKING
 import numpy as np
 from opentelemetry import trace
 
+from bastion.core.stage import StageOutcome, StageView
 from bastion.detectors.batcher import Overloaded
 from bastion.protos import codec
 from bastion.protos.codec import TensorError, as_bytes_array
 from bastion.proxy import policy
 from bastion.proxy.policy import ACTIONS, Decision
 from bastion.stage_config import StageConfig, calibrate_command, parse_stage
-from bastion.transforms.base import InputRejected, Transform, TransformContext
+from bastion.transforms.base import InputRejected
 from bastion.transforms.validate import check as check_tensor
 
 if TYPE_CHECKING:
@@ -110,7 +111,6 @@ class StageRunner:
         self.metrics = metrics
         # Monitor mode never refuses: there an overloaded stage is skipped (fail open).
         self.may_shed = enforce and config.common.on_overload == "shed" and not config.common.shadow
-        self.is_transform = isinstance(config.impl, Transform)
         self.kind = config.spec.kind
         self.is_text = config.impl.accepts == {"BYTES"}
 
@@ -120,47 +120,22 @@ class StageRunner:
         accepts = self.config.impl.accepts
         return [n for n in names if n in ctx.inputs and ctx.datatypes.get(n) in accepts]
 
-    def _run_sync(self, ctx: RequestContext, targets: list[str]) -> tuple[float, list[str], dict]:
-        """Returns (score, reasons, replacements); replacements are applied by the caller so a
-        stage that fails half-way never leaves a half-transformed request."""
-        impl = self.config.impl
-        reasons: list[str] = []
-        if self.is_transform:
-            replacements, total = {}, 0
-            for name in targets:
-                value = ctx.texts(name) if self.is_text else ctx.inputs[name]
-                result = impl.apply(value, TransformContext(ctx.request_id, name, ctx.datatypes[name]))
-                if result.changed:
-                    replacements[name] = result.array
-                    total += result.changed
-                    reasons.extend(f"{self.config.stage_id}:{k}" for k in sorted(result.counts))
-            return float(total), reasons, replacements
-        items = self._items(ctx, targets)
-        if not items:
-            return 0.0, [], {}
-        return self._summarize(items, impl.score(items), ctx)
+    def _view(self, ctx: RequestContext, targets: list[str]) -> StageView:
+        return StageView(ctx.request_id, self.config.stage_id,
+                         {name: ctx.texts(name) if self.is_text else ctx.inputs[name]
+                          for name in targets},
+                         {name: ctx.datatypes[name] for name in targets})
 
-    def _items(self, ctx: RequestContext, targets: list[str]) -> list:
-        items = []
-        for name in targets:
-            values = ctx.texts(name) if self.is_text else ctx.inputs[name]
-            items.extend(list(values.reshape(-1)) if self.is_text else [values])
-        return items
-
-    def _summarize(self, items: list, scores, ctx: RequestContext | None = None
-                   ) -> tuple[float, list[str], dict]:
-        scores = np.asarray(scores, dtype=np.float64)
-        worst = int(np.argmax(scores))
-        if ctx is not None and isinstance(items[worst], str) and scores[worst] > ctx._suspicious_score:
-            ctx.suspicious_text, ctx._suspicious_score = items[worst], float(scores[worst])
-        reasons = self.config.impl.reasons(items[worst]) if scores[worst] > 0 else []
-        return float(scores[worst]), reasons, {}
-
-    async def _run_async(self, ctx: RequestContext, targets: list[str]):
-        items = self._items(ctx, targets)
-        if not items:
-            return 0.0, [], {}
-        return self._summarize(items, await self.config.impl.ascore(items), ctx)
+    async def _request_half(self, ctx: RequestContext, targets: list[str],
+                            timeout: float | None) -> StageOutcome:
+        """The stage's request half: awaited (a model behind the micro-batcher), in a worker
+        thread (``offload``: CPU-heavy image work) or inline."""
+        impl, view = self.config.impl, self._view(ctx, targets)
+        if impl.is_async:
+            return await asyncio.wait_for(impl.aon_request(view), timeout)
+        if self.config.spec.offload:
+            return await asyncio.wait_for(asyncio.to_thread(impl.on_request, view), timeout)
+        return impl.on_request(view)
 
     def _observe_run(self, started: float, error: str | None) -> None:
         """The stage's time and outcome into the metrics, for every run, failed or not."""
@@ -189,14 +164,7 @@ class StageRunner:
             error = None
             try:
                 timeout = common.budget_ms / 1000 if common.budget_ms else None
-                if getattr(self.config.impl, "is_async", False):
-                    work = self._run_async(ctx, targets)
-                    score, reasons, replacements = await asyncio.wait_for(work, timeout)
-                elif self.config.spec.offload:
-                    work = asyncio.to_thread(self._run_sync, ctx, targets)
-                    score, reasons, replacements = await asyncio.wait_for(work, timeout)
-                else:
-                    score, reasons, replacements = self._run_sync(ctx, targets)
+                outcome = await self._request_half(ctx, targets, timeout)
                 elapsed = time.perf_counter() - started
                 if common.budget_ms and elapsed * 1000 > common.budget_ms:
                     error = "budget_exceeded"
@@ -217,8 +185,13 @@ class StageRunner:
             self._observe_run(started, error)
             if error is not None:
                 return self._failed(error, span)
-            for name, value in replacements.items():
+            # Replacements apply only now, so a stage that failed half-way never leaves a
+            # half-transformed request.
+            for name, value in outcome.replacements.items():
                 ctx.set_texts(name, value) if self.is_text else ctx.set_tensor(name, value)
+            score = outcome.score
+            if outcome.worst_text is not None and score > ctx._suspicious_score:
+                ctx.suspicious_text, ctx._suspicious_score = outcome.worst_text, score
             ctx.scores[stage_id] = score
             if self.metrics is not None:
                 self.metrics.observe_score(self.model_name, stage_id, score)
@@ -226,13 +199,13 @@ class StageRunner:
             acted = common.threshold is not None and score >= common.threshold
             if acted:
                 action = common.action or "block"
-            elif self.is_transform and replacements:
+            elif outcome.replacements:
                 action = "transform"
             else:
                 action = "allow"
             if action != "allow":
                 span.set_attribute("bastion.stage.action", action)
-            return Decision(stage_id, action, score, reasons if action != "allow" else [],
+            return Decision(stage_id, action, score, outcome.reasons if action != "allow" else [],
                             threshold=common.threshold, shadow=common.shadow)
 
 

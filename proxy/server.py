@@ -14,6 +14,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from bastion.config import Config
+from bastion.proxy.process import stop_event
 from bastion.protos import SERVICE, pb
 from bastion.proxy import telemetry, tls
 from bastion.proxy.admin import AdminServer
@@ -202,10 +203,7 @@ async def serve(config: Config, config_path: pathlib.Path | None = None,
         # One machine-readable line, so tools (and tests) using port 0 learn the real ports.
         print(f"bastion: serving grpc={sidecar.grpc_port} admin={sidecar.admin_port} "
               f"upstream={config.upstream.target}", flush=True)
-    stopping = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stopping.set)
-    await stopping.wait()
+    await stop_event().wait()
     shutdown = config.shutdown
     _exit_watchdog(shutdown.drain_delay_s + shutdown.grace_s + EXIT_MARGIN_S)
     if reloader is not None:

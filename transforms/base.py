@@ -1,4 +1,5 @@
-"""The one interface every input transform implements.
+"""The base of input transforms: a :class:`~bastion.core.stage.Stage` whose request half
+rewrites inputs.
 
 A transform is pure: it takes one input tensor and returns a new one plus how many elements (or
 characters, for text) it changed. That count is a signal in its own right (a prompt with 40
@@ -11,6 +12,8 @@ import dataclasses
 from typing import ClassVar
 
 import numpy as np
+
+from bastion.core.stage import Stage, StageOutcome, StageView
 
 TEXT_DATATYPES = frozenset({"BYTES"})
 NUMERIC_DATATYPES = frozenset({"BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16",
@@ -47,13 +50,28 @@ class TransformContext:
         self.datatype = datatype
 
 
-class Transform(abc.ABC):
+class Transform(Stage, abc.ABC):
     #: v2 datatypes this transform accepts; config wiring it to another input is rejected.
     accepts: ClassVar[frozenset[str]]
 
     @abc.abstractmethod
     def apply(self, array: np.ndarray, ctx: TransformContext) -> TransformResult:
         """Return the transformed array and what changed; raise InputRejected on a rule break."""
+
+    def on_request(self, view: StageView) -> StageOutcome:
+        """Apply to each targeted input; the score is how many characters/elements changed,
+        the reasons the change categories (``<stage id>:<category>``)."""
+        outcome = StageOutcome()
+        total = 0
+        for name, value in view.values.items():
+            result = self.apply(value, TransformContext(view.request_id, name,
+                                                        view.datatypes[name]))
+            if result.changed:
+                outcome.replacements[name] = result.array
+                total += result.changed
+                outcome.reasons.extend(f"{view.stage_id}:{k}" for k in sorted(result.counts))
+        outcome.score = float(total)
+        return outcome
 
 
 class TextTransform(Transform):

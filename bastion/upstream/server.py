@@ -22,7 +22,6 @@ import asyncio
 import json
 import logging
 import pathlib
-import signal
 from importlib import resources
 
 import grpc
@@ -30,6 +29,7 @@ import numpy as np
 import onnxruntime as ort
 
 import bastion
+from bastion.proxy.process import stop_event
 from bastion.protos import codec, pb, pb_grpc
 from bastion.upstream.common import VERSION, InferError
 from bastion.upstream.generation import GENERATOR_FILE, GenerationModel
@@ -262,9 +262,5 @@ async def serve(listen: str, models_dir: pathlib.Path, threads: int = 1,
         raise OSError(f"cannot listen on {listen}")
     await server.start()
     print(f"bastion upstream: serving grpc={port} models={','.join(models)}", flush=True)
-    stopping = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stopping.set)
-    await stopping.wait()
+    await stop_event().wait()
     await server.stop(2)
