@@ -147,3 +147,47 @@ def test_check_config_names_a_broken_plugin_in_one_line(tmp_path):
     assert checked.returncode == 1
     assert "Traceback" not in checked.stderr
     assert "stage plugin 'broken'" in checked.stderr and "failed to load" in checked.stderr
+
+
+def test_a_stage_on_the_bare_face_runs_in_the_chain(monkeypatch):
+    """A stage that subclasses only ``Stage`` (no Detector/Transform base): the runner calls its
+    request half and applies what it returns (score, reasons, replacements), as for any stage."""
+    import asyncio
+
+    from bastion.core.stage import Stage, StageOutcome
+    from bastion.protos import codec
+    from bastion.proxy.pipeline import RequestContext, build_pipeline
+    from bastion.transforms.base import TEXT_DATATYPES
+
+    class Options(registry.StageOptions):
+        pass
+
+    class Redact(Stage):
+        accepts = TEXT_DATATYPES
+
+        def __init__(self, options):
+            pass
+
+        def on_request(self, view):
+            outcome = StageOutcome(worst_text=None)
+            for name, texts in view.values.items():
+                new = texts.copy()
+                for i, text in enumerate(texts.reshape(-1)):
+                    new.reshape(-1)[i] = text.replace("secret", "[redacted]")
+                    outcome.score += text.count("secret")
+                outcome.replacements[name] = new
+            outcome.reasons = [f"{view.stage_id}:redacted"] if outcome.score else []
+            return outcome
+
+    monkeypatch.setitem(registry.REGISTRY, "test.redact",
+                        registry.StageSpec("test.redact", "transform", Options, Redact))
+    config = parse_config({"models": {"chat": {"inputs": {"prompt": {"kind": "text"}},
+                                               "pipeline": [{"test.redact": {"threshold": 2}}]}}})
+    pipeline = build_pipeline("chat", config.models["chat"])
+    ctx = RequestContext("r", "chat", "", {"prompt": codec.as_bytes_array(
+        ["my secret, your secret"], (1, 1))}, {"prompt": "BYTES"})
+    asyncio.run(pipeline.run(ctx, stop_on_block=True))
+    [decision] = ctx.decisions
+    assert (decision.stage, decision.action, decision.score) == ("test.redact", "block", 2.0)
+    assert decision.reasons == ["test.redact:redacted"]
+    assert ctx.inputs["prompt"].reshape(-1)[0] == b"my [redacted], your [redacted]"
