@@ -64,9 +64,9 @@ async def score_texts(pipeline, stage_id: str, input_name: str, texts: list[str]
                       concurrency: int = 32, progress: bool = False) -> np.ndarray:
     """Each text through the model's pipeline as the sidecar runs it; the stage's scores."""
     index, _ = _find_runner(pipeline, stage_id)
-    runners = pipeline.runners[:index + 1]  # stages after this one cannot change its score
-    scores, _, _ = await run_texts(runners, pipeline.model_name, input_name, texts, concurrency,
-                                   progress)
+    # Stages after this one cannot change its score.
+    scores, _, _ = await run_texts(pipeline, input_name, texts, concurrency, progress,
+                                   upto=index + 1)
     return scores[stage_id]
 
 

@@ -74,7 +74,7 @@ def calibrate_pipeline(args, pipeline, input_name: str) -> int:
     groups = pool_sources([sources[j] for j in order])
 
     scores, refused, _ = asyncio.run(run_texts(
-        pipeline.runners, pipeline.model_name, input_name, held_texts,
+        pipeline, input_name, held_texts,
         progress=sys.stderr.isatty() or args.progress))
     fixed_flags = refused != None  # noqa: E711 - elementwise on an object array
     for runner in fixed:

@@ -36,17 +36,18 @@ def read_texts(path: str, field: str = "text", label: str | None = "benign") -> 
     return read_records(path, field, label)[0]
 
 
-async def run_texts(runners, model_name: str, input_name: str, texts: list[str],
-                    concurrency: int = 32, progress: bool = False
+async def run_texts(pipeline, input_name: str, texts: list[str], concurrency: int = 32,
+                    progress: bool = False, upto: int | None = None, kind: str | None = None
                     ) -> tuple[dict[str, np.ndarray], np.ndarray, list[str]]:
-    """Each text through ``runners`` as the sidecar runs them, every stage run (none skipped
-    after a block). Returns ({stage id: [n] scores, NaN where it did not score}, [n] the id of
-    the stage that refused the text or None, the texts as the last stage left them)."""
+    """Each text through the model's chain as the sidecar runs it (``Pipeline.run_each``: the
+    first ``upto`` request stages, only those of ``kind`` if given; none skipped after a
+    block). Returns ({stage id: [n] scores, NaN where it did not score}, [n] the id of the
+    stage that refused the text or None, the texts as the last stage left them)."""
     from bastion.proxy.pipeline import RequestContext
-    from bastion.transforms.base import InputRejected
-    from bastion.protos.codec import TensorError, as_bytes_array
+    from bastion.protos.codec import as_bytes_array
 
-    scores = {runner.config.stage_id: np.full(len(texts), np.nan) for runner in runners}
+    scores = {runner.config.stage_id: np.full(len(texts), np.nan)
+              for runner in pipeline.runners[:upto]}
     refused = np.full(len(texts), None, dtype=object)
     seen = list(texts)
     bar = None
@@ -55,19 +56,13 @@ async def run_texts(runners, model_name: str, input_name: str, texts: list[str],
         bar = tqdm(total=len(texts), unit="text", file=sys.stderr)
 
     async def one(i: int, text: str) -> None:
-        ctx = RequestContext(f"calibrate-{i}", model_name, "",
+        ctx = RequestContext(f"calibrate-{i}", pipeline.model_name, "",
                              {input_name: as_bytes_array([text], (1, 1))}, {input_name: "BYTES"},
                              invalid_utf8="replace")
-        for runner in runners:
-            try:
-                await runner.run(ctx)
-            except (InputRejected, TensorError):  # the sidecar refuses the request here
-                refused[i] = runner.config.stage_id
-                break
-            stage_id = runner.config.stage_id
-            if stage_id in ctx.scores:
-                scores[stage_id][i] = ctx.scores[stage_id]
-        else:
+        refused[i] = await pipeline.run_each(ctx, upto, kind)
+        for stage_id, score in ctx.scores.items():
+            scores[stage_id][i] = score
+        if refused[i] is None:
             seen[i] = str(ctx.texts(input_name).reshape(-1)[0])
         if bar is not None:
             bar.update(1)
@@ -84,8 +79,8 @@ def fit_learner(pipeline, index: int, input_name: str, texts: list[str]) -> str:
     """Fit request stage ``index`` on ``texts`` as it sees them in serving (after the
     transforms before it); save its state. Returns a note for the threshold file."""
     runner = pipeline.runners[index]
-    transforms = [r for r in pipeline.runners[:index] if r.kind == "transform"]
-    _, refused, seen = asyncio.run(run_texts(transforms, pipeline.model_name, input_name, texts))
+    _, refused, seen = asyncio.run(run_texts(pipeline, input_name, texts, upto=index,
+                                             kind="transform"))
     seen = [text for text, why in zip(seen, refused) if why is None]
     detector = runner.config.impl
     detector.fit(seen)

@@ -287,8 +287,8 @@ class Pipeline:
     """One model's chain (Envoy's filter chain): the request stages in order, then, on the
     upstream's answer, the response stages in reverse order, and the policy's verdict after
     each half. The server (bastion.proxy.inference) and ``replay --offline`` run requests
-    through these methods; ``calibrate`` builds the chain and drives its runners text by text
-    (it needs to know which stage refused each text)."""
+    through these methods, ``calibrate`` through :meth:`run_each` (every stage's score, and
+    which stage refused a text)."""
 
     def __init__(self, model_name: str, model: ModelConfig, runners: list[StageRunner],
                  response_runners: list[ResponseRunner] | None = None):
@@ -310,6 +310,24 @@ class Pipeline:
                 break  # nothing later can change a block; spare the work
         ctx.finish()
         return ctx
+
+    async def run_each(self, ctx: RequestContext, upto: int | None = None,
+                       kind: str | None = None) -> str | None:
+        """Every request stage (the first ``upto``; only those of ``kind`` if given) on
+        ``ctx``, none skipped after a block: what calibration needs, every stage's score.
+        Returns the id of the stage that refused the request (a rule break: the sidecar
+        answers INVALID_ARGUMENT there), else None."""
+        for runner in self.runners[:upto]:
+            if kind is not None and runner.kind != kind:
+                continue
+            try:
+                decision = await runner.run(ctx)
+            except (InputRejected, TensorError):
+                return runner.config.stage_id
+            if decision is not None:
+                ctx.decisions.append(decision)
+        ctx.finish()
+        return None
 
     async def run_request(self, request, inputs: dict[str, np.ndarray], request_id: str,
                           stop_on_block: bool) -> tuple[RequestContext, policy.Verdict]:
