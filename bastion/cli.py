@@ -82,7 +82,7 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def _cmd_upstream(args: argparse.Namespace) -> int:
-    from bastion.upstream.server import default_models_dir, serve
+    from bastion.reference_server.server import default_models_dir, serve
     models_dir = pathlib.Path(args.models) if args.models else default_models_dir()
     _run(serve(args.listen, models_dir, args.threads,
                pathlib.Path(args.request_log) if args.request_log else None))

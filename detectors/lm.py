@@ -218,7 +218,7 @@ class LMRunner:
 
     def _open_session(self, options, providers: Sequence[str]):
         """The onnxruntime session for ``self.model_path`` (a subclass may load the graph
-        differently, e.g. bastion/upstream/generation.py adds an output)."""
+        differently, e.g. bastion/reference_server/generation.py adds an output)."""
         import onnxruntime as ort
         return ort.InferenceSession(str(self.model_path), options, providers=list(providers))
 

@@ -4,7 +4,7 @@
 the framing Triton uses for decoupled models (one response per chunk, ``triton_final_response``
 false, then an empty final response flagged true, every one with the request's id), unary
 answers equal to the joined chunks for a seed, echo mode, max_tokens, several requests on one
-stream, and errors. Plus the model's pieces without a server (bastion/upstream/generation.py).
+stream, and errors. Plus the model's pieces without a server (bastion/reference_server/generation.py).
 """
 from __future__ import annotations
 
@@ -16,9 +16,9 @@ import pytest
 import tritonclient.grpc as tc
 
 from bastion.protos import codec, pb
-from bastion.upstream import generation
-from bastion.upstream.generation import FINAL_RESPONSE_PARAMETER as FINAL
-from bastion.upstream.server import default_models_dir
+from bastion.reference_server import generation
+from bastion.reference_server.generation import FINAL_RESPONSE_PARAMETER as FINAL
+from bastion.reference_server.server import default_models_dir
 from tests.harness import Upstream
 
 MODEL = "text-generator"

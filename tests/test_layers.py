@@ -155,7 +155,7 @@ def graph():
 def test_every_package_folder_is_read(graph):
     for module in ("bastion.config", "bastion.cli", "bastion.proxy.server",
                    "bastion.detectors.base", "bastion.transforms.base", "bastion.protos",
-                   "bastion.upstream.server"):
+                   "bastion.reference_server.server"):
         assert module in graph
     assert not any("_pb2" in module for module in graph)
     # Imports are resolved, relative and function-level ones included.

@@ -17,7 +17,7 @@ def test_wheel_installs_only_the_bastion_namespace(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     top = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
     assert top == {"bastion"}
-    for package in ("proxy", "detectors", "transforms", "protos", "upstream", "replay"):
+    for package in ("proxy", "detectors", "transforms", "protos", "reference_server", "replay", "core"):
         assert f"bastion/{package}/__init__.py" in names
     for shipped in ("bastion/demo_models/fashion-mnist/model.onnx",
                     "bastion/demo_models/text-classifier/model.onnx",
@@ -28,7 +28,7 @@ def test_wheel_installs_only_the_bastion_namespace(tmp_path):
 
 
 def test_sidecar_runtime_never_imports_torch():
-    code = ("import sys, bastion.cli, bastion.proxy.server, bastion.upstream.server, bastion.demo; "
+    code = ("import sys, bastion.cli, bastion.proxy.server, bastion.reference_server.server, bastion.demo; "
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

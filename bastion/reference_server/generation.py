@@ -27,7 +27,7 @@ never splits a character and the chunks joined are exactly the unary answer. Gen
 after ``max_tokens`` tokens or at a special token (``<|endoftext|>``). A token that completes no
 character yields no chunk, so a stream has at most ``max_tokens`` text chunks.
 
-Responses: see bastion/upstream/server.py (``ModelStreamInfer``) and docs/demo-models.md.
+Responses: see bastion/reference_server/server.py (``ModelStreamInfer``) and docs/demo-models.md.
 """
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ import numpy as np
 
 from bastion.detectors.lm import LMRunner
 from bastion.protos import codec, pb
-from bastion.upstream.common import VERSION, InferError
+from bastion.reference_server.common import VERSION, InferError
 
 GENERATOR_FILE = "generator.json"
 TEXT_INPUT, MAX_TOKENS_INPUT, TEXT_OUTPUT = "text_input", "max_tokens", "text_output"

@@ -1,7 +1,7 @@
 """Reference Open Inference Protocol model server over onnxruntime, for demos and tests.
 
 Serves every ``<models>/<name>/model.onnx`` as model ``name`` (version "1"), and every
-``<models>/<name>/generator.json`` as a decoupled text-generation model (bastion/upstream/
+``<models>/<name>/generator.json`` as a decoupled text-generation model (bastion/reference_server/
 generation.py; the demo models' ``text-generator``). It is deliberately small: the real peers
 (Triton, MLServer, KServe) are what production runs; this one exists so a demo and the
 test-suite need nothing but this package.
@@ -31,10 +31,10 @@ import onnxruntime as ort
 import bastion
 from bastion.proxy.process import stop_event
 from bastion.protos import codec, pb, pb_grpc
-from bastion.upstream.common import VERSION, InferError
-from bastion.upstream.generation import GENERATOR_FILE, GenerationModel
+from bastion.reference_server.common import VERSION, InferError
+from bastion.reference_server.generation import GENERATOR_FILE, GenerationModel
 
-log = logging.getLogger("bastion.upstream")
+log = logging.getLogger("bastion.reference_server")
 
 ORT_TO_V2 = {
     "tensor(float)": "FP32", "tensor(double)": "FP64", "tensor(float16)": "FP16",
