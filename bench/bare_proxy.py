@@ -17,7 +17,7 @@ import asyncio
 
 import grpc
 
-from bastion.proxy.process import stop_event
+from bastion.proxy.process import serve_until_stopped
 
 MAX_MESSAGE = 64 * 1024 * 1024
 # Keys grpc sets itself on the outgoing call (pseudo-headers, transport headers).
@@ -56,13 +56,9 @@ async def serve(listen: str, upstream: str) -> None:
     channel = grpc.aio.insecure_channel(upstream, options=options + [("grpc.enable_retries", 0)])
     server = grpc.aio.server(options=options + [("grpc.so_reuseport", 0)])
     server.add_generic_rpc_handlers((Forwarder(channel),))
-    port = server.add_insecure_port(listen)
-    if not port:
-        raise OSError(f"cannot listen on {listen}")
-    await server.start()
-    print(f"bare_proxy: serving grpc={port} upstream={upstream}", flush=True)
-    await stop_event().wait()
-    await server.stop(1)
+    await serve_until_stopped(
+        server, listen, lambda port: f"bare_proxy: serving grpc={port} upstream={upstream}",
+        grace_s=1)
     await channel.close()
 
 

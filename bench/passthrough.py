@@ -369,21 +369,17 @@ def main(argv: list[str] | None = None) -> int:
         addresses, pid_of = {}, {}
         if "direct" in targets:
             addresses["direct"], pid_of["direct"] = upstream.address, lambda: []
-        if "bastion" in targets:
-            sidecar = Sidecar(upstream.address)
-            procs.append(sidecar)
-            addresses["bastion"] = sidecar.address
-            pid_of["bastion"] = lambda pid=sidecar.proc.pid: [pid]
-        if "bastion_baseline" in targets:
-            baseline = Sidecar(upstream.address, python=args.baseline_python, cwd=str(tmp))
-            procs.append(baseline)
-            addresses["bastion_baseline"] = baseline.address
-            pid_of["bastion_baseline"] = lambda pid=baseline.proc.pid: [pid]
-        if "bare_proxy" in targets:
-            bare = BareProxy(upstream.address)
-            procs.append(bare)
-            addresses["bare_proxy"] = bare.address
-            pid_of["bare_proxy"] = lambda pid=bare.proc.pid: [pid]
+        # The proxies measured (one process each): how to start each target.
+        start = {"bastion": lambda: Sidecar(upstream.address),
+                 "bastion_baseline": lambda: Sidecar(upstream.address,
+                                                     python=args.baseline_python, cwd=str(tmp)),
+                 "bare_proxy": lambda: BareProxy(upstream.address)}
+        for target, make in start.items():
+            if target in targets:
+                proc = make()
+                procs.append(proc)
+                addresses[target] = proc.address
+                pid_of[target] = lambda pid=proc.proc.pid: [pid]
         if "nginx" in targets:
             nginx = Nginx(upstream.address, tmp / "nginx")
             procs.append(nginx)

@@ -14,3 +14,15 @@ def stop_event() -> asyncio.Event:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
     return stopping
+
+
+async def serve_until_stopped(server, listen: str, banner, grace_s: float) -> None:
+    """Listen on ``listen`` (plain-text gRPC), print ``banner(port)`` (the one line tools and
+    tests read the real port from), serve until SIGTERM/SIGINT, then stop with ``grace_s``."""
+    port = server.add_insecure_port(listen)
+    if not port:
+        raise OSError(f"cannot listen on {listen}")
+    await server.start()
+    print(banner(port), flush=True)
+    await stop_event().wait()
+    await server.stop(grace_s)

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib.util
 import pathlib
 import sys
 import tempfile
@@ -40,6 +39,7 @@ import warnings
 import numpy as np
 
 from generated_doc import write_generated  # tools/ (this script's folder)
+from image_attacks import training_module
 from linf_attack import linf_attack
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -63,14 +63,6 @@ SQUEEZER_CONFIGS = [
 ]
 EPSILONS = (0.05, 0.1, 0.2, 0.3)
 RADII = (0.0, 0.25, 0.5, 1.0)
-
-
-def _training_module():
-    path = REPO / "tools" / "training" / "train_fashion_mnist.py"
-    spec = importlib.util.spec_from_file_location("train_fashion_mnist", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def session(path):
@@ -404,7 +396,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     started = time.time()
-    train = _training_module()
+    train = training_module()
     x_u8, y_test = train.load_split("t10k")
     x_test = (x_u8.astype(np.float32) / 255.0)[:, None]
     sess = session(ONNX_PATH)

@@ -29,7 +29,7 @@ import numpy as np
 import onnxruntime as ort
 
 import bastion
-from bastion.proxy.process import stop_event
+from bastion.proxy.process import serve_until_stopped
 from bastion.protos import codec, pb, pb_grpc
 from bastion.reference_server.common import VERSION, InferError
 from bastion.reference_server.generation import GENERATOR_FILE, GenerationModel
@@ -257,10 +257,6 @@ async def serve(listen: str, models_dir: pathlib.Path, threads: int = 1,
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 * 1024 * 1024),
                                       ("grpc.max_send_message_length", 64 * 1024 * 1024)])
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(ReferenceServer(models, request_log), server)
-    port = server.add_insecure_port(listen)
-    if not port:
-        raise OSError(f"cannot listen on {listen}")
-    await server.start()
-    print(f"bastion upstream: serving grpc={port} models={','.join(models)}", flush=True)
-    await stop_event().wait()
-    await server.stop(2)
+    await serve_until_stopped(
+        server, listen, lambda port: f"bastion upstream: serving grpc={port} "
+                                     f"models={','.join(models)}", grace_s=2)
