@@ -54,7 +54,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.config) if args.config else Config()
         config = with_overrides(config, listen=args.listen, admin=args.admin,
-                                upstream=args.upstream)
+                                upstream=args.upstream, http_listen=args.http_listen)
     except ConfigError as err:
         print(err, file=sys.stderr)
         return 2
@@ -105,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--listen", help="gRPC HOST:PORT (overrides the file)")
     serve.add_argument("--upstream", help="model server HOST:PORT (overrides the file)")
     serve.add_argument("--admin", help="admin HTTP HOST:PORT (overrides the file)")
+    serve.add_argument("--http-listen", help="KServe v2 REST front HOST:PORT, e.g. 0.0.0.0:8000 "
+                                             "(overrides the file; unset: gRPC only)")
     serve.set_defaults(func=_cmd_serve)
 
     check = sub.add_parser("check-config", help="validate a config file")

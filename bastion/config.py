@@ -53,11 +53,25 @@ class UpstreamConfig(_Strict):
     health_interval_s: float = Field(1.0, gt=0)
     max_receive_message_bytes: int = Field(DEFAULT_MAX_MESSAGE_BYTES, gt=0)
     max_send_message_bytes: int = Field(DEFAULT_MAX_MESSAGE_BYTES, gt=0)
+    # The model server's own REST port (http://HOST:PORT): the REST front proxies the routes it
+    # does not inspect (Triton's repository, statistics, trace; KServe v1) there. None: 404.
+    http_target: str | None = None
 
     @field_validator("target")
     @classmethod
     def _address(cls, value: str) -> str:
         return _check_address(value)
+
+    @field_validator("http_target")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        scheme, sep, rest = value.partition("://")
+        if scheme not in ("http", "https") or not sep:
+            raise ValueError(f"expected http://HOST:PORT or https://HOST:PORT, got {value!r}")
+        _check_address(rest.rstrip("/"))
+        return value.rstrip("/")
 
 
 class LimitsConfig(_Strict):
@@ -69,6 +83,10 @@ class LimitsConfig(_Strict):
     # Resident memory above which new inference work is refused RESOURCE_EXHAUSTED (shed) until
     # in-flight work has freed it (proxy/memory.py); None = no watermark.
     max_memory_bytes: int | None = Field(None, gt=0)
+    # REST front: a client must send its whole body within this long (slow clients end 408),
+    # and a request line or header line may be at most this long (longer: 400).
+    http_body_timeout_s: float = Field(30.0, gt=0)
+    http_max_header_bytes: int = Field(8190, ge=256)
 
 
 class ShutdownConfig(_Strict):
@@ -205,6 +223,8 @@ class Config(_Strict):
     listen: str = "0.0.0.0:8001"
     # Admin HTTP (/metrics, /healthz, /readyz): loopback unless an operator opens it.
     admin: str = "127.0.0.1:8002"
+    # The KServe v2 REST front (Triton's convention: 8000); None: gRPC only.
+    http_listen: str | None = None
     upstream: UpstreamConfig = UpstreamConfig()
     limits: LimitsConfig = LimitsConfig()
     shutdown: ShutdownConfig = ShutdownConfig()
@@ -225,10 +245,10 @@ class Config(_Strict):
         model = self.models.get(model_name)
         return cached[1] if cached is not None and cached[0] is model else None
 
-    @field_validator("listen", "admin")
+    @field_validator("listen", "admin", "http_listen")
     @classmethod
-    def _address(cls, value: str) -> str:
-        return _check_address(value)
+    def _address(cls, value: str | None) -> str | None:
+        return None if value is None else _check_address(value)
 
 
 def validate_pipelines(config: Config, *, allow_uncalibrated: bool = False,

@@ -354,6 +354,7 @@ class InferenceHandler:
         with telemetry.server_span(MODEL_INFER, context) as span:
             if span is not None:
                 span.set_attribute("bastion.request_id", request_id)
+                span.set_attribute("bastion.protocol", getattr(context, "protocol", "grpc"))
             try:
                 inspected = await self.inspect(raw, request_id, identity)
                 model = inspected.model
@@ -404,4 +405,5 @@ class InferenceHandler:
                 telemetry.record_status(span, getattr(grpc.StatusCode, outcome,
                                                       grpc.StatusCode.UNKNOWN))
                 self.metrics.observe_request("ModelInfer", model, outcome,
-                                             time.perf_counter() - started)
+                                             time.perf_counter() - started,
+                                             getattr(context, "protocol", "grpc"))

@@ -22,8 +22,9 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None):
         self.registry = registry or CollectorRegistry()
         self.requests = Counter(
-            "bastion_requests", "Inference requests handled, by model, method and gRPC outcome.",
-            ["model", "method", "code"], registry=self.registry)
+            "bastion_requests", "Inference requests handled, by model, method, gRPC outcome "
+            "and protocol (grpc, or http for the v2 REST front).",
+            ["model", "method", "code", "protocol"], registry=self.registry)
         self.request_seconds = Histogram(
             "bastion_request_duration_seconds",
             "Time from receiving an inference request to answering it (or forwarding it, for "
@@ -174,12 +175,13 @@ class Metrics:
             for reason in verdict.reasons[:8]:
                 self.reasons.labels(model, reason).inc()
 
-    def observe_request(self, method: str, model: str, code: str, seconds: float) -> None:
+    def observe_request(self, method: str, model: str, code: str, seconds: float,
+                        protocol: str = "grpc") -> None:
         # Hot path: label children are cached (labels() takes a lock and builds a key each call).
-        key = (method, model, code)
+        key = (method, model, code, protocol)
         children = self._request_children.get(key)
         if children is None:
-            children = (self.requests.labels(self.model_label(model), method, code),
+            children = (self.requests.labels(self.model_label(model), method, code, protocol),
                         self.request_seconds.labels(method))
             if len(self._request_children) < 4096:
                 self._request_children[key] = children

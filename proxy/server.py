@@ -25,6 +25,7 @@ from bastion.proxy.inference import MODEL_INFER, InferenceHandler
 from bastion.proxy.metrics import Metrics
 from bastion.proxy.passthrough import Passthrough, PassthroughHandler
 from bastion.proxy.reload import ConfigReloader
+from bastion.proxy.rest import RestFront
 from bastion.proxy.state import SidecarState
 from bastion.proxy.stream_infer import MODEL_STREAM_INFER, model_stream_infer
 from bastion.proxy.upstream import Upstream
@@ -76,6 +77,11 @@ class Sidecar:
         self.server: grpc.aio.Server | None = None
         self.grpc_port = 0
         self.admin_port = 0
+        # The v2 REST front, on the same inference path (None: gRPC only).
+        self.rest = (RestFront(config, self.inference, self.passthrough, self.metrics,
+                               lambda: self.upstream.ready and not self.draining)
+                     if config.http_listen else None)
+        self.http_port = 0
 
     async def start(self) -> None:
         limits = self.config.limits
@@ -94,6 +100,8 @@ class Sidecar:
             raise OSError(f"cannot listen on {self.config.listen}")
         await self._set_health(False)
         await self.server.start()
+        if self.rest is not None:
+            self.http_port = await self.rest.start(self.config.http_listen)
         self.admin_port = await self.admin.start(self.config.admin)
         self.upstream.start(self._set_health)
         log.info("listening grpc=%s admin=%s upstream=%s", self.grpc_port, self.admin_port,
@@ -150,10 +158,16 @@ class Sidecar:
         ``grace_s``; then the server stops and the peers are closed, each step bounded."""
         if self.server is not None:
             self.gate.close()
+            if self.rest is not None:
+                self.rest.close()
             start = time.monotonic()
             if not await self.gate.wait_idle(grace_s, QUIET_S):
                 log.warning("grace of %.1fs over with %d calls in flight: stopping anyway",
                             grace_s, self.gate.in_flight)
+            left = max(0.0, grace_s - (time.monotonic() - start))
+            if self.rest is not None and not await self.rest.wait_idle(left):
+                log.warning("grace over with %d REST requests in flight: stopping anyway",
+                            self.rest.in_flight)
             left = max(0.0, grace_s - (time.monotonic() - start))
             await _bounded("grpc server stop", self.server.stop(left), left + CLEANUP_S / 2)
             if self.gate.refused:
@@ -162,6 +176,8 @@ class Sidecar:
         self.audit.close()
 
     async def _close_peers(self) -> None:
+        if self.rest is not None:
+            await self.rest.stop()
         await self.admin.stop()
         await self.upstream.close()
         await self.clients.close()
@@ -201,7 +217,8 @@ async def serve(config: Config, config_path: pathlib.Path | None = None,
                                 lambda: loop.create_task(reloader.reload("SIGHUP")))
     if ready_message:
         # One machine-readable line, so tools (and tests) using port 0 learn the real ports.
-        print(f"bastion: serving grpc={sidecar.grpc_port} admin={sidecar.admin_port} "
+        http = f" http={sidecar.http_port}" if sidecar.rest is not None else ""
+        print(f"bastion: serving grpc={sidecar.grpc_port} admin={sidecar.admin_port}{http} "
               f"upstream={config.upstream.target}", flush=True)
     await stop_event().wait()
     shutdown = config.shutdown
