@@ -34,7 +34,7 @@ OVERLAYS = ("cpu", "gpu", "mlserver")
 KUBERNETES_VERSIONS = ("1.30.0", "1.37.0")
 EXPECTED_KINDS = {"ConfigMap", "Secret", "Deployment", "Service", "NetworkPolicy", "PodMonitor"}
 SIDECAR, MODEL_SERVER = "bastion", "model-server"
-GRPC_PORT, ADMIN_PORT = 8001, 8002
+HTTP_PORT, GRPC_PORT, ADMIN_PORT = 8000, 8001, 8002
 LOOPBACK = "127.0.0.1"
 
 
@@ -235,7 +235,8 @@ def test_model_server_listens_on_loopback_only(overlay):
     endpoints = model_server_endpoints(overlay)
     for protocol, (host, port) in endpoints.items():
         assert host == LOOPBACK, f"{overlay}: model server {protocol} binds {host}"
-        assert port not in (GRPC_PORT, ADMIN_PORT), f"{overlay}: {protocol} port {port} collides"
+        assert port not in (HTTP_PORT, GRPC_PORT, ADMIN_PORT), \
+            f"{overlay}: {protocol} port {port} collides"
     assert "ports" not in container(overlay, MODEL_SERVER)
     spec = pod_spec(overlay)
     assert not spec.get("hostNetwork")
@@ -243,17 +244,18 @@ def test_model_server_listens_on_loopback_only(overlay):
         assert all("hostPort" not in p for p in c.get("ports", [])), c["name"]
         if c["name"] != SIDECAR:
             assert not c.get("ports"), f"{c['name']} publishes ports"
-    # The sidecar forwards to exactly that gRPC endpoint.
+    # The sidecar forwards to exactly that gRPC endpoint, and the REST routes it does not
+    # inspect to that REST endpoint.
     assert bastion_config(overlay).upstream.target == "%s:%d" % endpoints["grpc"]
+    assert bastion_config(overlay).upstream.http_target == "http://%s:%d" % endpoints["http"]
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_service_targets_the_sidecar_grpc_port_only(overlay):
+def test_service_targets_the_sidecar_serving_ports_only(overlay):
     service = one(overlay, "Service")
-    ports = service["spec"]["ports"]
-    assert len(ports) == 1
-    assert ports[0]["port"] == GRPC_PORT
-    assert named_port(overlay, SIDECAR, ports[0]["targetPort"]) == GRPC_PORT
+    ports = {p["port"]: named_port(overlay, SIDECAR, p["targetPort"])
+             for p in service["spec"]["ports"]}
+    assert ports == {GRPC_PORT: GRPC_PORT, HTTP_PORT: HTTP_PORT}  # never the admin port
     assert service["spec"]["selector"].items() <= pod_labels(overlay).items()
     assert service["spec"].get("type", "ClusterIP") == "ClusterIP"
 
@@ -269,7 +271,7 @@ def test_networkpolicy_admits_only_the_sidecar_ports(overlay):
         for port in rule["ports"]:
             assert port.get("protocol", "TCP") == "TCP" and "endPort" not in port
             admitted[named_port(overlay, SIDECAR, port["port"])] = rule.get("from")
-    assert set(admitted) == {GRPC_PORT, ADMIN_PORT}
+    assert set(admitted) == {HTTP_PORT, GRPC_PORT, ADMIN_PORT}
     # The admin port only from the monitoring namespace.
     assert admitted[ADMIN_PORT] == [
         {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]
@@ -300,6 +302,7 @@ def test_embedded_config_is_valid_and_matches_the_pod(overlay):
     config = bastion_config(overlay)
     sidecar = container(overlay, SIDECAR)
     assert port_of(config.listen) == named_port(overlay, SIDECAR, "grpc") == GRPC_PORT
+    assert port_of(config.http_listen) == named_port(overlay, SIDECAR, "http") == HTTP_PORT
     assert port_of(config.admin) == named_port(overlay, SIDECAR, "admin") == ADMIN_PORT
     # The kubelet probes and Prometheus scrape the pod IP, so admin must not be loopback-only.
     assert host_of(config.admin) in ("0.0.0.0", "[::]")
