@@ -28,7 +28,7 @@ DEMO_CONFIG = """\
 # (bastion/profiles/, deploy/profiles/ in the repository).
 listen: {listen}
 admin: {admin}
-upstream: {{target: {upstream}, timeout_s: 10}}
+{http}upstream: {{target: {upstream}, timeout_s: 10}}
 audit: {{output: {audit}}}
 models:
   fashion-mnist: {{profile: image-classifier}}
@@ -36,15 +36,23 @@ models:
 {generator}"""
 
 
-def demo_config(listen: str, admin: str, upstream: str, audit: str | os.PathLike) -> str:
-    """DEMO_CONFIG filled in: the shipped profiles, whose files live inside the package."""
+def demo_config(listen: str, admin: str, upstream: str, audit: str | os.PathLike,
+                http: str | None = None) -> str:
+    """DEMO_CONFIG filled in: the shipped profiles, whose files live inside the package;
+    ``http``: the REST front's address (None: gRPC only)."""
     return DEMO_CONFIG.format(listen=listen, admin=admin, upstream=upstream, audit=audit,
-                              generator=demo_generation.CONFIG)
+                              generator=demo_generation.CONFIG,
+                              http=f"http_listen: {http}\n" if http else "")
 
 
 # How gRPC outcomes read in the summary.
 OUTCOME_NAMES = {"OK": "allowed", "PERMISSION_DENIED": "blocked", "INVALID_ARGUMENT": "invalid",
                  "RESOURCE_EXHAUSTED": "throttled"}
+# REST statuses as the gRPC outcome they stand for (proxy/rest.py maps them the other way).
+HTTP_OUTCOMES = {200: "OK", 403: "PERMISSION_DENIED", 400: "INVALID_ARGUMENT",
+                 429: "RESOURCE_EXHAUSTED", 503: "UNAVAILABLE"}
+#: Every REST_SHARE-th well-formed request goes over the REST front instead of gRPC.
+REST_SHARE = 4
 
 
 def _free_port() -> int:
@@ -87,14 +95,18 @@ class Tally:
     def __init__(self):
         self.counts: dict[tuple[str, str], collections.Counter] = collections.defaultdict(collections.Counter)
         self.latency_ms: dict[str, list[float]] = collections.defaultdict(list)
+        #: Requests per front (grpc, http) and what happened to them.
+        self.protocols: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
 
         #: Text traffic per (label, family): what the prompt defense did with each kind.
         self.text_families: dict[tuple[str, str], collections.Counter] = \
             collections.defaultdict(collections.Counter)
 
-    def add(self, record: traffic.Record, code: str, latency_ms: float) -> None:
+    def add(self, record: traffic.Record, code: str, latency_ms: float,
+            protocol: str = "grpc") -> None:
         outcome = OUTCOME_NAMES.get(code, code)
         self.counts[(record.model, record.label)][outcome] += 1
+        self.protocols[protocol][outcome] += 1
         self.latency_ms[record.model].append(latency_ms)
         if record.model == traffic.TEXT_MODEL and record.label in ("benign", "attack"):
             self.text_families[(record.label, record.family)][outcome] += 1
@@ -120,6 +132,9 @@ class Tally:
         widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
         lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows]
         lines += self.family_lines()
+        lines += [f"over {protocol}: " + ", ".join(f"{n} {outcome}" for outcome, n in
+                                                   sorted(counter.items()))
+                  for protocol, counter in sorted(self.protocols.items())]
         total = sum(sum(c.values()) for c in self.counts.values())
         lines.append(f"{total} requests in {elapsed:.1f}s ({total / max(elapsed, 1e-9):.0f}/s)")
         for model, values in sorted(self.latency_ms.items()):
@@ -130,21 +145,51 @@ class Tally:
         return "\n".join(lines)
 
 
+def _rest_body(record: traffic.Record) -> tuple[bytes, int] | None:
+    """The record as a REST body (binary tensor data), or None for one that is no valid
+    ModelInferRequest at all (those test the gRPC front's decoding)."""
+    from bastion.protos import pb
+    from bastion.protos.codec import TensorError
+    from bastion.proxy.rest_codec import encode_infer_request
+    try:
+        return encode_infer_request(pb.ModelInferRequest.FromString(record.payload))
+    except (TensorError, ValueError, KeyError):
+        return None
+
+
 async def _send_traffic(target: str, rate: float, duration_s: float | None, tally: Tally,
-                        admin: str, stop: asyncio.Event, data: str | None = None) -> None:
+                        admin: str, stop: asyncio.Event, data: str | None = None,
+                        http: str | None = None) -> None:
+    import aiohttp
     records = corpus.demo_records(data)
     stream = traffic.mixed_stream(records, seed=7)
-    async with grpc.aio.insecure_channel(target) as channel:
+    async with grpc.aio.insecure_channel(target) as channel, aiohttp.ClientSession() as session:
         infer = channel.unary_unary(f"/{SERVICE}/ModelInfer")
+        count = 0
+
+        async def over_rest(record: traffic.Record, body: bytes, header_length: int) -> str:
+            async with session.post(f"http://{http}/v2/models/{record.model}/infer", data=body,
+                                    headers={"Inference-Header-Content-Length":
+                                             str(header_length)},
+                                    timeout=aiohttp.ClientTimeout(total=10)) as reply:
+                await reply.read()
+                return HTTP_OUTCOMES.get(reply.status, str(reply.status))
 
         async def one(record: traffic.Record) -> None:
+            nonlocal count
+            count += 1
+            rest = _rest_body(record) if http and count % REST_SHARE == 0 else None
             started = time.perf_counter()
-            try:
-                await infer(record.payload, timeout=10)
-                code = "OK"
-            except grpc.aio.AioRpcError as err:
-                code = err.code().name
-            tally.add(record, code, (time.perf_counter() - started) * 1000)
+            if rest is not None:
+                code = await over_rest(record, *rest)
+            else:
+                try:
+                    await infer(record.payload, timeout=10)
+                    code = "OK"
+                except grpc.aio.AioRpcError as err:
+                    code = err.code().name
+            tally.add(record, code, (time.perf_counter() - started) * 1000,
+                      "http" if rest is not None else "grpc")
 
         started = time.monotonic()
         last_print = started
@@ -195,8 +240,9 @@ def run_demo(duration_s: float | None = None, rate: float = 50.0, data: str | No
     upstream = f"127.0.0.1:{_free_port()}"
     listen = f"127.0.0.1:{_free_port()}"
     admin = f"127.0.0.1:{_free_port()}"
+    http = f"127.0.0.1:{_free_port()}"
     config = workdir / "bastion.yaml"
-    config.write_text(demo_config(listen, admin, upstream, workdir / "audit.jsonl"))
+    config.write_text(demo_config(listen, admin, upstream, workdir / "audit.jsonl", http))
     procs = []
 
     def interrupted(signum, frame):  # SIGTERM during start-up: unwind so `finally` stops children
@@ -209,21 +255,23 @@ def run_demo(duration_s: float | None = None, rate: float = 50.0, data: str | No
         procs.append(up)
         _wait_line(up, workdir / "upstream.log", "bastion upstream: serving", 60)
         print(f"bastion demo: upstream pid {up.pid}", flush=True)
-        print(f"bastion demo: sidecar on {listen}, config {config}", flush=True)
+        print(f"bastion demo: sidecar on {listen} (gRPC) and {http} (REST), config {config}",
+              flush=True)
         sidecar = _start(["serve", "-c", str(config)], workdir / "sidecar.log")
         procs.append(sidecar)
         _wait_line(sidecar, workdir / "sidecar.log", "bastion: serving", 90)
         print(f"bastion demo: sidecar pid {sidecar.pid}", flush=True)
         print(f"bastion demo: metrics at http://{admin}/metrics, logs and audit log in {workdir}",
               flush=True)
-        print(f"bastion demo: sending benign, attack and malformed traffic at {rate:.0f} req/s"
+        print(f"bastion demo: sending benign, attack and malformed traffic at {rate:.0f} req/s, "
+              f"one well-formed request in {REST_SHARE} over REST"
               f"{'' if duration_s is None else f' for {duration_s:.0f}s'} (Ctrl-C stops)",
               flush=True)
         tally = Tally()
 
         async def main() -> None:
             stop = stop_event()
-            await _send_traffic(listen, rate, duration_s, tally, admin, stop, data)
+            await _send_traffic(listen, rate, duration_s, tally, admin, stop, data, http)
 
         asyncio.run(main())
         print("\n" + "\n".join(demo_generation.generation_lines(listen)), flush=True)

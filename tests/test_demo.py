@@ -58,6 +58,11 @@ def check_output(code, out):
     invalid = header.index("invalid")
     assert all(r[2] == r[invalid] for r in malformed), final
     assert re.search(r"latency through bastion, fashion-mnist: p50 [\d.]+ ms", final)
+    # Part of the traffic goes over the REST front, and its attacks are blocked there too.
+    over_http = re.search(r"^over http: (.*)$", final, re.MULTILINE)
+    assert over_http, final
+    outcomes = dict((name, int(n)) for n, name in re.findall(r"(\d+) (\w+)", over_http.group(1)))
+    assert outcomes.get("allowed", 0) > 0 and outcomes.get("blocked", 0) > 0, final
     # One line per text family: the llm-prompt profile blocks the attacks, not the benign prompts.
     families = {m.group(2): (m.group(1), int(m.group(3)), int(m.group(4))) for m in re.finditer(
         r"^\s+(attack|benign)\s+(\S+)\s+blocked\s+(\d+) of\s+(\d+)", final, re.MULTILINE)}
