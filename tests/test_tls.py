@@ -673,3 +673,44 @@ def test_raw_inputs_never_reach_the_logs(upstream):
     assert "blocked" in output or "PERMISSION_DENIED" in output  # the audit log did log them
     assert canary not in output
     assert "previous instructions" not in output
+
+
+def test_rest_front_uses_the_same_tls_and_mtls_identity(pki):
+    """The REST front serves the gRPC front's certificate, requires the client certificate, and
+    the verified subject is the client identity there too (a 2-request budget per subject)."""
+    import http.client
+    import json as json_module
+    reference = Upstream()
+    port = free_port()
+    proxy = None
+    try:
+        proxy = Sidecar(reference.address, tls_yaml(pki, mtls=True, extra=LIMITED),
+                        wait_ready=False, extra_args=("--http-listen", f"127.0.0.1:{port}"))
+        wait_secure_health(proxy.address, pki["server_ca"], pki["alice"])
+        body = json_module.dumps({"inputs": [{"name": "image", "datatype": "FP32",
+                                              "shape": [1, 1, 28, 28], "data": [0.5] * 784}]})
+
+        def infer(client: Pair | None) -> int:
+            context = ssl.create_default_context(cafile=str(pki["server_ca"].cert_file))
+            if client is not None:
+                context.load_cert_chain(str(client.cert_file), str(client.key_file))
+            connection = http.client.HTTPSConnection("127.0.0.1", port, context=context,
+                                                     timeout=10)
+            try:
+                connection.request("POST", "/v2/models/fashion-mnist/infer", body=body)
+                return connection.getresponse().status
+            finally:
+                connection.close()
+
+        assert [infer(pki["alice"]) for _ in range(3)] == [200, 200, 429]
+        assert infer(pki["bob"]) == 200
+        for client in (None, pki["mallory"]):  # no certificate; an untrusted CA's
+            with pytest.raises((ssl.SSLError, ConnectionError, http.client.HTTPException)):
+                infer(client)
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as plain:  # no TLS at all
+            plain.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert not plain.recv(100).startswith(b"HTTP/1.1 200")
+    finally:
+        if proxy is not None:
+            assert proxy.stop() == 0
+        reference.stop()
