@@ -207,9 +207,10 @@ class RestFront:
     async def start(self, address: str) -> int:
         host, _, port = address.rpartition(":")
         limit = self.config.limits.http_max_header_bytes
+        # Keyword arguments of aiohttp's request handler: no access log (the audit log and the
+        # metrics record requests), and the header limits (a longer line is answered 400).
         self._runner = web.AppRunner(self._app(), access_log=None, handle_signals=False,
-                                     handler_args={"max_line_size": limit,
-                                                   "max_field_size": limit})
+                                     max_line_size=limit, max_field_size=limit)
         await self._runner.setup()
         site = web.TCPSite(self._runner, host.strip("[]"), int(port),
                            ssl_context=_server_ssl(self.config.tls.server), reuse_port=False)

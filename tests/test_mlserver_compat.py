@@ -93,11 +93,11 @@ def mlserver():
             "implementation": "mlserver_sklearn.SKLearnModel",
             "parameters": {"uri": str(root / "model.joblib"), "version": "v1"},
         }))
-        grpc_port = free_port()
+        grpc_port, http_port = free_port(), free_port()
         (root / "settings.json").write_text(json.dumps({
             "host": "127.0.0.1",
             "grpc_port": grpc_port,
-            "http_port": free_port(),
+            "http_port": http_port,
             "metrics_port": free_port(),
             "metrics_endpoint": None,   # no metrics server
             "parallel_workers": 0,      # models in the main process: one PID to stop
@@ -107,14 +107,21 @@ def mlserver():
         proc = Proc([str(mlserver_bin), "start", str(root)], cwd=str(root))
         try:
             _wait_ready(proc, address, STARTUP_TIMEOUT)
-            yield {"address": address, "expected": expected, "proc": proc}
+            yield {"address": address, "http": f"127.0.0.1:{http_port}", "expected": expected,
+                   "proc": proc}
         finally:
             proc.stop()
 
 
 @pytest.fixture(scope="module")
 def sidecar(mlserver):
-    proc = Sidecar(upstream=mlserver["address"])
+    """Pass-through (no models configured) on both fronts; MLServer's own REST port is the
+    REST front's http_target for the routes it does not inspect."""
+    http_port = free_port()
+    proc = Sidecar(upstream=mlserver["address"],
+                   config=f'upstream: {{http_target: "http://{mlserver["http"]}"}}\n',
+                   extra_args=("--http-listen", f"127.0.0.1:{http_port}"))
+    proc.http = f"127.0.0.1:{http_port}"
     yield proc
     assert proc.stop() == 0
 
@@ -203,4 +210,72 @@ def test_unknown_model_error_same(clients, mlserver):
     direct, proxied = both(clients, call)
     assert direct[0] == "StatusCode.NOT_FOUND", direct
     assert "no-such-model" in direct[1]
+    assert proxied == direct
+
+
+# ---- the REST front against MLServer's own REST port ---------------------------------------------
+
+@pytest.fixture(scope="module")
+def rest_clients(mlserver, sidecar):
+    import tritonclient.http as httpclient
+    direct = httpclient.InferenceServerClient(mlserver["http"])
+    proxied = httpclient.InferenceServerClient(sidecar.http)
+    yield direct, proxied
+    direct.close()
+    proxied.close()
+
+
+def _rest_infer(client, batch: np.ndarray, binary: bool):
+    import tritonclient.http as httpclient
+    inp = httpclient.InferInput("input-0", list(batch.shape), "FP64")
+    inp.set_data_from_numpy(batch, binary_data=binary)
+    return client.infer(MODEL, [inp], request_id="rest-1", outputs=[
+        httpclient.InferRequestedOutput("predict", binary_data=binary)])
+
+
+def test_rest_infer_same_as_mlserver_rest(rest_clients, mlserver):
+    """tritonclient.http (JSON tensors) straight to MLServer's REST port and through Bastion's
+    REST front (which forwards over gRPC): the same outputs, and sklearn's predictions."""
+    expected = mlserver["expected"]
+    batch = np.asarray(expected["batch"], dtype=np.float64)
+    direct, proxied = both(rest_clients, lambda c: _rest_infer(c, batch, binary=False))
+    assert np.array_equal(direct.as_numpy("predict").reshape(-1), expected["predict"])
+    assert np.array_equal(proxied.as_numpy("predict"), direct.as_numpy("predict"))
+    d, p = direct.get_response(), proxied.get_response()
+    assert p["model_name"] == d["model_name"] == MODEL and p["id"] == d["id"] == "rest-1"
+    assert p["outputs"][0]["datatype"] == d["outputs"][0]["datatype"]
+    assert p["outputs"][0]["shape"] == d["outputs"][0]["shape"]
+
+
+def test_rest_binary_data_through_the_front_to_mlserver(rest_clients, mlserver):
+    """Triton's binary tensor data extension, which MLServer's own REST port does not speak
+    (it answers 422), works through the front: the tensors travel to MLServer over gRPC."""
+    expected = mlserver["expected"]
+    batch = np.asarray(expected["batch"], dtype=np.float64)
+    answer = _rest_infer(rest_clients[1], batch, binary=True)
+    assert np.array_equal(answer.as_numpy("predict").reshape(-1), expected["predict"])
+    assert answer.get_response()["outputs"][0]["parameters"]["binary_data_size"] > 0
+
+
+def test_rest_metadata_and_health_same_as_mlserver_rest(rest_clients):
+    direct, proxied = both(rest_clients, lambda c: (
+        c.is_server_live(), c.is_server_ready(), c.is_model_ready(MODEL),
+        c.get_model_metadata(MODEL)["name"], c.get_server_metadata()["name"]))
+    assert direct == (True, True, True, MODEL, "mlserver")
+    assert proxied == direct
+
+
+def test_rest_routes_not_inspected_reach_mlserver_rest(mlserver, sidecar):
+    """MLServer's model repository extension (not an OIP route Bastion inspects) through the
+    front's http_target: the same answer as calling MLServer's REST port."""
+    import urllib.request
+
+    def post(address):
+        request = urllib.request.Request(f"http://{address}/v2/repository/index", data=b"{}",
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=30) as reply:
+            return reply.status, json.loads(reply.read())
+
+    direct, proxied = post(mlserver["http"]), post(sidecar.http)
+    assert direct[0] == 200 and any(m["name"] == MODEL for m in direct[1])
     assert proxied == direct
