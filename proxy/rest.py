@@ -171,11 +171,13 @@ def grpc_error_response(context: RestContext) -> web.Response:
 
 class RestFront:
     """The REST listener. ``start`` binds, ``close`` refuses new requests (503) while those in
-    flight finish, ``stop`` ends it."""
+    flight finish, ``stop`` ends it. ``current_config`` gives the live config: the address, TLS,
+    body cap and header limits are read once at start (restart-only, as the gRPC listener's),
+    the rest (``http_target``, timeouts, the models) per request, so a reload applies."""
 
-    def __init__(self, config, inference: InferenceHandler, passthrough: Passthrough,
-                 metrics: Metrics, ready: Callable[[], bool]):
-        self.config = config
+    def __init__(self, current_config: Callable, inference: InferenceHandler,
+                 passthrough: Passthrough, metrics: Metrics, ready: Callable[[], bool]):
+        self._current_config = current_config
         self.inference = inference
         self.passthrough = passthrough
         self.metrics = metrics
@@ -187,10 +189,16 @@ class RestFront:
         self._runner: web.AppRunner | None = None
         self._client: ClientSession | None = None
         self.port = 0
+        self._max_body = 0
+
+    @property
+    def config(self):
+        return self._current_config()
 
     # ---- lifecycle -------------------------------------------------------------------------
     def _app(self) -> web.Application:
-        app = web.Application(client_max_size=self.config.limits.max_receive_message_bytes,
+        self._max_body = self.config.limits.max_receive_message_bytes  # restart-only
+        app = web.Application(client_max_size=self._max_body,
                               middlewares=[self._gate])
         model = "/v2/models/{model}"
         version = model + "/versions/{version}"
@@ -245,7 +253,7 @@ class RestFront:
             return await handler(request)
         except web.HTTPRequestEntityTooLarge:
             return error_response(413, "bastion: request body is larger than "
-                                  f"{self.config.limits.max_receive_message_bytes} bytes")
+                                  f"{self._max_body} bytes")
         except web.HTTPException:
             raise
         except Exception:  # noqa: BLE001 - a bug answers 500 in the v2 error shape, logged

@@ -78,7 +78,8 @@ class Sidecar:
         self.grpc_port = 0
         self.admin_port = 0
         # The v2 REST front, on the same inference path (None: gRPC only).
-        self.rest = (RestFront(config, self.inference, self.passthrough, self.metrics,
+        self.rest = (RestFront(lambda: self.state.current.config, self.inference,
+                               self.passthrough, self.metrics,
                                lambda: self.upstream.ready and not self.draining)
                      if config.http_listen else None)
         self.http_port = 0

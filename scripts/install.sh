@@ -20,9 +20,10 @@ START=$SECONDS
 step() { echo "scripts/install.sh [$((SECONDS - START))s]: $*"; }
 
 # Debian packages the tests drive as real peers or read as data (none needed at runtime):
-# redis-server (shared client limits), prometheus (promtool and a real scrape), and
-# dataset-fashion-mnist (the demo image model's training and test data).
-TEST_APT_PACKAGES=(redis-server prometheus dataset-fashion-mnist)
+# redis-server (shared client limits), prometheus (promtool and a real scrape),
+# dataset-fashion-mnist (the demo image model's training and test data) and curl (a user's
+# script against the REST front).
+TEST_APT_PACKAGES=(redis-server prometheus dataset-fashion-mnist curl)
 
 case "$mode" in
   runtime|--runtime)

@@ -7,8 +7,10 @@ from __future__ import annotations
 import http.client
 import http.server
 import json
+import pathlib
 import shutil
 import socket
+import subprocess
 import threading
 import time
 import urllib.request
@@ -383,3 +385,71 @@ def test_fuzzed_json_bodies_never_crash_the_front(stack, body, model):
     assert status in (200, 400, 403, 404), (status, answer)
     if status != 200:
         assert json.loads(answer)["error"]
+
+
+# ---- identity, reload, curl -----------------------------------------------------------------------
+
+def test_headers_are_the_client_identity(stack):
+    """clients.identity ["header:x-api-key"] with a 2-request budget: the key in an HTTP header
+    is the client, as in gRPC metadata."""
+    upstream, _, _, _ = stack
+    port = free_port()
+    config = ("clients: {identity: [\"header:x-api-key\"], limits: {rps: 0.001, burst: 2},\n"
+              "  suspicion: {throttled_rps: 0.001}}\n")
+    sidecar = Sidecar(upstream.address, config=config,
+                      extra_args=("--http-listen", f"127.0.0.1:{port}"))
+    body = json.dumps({"inputs": [{"name": "image", "datatype": "FP32",
+                                   "shape": [1, 1, 28, 28], "data": [0.5] * 784}]}).encode()
+    try:
+        def status(key: str) -> int:
+            return post(f"127.0.0.1:{port}", "/v2/models/fashion-mnist/infer", body,
+                        {"x-api-key": key})[0]
+        assert [status("key-1") for _ in range(3)] == [200, 200, 429]
+        assert status("key-2") == 200
+    finally:
+        assert sidecar.stop() == 0
+
+
+def test_a_reload_applies_to_the_rest_front(stack):
+    upstream, _, _, _ = stack
+    port = free_port()
+    lenient = "models:\n  fashion-mnist: {}\n  text-classifier: {}\n"
+    sidecar = Sidecar(upstream.address, config=lenient,
+                      extra_args=("--http-listen", f"127.0.0.1:{port}"))
+    inputs = [{"name": "prompt", "datatype": "BYTES", "shape": [1, 1], "data": [ATTACK]}]
+    try:
+        assert infer_json(f"127.0.0.1:{port}", "text-classifier", inputs)[0] == 200
+        path = pathlib.Path(sidecar._config_dir.name) / "bastion.yaml"
+        path.write_text("models:\n  text-classifier:\n    pipeline: "
+                        "[{detect.signatures: {threshold: 1}}]\n")
+        sidecar.proc.popen.send_signal(1)  # SIGHUP
+        deadline = time.monotonic() + 20
+        while infer_json(f"127.0.0.1:{port}", "text-classifier", inputs)[0] != 403:
+            assert time.monotonic() < deadline, "the reload never reached the REST front"
+            time.sleep(0.2)
+    finally:
+        assert sidecar.stop() == 0
+
+
+def test_curl_through_the_front(stack):
+    """curl, as a user's script would call it: infer, a block, and the binary extension."""
+    _, _, _, address = stack
+    curl = shutil.which("curl")
+    assert curl, "curl is not installed (scripts/install.sh --test installs it)"
+
+    def run(*args: str) -> tuple[int, str]:
+        done = subprocess.run([curl, "-s", "-o", "-", "-w", "\n%{http_code}", *args],
+                              capture_output=True, timeout=30)
+        out, _, code = done.stdout.rpartition(b"\n")
+        return int(code), out.decode("utf-8", "replace")
+
+    code, out = run(f"http://{address}/v2/health/ready")
+    assert code == 200
+    code, out = run("-X", "POST", f"http://{address}/v2/models/text-classifier/infer", "-d",
+                    json.dumps({"inputs": [{"name": "prompt", "datatype": "BYTES",
+                                            "shape": [1, 1], "data": [BENIGN]}]}))
+    assert code == 200 and json.loads(out)["outputs"]
+    code, out = run("-X", "POST", f"http://{address}/v2/models/echo-enforce/infer", "-d",
+                    json.dumps({"inputs": [{"name": "prompt", "datatype": "BYTES",
+                                            "shape": [1, 1], "data": [ATTACK]}]}))
+    assert code == 403 and json.loads(out)["error"].startswith("bastion: blocked")
