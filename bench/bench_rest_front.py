@@ -29,7 +29,7 @@ import tempfile
 import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from machine import cpu_model  # noqa: E402
+from machine import finish  # noqa: E402
 from passthrough import cpu_seconds  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -192,10 +192,8 @@ def main() -> None:
     parser.add_argument("--json")
     args = parser.parse_args()
     rows = asyncio.run(run(args))
-    print(f"CPU: {cpu_model()}; {args.rounds} rounds of {args.requests} requests per target")
-    print(report(rows))
-    if args.json:
-        pathlib.Path(args.json).write_text(json.dumps(rows, indent=2))
+    finish(f"{args.rounds} rounds of {args.requests} requests per target", report(rows), rows,
+           args.json)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import sys
 import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from machine import cpu_model  # noqa: E402
+from machine import finish  # noqa: E402
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 BODY = json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 64],
@@ -165,10 +165,7 @@ def main() -> None:
     parser.add_argument("--json")
     args = parser.parse_args()
     rows = asyncio.run(measure(args))
-    print(f"CPU: {cpu_model()}; body {len(BODY)} bytes")
-    print(report(rows))
-    if args.json:
-        pathlib.Path(args.json).write_text(json.dumps(rows, indent=2))
+    finish(f"body {len(BODY)} bytes", report(rows), rows, args.json)
 
 
 if __name__ == "__main__":

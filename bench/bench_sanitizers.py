@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
+import pathlib
 import random
+import sys
 import statistics
 import time
 
@@ -19,6 +20,9 @@ from bastion.config import parse_config
 from bastion.protos import codec, pb
 from bastion.proxy.pipeline import RequestContext, build_pipeline
 from bastion.traffic import load_text_sample, text_request
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from machine import finish  # noqa: E402  (bench/machine.py)
 
 CHAINS = {
     "sanitize.unicode (nfkc, invisible, control)": [{"sanitize.unicode": {"fold_confusables": False}}],
@@ -90,15 +94,12 @@ def main() -> None:
             cost = cpu_per_call(run_chain, args.repeat)
             results.append({"size": size, "chain": name, "cpu_us": cost * 1e6,
                             "ratio": cost / baseline})
-    print("| prompt | chain | CPU per request (us) | added by the stages (us) | x baseline |")
-    print("|---|---|---:|---:|---:|")
     base = {row["size"]: row["cpu_us"] for row in results if row["ratio"] == 1.0}
-    for row in results:
-        print(f"| {row['size'] // 1024} KiB | {row['chain']} | {row['cpu_us']:.1f} | "
-              f"{row['cpu_us'] - base[row['size']]:.1f} | {row['ratio']:.1f} |")
-    if args.json:
-        with open(args.json, "w") as out:
-            json.dump(results, out, indent=2)
+    table = ["| prompt | chain | CPU per request (us) | added by the stages (us) | x baseline |",
+             "|---|---|---:|---:|---:|"]
+    table += [f"| {row['size'] // 1024} KiB | {row['chain']} | {row['cpu_us']:.1f} | "
+              f"{row['cpu_us'] - base[row['size']]:.1f} | {row['ratio']:.1f} |" for row in results]
+    finish(f"{args.repeat} calls per chain", "\n".join(table), results, args.json)
 
 
 if __name__ == "__main__":

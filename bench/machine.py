@@ -13,3 +13,14 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown"
+
+
+def finish(setup: str, table: str, results, json_path: str | None) -> None:
+    """A benchmark's last step: the CPU model and the run's setup, its table, and the raw
+    results as JSON when asked (docs/benchmarks.md takes the table, the JSON keeps the rounds)."""
+    import json
+    import pathlib
+    print(f"CPU: {cpu_model()}; {setup}")
+    print(table)
+    if json_path:
+        pathlib.Path(json_path).write_text(json.dumps(results, indent=2))

@@ -294,18 +294,21 @@ class RestFront:
                                          pb.ServerMetadataResponse)
         return error or web.json_response(rest_codec.server_metadata_json(reply))
 
-    async def model_metadata(self, request: web.Request) -> web.Response:
+    async def _model_call(self, request: web.Request, method: str):
+        """(reply, error response) of ModelMetadata or ModelReady for the route's model."""
         name, version = request.match_info["model"], request.match_info.get("version", "")
-        reply, error = await self._unary(request, "ModelMetadata",
-                                         pb.ModelMetadataRequest(name=name, version=version),
-                                         pb.ModelMetadataResponse, name)
+        request_type, reply_type = ((pb.ModelMetadataRequest, pb.ModelMetadataResponse)
+                                    if method == "ModelMetadata"
+                                    else (pb.ModelReadyRequest, pb.ModelReadyResponse))
+        return await self._unary(request, method, request_type(name=name, version=version),
+                                 reply_type, name)
+
+    async def model_metadata(self, request: web.Request) -> web.Response:
+        reply, error = await self._model_call(request, "ModelMetadata")
         return error or web.json_response(rest_codec.model_metadata_json(reply))
 
     async def model_ready(self, request: web.Request) -> web.Response:
-        name, version = request.match_info["model"], request.match_info.get("version", "")
-        reply, error = await self._unary(request, "ModelReady",
-                                         pb.ModelReadyRequest(name=name, version=version),
-                                         pb.ModelReadyResponse, name)
+        reply, error = await self._model_call(request, "ModelReady")
         if error is not None:
             return error
         return web.json_response({"ready": reply.ready}, status=200 if reply.ready else 400)
