@@ -44,6 +44,14 @@ class Rejected(Exception):
         self.reason = reason
         self.trailers = trailers
         self.verdict = verdict
+        #: The refused request as parsed (None when it was not a ModelInferRequest at all), so
+        #: the refusal names its model and id without parsing it again.
+        self.request: pb.ModelInferRequest | None = None
+
+    def model(self, raw: bytes) -> str:
+        """The model the refused request names (for metrics and the audit log)."""
+        return (self.request.model_name[:128] if self.request is not None
+                else requested_model(raw))
 
 
 @dataclasses.dataclass
@@ -63,6 +71,8 @@ class Inspected:
     scoring: bytes | None = None
     # The chain that inspected the request (a reload meanwhile must not swap it for the answer).
     pipeline: Pipeline | None = None
+    # The client's own request id (a stream matches answers to requests by it).
+    client_id: str = ""
 
 
 class Answer:
@@ -178,6 +188,18 @@ class InferenceHandler:
         except DecodeError:
             await self.clients.observe(identity, "", ["malformed"], {})
             raise _invalid("request is not a valid ModelInferRequest message") from None
+        try:
+            inspected = await self._admit_and_inspect(request, raw, request_id, identity,
+                                                      response_stages)
+        except Rejected as rejected:
+            rejected.request = request
+            raise
+        inspected.client_id = request.id
+        return inspected
+
+    async def _admit_and_inspect(self, request: pb.ModelInferRequest, raw: bytes,
+                                 request_id: str, identity: str,
+                                 response_stages: bool) -> Inspected:
         watermark = self._watermark()
         if watermark.over():
             self.metrics.observe_shed(request.model_name, MEMORY_STAGE)
@@ -389,7 +411,7 @@ class InferenceHandler:
                 return answer.raw
             except Rejected as rejected:
                 outcome = rejected.code.name
-                model = model or requested_model(raw)
+                model = model or rejected.model(raw)
                 telemetry.record_verdict(span, rejected.verdict)
                 self.audit_decision(identity, request_id, model, "ModelInfer", outcome,
                             rejected.verdict, rejected.reason)

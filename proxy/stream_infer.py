@@ -11,8 +11,7 @@ import grpc
 
 from bastion.protos import SERVICE, pb
 from bastion.proxy import forwarding, output_guard, policy, streams, telemetry
-from bastion.proxy.inference import (Inspected, InferenceHandler, Rejected, output_tensor,
-                                     requested_model)
+from bastion.proxy.inference import Inspected, InferenceHandler, Rejected, output_tensor
 
 log = logging.getLogger("bastion.inference")
 MODEL_STREAM_INFER = f"/{SERVICE}/ModelStreamInfer"
@@ -62,9 +61,10 @@ async def model_stream_infer(handler: InferenceHandler, request_iterator,
             if rejected is not None:
                 handler.metrics.observe_request("ModelStreamInfer", "", rejected.code.name,
                                              time.perf_counter() - started)
-                handler.audit_decision(identity, request_id, requested_model(raw), "ModelStreamInfer",
-                            rejected.code.name, rejected.verdict, rejected.reason)
-                reply = streams.refusal_reply(raw, rejected.details)
+                handler.audit_decision(identity, request_id, rejected.model(raw),
+                                       "ModelStreamInfer", rejected.code.name, rejected.verdict,
+                                       rejected.reason)
+                reply = streams.refusal_reply(raw, rejected.details, rejected.request)
                 await outbox.put(reply.SerializeToString())
                 continue
             handler.metrics.observe_request("ModelStreamInfer", inspected.model, "forwarded",
@@ -73,8 +73,7 @@ async def model_stream_infer(handler: InferenceHandler, request_iterator,
                 handler.audit_decision(identity, request_id, inspected.model, "ModelStreamInfer",
                             "OK", inspected.verdict)
             if inspected.verdict is not None and policy.needs_annotation(inspected.verdict):
-                client_id = pb.ModelInferRequest.FromString(raw).id
-                pending.append((client_id, inspected, request_id))
+                pending.append((inspected.client_id, inspected, request_id))
             idle.sent()
             try:
                 await call.write(inspected.body)

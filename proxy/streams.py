@@ -93,14 +93,17 @@ def _printable(value: str, limit: int = 128) -> str:
     return "".join(ch if 32 <= ord(ch) < 127 and ch != "'" else "?" for ch in value[:limit])
 
 
-def refusal_reply(raw: bytes, details: str) -> pb.ModelStreamInferResponse:
+def refusal_reply(raw: bytes, details: str, request: pb.ModelInferRequest | None = None
+                  ) -> pb.ModelStreamInferResponse:
     """The in-band error for a refused stream message. It carries the refused request's ``id``
     and model (as Triton's own per-request errors do), and names the id in the message too:
-    tritonclient hands a stream callback only the error text."""
-    try:
-        request = pb.ModelInferRequest.FromString(raw)
-    except DecodeError:
-        return pb.ModelStreamInferResponse(error_message=details)
+    tritonclient hands a stream callback only the error text. ``request``: the message as
+    already parsed (else ``raw`` is parsed here)."""
+    if request is None:
+        try:
+            request = pb.ModelInferRequest.FromString(raw)
+        except DecodeError:
+            return pb.ModelStreamInferResponse(error_message=details)
     request_id = _printable(request.id)
     message = f"{details} (request id '{request_id}')" if request_id else details
     return pb.ModelStreamInferResponse(
