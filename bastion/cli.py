@@ -78,6 +78,10 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
     models = ", ".join(f"{name} ({m.mode}, {len(m.pipeline)} stages)"
                        for name, m in config.models.items()) or "none (pass-through)"
     print(f"{args.config}: OK; upstream {config.upstream.target}; models: {models}")
+    from bastion.defense_version import defense_version
+    version = defense_version(config)
+    print(f"defense version: {version.digest} (config and {len(version.files)} files"
+          f"{': ' if args.files else ''}{', '.join(sorted(version.files)) if args.files else ''})")
     return 0
 
 
@@ -111,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = sub.add_parser("check-config", help="validate a config file")
     check.add_argument("config")
+    check.add_argument("--files", action="store_true",
+                       help="list the files the defense version covers")
     check.set_defaults(func=_cmd_check_config)
 
     upstream = sub.add_parser("upstream", help="reference v2 model server (onnxruntime)")

@@ -203,10 +203,12 @@ def build_attack_library(options: AttackLibraryOptions) -> AttackLibraryDetector
     encoder = options.get_encoder()
     path = options.library or default_library_path()
     try:
-        return AttackLibraryDetector(encoder, path, options.reload_interval_s,
-                                     options.min_probe_cosine, options.contrast, options.mode)
+        detector = AttackLibraryDetector(encoder, path, options.reload_interval_s,
+                                         options.min_probe_cosine, options.contrast, options.mode)
     except LibraryError as err:
         raise ValueError(f"library: {err}") from None
+    detector.loaded_files = (*encoder.files, detector.path)
+    return detector
 
 
 register("detect.attack_library", "detector", AttackLibraryOptions, build_attack_library)

@@ -188,9 +188,11 @@ class ClassifierDetector(TextDetector):
 
 def build_classifier(options: ClassifierOptions) -> ClassifierDetector:
     try:
-        return ClassifierDetector.from_options(options)
+        detector = ClassifierDetector.from_options(options)
     except FileNotFoundError as err:  # configuration errors name the option
         raise ValueError(f"model: {err}") from None
+    detector.loaded_files = detector.encoder.files
+    return detector
 
 
 register("detect.classifier", "detector", ClassifierOptions, build_classifier)

@@ -121,9 +121,11 @@ class EmbeddingAnomalyDetector(TextDetector, Learner):
 
 def build_embedding_detector(options: EmbeddingOptions) -> EmbeddingAnomalyDetector:
     try:
-        return EmbeddingAnomalyDetector.from_options(options)
+        detector = EmbeddingAnomalyDetector.from_options(options)
     except StateError as err:
         raise ValueError(f"state: {err}") from None
+    detector.loaded_files = detector.encoder.files
+    return detector
 
 
 register("detect.embedding", "detector", EmbeddingOptions, build_embedding_detector)

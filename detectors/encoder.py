@@ -41,7 +41,6 @@ import pathlib
 import threading
 import types
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 import numpy as np
 from pydantic import Field
@@ -148,6 +147,8 @@ class Encoder:
         from tokenizers import Tokenizer
 
         self.model_path, tokenizer_path, manifest_path = resolve_encoder_path(path)
+        #: What this encoder read (a stage's loaded_files).
+        self.files = tuple(p for p in (self.model_path, tokenizer_path, manifest_path) if p)
         self.options = options
         self.manifest: dict = (json.loads(manifest_path.read_text()) if manifest_path else {})
         self.sha256 = sha256_file(self.model_path)

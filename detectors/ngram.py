@@ -59,9 +59,11 @@ class NgramOptions(StageOptions):
 def build_ngram_detector(options: NgramOptions) -> NgramDetector:
     path = pathlib.Path(options.model) if options.model else bundled_ngram_model()
     try:
-        return NgramDetector(NgramClassifier.load(path))
+        detector = NgramDetector(NgramClassifier.load(path))
     except (FileNotFoundError, ValueError) as err:  # configuration errors name the option
         raise ValueError(f"model: {err}") from None
+    detector.loaded_files = (path,)
+    return detector
 
 
 # Offloaded: a long prompt (16 windows of 2,000 characters) costs tens of milliseconds of

@@ -46,7 +46,7 @@ from pydantic import Field, model_validator
 from bastion.core.registry import StageOptions, register
 from bastion.detectors.base import TextDetector
 from bastion.detectors.batcher import MicroBatcher
-from bastion.detectors.lm import LMRunner, TokenNLL, get_runner
+from bastion.detectors.lm import LMRunner, TokenNLL, get_runner, resolve_model
 
 __all__ = ["Analysis", "PerplexityDetector", "PerplexityOptions", "SCORES", "analyze",
            "window_spans"]
@@ -228,10 +228,14 @@ class PerplexityOptions(StageOptions):
 def build_perplexity_detector(options: PerplexityOptions) -> PerplexityDetector:
     runner = get_runner(options.model, options.providers, options.threads, options.context,
                         options.buckets)
-    return PerplexityDetector(runner, score=options.score, window=options.window,
-                              stride=options.stride, prefix_tokens=options.prefix_tokens,
-                              suffix_tokens=options.suffix_tokens, max_batch=options.max_batch,
-                              max_wait_ms=options.max_wait_ms, max_queue=options.max_queue)
+    detector = PerplexityDetector(runner, score=options.score, window=options.window,
+                                  stride=options.stride, prefix_tokens=options.prefix_tokens,
+                                  suffix_tokens=options.suffix_tokens,
+                                  max_batch=options.max_batch, max_wait_ms=options.max_wait_ms,
+                                  max_queue=options.max_queue)
+    onnx_path, tokenizer_path, _ = resolve_model(options.model)
+    detector.loaded_files = (onnx_path, tokenizer_path)
+    return detector
 
 
 register("detect.perplexity", "detector", PerplexityOptions, build_perplexity_detector)

@@ -29,7 +29,8 @@ from pydantic import Field
 from bastion.core.registry import StageOptions, register
 from bastion.detectors.base import TextDetector
 from bastion.detectors.signature_decoders import DECODERS, SCHEMES, WHOLE_TEXT_SCHEMES, Scheme
-from bastion.detectors.signature_rules import Rule, fold_case, load_rules, match_width, search_rule
+from bastion.detectors.signature_rules import (Rule, default_rules_path, fold_case, load_rules,
+                                               match_width, search_rule)
 
 __all__ = ["SignatureDetector", "SignatureOptions", "build_signature_detector"]
 
@@ -179,8 +180,10 @@ class SignatureOptions(StageOptions):
 
 
 def build_signature_detector(options: SignatureOptions) -> SignatureDetector:
-    return SignatureDetector(load_rules(options.rules), decode=options.decode,
-                             max_decode_depth=options.max_decode_depth)
+    detector = SignatureDetector(load_rules(options.rules), decode=options.decode,
+                                 max_decode_depth=options.max_decode_depth)
+    detector.loaded_files = (Path(options.rules) if options.rules else default_rules_path(),)
+    return detector
 
 
 register("detect.signatures", "detector", SignatureOptions, build_signature_detector)

@@ -1,4 +1,5 @@
-"""Admin HTTP endpoint: /metrics (Prometheus text format), /healthz and /readyz.
+"""Admin HTTP endpoint: /metrics (Prometheus text format), /healthz, /readyz and /version (the
+active defense version, the files it covers and the last loads, as JSON).
 
 A few lines of asyncio instead of a web framework: three GET routes on the same event loop as the
 proxy, so readiness reflects the proxy's own state without cross-thread signalling.
@@ -6,6 +7,7 @@ proxy, so readiness reflects the proxy's own state without cross-thread signalli
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import Callable
 
@@ -15,9 +17,11 @@ log = logging.getLogger("bastion.admin")
 
 
 class AdminServer:
-    def __init__(self, registry, is_ready: Callable[[], bool]):
+    def __init__(self, registry, is_ready: Callable[[], bool],
+                 version_report: Callable[[], dict] | None = None):
         self.registry = registry
         self.is_ready = is_ready
+        self.version_report = version_report
         self.server: asyncio.AbstractServer | None = None
 
     async def start(self, address: str) -> int:
@@ -42,6 +46,9 @@ class AdminServer:
                 ready = self.is_ready()
                 status = "200 OK" if ready else "503 Service Unavailable"
                 ctype, body = "text/plain", b"ready\n" if ready else b"not ready\n"
+            elif path == "/version" and self.version_report is not None:
+                status, ctype = "200 OK", "application/json"
+                body = json.dumps(self.version_report(), indent=1).encode()
             else:
                 status, ctype, body = "404 Not Found", "text/plain", b"not found\n"
             head = (f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"

@@ -15,6 +15,7 @@ import logging.handlers
 import os
 import re
 import secrets
+from collections.abc import Callable
 import sys
 
 from opentelemetry import trace
@@ -61,6 +62,8 @@ class AuditLog:
         self.enabled = config.enabled
         self.include_excerpt = config.include_excerpt
         self.excerpt_chars = config.excerpt_chars
+        #: The active defense version (the sidecar sets it), named in every record.
+        self.config_version: Callable[[], str] | None = None
         self.logger = logging.getLogger(f"bastion.audit.{id(self)}")
         self.logger.propagate = False
         self.logger.setLevel(logging.INFO)
@@ -79,6 +82,8 @@ class AuditLog:
         return hmac.new(self._key, identity.encode(), hashlib.sha256).hexdigest()[:32]
 
     def _write(self, record: dict) -> None:
+        if self.enabled and self.config_version is not None:
+            record["config_version"] = self.config_version()
         if self.enabled:
             self.logger.info(json.dumps(record, separators=(",", ":"), sort_keys=True))
 

@@ -55,6 +55,11 @@ class Metrics:
             "bastion_extra_upstream_items", "Extra inputs response stages sent the upstream "
             "(squeezed variants, smoothing samples): the cost of those defenses.",
             ["model", "stage"], registry=self.registry)
+        self.defense_version = Gauge(
+            "bastion_defense_version_info", "The active defense version (a digest of the "
+            "effective config and every model, state, library and threshold file it loads; "
+            "bastion check-config prints it); 1 for the one in use.", ["version"],
+            registry=self.registry)
         self.thresholds = Gauge(
             "bastion_stage_threshold", "Configured threshold of each acting stage (same units as "
             "bastion_stage_score).", ["model", "stage"], registry=self.registry)
@@ -122,6 +127,11 @@ class Metrics:
             return "_other"
         self._model_labels.add(model)
         return model
+
+    def set_defense_version(self, version: str) -> None:
+        """The active defense version as an info metric: one series at 1 (a reload replaces it)."""
+        self.defense_version.clear()
+        self.defense_version.labels(version).set(1)
 
     def set_thresholds(self, snapshot) -> None:
         """Publish what a config promises: stage thresholds, and zeroed counters for the

@@ -296,6 +296,8 @@ class Pipeline:
         self.model = model
         self.runners = runners
         self.response_runners = response_runners or []
+        #: The defense version of the config this chain was built from (set by the snapshot).
+        self.config_version = ""
 
     def __bool__(self) -> bool:
         return bool(self.runners or self.response_runners)
@@ -337,7 +339,8 @@ class Pipeline:
                              datatypes={t.name: t.datatype for t in request.inputs},
                              invalid_utf8=self.model.invalid_utf8)
         await self.run(ctx, stop_on_block)
-        return ctx, policy.decide(ctx.decisions, ctx.scores, self.model.mode)
+        return ctx, policy.decide(ctx.decisions, ctx.scores, self.model.mode,
+                                  self.config_version)
 
     def prepare_response(self, request, ctx: RequestContext) -> list:
         """Each response stage's ``prepare`` on the request about to be forwarded: the plan
@@ -360,7 +363,8 @@ class Pipeline:
             else:
                 failed = True
             extra.update(parameters)
-        return policy.decide(ctx.decisions, ctx.scores, self.model.mode), extra, failed
+        return (policy.decide(ctx.decisions, ctx.scores, self.model.mode, self.config_version),
+                extra, failed)
 
 
 def build_pipeline(model_name: str, model: ModelConfig, metrics: Metrics | None = None, *,

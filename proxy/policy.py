@@ -20,6 +20,8 @@ REASONS_KEY = "bastion.reasons"
 SCORE_PREFIX = "bastion.score."
 REQUEST_ID_PARAM = "bastion.request_id"
 MODE_KEY = "bastion.mode"
+VERSION_KEY = "bastion.config_version"
+VERSION_TRAILER = "bastion-config-version"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +48,8 @@ class Verdict:
     decisions: tuple[Decision, ...] = ()
     # Only set when the audit log asks for excerpts: the text behind the highest detector score.
     suspicious_text: str | None = None
+    # The defense version (bastion/defense_version.py) of the chain that judged the request.
+    config_version: str = ""
 
     @property
     def blocks(self) -> bool:
@@ -56,7 +60,8 @@ class Verdict:
         return self.enforced and self.action != "block"
 
 
-def decide(decisions: list[Decision], scores: dict[str, float], mode: str) -> Verdict:
+def decide(decisions: list[Decision], scores: dict[str, float], mode: str,
+           config_version: str = "") -> Verdict:
     acting = [d for d in decisions if not d.shadow]
     deciding = max(acting, key=lambda d: SEVERITY[d.action], default=None)
     action = deciding.action if deciding is not None else "allow"
@@ -68,7 +73,7 @@ def decide(decisions: list[Decision], scores: dict[str, float], mode: str) -> Ve
                 reasons.append(tagged)
     thresholds = {d.stage: d.threshold for d in decisions if d.threshold is not None}
     return Verdict(action, mode == "enforce", deciding, tuple(reasons), dict(scores), thresholds,
-                   tuple(decisions))
+                   tuple(decisions), config_version=config_version)
 
 
 # Reasons named in a refusal's details at most (the trailer bastion-reasons has them all).
@@ -104,6 +109,8 @@ def refusal(verdict: Verdict, request_id: str, retry_after_ms: int = 1000):
     trailers = [("bastion-verdict", verdict.action),
                 ("bastion-reasons", ",".join(verdict.reasons) or first),
                 ("bastion-request-id", request_id)]
+    if verdict.config_version:
+        trailers.append((VERSION_TRAILER, verdict.config_version))
     if verdict.action == "throttle":
         trailers.append(("retry-after-ms", str(retry_after_ms)))
         return (grpc.StatusCode.RESOURCE_EXHAUSTED, f"bastion: throttled by {by}",
@@ -136,5 +143,7 @@ def annotate(response: pb.ModelInferResponse, verdict: Verdict, request_id: str)
     params[REASONS_KEY].string_param = ",".join(verdict.reasons)
     params[MODE_KEY].string_param = "enforce" if verdict.enforced else "monitor"
     params[REQUEST_ID_PARAM].string_param = request_id
+    if verdict.config_version:
+        params[VERSION_KEY].string_param = verdict.config_version
     for stage, score in verdict.scores.items():
         params[SCORE_PREFIX + stage].double_param = score

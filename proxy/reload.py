@@ -15,15 +15,15 @@ import os
 import pathlib
 import time
 
-from bastion.config import Config, ConfigError, load_config
+from bastion.config import ConfigError, load_config
 from bastion.proxy.state import SidecarState
 from bastion.proxy.tasks import cancel_and_wait
 
 log = logging.getLogger("bastion.reload")
 
 # Keys bound to sockets and channels at start-up: a reload keeps the running values.
-RESTART_ONLY = ("listen", "admin", "upstream", "limits", "shutdown", "reload", "tracing", "audit",
-                "clients", "tls")
+RESTART_ONLY = ("listen", "admin", "http_listen", "upstream", "limits", "shutdown", "reload",
+                "tracing", "audit", "clients", "tls")
 
 
 def _fingerprint(path: pathlib.Path) -> tuple | None:
@@ -69,10 +69,12 @@ class ConfigReloader:
             except ConfigError as err:
                 log.error("config reload (%s) rejected, keeping the running config:\n%s", why, err)
                 self.metrics.observe_reload(False)
+                self.state.record_load("failure: " + str(err).splitlines()[0][:200])
                 return False
-            except Exception:  # noqa: BLE001 - a stage failing to build must not kill the sidecar
+            except Exception as err:  # noqa: BLE001 - a stage failing to build must not kill the sidecar
                 log.exception("config reload (%s) failed, keeping the running config", why)
                 self.metrics.observe_reload(False)
+                self.state.record_load(f"failure: {type(err).__name__}")
                 return False
             log.info("config reloaded (%s) in %.0f ms", why, (time.perf_counter() - started) * 1000)
             self.metrics.observe_reload(True)

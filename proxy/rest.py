@@ -171,9 +171,9 @@ def grpc_error_response(context: RestContext) -> web.Response:
 
 class RestFront:
     """The REST listener. ``start`` binds, ``close`` refuses new requests (503) while those in
-    flight finish, ``stop`` ends it. ``current_config`` gives the live config: the address, TLS,
-    body cap and header limits are read once at start (restart-only, as the gRPC listener's),
-    the rest (``http_target``, timeouts, the models) per request, so a reload applies."""
+    flight finish, ``stop`` ends it. ``current_config`` gives the live config: what a reload may
+    change (the models and their chains) applies to the next request; the address, TLS, limits
+    and upstream settings are restart-only, as for the gRPC listener (proxy/reload.py)."""
 
     def __init__(self, current_config: Callable, inference: InferenceHandler,
                  passthrough: Passthrough, metrics: Metrics, ready: Callable[[], bool]):

@@ -73,7 +73,10 @@ class Sidecar:
         self.gate = DrainGate()
         self.draining = False
         self.admin = AdminServer(self.metrics.registry,
-                                 lambda: self.upstream.ready and not self.draining)
+                                 lambda: self.upstream.ready and not self.draining,
+                                 self.state.version_report)
+        # Every audit record names the defense version in force when it was written.
+        self.audit.config_version = lambda: self.state.current.version.digest
         self.server: grpc.aio.Server | None = None
         self.grpc_port = 0
         self.admin_port = 0

@@ -164,6 +164,8 @@ def record_verdict(span, verdict) -> None:
         return
     span.set_attribute("bastion.verdict", verdict.action)
     span.set_attribute("bastion.enforced", verdict.enforced)
+    if verdict.config_version:
+        span.set_attribute("bastion.config_version", verdict.config_version)
     if verdict.reasons:
         span.set_attribute("bastion.reasons", ",".join(verdict.reasons))
     for stage, score in verdict.scores.items():

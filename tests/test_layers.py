@@ -25,7 +25,8 @@ LAYERS = (
     ("stage core", ("bastion.core",)),
     ("stages", ("bastion.transforms", "bastion.detectors")),
     ("config", ("bastion.config", "bastion.stage_config", "bastion.stage_catalog",
-                "bastion.clients_config", "bastion.output_config", "bastion.shipped_profiles")),
+                "bastion.clients_config", "bastion.output_config", "bastion.shipped_profiles",
+                "bastion.defense_version")),
     ("proxy", ("bastion.proxy",)),
 )
 

@@ -77,6 +77,10 @@ class Stage:
     accepts: ClassVar[frozenset[str]] = frozenset()
     #: True when the request half awaits a model (``aon_request``) instead of computing inline.
     is_async: ClassVar[bool] = False
+    #: Files the built stage read that its options do not name (a bundled model, the default
+    #: rule file): the defense version (bastion/defense_version.py) hashes them with the files
+    #: its options name. Set by the stage's build function.
+    loaded_files: tuple = ()
 
     # -- request half --------------------------------------------------------------------------
     def on_request(self, view: StageView) -> StageOutcome:
