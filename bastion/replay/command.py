@@ -107,9 +107,67 @@ def _tensor_input_name(args, rows, config) -> str | None:
                       "--input")
 
 
-def run(args: argparse.Namespace) -> int:
+def _records(args, config):
     from bastion import corpus
+    try:
+        rows = corpus.select(corpus.read_rows(args.data), args.limit, args.seed)
+        return corpus.encode_rows(rows, args.data, args.model,
+                                  text_input=args.input or corpus.DEFAULT_TEXT_INPUT,
+                                  tensor_input=_tensor_input_name(args, rows, config),
+                                  shape=_parse_shape(args.shape))
+    except corpus.CorpusError as err:
+        raise ReplayError(f"bastion replay: {err}") from None
 
+
+def run_ab(args: argparse.Namespace) -> int:
+    """Replay A/B (bastion/replay/ab.py): the same records through a baseline and a candidate,
+    two configs in-process (--baseline/--candidate) or two live sidecars
+    (--baseline-target/--candidate-target)."""
+    from bastion.replay import ab
+    offline = bool(args.baseline or args.candidate)
+    if offline and not (args.baseline and args.candidate):
+        raise ReplayError("bastion replay: A/B needs both --baseline and --candidate configs")
+    if not offline and not (args.baseline_target and args.candidate_target):
+        raise ReplayError("bastion replay: A/B needs both --baseline-target and "
+                          "--candidate-target (or --baseline and --candidate configs)")
+    if args.max_regression < 0 or args.max_fpr_increase < 0:
+        raise ReplayError("bastion replay: tolerances must not be negative")
+    configs = ([load_config_or_exit(args.baseline), load_config_or_exit(args.candidate)]
+               if offline else [None, None])
+    records = _records(args, configs[0])
+    progress = args.progress or sys.stderr.isatty()
+    sides = []
+    for name, config, target in (("baseline", configs[0], args.baseline_target),
+                                 ("candidate", configs[1], args.candidate_target)):
+        if offline:
+            sides.append(asyncio.run(replay_offline(records, OfflinePipeline(config, args.model),
+                                                    progress)))
+        else:
+            sides.append(asyncio.run(replay_online(records, target, args.concurrency, args.rate,
+                                                   args.timeout, progress)))
+    report = ab.compare(sides[0], sides[1], args.max_regression, args.max_fpr_increase)
+    names = ((args.baseline, args.candidate) if offline
+             else (args.baseline_target, args.candidate_target))
+    report["run"] = {"command": _command_line(args), "baseline": names[0],
+                     "candidate": names[1], "offline": offline, "model": args.model,
+                     "data": str(args.data), "records": len(records)}
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "ab-report.json").write_text(json.dumps(_clean(report), indent=2) + "\n")
+    text = ab.render(report, *names)
+    (out / "ab-report.md").write_text(f"Command: `{report['run']['command']}`\n\n" + text)
+    print(text, end="", flush=True)
+    if not report["passed"]:
+        print(f"bastion replay: the candidate regresses {', '.join(report['regressions'])}",
+              file=sys.stderr)
+        return EXIT_GATES
+    return EXIT_OK
+
+
+def run(args: argparse.Namespace) -> int:
+    if any(getattr(args, key, None) for key in ("baseline", "candidate", "baseline_target",
+                                                "candidate_target")):
+        return run_ab(args)
     if not 0 <= args.fpr <= 1:
         raise ReplayError("bastion replay: --fpr must be between 0 and 1")
     if args.concurrency < 1:
@@ -126,14 +184,7 @@ def run(args: argparse.Namespace) -> int:
     config = load_config_or_exit(args.config) if args.config else None
     runner = OfflinePipeline(config, args.model) if args.offline else None
 
-    try:
-        rows = corpus.select(corpus.read_rows(args.data), args.limit, args.seed)
-        records = corpus.encode_rows(rows, args.data, args.model,
-                                     text_input=args.input or corpus.DEFAULT_TEXT_INPUT,
-                                     tensor_input=_tensor_input_name(args, rows, config),
-                                     shape=_parse_shape(args.shape))
-    except corpus.CorpusError as err:
-        raise ReplayError(f"bastion replay: {err}") from None
+    records = _records(args, config)
 
     # Thresholds for per-stage rates and the plots' vertical lines; stage order for the tables.
     pipeline = runner.pipeline if args.offline else (
@@ -268,6 +319,18 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         "the pipeline to run (--offline)")
     parser.add_argument("--offline", action="store_true",
                         help="run the model's configured pipeline in-process, no server")
+    ab = parser.add_argument_group(
+        "A/B (a defense change as a patch validator)",
+        "the same records through a baseline and a candidate; per family the difference with its "
+        "paired-bootstrap interval; exit 3 when a family regresses past a tolerance")
+    ab.add_argument("--baseline", metavar="CONFIG", help="baseline config (in-process)")
+    ab.add_argument("--candidate", metavar="CONFIG", help="candidate config (in-process)")
+    ab.add_argument("--baseline-target", metavar="HOST:PORT", help="baseline live sidecar")
+    ab.add_argument("--candidate-target", metavar="HOST:PORT", help="candidate live sidecar")
+    ab.add_argument("--max-regression", type=float, default=0.02,
+                    help="largest TPR drop of an attack family that passes (0.02)")
+    ab.add_argument("--max-fpr-increase", type=float, default=0.005,
+                    help="largest FPR rise of a benign family that passes (0.005)")
     parser.add_argument("--progress", action="store_true",
                         help="show the progress bar even when stderr is not a terminal")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
