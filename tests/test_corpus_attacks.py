@@ -15,7 +15,7 @@ def _load(name):
     return module
 
 
-obf = _load("attack_obfuscation")
+from bastion.replay import obfuscation as obf  # noqa: E402
 suf = _load("attack_suffixes")
 corpus = _load("corpus_attacks")
 archives = _load("attack_archives")

@@ -107,3 +107,47 @@ def test_the_ci_example_runs_a_valid_replay_command():
     add_parser(parser.add_subparsers(dest="command"))
     args = parser.parse_args(argv[1:])
     assert args.baseline and args.candidate and args.max_regression == 0.02
+
+
+def test_simulate_patch_validate_loop(tmp_path, monkeypatch):
+    """The threat simulator's loop: attacks that get through the signatures when mutated are
+    written out, added to a known-attack library as they are, and the A/B replay of the same
+    mutated corpus shows them caught with the benign FPR unchanged."""
+    import re
+
+    from bastion.cli import main as cli_main
+    from bastion.replay.mutate import DOCUMENT, TEMPLATES
+    from tests import test_anomaly
+    # The tiny test encoder knows only its word list: give it the sample's words (and the
+    # mutators' frames), so different texts get different embeddings, as a real encoder's do.
+    words = re.findall(r"\w+|[^\w\s]", " ".join(
+        [json.loads(line)["text"] for line in SAMPLE.read_text().splitlines()]
+        + list(TEMPLATES) + [DOCUMENT]).lower())
+    monkeypatch.setattr(test_anomaly, "TINY_WORDS", list(dict.fromkeys(words)))
+    encoder = test_anomaly.make_tiny_encoder(tmp_path / "encoder", dim=64, max_length=256)
+    base = tmp_path / "base.yaml"
+    base.write_text(STRICT % 1)
+    missed = tmp_path / "missed.jsonl"
+    common = ["--model", "text-classifier", "--data", str(SAMPLE), "--mutate", "template,split"]
+    assert replay_main(["--offline", "-c", str(base), *common, "--write-missed", str(missed),
+                        "--out", str(tmp_path / "sim"), "--no-plots"]) == 0
+    report = json.loads((tmp_path / "sim" / "report.json").read_text())
+    evaded = {(r["mutator"], r["family"]): r["evasion_rate"] for r in report["mutations"]}
+    assert evaded[("template", "jailbreak_template")] > 0
+    rows = [json.loads(line) for line in missed.read_text().splitlines()]
+    assert rows and all(r["label"] == "attack" and r["text"] for r in rows)
+    assert {r["source"] for r in rows} >= {"bastion replay --mutate template"}
+
+    library = tmp_path / "library.npz"
+    assert cli_main(["signatures", "add", str(missed), "--library", str(library), "--encoder",
+                     str(encoder)]) == 0
+    patched = tmp_path / "patched.yaml"
+    patched.write_text(STRICT % 1 + f"      - detect.attack_library: {{encoder: {encoder}, "
+                       f"library: {library}, mode: nearest, threshold: 0.9999, "
+                       "action: block}\n")
+    out = tmp_path / "ab"
+    assert replay_main(["--baseline", str(base), "--candidate", str(patched), *common,
+                        "--out", str(out)]) == 0
+    rows = {r["family"]: r for r in json.loads((out / "ab-report.json").read_text())["families"]}
+    assert rows["jailbreak_template"]["diff"] > 0 and rows["prompt_injection"]["diff"] > 0
+    assert rows["benign_chat"]["diff"] == 0

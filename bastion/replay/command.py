@@ -18,6 +18,7 @@ import numpy as np
 
 from bastion.replay.gates import GATE_METRICS, evaluate_gates, parse_gates
 from bastion.replay.metrics import compute_report
+from bastion.replay.mutate import MUTATORS
 from bastion.replay.offline import OfflinePipeline, replay_offline
 from bastion.replay.online import replay_online
 from bastion.replay.outcome import EXIT_GATES, EXIT_OK, ReplayError
@@ -107,16 +108,53 @@ def _tensor_input_name(args, rows, config) -> str | None:
                       "--input")
 
 
-def _records(args, config):
+def _records(args, config, rows: list[dict] | None = None):
+    """The corpus's records as requests (``rows``: already read and mutated)."""
     from bastion import corpus
     try:
-        rows = corpus.select(corpus.read_rows(args.data), args.limit, args.seed)
+        if rows is None:
+            rows = corpus.select(corpus.read_rows(args.data), args.limit, args.seed)
         return corpus.encode_rows(rows, args.data, args.model,
                                   text_input=args.input or corpus.DEFAULT_TEXT_INPUT,
                                   tensor_input=_tensor_input_name(args, rows, config),
                                   shape=_parse_shape(args.shape))
     except corpus.CorpusError as err:
         raise ReplayError(f"bastion replay: {err}") from None
+
+
+def _mutated_rows(args) -> tuple[list[dict] | None, dict[str, str]]:
+    """With --mutate (or --write-missed, which needs each record's text): the corpus, with each
+    text attack's mutated copies (bastion/replay/mutate.py), and row id -> mutator; else
+    (None, {}): the rows are read as usual."""
+    from bastion import corpus
+    from bastion.replay.mutate import mutate_rows, parse_mutators
+    if not (getattr(args, "mutate", None) or getattr(args, "write_missed", None)):
+        return None, {}
+    try:
+        names = parse_mutators(args.mutate) if args.mutate else []
+        rows = corpus.select(corpus.read_rows(args.data), args.limit, args.seed)
+    except (ValueError, corpus.CorpusError) as err:
+        raise ReplayError(f"bastion replay: {err}") from None
+    return mutate_rows(rows, names, args.seed)
+
+
+def _write_missed(path: str, rows: list[dict], outcomes, mutator_of: dict[str, str]) -> int:
+    """The text attacks that got through, as JSONL ``bastion signatures add`` takes as it is
+    (text, label, family, source naming the mutator); returns how many."""
+    text_of = {row["id"]: row["text"] for row in rows if isinstance(row.get("text"), str)}
+    written = 0
+    with open(path, "w", encoding="utf-8") as handle:
+        for outcome in outcomes:
+            if (outcome.label == "benign" or outcome.error or outcome.detected
+                    or outcome.id not in text_of):
+                continue
+            handle.write(json.dumps({
+                "id": outcome.id, "text": text_of[outcome.id], "label": "attack",
+                "family": outcome.family,
+                "source": f"bastion replay --mutate {mutator_of.get(outcome.id, 'original')}",
+            }, ensure_ascii=False) + "\n")
+            written += 1
+    return written
 
 
 def run_ab(args: argparse.Namespace) -> int:
@@ -134,7 +172,8 @@ def run_ab(args: argparse.Namespace) -> int:
         raise ReplayError("bastion replay: tolerances must not be negative")
     configs = ([load_config_or_exit(args.baseline), load_config_or_exit(args.candidate)]
                if offline else [None, None])
-    records = _records(args, configs[0])
+    rows, _ = _mutated_rows(args)  # --mutate: both sides get the same mutated attacks
+    records = _records(args, configs[0], rows)
     progress = args.progress or sys.stderr.isatty()
     sides = []
     for name, config, target in (("baseline", configs[0], args.baseline_target),
@@ -184,7 +223,8 @@ def run(args: argparse.Namespace) -> int:
     config = load_config_or_exit(args.config) if args.config else None
     runner = OfflinePipeline(config, args.model) if args.offline else None
 
-    records = _records(args, config)
+    rows, mutator_of = _mutated_rows(args)
+    records = _records(args, config, rows)
 
     # Thresholds for per-stage rates and the plots' vertical lines; stage order for the tables.
     pipeline = runner.pipeline if args.offline else (
@@ -249,6 +289,12 @@ def run(args: argparse.Namespace) -> int:
                    "by_code": dict(sorted(errors.items()))},
         "latency_ms": report["overall"]["latency"],
     }
+    if args.mutate:
+        from bastion.replay.mutate import evasion_table
+        report["mutations"] = evasion_table(outcomes, mutator_of)
+    if args.write_missed:
+        report["missed_written"] = {"path": args.write_missed, "records": _write_missed(
+            args.write_missed, rows, outcomes, mutator_of)}
     gate_results = evaluate_gates(gates, report)
     report["gates"] = gate_results
     report["gates_passed"] = all(g["ok"] for g in gate_results)
@@ -270,6 +316,14 @@ def run(args: argparse.Namespace) -> int:
             handle.write(json.dumps(_clean(o.to_json()), default=_json_default) + "\n")
 
     print(summary_text(report, out), flush=True)
+    if report.get("mutations"):
+        from bastion.replay.mutate import render_evasion
+        print("\nthreat simulator: attacks that got through, per mutator and family\n"
+              + render_evasion(report["mutations"]), flush=True)
+    if report.get("missed_written"):
+        missed = report["missed_written"]
+        print(f"\n{missed['records']} attacks that got through written to {missed['path']} "
+              "(bastion signatures add takes it as it is)", flush=True)
     failed = [g for g in gate_results if not g["ok"]]
     if failed:
         print("bastion replay: gates failed:", file=sys.stderr)
@@ -319,6 +373,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         "the pipeline to run (--offline)")
     parser.add_argument("--offline", action="store_true",
                         help="run the model's configured pipeline in-process, no server")
+    sim = parser.add_argument_group(
+        "threat simulator", "mutate the corpus's text attacks before sending them; report the "
+        "evasion rate per mutator and family")
+    sim.add_argument("--mutate", metavar="NAMES", help="all, or a comma list of: "
+                     + ", ".join(MUTATORS))
+    sim.add_argument("--write-missed", metavar="FILE.jsonl", help="write the attacks that got "
+                     "through (mutated ones included) as JSONL for `bastion signatures add`")
     ab = parser.add_argument_group(
         "A/B (a defense change as a patch validator)",
         "the same records through a baseline and a candidate; per family the difference with its "

@@ -167,6 +167,16 @@ def render_markdown(report: dict) -> str:
                               "pass" if gate["ok"] else "FAIL: " + gate["message"]))
         verdict = "All gates met." if report["gates_passed"] else "Some gates unmet."
         lines += ["", f"**{verdict}**", ""]
+    if report.get("mutations"):
+        from bastion.replay.mutate import render_evasion
+        lines += ["## Threat simulator: attacks that got through, per mutator", "",
+                  "Each text attack of the corpus was also sent mutated (`--mutate`, "
+                  "bastion/replay/mutate.py); `original` is the attack as written.", "",
+                  render_evasion(report["mutations"]), ""]
+    if report.get("missed_written"):
+        missed = report["missed_written"]
+        lines += [f"{missed['records']} attacks that got through are in `{missed['path']}` "
+                  "(`bastion signatures add` takes it as it is).", ""]
     lines += ["Per-record results (ids, statuses, verdicts, scores; no texts): "
               "[records.jsonl](records.jsonl). Machine-readable: [report.json](report.json).", ""]
     return "\n".join(lines)

