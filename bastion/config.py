@@ -194,6 +194,9 @@ class ModelExtractionConfig(ExtractionConfig):
 
 class ModelConfig(_Strict):
     mode: Literal["enforce", "monitor"] = "enforce"
+    # Canary (with mode enforce): enforce for this share of clients, sticky by client identity
+    # (proxy/canary.py), monitor mode for the rest; None: for every client.
+    enforce_percent: float | None = Field(None, ge=0, le=100)
     inputs: dict[str, InputSpec] = {}
     # Requests whose tensors live in Triton shared memory cannot be inspected. Default: deny in
     # enforce mode, pass (annotated) in monitor mode.

@@ -47,7 +47,7 @@ class InputSpec(BaseModel):
 
 # Options every stage takes, handled here rather than by the stage itself.
 COMMON_KEYS = ("id", "inputs", "threshold", "threshold_file", "action", "on_error", "on_overload",
-               "budget_ms", "shadow")
+               "budget_ms", "shadow", "enforce_percent")
 
 
 class CommonOptions(BaseModel):
@@ -67,6 +67,9 @@ class CommonOptions(BaseModel):
     budget_ms: float | None = Field(None, gt=0)
     # A shadow stage runs and annotates but never acts: the per-stage form of monitor mode.
     shadow: bool = False
+    # Canary: the stage acts for this share of clients (sticky by client identity,
+    # proxy/canary.py) and runs in shadow for the rest; None: for every client.
+    enforce_percent: float | None = Field(None, ge=0, le=100)
 
 
 # Where a detector with an action but no threshold looks for its threshold (relative to the

@@ -15,7 +15,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from bastion.protos import SERVICE, codec, pb
-from bastion.proxy import forwarding
+from bastion.proxy import canary, forwarding
 from bastion.proxy import output_guard, policy, telemetry
 from bastion.proxy.audit import OUTPUT_STOP_PREFIX, AuditLog
 from bastion.proxy.clients import ClientControl
@@ -98,6 +98,12 @@ class Answer:
         if self._raw is None:
             self._raw = self._message.SerializeToString()
         return self._raw
+
+
+def cohort_of(verdict) -> str:
+    """The canary cohort a verdict names (``all`` without one: unconfigured model, refusal
+    before inspection)."""
+    return verdict.cohort if verdict is not None else canary.ALL
 
 
 def requested_model(raw: bytes) -> str:
@@ -211,7 +217,7 @@ class InferenceHandler:
             code, details, trailers, reason = refusal
             raise Rejected(code, details, reason, trailers)
         try:
-            inspected = await self._inspect(request, raw, request_id, response_stages)
+            inspected = await self._inspect(request, raw, request_id, response_stages, identity)
         except Rejected as rejected:
             if rejected.reason.startswith(SHED_REASON):
                 raise                       # the sidecar's capacity, not the client's doing
@@ -226,7 +232,7 @@ class InferenceHandler:
         return inspected
 
     async def _inspect(self, request: pb.ModelInferRequest, raw: bytes, request_id: str,
-                       response_stages: bool = True) -> Inspected:
+                       response_stages: bool = True, identity: str = "") -> Inspected:
         snapshot = self.state.current
         model_name = request.model_name
         model = snapshot.config.models.get(model_name)
@@ -242,8 +248,10 @@ class InferenceHandler:
             return Inspected(model_name, raw, None)
         pipeline = snapshot.pipelines[model_name]
         try:
+            bucket = canary.bucket(identity, model_name) if pipeline.has_canary else None
             ctx, verdict = await pipeline.run_request(request, inputs, request_id,
-                                                      stop_on_block=model.mode == "enforce")
+                                                      stop_on_block=model.mode == "enforce",
+                                                      canary_bucket=bucket)
         except (codec.TensorError, InputRejected) as err:
             raise _invalid(str(err)) from None
         except StageShed as shed:
@@ -373,6 +381,7 @@ class InferenceHandler:
         identity = self.clients.identity(context)
         model = ""
         outcome = "error"
+        cohort = canary.ALL
         with telemetry.server_span(MODEL_INFER, context) as span:
             if span is not None:
                 span.set_attribute("bastion.request_id", request_id)
@@ -380,6 +389,7 @@ class InferenceHandler:
             try:
                 inspected = await self.inspect(raw, request_id, identity)
                 model = inspected.model
+                cohort = cohort_of(inspected.verdict)
                 telemetry.record_verdict(span, inspected.verdict)
                 forward_started = time.perf_counter()
                 reply = await self.passthrough.forward_unary(MODEL_INFER, inspected.body, context,
@@ -407,10 +417,12 @@ class InferenceHandler:
                                                           inspected.inputs, answer)
                 if inspected.verdict is not None:
                     self.audit_decision(identity, request_id, model, "ModelInfer", outcome, inspected.verdict)
-                self.metrics.observe_added(model, time.perf_counter() - started - upstream_s)
+                self.metrics.observe_added(model, time.perf_counter() - started - upstream_s,
+                                           cohort_of(inspected.verdict))
                 return answer.raw
             except Rejected as rejected:
                 outcome = rejected.code.name
+                cohort = cohort_of(rejected.verdict)
                 model = model or rejected.model(raw)
                 telemetry.record_verdict(span, rejected.verdict)
                 self.audit_decision(identity, request_id, model, "ModelInfer", outcome,
@@ -428,4 +440,4 @@ class InferenceHandler:
                                                       grpc.StatusCode.UNKNOWN))
                 self.metrics.observe_request("ModelInfer", model, outcome,
                                              time.perf_counter() - started,
-                                             getattr(context, "protocol", "grpc"))
+                                             getattr(context, "protocol", "grpc"), cohort)

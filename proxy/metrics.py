@@ -22,17 +22,18 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None):
         self.registry = registry or CollectorRegistry()
         self.requests = Counter(
-            "bastion_requests", "Inference requests handled, by model, method, gRPC outcome "
-            "and protocol (grpc, or http for the v2 REST front).",
-            ["model", "method", "code", "protocol"], registry=self.registry)
+            "bastion_requests", "Inference requests handled, by model, method, gRPC outcome, "
+            "protocol (grpc, or http for the v2 REST front) and canary cohort.",
+            ["model", "method", "code", "protocol", "cohort"], registry=self.registry)
         self.request_seconds = Histogram(
             "bastion_request_duration_seconds",
             "Time from receiving an inference request to answering it (or forwarding it, for "
             "stream messages).", ["method"], buckets=LATENCY_BUCKETS, registry=self.registry)
         self.verdicts = Counter(
             "bastion_verdicts", "Policy verdicts on inference requests of configured models "
-            "(action is what the policy decided; enforced=false in monitor mode).",
-            ["model", "action", "enforced"], registry=self.registry)
+            "(action is what the policy decided; enforced=false in monitor mode; cohort: canary, "
+            "control or all, proxy/canary.py).",
+            ["model", "action", "enforced", "cohort"], registry=self.registry)
         self.reasons = Counter(
             "bastion_reasons", "Reason codes behind non-allow verdicts (bounded by the "
             "configured stages and rule sets).", ["model", "reason"], registry=self.registry)
@@ -55,11 +56,10 @@ class Metrics:
             "bastion_extra_upstream_items", "Extra inputs response stages sent the upstream "
             "(squeezed variants, smoothing samples): the cost of those defenses.",
             ["model", "stage"], registry=self.registry)
-        self.defense_version = Gauge(
-            "bastion_defense_version_info", "The active defense version (a digest of the "
+        self.defense_version = Info(
+            "bastion_defense_version", "The active defense version (a digest of the "
             "effective config and every model, state, library and threshold file it loads; "
-            "bastion check-config prints it); 1 for the one in use.", ["version"],
-            registry=self.registry)
+            "bastion check-config prints it).", registry=self.registry)
         self.thresholds = Gauge(
             "bastion_stage_threshold", "Configured threshold of each acting stage (same units as "
             "bastion_stage_score).", ["model", "stage"], registry=self.registry)
@@ -73,7 +73,7 @@ class Metrics:
             ["method"], buckets=LATENCY_BUCKETS, registry=self.registry)
         self.added_seconds = Histogram(
             "bastion_added_latency_seconds", "Latency the sidecar adds to ModelInfer (total time "
-            "minus time waiting for the upstream).", ["model"],
+            "minus time waiting for the upstream).", ["model", "cohort"],
             buckets=(0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
                      0.1, 0.25, 1), registry=self.registry)
         self.throttled = Counter(
@@ -130,8 +130,7 @@ class Metrics:
 
     def set_defense_version(self, version: str) -> None:
         """The active defense version as an info metric: one series at 1 (a reload replaces it)."""
-        self.defense_version.clear()
-        self.defense_version.labels(version).set(1)
+        self.defense_version.info({"version": version})
 
     def set_thresholds(self, snapshot) -> None:
         """Publish what a config promises: stage thresholds, and zeroed counters for the
@@ -156,8 +155,8 @@ class Metrics:
     def observe_extra_upstream(self, model: str, stage: str, items: int) -> None:
         self.extra_upstream.labels(model, stage).inc(items)
 
-    def observe_added(self, model: str, seconds: float) -> None:
-        self.added_seconds.labels(self.model_label(model)).observe(seconds)
+    def observe_added(self, model: str, seconds: float, cohort: str = "all") -> None:
+        self.added_seconds.labels(self.model_label(model), cohort).observe(seconds)
 
     def observe_reload(self, ok: bool) -> None:
         self.reloads.labels("success" if ok else "failure").inc()
@@ -180,18 +179,20 @@ class Metrics:
             self.output_findings.labels(model, finding.kind, finding.action.value).inc()
 
     def observe_verdict(self, model: str, verdict) -> None:
-        self.verdicts.labels(model, verdict.action, str(verdict.enforced).lower()).inc()
+        self.verdicts.labels(model, verdict.action, str(verdict.enforced).lower(),
+                             verdict.cohort).inc()
         if verdict.action != "allow":
             for reason in verdict.reasons[:8]:
                 self.reasons.labels(model, reason).inc()
 
     def observe_request(self, method: str, model: str, code: str, seconds: float,
-                        protocol: str = "grpc") -> None:
+                        protocol: str = "grpc", cohort: str = "all") -> None:
         # Hot path: label children are cached (labels() takes a lock and builds a key each call).
-        key = (method, model, code, protocol)
+        key = (method, model, code, protocol, cohort)
         children = self._request_children.get(key)
         if children is None:
-            children = (self.requests.labels(self.model_label(model), method, code, protocol),
+            children = (self.requests.labels(self.model_label(model), method, code, protocol,
+                                             cohort),
                         self.request_seconds.labels(method))
             if len(self._request_children) < 4096:
                 self._request_children[key] = children

@@ -22,7 +22,7 @@ from bastion.core.stage import StageOutcome, StageView
 from bastion.detectors.batcher import Overloaded
 from bastion.protos import codec
 from bastion.protos.codec import TensorError, as_bytes_array
-from bastion.proxy import policy
+from bastion.proxy import canary, policy
 from bastion.proxy.policy import ACTIONS, Decision
 from bastion.stage_config import StageConfig, calibrate_command, parse_stage
 from bastion.transforms.base import InputRejected
@@ -46,6 +46,10 @@ class RequestContext:
     # Inputs whose data lives out of band (Triton shared memory): present by name, not inspectable.
     out_of_band: list[str] = dataclasses.field(default_factory=list)
     invalid_utf8: str = "reject"
+    # The client's canary bucket (proxy/canary.py; None: the model has no canary) and the mode
+    # the request runs in (a model canary puts clients outside its share in monitor mode).
+    canary_bucket: float | None = None
+    mode: str = "enforce"
     changed: bool = False
     scores: dict[str, float] = dataclasses.field(default_factory=dict)
     decisions: list[Decision] = dataclasses.field(default_factory=list)
@@ -143,15 +147,20 @@ class StageRunner:
             self.metrics.observe_stage(self.model_name, self.config.stage_id,
                                        time.perf_counter() - started, error)
 
-    def _failed(self, error: str, span) -> Decision:
+    def shadow(self, canary_bucket: float | None) -> bool:
+        """Whether the stage only annotates for this request: a shadow stage, or a canary
+        stage (``enforce_percent``) for a client outside its share."""
+        common = self.config.common
+        return common.shadow or not canary.enforces(common.enforce_percent, canary_bucket)
+
+    def _failed(self, error: str, span, shadow: bool) -> Decision:
         """A stage that raised or ran over budget: on_error decides (closed blocks)."""
         span.set_attribute("bastion.stage.error", error)
-        common = self.config.common
-        if common.on_error == "closed":
+        if self.config.common.on_error == "closed":
             return Decision(self.config.stage_id, "block", None, [f"stage_{error}"],
-                            shadow=common.shadow)
+                            shadow=shadow)
         return Decision(self.config.stage_id, "allow", None, [f"stage_{error}:fail_open"],
-                        shadow=common.shadow)
+                        shadow=shadow)
 
     async def run(self, ctx: RequestContext) -> Decision | None:
         common = self.config.common
@@ -173,7 +182,7 @@ class StageRunner:
             except asyncio.TimeoutError:
                 error = "budget_exceeded"
             except Overloaded as exc:
-                if self.may_shed:
+                if self.may_shed and ctx.mode == "enforce" and not self.shadow(ctx.canary_bucket):
                     span.set_attribute("bastion.stage.error", "shed")
                     if self.metrics is not None:
                         self.metrics.observe_shed(self.model_name, stage_id)
@@ -183,8 +192,9 @@ class StageRunner:
                 error = "error"
                 span.record_exception(exc)
             self._observe_run(started, error)
+            shadow = self.shadow(ctx.canary_bucket)
             if error is not None:
-                return self._failed(error, span)
+                return self._failed(error, span, shadow)
             # Replacements apply only now, so a stage that failed half-way never leaves a
             # half-transformed request.
             for name, value in outcome.replacements.items():
@@ -206,7 +216,7 @@ class StageRunner:
             if action != "allow":
                 span.set_attribute("bastion.stage.action", action)
             return Decision(stage_id, action, score, outcome.reasons if action != "allow" else [],
-                            threshold=common.threshold, shadow=common.shadow)
+                            threshold=common.threshold, shadow=shadow)
 
 
 class ResponseRunner(StageRunner):
@@ -222,9 +232,11 @@ class ResponseRunner(StageRunner):
         except Exception:  # noqa: BLE001
             return False, None
 
-    async def finish(self, prepared, response, call_upstream) -> tuple[Decision, dict, int]:
+    async def finish(self, prepared, response, call_upstream,
+                     canary_bucket: float | None = None) -> tuple[Decision, dict, int]:
         common = self.config.common
         stage_id = self.config.stage_id
+        shadow = self.shadow(canary_bucket)
         ok, state = prepared
         started = time.perf_counter()
         with tracer.start_as_current_span(f"bastion.stage {stage_id}") as span:
@@ -243,7 +255,7 @@ class ResponseRunner(StageRunner):
                     span.record_exception(exc)
             self._observe_run(started, error)
             if error is not None:
-                return self._failed(error, span), {}, 0
+                return self._failed(error, span, shadow), {}, 0
             if self.metrics is not None:
                 self.metrics.observe_score(self.model_name, stage_id, result.score)
                 if result.extra_items:
@@ -253,18 +265,18 @@ class ResponseRunner(StageRunner):
             if result.refusal is not None:
                 status, reason = result.refusal
                 decision = Decision(stage_id, "block", result.score, [reason] + result.reasons,
-                                    threshold=common.threshold, shadow=common.shadow,
+                                    threshold=common.threshold, shadow=shadow,
                                     status=status)
             elif result.flag is not None:
                 decision = Decision(stage_id, "flag", result.score, [result.flag] + result.reasons,
-                                    threshold=common.threshold, shadow=common.shadow)
+                                    threshold=common.threshold, shadow=shadow)
             elif common.threshold is not None and result.score >= common.threshold:
                 decision = Decision(stage_id, common.action or "block", result.score,
                                     result.reasons, threshold=common.threshold,
-                                    shadow=common.shadow)
+                                    shadow=shadow)
             else:
                 decision = Decision(stage_id, "allow", result.score, [],
-                                    threshold=common.threshold, shadow=common.shadow)
+                                    threshold=common.threshold, shadow=shadow)
             return decision, result.parameters, result.extra_items
 
 
@@ -298,6 +310,28 @@ class Pipeline:
         self.response_runners = response_runners or []
         #: The defense version of the config this chain was built from (set by the snapshot).
         self.config_version = ""
+        #: Whether the model or a stage enforces for a share of clients only (proxy/canary.py).
+        self.has_canary = model.enforce_percent is not None or any(
+            r.config.common.enforce_percent is not None
+            for r in (*self.runners, *self.response_runners))
+
+    def cohort(self, canary_bucket: float | None) -> str:
+        """The client's canary cohort: canary when at least one canary enforces for it."""
+        if not self.has_canary:
+            return canary.ALL
+        enforced = [canary.enforces(self.model.enforce_percent, canary_bucket)
+                    if self.model.enforce_percent is not None else False]
+        enforced += [canary.enforces(r.config.common.enforce_percent, canary_bucket)
+                     for r in (*self.runners, *self.response_runners)
+                     if r.config.common.enforce_percent is not None]
+        return canary.CANARY if any(enforced) else canary.CONTROL
+
+    def mode_for(self, canary_bucket: float | None) -> str:
+        """The mode a request runs in: the model's, unless a model canary leaves it out."""
+        if self.model.mode == "enforce" and not canary.enforces(self.model.enforce_percent,
+                                                                 canary_bucket):
+            return "monitor"
+        return self.model.mode
 
     def __bool__(self) -> bool:
         return bool(self.runners or self.response_runners)
@@ -332,15 +366,22 @@ class Pipeline:
         return None
 
     async def run_request(self, request, inputs: dict[str, np.ndarray], request_id: str,
-                          stop_on_block: bool) -> tuple[RequestContext, policy.Verdict]:
-        """The request half on decoded ``inputs``: every request stage, then the verdict."""
+                          stop_on_block: bool, canary_bucket: float | None = None
+                          ) -> tuple[RequestContext, policy.Verdict]:
+        """The request half on decoded ``inputs``: every request stage, then the verdict.
+        ``canary_bucket``: the client's (proxy/canary.py), where the model has a canary."""
+        mode = self.mode_for(canary_bucket)
         ctx = RequestContext(request_id=request_id, model_name=self.model_name,
                              model_version=request.model_version, inputs=dict(inputs),
                              datatypes={t.name: t.datatype for t in request.inputs},
-                             invalid_utf8=self.model.invalid_utf8)
-        await self.run(ctx, stop_on_block)
-        return ctx, policy.decide(ctx.decisions, ctx.scores, self.model.mode,
-                                  self.config_version)
+                             invalid_utf8=self.model.invalid_utf8,
+                             canary_bucket=canary_bucket, mode=mode)
+        await self.run(ctx, stop_on_block and mode == "enforce")
+        return ctx, self._verdict(ctx)
+
+    def _verdict(self, ctx: RequestContext) -> policy.Verdict:
+        return policy.decide(ctx.decisions, ctx.scores, ctx.mode, self.config_version,
+                             self.cohort(ctx.canary_bucket))
 
     def prepare_response(self, request, ctx: RequestContext) -> list:
         """Each response stage's ``prepare`` on the request about to be forwarded: the plan
@@ -356,15 +397,15 @@ class Pipeline:
         extra: dict = {}
         failed = False
         for runner, prepared in reversed(plan):
-            decision, parameters, _ = await runner.finish(prepared, response, call_upstream)
+            decision, parameters, _ = await runner.finish(prepared, response, call_upstream,
+                                                          ctx.canary_bucket)
             ctx.decisions.append(decision)
             if decision.score is not None:
                 ctx.scores[decision.stage] = decision.score
             else:
                 failed = True
             extra.update(parameters)
-        return (policy.decide(ctx.decisions, ctx.scores, self.model.mode, self.config_version),
-                extra, failed)
+        return self._verdict(ctx), extra, failed
 
 
 def build_pipeline(model_name: str, model: ModelConfig, metrics: Metrics | None = None, *,

@@ -50,6 +50,8 @@ class Verdict:
     suspicious_text: str | None = None
     # The defense version (bastion/defense_version.py) of the chain that judged the request.
     config_version: str = ""
+    # The client's canary cohort (proxy/canary.py): canary, control, or all (no canary).
+    cohort: str = "all"
 
     @property
     def blocks(self) -> bool:
@@ -61,7 +63,7 @@ class Verdict:
 
 
 def decide(decisions: list[Decision], scores: dict[str, float], mode: str,
-           config_version: str = "") -> Verdict:
+           config_version: str = "", cohort: str = "all") -> Verdict:
     acting = [d for d in decisions if not d.shadow]
     deciding = max(acting, key=lambda d: SEVERITY[d.action], default=None)
     action = deciding.action if deciding is not None else "allow"
@@ -73,7 +75,7 @@ def decide(decisions: list[Decision], scores: dict[str, float], mode: str,
                 reasons.append(tagged)
     thresholds = {d.stage: d.threshold for d in decisions if d.threshold is not None}
     return Verdict(action, mode == "enforce", deciding, tuple(reasons), dict(scores), thresholds,
-                   tuple(decisions), config_version=config_version)
+                   tuple(decisions), config_version=config_version, cohort=cohort)
 
 
 # Reasons named in a refusal's details at most (the trailer bastion-reasons has them all).

@@ -49,8 +49,9 @@ class OfflinePipeline:
                 raise ReplayError(f"bastion replay: record {record.id!r} is for model "
                                   f"{request.model_name!r}; offline mode runs {self.model_name!r}")
             inputs = decode_checked(request, self.config.limits.max_tensor_elements, self.specs)
+            # A client inside every canary: the replay judges the whole defense as configured.
             _, verdict = await self.pipeline.run_request(request, inputs, record.id,
-                                                         stop_on_block=False)
+                                                         stop_on_block=False, canary_bucket=0.0)
         except (DecodeError, codec.TensorError, InputRejected) as err:
             outcome.status = "INVALID_ARGUMENT"
             outcome.detail = f"bastion: {err}"[:300] if not isinstance(err, DecodeError) else \
