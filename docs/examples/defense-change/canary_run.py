@@ -1,8 +1,13 @@
 """Send the simulator's missed attacks from 100 clients through a live sidecar, at 10 % and
-after a reload at 100 %; print the refused share per cohort from the sidecar's metrics."""
-import json, os, shutil, signal, subprocess, sys, time, urllib.request
+after a reload at 100 %; print the refused share per cohort from the sidecar's metrics
+(docs/defense-changes.md, step 5). Run it in the folder holding missed.jsonl, minilm/,
+library.npz, canary-10.yaml and canary-100.yaml:
+
+    python /path/to/bastion/docs/examples/defense-change/canary_run.py
+"""
+import json, os, pathlib, shutil, signal, sys, time, urllib.request
 import grpc, numpy as np
-sys.path.insert(0, "/work/main")
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[3]))  # the repository
 from bastion.protos import SERVICE, codec, pb
 from tests.harness import Sidecar, Upstream
 
@@ -41,7 +46,6 @@ try:
     print("\n".join(cohorts()))
     open(cfg, "w").write(open("canary-100.yaml").read().replace("minilm", os.path.abspath("minilm")).replace("library.npz", os.path.abspath("library.npz")))
     side.proc.popen.send_signal(signal.SIGHUP)
-    v0 = version()
     for _ in range(100):
         time.sleep(0.3)
         if json.loads(urllib.request.urlopen(f"http://{side.admin}/version").read())["history"][-1]["result"] != "initial":
