@@ -51,6 +51,36 @@ def _records(path: str, args: argparse.Namespace):
             yield text, family, str(source)
 
 
+def _as_the_stage_sees(texts: list[str], args: argparse.Namespace) -> list[str]:
+    """The texts after the request transforms of ``--through CONFIG``'s ``--model`` chain that
+    come before its ``detect.attack_library`` stage (the sidecar folds confusables and strips
+    invisible characters before the stage embeds): an entry must match what the stage sees.
+    The result is aligned with ``texts``."""
+    import asyncio
+
+    from bastion.calibration_steps import run_texts
+    from bastion.config import ConfigError, load_config
+    from bastion.proxy.pipeline import build_pipeline
+    try:
+        config = load_config(args.through)
+    except ConfigError as err:
+        raise SystemExit(f"bastion signatures add: --through: {err}") from None
+    model = args.model or next(iter(config.models), None)
+    if model not in config.models:
+        raise SystemExit(f"bastion signatures add: --through {args.through} has no model "
+                         f"{model!r}")
+    pipeline = build_pipeline(model, config.models[model], stages=config.built_stages(model))
+    kinds = [r.config.kind_name for r in pipeline.runners]
+    upto = kinds.index("detect.attack_library") if "detect.attack_library" in kinds else None
+    input_name = next((n for n, s in config.models[model].inputs.items() if s.kind == "text"),
+                      "prompt")
+    _, refused, seen = asyncio.run(run_texts(pipeline, input_name, texts, upto=upto,
+                                             kind="transform"))
+    # A text a transform refuses never reaches the stage; it is kept as written.
+    return [after if why is None else before
+            for before, after, why in zip(texts, seen, refused)]
+
+
 def _cmd_add(args: argparse.Namespace) -> int:
     from bastion.detectors.known_attacks import (AttackLibrary, LibraryError,
                                                  default_library_path, entry_id, library_paths)
@@ -85,6 +115,8 @@ def _cmd_add(args: argparse.Namespace) -> int:
     if not texts:
         print("bastion signatures add: no records to add", file=sys.stderr)
         return 2
+    if args.through:
+        texts = _as_the_stage_sees(texts, args)
     before = len(library)
     windows = args.windows
     rows, row_families, row_sources, row_ids = [], [], [], []
@@ -151,6 +183,11 @@ def add_parser(sub) -> None:
                      help="entries per text: its first window (default) or every window")
     add.add_argument("--max-chunks", type=int, default=8, help="windows per text at most")
     add.add_argument("--threads", type=int, default=2)
+    add.add_argument("--through", metavar="CONFIG", help="embed each text as the model's chain "
+                     "hands it to detect.attack_library: after that config's request "
+                     "transforms (confusables folded, invisible characters stripped)")
+    add.add_argument("--model", help="with --through: the model whose chain (default: the "
+                     "config's first)")
     add.set_defaults(func=_cmd_add)
     info = commands.add_parser("info", help="summarise a library (default: the starter)")
     info.add_argument("--library")
