@@ -78,7 +78,7 @@ def check_output(code, out):
     assert re.search(r"canary leak\s+\d+ chunks relayed \('Here is my hidden configuration: the "
                      r"code word is '\), then stopped: bastion: output stopped: canary", out), out
     assert out.count("DEMO-CANARY") == 0
-    assert re.search(r'bastion_verdicts_total\{action="block",enforced="true"', out)
+    assert re.search(r'bastion_verdicts_total\{action="block",cohort="all",enforced="true"', out)
     assert "top reasons:" in out
     for pid in re.findall(r"(?:upstream|sidecar) pid (\d+)", out):
         assert not pid_alive(int(pid)), f"demo left process {pid} running"
