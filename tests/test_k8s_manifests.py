@@ -430,7 +430,7 @@ def test_gpu_dockerfile_runs_like_the_cpu_one():
     cpu = (REPO / "Dockerfile").read_text()
     assert re.search(r"^USER 10001$", gpu, re.M)
     assert re.search(r"useradd .*--uid 10001", gpu)
-    assert re.search(r"^EXPOSE 8001 8002$", gpu, re.M)
+    assert re.search(r"^EXPOSE 8000 8001 8002$", gpu, re.M)
     for directive in ("HEALTHCHECK", "ENTRYPOINT", "CMD"):
         pattern = rf"^{directive} .*(?:\\\n.*)*"
         assert re.search(pattern, gpu, re.M).group(0) == re.search(pattern, cpu, re.M).group(0)
