@@ -71,10 +71,10 @@ def test_cross_fitted_thresholds_see_only_other_folds_unseen_groups(tmp_path):
 def test_write_keeps_the_in_source_threshold(tmp_path):
     path = tmp_path / "thresholds.json"
     path.write_text(json.dumps({"threshold": 0.5, "method": "split", "command": "bastion ..."}))
-    report = {"benign_texts": 10, "target_fpr": 0.01, "source_tolerance": 2.0}
+    report = {"benign_texts": 10, "target_fpr": 0.01, "source_tolerance": 2.0, "results": {}}
     crossfit.write_threshold(path, 0.9, report, ["--corpus", "C"])
     crossfit.write_threshold(path, 0.95, report, ["--corpus", "C"])  # a rerun replaces it
     data = json.loads(path.read_text())
-    assert data["threshold"] == 0.95 and data["in_source_threshold"] == 0.5
-    assert data["method"] == "cross-fitted" and data["command"] == "bastion ..."
+    assert data["threshold"] == 0.95 and data["method"] == "cross-fitted"
+    assert data["in_source"] == {"threshold": 0.5, "method": "split", "command": "bastion ..."}
     assert data["crossfit"]["command"].endswith("--corpus C")

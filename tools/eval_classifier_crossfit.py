@@ -90,6 +90,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--target-fpr", type=float, default=0.01)
     parser.add_argument("--source-tolerance", type=float, default=2.0)
     parser.add_argument("--json", type=pathlib.Path, default=None)
+    parser.add_argument("--fixed", type=float, action="append", default=[],
+                        help="also judge this fixed threshold on every fold (e.g. the shipped "
+                             "one); repeatable")
+    parser.add_argument("--partial", action="store_true",
+                        help="judge only the folds whose models have scored (a preview)")
     parser.add_argument("--write", type=pathlib.Path, default=None,
                         help="threshold file to update with the all-folds cross-fitted "
                              "threshold (the shipped profile's)")
@@ -101,10 +106,18 @@ def main(argv: list[str] | None = None) -> int:
     calib, attack, rule_flags = frame.calib, frame.attack, frame.rule_flags
     digests = [text_digest(t) for t in frame.texts]
 
-    per_fold = [fold_scores(args.work, k, digests) for k in range(n_folds)]
+    present = [k for k in range(n_folds) if (args.work / f"fold-{k}" / "scores.npz").exists()]
+    if len(present) < n_folds and not args.partial:
+        raise SystemExit(f"folds {sorted(set(range(n_folds)) - set(present))} have no scores "
+                         "yet (--partial: judge the present folds only)")
+    keep = np.isin(fold, present)  # with --partial: the groups of folds not scored are left out
+    groups, family, fold = groups[keep], family[keep], fold[keep]
+    calib, attack, rule_flags = calib[keep], attack[keep], rule_flags[keep]
+    digests = [d for d, k in zip(digests, keep) if k]
+    per_fold = {k: fold_scores(args.work, k, digests) for k in present}
     # Each text's score by the model that never saw its group.
-    held_score = np.full(len(frame.records), np.nan)
-    for k in range(n_folds):
+    held_score = np.full(len(fold), np.nan)
+    for k in present:
         held_score[fold == k] = per_fold[k][fold == k]
     if np.isnan(held_score).any():
         raise SystemExit(f"{int(np.isnan(held_score).sum())} held-out texts have no fold score: "
@@ -112,9 +125,9 @@ def main(argv: list[str] | None = None) -> int:
 
     systems = ("in-source calibration split (the protocol's)", "cross-fitted (other folds' "
                "unseen groups)")
-    flags = {name: np.zeros(len(frame.records), dtype=bool) for name in systems}
+    flags = {name: np.zeros(len(fold), dtype=bool) for name in systems}
     thresholds: dict[str, list[float]] = {name: [] for name in systems}
-    for k in range(n_folds):
+    for k in present:
         held = fold == k
         cal = (fold != k) & calib
         t_in = split_budget({"c": per_fold[k][cal]}, rule_flags[cal], args.target_fpr,
@@ -129,7 +142,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fold {k}: threshold {t_in:.4f} in-source, {t_cross:.4f} cross-fitted",
               file=sys.stderr, flush=True)
 
-    results = {name: summarize(flags[name], attack, family, groups) for name in systems}
+    for value in args.fixed:  # a threshold set elsewhere (the shipped one), on the same rows
+        name = f"fixed {value:g}"
+        flags[name] = (held_score >= value) | rule_flags
+        thresholds[name] = [value] * len(present)
+    results = {name: summarize(flags[name], attack, family, groups) for name in flags}
     benign = ~attack
     final = crossfit_threshold(held_score[benign], rule_flags[benign], groups[benign],
                                args.target_fpr, args.source_tolerance)
@@ -149,22 +166,27 @@ def main(argv: list[str] | None = None) -> int:
 
 def write_threshold(path: pathlib.Path, threshold: float, report: dict,
                     argv: list[str] | None) -> None:
-    """Update a stage's threshold file in place with the cross-fitted threshold; what
-    ``bastion calibrate`` recorded stays (its in-source threshold is kept beside it)."""
-    data = json.loads(path.read_text()) if path.exists() else {}
-    if data.get("method") != "cross-fitted":
-        data["in_source_threshold"] = data.get("threshold")
-    data.update({
+    """Set a stage's threshold file to the cross-fitted threshold. What ``bastion calibrate``
+    recorded there (its in-source threshold, observed FPR, command) is kept whole under
+    ``in_source``, so an operator can see both and go back."""
+    old = json.loads(path.read_text()) if path.exists() else {}
+    in_source = old.get("in_source", {}) if old.get("method") == "cross-fitted" else old
+    data = {
         "threshold": threshold,
         "method": "cross-fitted",
+        "model": in_source.get("model"),
+        "stage": in_source.get("stage"),
+        "target_fpr": report["target_fpr"],
+        "budget": "per-source",
+        "source_tolerance": report["source_tolerance"],
         "crossfit": {"command": "python3 tools/eval_classifier_crossfit.py "
                                 + " ".join(argv if argv is not None else sys.argv[1:]),
                      "benign_texts": report["benign_texts"],
-                     "target_fpr": report["target_fpr"],
-                     "source_tolerance": report["source_tolerance"],
+                     "held_out": report["results"],
                      "created": datetime.datetime.now(datetime.timezone.utc)
                      .isoformat(timespec="seconds")},
-    })
+        "in_source": in_source,
+    }
     path.write_text(json.dumps(data, indent=2) + "\n")
 
 

@@ -17,6 +17,13 @@ Steps (each one a command you can also run alone; all seeded, CPU only):
 5. calibrate: ``bastion calibrate`` on the profile (pipeline mode, split budget: 1 % pooled and
    at most 2 % on every calibration source,
    with the kept-out benign texts) -> bastion/profiles/thresholds/
+
+The shipped threshold is then cross-fitted, a separate step of about two CPU hours (four fold
+models, docs/quality-prompt-guard.md, "Fifth run"):
+``tools/eval_prompt_guard.py --layers 6 --limit 0 --work W`` and
+``tools/eval_classifier_crossfit.py --work W --write bastion/profiles/thresholds/
+text-classifier.classifier.json``, which keeps step 5's threshold in the file under
+``in_source``.
 """
 from __future__ import annotations
 
