@@ -10,7 +10,7 @@ version; touching a file without changing it does not.
 
 Paths inside the installed bastion package are written ``builtin:...``, so replicas running
 the same image and config report the same version wherever the package is installed. File
-digests are cached by (path, size, mtime), so a reload rehashes only what changed.
+digests are cached by (path, mtime, size), so a reload rehashes only what changed.
 """
 from __future__ import annotations
 
@@ -18,13 +18,10 @@ import dataclasses
 import hashlib
 import json
 import pathlib
-import threading
 
 PREFIX = "sha256:"
 SHORT = 16  # hex digits shown: 64 bits, plenty to tell a fleet's versions apart
 _PACKAGE_ROOT = str(pathlib.Path(__file__).resolve().parent) + "/"  # this module is in bastion/
-_cache: dict[tuple[str, int, int], str] = {}
-_cache_lock = threading.Lock()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,20 +39,10 @@ def portable(path: str) -> str:
 
 
 def file_digest(path: pathlib.Path) -> str:
-    """sha256 of a file's content, cached by (path, size, mtime_ns)."""
-    stat = path.stat()
-    key = (str(path), stat.st_size, stat.st_mtime_ns)
-    with _cache_lock:
-        known = _cache.get(key)
-    if known is None:
-        digest = hashlib.sha256()
-        with open(path, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-        known = digest.hexdigest()
-        with _cache_lock:
-            _cache[key] = known
-    return known
+    """sha256 of a file's content, cached by (path, mtime, size): the encoder's own digest,
+    so a model the stage already hashed at load is not read again."""
+    from bastion.detectors.encoder import sha256_file
+    return sha256_file(path)
 
 
 def _files(path: pathlib.Path) -> list[pathlib.Path]:
