@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import pathlib
 import socket
 import statistics
@@ -25,8 +24,8 @@ import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from machine import finish  # noqa: E402
+from passthrough import cpu_seconds  # noqa: E402
 
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 BODY = json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 64],
                                "data": [0.5] * 64}]}).encode()
 
@@ -77,11 +76,6 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def cpu_seconds(pid: int) -> float:
-    fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
 async def window(port: int, in_flight: int, seconds: float) -> int:
     import aiohttp
     url = f"http://127.0.0.1:{port}/v2/models/echo/infer"
@@ -127,13 +121,13 @@ async def measure(args) -> list[dict]:
             for r in range(args.rounds):
                 for stack in (stacks if r % 2 == 0 else stacks[::-1]):
                     port, proc = servers[stack]
-                    before = cpu_seconds(proc.pid)
+                    before = cpu_seconds([proc.pid])
                     started = time.perf_counter()
                     n = await window(port, in_flight, args.seconds)
                     elapsed = time.perf_counter() - started
                     rows.append({"stack": stack, "in_flight": in_flight, "round": r,
                                  "rps": n / elapsed,
-                                 "cpu_us_per_req": (cpu_seconds(proc.pid) - before) / n * 1e6})
+                                 "cpu_us_per_req": (cpu_seconds([proc.pid]) - before) / n * 1e6})
         return rows
     finally:
         for _, proc in servers.values():

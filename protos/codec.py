@@ -203,7 +203,9 @@ def _decode_each(tensors, raw_contents, kind: str, max_elements: int | None) -> 
         if max_elements is not None and count > max_elements:
             raise TensorError(f"{kind} '{name}': {count} elements exceed the cap of {max_elements}")
         if raw_contents:
-            if tensor.HasField("contents"):
+            # A request with both is malformed; an answer is read as tritonclient reads it,
+            # raw first (some servers, MLServer among them, fill both for the same outputs).
+            if tensor.HasField("contents") and kind == "input":
                 raise TensorError(f"{kind} '{name}': both raw contents and typed contents are set")
             out[name] = decode_raw(name, tensor.datatype, tensor.shape, raw_contents[index], kind)
         elif tensor.HasField("contents"):
@@ -222,7 +224,8 @@ def decode_request(request, max_elements: int | None = None) -> dict[str, np.nda
 
 
 def decode_response(response, max_elements: int | None = None) -> dict[str, np.ndarray]:
-    """ModelInferResponse -> {output name: array}, in response order."""
+    """ModelInferResponse -> {output name: array}, in response order (raw contents first where
+    a server also filled the typed ones)."""
     return _decode_tensors(response.outputs, response.raw_output_contents, "output", max_elements)
 
 

@@ -382,10 +382,11 @@ class InferenceHandler:
         model = ""
         outcome = "error"
         cohort = canary.ALL
+        protocol = getattr(context, "protocol", "grpc")  # the REST front's context says http
         with telemetry.server_span(MODEL_INFER, context) as span:
             if span is not None:
                 span.set_attribute("bastion.request_id", request_id)
-                span.set_attribute("bastion.protocol", getattr(context, "protocol", "grpc"))
+                span.set_attribute("bastion.protocol", protocol)
             try:
                 inspected = await self.inspect(raw, request_id, identity)
                 model = inspected.model
@@ -418,7 +419,7 @@ class InferenceHandler:
                 if inspected.verdict is not None:
                     self.audit_decision(identity, request_id, model, "ModelInfer", outcome, inspected.verdict)
                 self.metrics.observe_added(model, time.perf_counter() - started - upstream_s,
-                                           cohort_of(inspected.verdict))
+                                           cohort)
                 return answer.raw
             except Rejected as rejected:
                 outcome = rejected.code.name
@@ -440,4 +441,4 @@ class InferenceHandler:
                                                       grpc.StatusCode.UNKNOWN))
                 self.metrics.observe_request("ModelInfer", model, outcome,
                                              time.perf_counter() - started,
-                                             getattr(context, "protocol", "grpc"), cohort)
+                                             protocol, cohort)

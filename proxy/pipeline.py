@@ -310,21 +310,18 @@ class Pipeline:
         self.response_runners = response_runners or []
         #: The defense version of the config this chain was built from (set by the snapshot).
         self.config_version = ""
-        #: Whether the model or a stage enforces for a share of clients only (proxy/canary.py).
-        self.has_canary = model.enforce_percent is not None or any(
-            r.config.common.enforce_percent is not None
-            for r in (*self.runners, *self.response_runners))
+        #: The shares of the model's and its stages' canaries (proxy/canary.py), if any.
+        self.canary_percents = [p for p in (model.enforce_percent, *(
+            r.config.common.enforce_percent for r in (*self.runners, *self.response_runners)))
+            if p is not None]
+        self.has_canary = bool(self.canary_percents)
 
     def cohort(self, canary_bucket: float | None) -> str:
         """The client's canary cohort: canary when at least one canary enforces for it."""
         if not self.has_canary:
             return canary.ALL
-        enforced = [canary.enforces(self.model.enforce_percent, canary_bucket)
-                    if self.model.enforce_percent is not None else False]
-        enforced += [canary.enforces(r.config.common.enforce_percent, canary_bucket)
-                     for r in (*self.runners, *self.response_runners)
-                     if r.config.common.enforce_percent is not None]
-        return canary.CANARY if any(enforced) else canary.CONTROL
+        return (canary.CANARY if any(canary.enforces(p, canary_bucket)
+                                     for p in self.canary_percents) else canary.CONTROL)
 
     def mode_for(self, canary_bucket: float | None) -> str:
         """The mode a request runs in: the model's, unless a model canary leaves it out."""

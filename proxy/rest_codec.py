@@ -264,29 +264,12 @@ def _data(array: np.ndarray, datatype: str) -> list:
     return flat.tolist()
 
 
-def answer_arrays(response: pb.ModelInferResponse) -> dict[str, np.ndarray]:
-    """The answer's outputs as arrays, read as tritonclient reads them: from
-    ``raw_output_contents`` when the server sent them (some servers, MLServer among them, also
-    fill the typed contents of the same outputs), else from the typed contents."""
-    out = {}
-    raw = response.raw_output_contents
-    for index, tensor in enumerate(response.outputs):
-        if raw:
-            out[tensor.name] = codec.decode_raw(tensor.name, tensor.datatype, tensor.shape,
-                                                raw[index] if index < len(raw) else b"",
-                                                "output")
-        else:
-            out[tensor.name] = codec.decode_typed(tensor.name, tensor.datatype, tensor.shape,
-                                                  tensor.contents, "output")
-    return out
-
-
 def encode_infer_response(response: pb.ModelInferResponse, all_binary: bool = False,
                           binary_names: set[str] | frozenset = frozenset()
                           ) -> tuple[bytes, int | None]:
     """(body, JSON header length or None) of a ModelInferResponse as v2 REST JSON; outputs asked
     binary follow the JSON header as raw bytes (Triton's binary data extension)."""
-    arrays = answer_arrays(response)
+    arrays = codec.decode_response(response)
     body: dict = {"model_name": response.model_name, "model_version": response.model_version}
     if response.id:
         body["id"] = response.id

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from bastion.protos import codec, pb
-from bastion.proxy.rest_codec import (RestError, answer_arrays, encode_infer_request,
-                                      encode_infer_response, parse_infer_request)
+from bastion.proxy.rest_codec import (RestError, encode_infer_request, encode_infer_response,
+                                      parse_infer_request)
 
 
 def _request() -> pb.ModelInferRequest:
@@ -77,7 +77,7 @@ def test_answers_read_raw_contents_first_and_write_json_or_binary():
     out = response.outputs.add(name="y", datatype="FP32", shape=[3])
     out.contents.fp32_contents.extend([9.0, 9.0, 9.0])  # MLServer also fills these
     response.raw_output_contents.append(np.array([1.0, np.nan, np.inf], np.float32).tobytes())
-    assert answer_arrays(response)["y"][0] == 1.0
+    assert codec.decode_response(response)["y"][0] == 1.0
     body, header = encode_infer_response(response)
     assert header is None
     assert json.loads(body)["outputs"][0]["data"] == [1.0, "nan", "inf"]
