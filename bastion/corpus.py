@@ -13,7 +13,9 @@ A corpus is JSON Lines (``.jsonl``, or gzip-compressed ``.jsonl.gz``), one recor
   array of an archive) or ``"x.npz#key[i]"`` (item ``i`` of it, sent with a leading batch
   dimension of 1). Paths are relative to the corpus file. ``shape`` (per record, or the
   ``shape`` argument) reshapes the array; values are cast to float32 as they are (uint8 images
-  are not rescaled).
+  are not rescaled). ``class`` (optional, an integer) is a tensor record's true class: the
+  black-box image mutator (``bastion replay --mutate square``) attacks it, else the model's
+  answer to the clean image.
 
 Every record is encoded once into the serialized ``ModelInferRequest`` a client would send
 (:class:`CorpusRecord` is a :class:`bastion.traffic.Record`, so it also fits the demo's traffic
@@ -96,6 +98,9 @@ def _check_row(row, where: str) -> None:
         raise CorpusError(f"{where}: 'text' must be a string")
     if has_tensor and not isinstance(row["tensor"], str):
         raise CorpusError(f"{where}: 'tensor' must be a string such as 'x.npy' or 'x.npz#key[0]'")
+    if "class" in row and (isinstance(row["class"], bool) or not isinstance(row["class"], int)
+                           or row["class"] < 0):
+        raise CorpusError(f"{where}: 'class' must be a class index (an integer >= 0)")
     for key in ("family", "id", "model", "input"):
         if key in row and not isinstance(row[key], str):
             raise CorpusError(f"{where}: '{key}' must be a string")
@@ -175,6 +180,21 @@ def needs_tensor_input(rows: Sequence[dict]) -> bool:
     return any("tensor" in row and "input" not in row for row in rows)
 
 
+def row_tensor(loader: TensorLoader, row: dict, where: str,
+               shape: Sequence[int] | None = None) -> np.ndarray:
+    """A tensor record's array as it is sent: loaded, then reshaped to the record's ``shape``
+    or else ``shape`` (--shape)."""
+    array = loader.load(row["tensor"], where)
+    wanted = row.get("shape", shape)
+    if wanted is not None:
+        try:
+            array = array.reshape([int(d) for d in wanted])
+        except (ValueError, TypeError) as err:
+            raise CorpusError(f"{where}: cannot reshape {list(array.shape)} to "
+                              f"{wanted}: {err}") from None
+    return array
+
+
 def encode_rows(rows: Sequence[dict], path: str | pathlib.Path, model: str, *,
                 text_input: str = DEFAULT_TEXT_INPUT, tensor_input: str | None = None,
                 shape: Sequence[int] | None = None) -> list[CorpusRecord]:
@@ -195,14 +215,7 @@ def encode_rows(rows: Sequence[dict], path: str | pathlib.Path, model: str, *,
             name = row.get("input") or tensor_input
             if not name:
                 raise CorpusError(f"{where}: tensor record but no input name (pass --input)")
-            array = loader.load(row["tensor"], where)
-            wanted = row.get("shape", shape)
-            if wanted is not None:
-                try:
-                    array = array.reshape([int(d) for d in wanted])
-                except (ValueError, TypeError) as err:
-                    raise CorpusError(f"{where}: cannot reshape {list(array.shape)} to "
-                                      f"{wanted}: {err}") from None
+            array = row_tensor(loader, row, where, shape)
             payload = tensor_payload(target, array, name, record_id)
             kind = "tensor"
         records.append(CorpusRecord(target, row["label"], family, payload, record_id, kind))

@@ -281,6 +281,8 @@ def test_corpus_encodes_requests_like_the_demo(tmp_path):
     ('{"label": "benign"}', "exactly one of 'text' or 'tensor'"),
     ("not json", "not JSON"),
     ('{"tensor": "missing.npy", "label": "attack"}', "missing.npy: cannot load"),
+    ('{"tensor": "x.npy", "label": "benign", "class": "7"}', "'class' must be a class index"),
+    ('{"tensor": "x.npy", "label": "benign", "class": -1}', "'class' must be a class index"),
 ])
 def test_corpus_errors_name_file_and_line(tmp_path, line, message):
     path = tmp_path / "bad.jsonl"

@@ -18,7 +18,7 @@ import numpy as np
 
 from bastion.replay.gates import GATE_METRICS, evaluate_gates, parse_gates
 from bastion.replay.metrics import compute_report
-from bastion.replay.mutate import MUTATORS
+from bastion.replay.mutate import IMAGE_MUTATORS, MUTATORS
 from bastion.replay.offline import OfflinePipeline, replay_offline
 from bastion.replay.online import replay_online
 from bastion.replay.outcome import EXIT_GATES, EXIT_OK, ReplayError
@@ -138,6 +138,12 @@ def _mutated_rows(args) -> tuple[list[dict] | None, dict[str, str]]:
     return mutate_rows(rows, names, args.seed)
 
 
+def _image_attack_named(args) -> bool:
+    from bastion.replay.mutate import IMAGE_MUTATORS
+    names = [n.strip() for n in (getattr(args, "mutate", None) or "").split(",")]
+    return any(n in IMAGE_MUTATORS for n in names)
+
+
 def _write_missed(path: str, rows: list[dict], outcomes, mutator_of: dict[str, str]) -> int:
     """The text attacks that got through, as JSONL ``bastion signatures add`` takes as it is
     (text, label, family, source naming the mutator); returns how many."""
@@ -172,6 +178,9 @@ def run_ab(args: argparse.Namespace) -> int:
         raise ReplayError("bastion replay: tolerances must not be negative")
     configs = ([load_config_or_exit(args.baseline), load_config_or_exit(args.candidate)]
                if offline else [None, None])
+    if _image_attack_named(args):
+        raise ReplayError("bastion replay: --mutate square attacks one live target; run it "
+                          "against each side on its own, not in an A/B")
     rows, _ = _mutated_rows(args)  # --mutate: both sides get the same mutated attacks
     records = _records(args, configs[0], rows)
     progress = args.progress or sys.stderr.isatty()
@@ -220,6 +229,10 @@ def run(args: argparse.Namespace) -> int:
     elif not args.target:
         raise ReplayError("bastion replay: --target HOST:PORT is required (or use --offline "
                           "-c CONFIG)")
+    image_attack = _image_attack_named(args)
+    if image_attack and args.offline:
+        raise ReplayError("bastion replay: --mutate square queries the model through a live "
+                          "sidecar: use --target (offline mode has no model to answer)")
     config = load_config_or_exit(args.config) if args.config else None
     runner = OfflinePipeline(config, args.model) if args.offline else None
 
@@ -246,6 +259,13 @@ def run(args: argparse.Namespace) -> int:
     else:
         outcomes = asyncio.run(replay_online(records, args.target, args.concurrency, args.rate,
                                              args.timeout, progress))
+    square = None
+    if image_attack:  # after the main replay: the attacker's escalation stays its own
+        from bastion.replay.image_mutator import run_square
+        square = run_square(args, rows, _tensor_input_name(args, rows, config),
+                            pathlib.Path(args.out), progress)
+        outcomes += square.outcomes
+        mutator_of.update(square.mutator_of)
     duration = time.perf_counter() - started
 
     report, arrays = compute_report(outcomes, thresholds, args.fpr,
@@ -291,7 +311,10 @@ def run(args: argparse.Namespace) -> int:
     }
     if args.mutate:
         from bastion.replay.mutate import evasion_table
-        report["mutations"] = evasion_table(outcomes, mutator_of)
+        report["mutations"] = evasion_table(outcomes, mutator_of,
+                                            square.fooled if square else None)
+        if square:
+            report["image_attack"] = square.summary
     if args.write_missed:
         report["missed_written"] = {"path": args.write_missed, "records": _write_missed(
             args.write_missed, rows, outcomes, mutator_of)}
@@ -320,6 +343,12 @@ def run(args: argparse.Namespace) -> int:
         from bastion.replay.mutate import render_evasion
         print("\nthreat simulator: attacks that got through, per mutator and family\n"
               + render_evasion(report["mutations"]), flush=True)
+    if report.get("image_attack"):
+        attack = report["image_attack"]
+        print(f"square: {attack['images']} images, eps {attack['eps']}, "
+              f"{attack['queries_mean']:.1f} queries per image (budget {attack['query_budget']}), "
+              f"{attack['refused_queries']} refused; {attack['fooled_model']} fooled the model; "
+              f"adversarial images in {attack['adversarial_file']}", flush=True)
     if report.get("missed_written"):
         missed = report["missed_written"]
         print(f"\n{missed['records']} attacks that got through written to {missed['path']} "
@@ -374,10 +403,19 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--offline", action="store_true",
                         help="run the model's configured pipeline in-process, no server")
     sim = parser.add_argument_group(
-        "threat simulator", "mutate the corpus's text attacks before sending them; report the "
-        "evasion rate per mutator and family")
-    sim.add_argument("--mutate", metavar="NAMES", help="all, or a comma list of: "
-                     + ", ".join(MUTATORS))
+        "threat simulator", "mutate the corpus's text attacks before sending them, or attack its "
+        "clean images through the live sidecar (square); report the evasion rate per mutator "
+        "and family")
+    sim.add_argument("--mutate", metavar="NAMES", help="all (every text mutator), or a comma "
+                     "list of: " + ", ".join((*MUTATORS, *IMAGE_MUTATORS)))
+    sim.add_argument("--attack-images", type=int, default=20, metavar="N",
+                     help="square: attack the first N benign tensor records (20)")
+    sim.add_argument("--query-budget", type=int, default=100, metavar="Q",
+                     help="square: distinct images sent per clean image, at most (100)")
+    sim.add_argument("--eps", type=float, default=0.1,
+                     help="square: L-inf radius, in the tensor's units (0.1)")
+    sim.add_argument("--attack-output", metavar="NAME", help="square: the output whose scores "
+                     "the attacker reads (default: the answer's first output)")
     sim.add_argument("--write-missed", metavar="FILE.jsonl", help="write the attacks that got "
                      "through (mutated ones included) as JSONL for `bastion signatures add`")
     ab = parser.add_argument_group(

@@ -76,17 +76,20 @@ MUTATORS: dict[str, Mutator] = {
     "split": _split,
 }
 ORIGINAL = "original"
+# Image mutators query the live model (bastion/replay/image_mutator.py): named, never in "all".
+IMAGE_MUTATORS = ("square",)
 
 
 def parse_mutators(text: str) -> list[str]:
-    """``all`` or a comma list of MUTATORS names (unknown names are an error naming them)."""
-    names = list(MUTATORS) if text.strip() == "all" else [n.strip() for n in text.split(",")
-                                                           if n.strip()]
-    unknown = [n for n in names if n not in MUTATORS]
+    """``all`` (every text mutator) or a comma list of MUTATORS and IMAGE_MUTATORS names
+    (unknown names are an error naming them)."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    names = [m for n in names for m in (MUTATORS if n == "all" else [n])]
+    unknown = [n for n in names if n not in MUTATORS and n not in IMAGE_MUTATORS]
     if unknown or not names:
         raise ValueError(f"--mutate: unknown mutator(s) {', '.join(unknown) or '(none)'} "
-                         f"(known: all, {', '.join(MUTATORS)})")
-    return names
+                         f"(known: all, {', '.join(MUTATORS)}, {', '.join(IMAGE_MUTATORS)})")
+    return list(dict.fromkeys(names))
 
 
 def mutate_rows(rows: list[dict], names: list[str], seed: int = 0) -> tuple[list[dict],
@@ -102,24 +105,27 @@ def mutate_rows(rows: list[dict], names: list[str], seed: int = 0) -> tuple[list
         mutator_of[row_id] = ORIGINAL
         if row.get("label") != "attack" or not isinstance(row.get("text"), str):
             continue
-        for name in names:
+        for name in (n for n in names if n in MUTATORS):
             mutated_id = f"{row_id}~{name}"
             out.append(dict(row, id=mutated_id, text=MUTATORS[name](row["text"], rng)))
             mutator_of[mutated_id] = name
     return out, mutator_of
 
 
-def evasion_table(outcomes, mutator_of: dict[str, str]) -> list[dict]:
+def evasion_table(outcomes, mutator_of: dict[str, str],
+                  fooled: dict[str, bool] | None = None) -> list[dict]:
     """Per (mutator, family) of the attacks: how many were sent, and the share that got
-    through (answered without a detecting verdict); errors are left out."""
+    through (answered without a detecting verdict; for an image attack also misclassified,
+    ``fooled``); errors are left out."""
+    fooled = fooled or {}
     cells: dict[tuple[str, str], list[int]] = {}
     for outcome in outcomes:
         if outcome.label == "benign" or outcome.error:
             continue
         cell = cells.setdefault((mutator_of.get(outcome.id, ORIGINAL), outcome.family), [0, 0])
         cell[0] += 1
-        cell[1] += not outcome.detected
-    order = [ORIGINAL, *MUTATORS]
+        cell[1] += not outcome.detected and fooled.get(outcome.id, True)
+    order = [ORIGINAL, *MUTATORS, *IMAGE_MUTATORS]
     return [{"mutator": m, "family": f, "sent": sent, "evaded": evaded,
              "evasion_rate": evaded / sent if sent else None}
             for (m, f), (sent, evaded) in sorted(cells.items(),
