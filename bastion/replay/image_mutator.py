@@ -38,7 +38,7 @@ def _clean_images(args, rows: list[dict], tensor_input: str):
         from bastion.replay.command import _parse_shape
         shape = _parse_shape(args.shape)
     chosen = [r for r in rows if r.get("label") == "benign" and "tensor" in r
-              and not r.get("input", tensor_input) != tensor_input][:args.attack_images]
+              and r.get("input", tensor_input) == tensor_input][:args.attack_images]
     if not chosen:
         raise ReplayError("bastion replay: --mutate square needs benign tensor records (the "
                           "clean images it starts from); the data has none")
@@ -58,6 +58,8 @@ def _clean_images(args, rows: list[dict], tensor_input: str):
 def run_square(args, rows: list[dict], tensor_input: str | None, out: pathlib.Path,
                progress: bool) -> SquareRun:
     from bastion.replay.online import replay_online
+    if args.attack_images < 1:
+        raise ReplayError("bastion replay: --attack-images must be at least 1")
     if not tensor_input:
         raise ReplayError("bastion replay: --mutate square needs the model's tensor input "
                           "(--input)")
