@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from bastion import stage_catalog
 from bastion.core.registry import StageSpec
-from bastion.protos.codec import DATATYPES
+from bastion.protos.codec import check_datatype
 
 
 class InputSpec(BaseModel):
@@ -34,9 +34,7 @@ class InputSpec(BaseModel):
     @field_validator("datatype")
     @classmethod
     def _known_datatype(cls, value: str | None) -> str | None:
-        if value is not None and value not in DATATYPES:
-            raise ValueError(f"unknown datatype {value!r}; expected one of {', '.join(DATATYPES)}")
-        return value
+        return check_datatype(value)
 
     @model_validator(mode="after")
     def _kind_matches(self) -> "InputSpec":

@@ -39,6 +39,7 @@ import grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bastion import traffic  # noqa: E402
+from bastion.options import add_options  # noqa: E402
 from bastion.protos import SERVICE  # noqa: E402
 from tests.harness import Sidecar, Upstream  # noqa: E402
 
@@ -165,11 +166,7 @@ def run_overload(upstream, max_batch: int, max_queue: int, tokens: int, offered:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tokens", type=int, default=32)
-    parser.add_argument("--max-batch", type=int, default=16)
-    parser.add_argument("--max-queue", type=int, default=64)
-    parser.add_argument("--factor", type=float, default=4.0)
-    parser.add_argument("--seconds", type=float, default=5.0)
+    add_options(parser, tokens=32, max_batch=16, max_queue=64, factor=4.0, seconds=5.0)
     parser.add_argument("--no-unbounded", action="store_true",
                         help="skip the comparison run with an unbounded queue")
     parser.add_argument("--json")

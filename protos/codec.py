@@ -37,6 +37,14 @@ NUMPY_DTYPES: dict[str, np.dtype] = {
 }
 DATATYPES = tuple(NUMPY_DTYPES)
 
+
+def check_datatype(value: str | None) -> str | None:
+    """A config's datatype field: None or one of DATATYPES (the message names at most 32
+    characters of the value)."""
+    if value is not None and value not in DATATYPES:
+        raise ValueError(f"unknown datatype {value[:32]!r}; expected one of {', '.join(DATATYPES)}")
+    return value
+
 # Which InferTensorContents field carries each datatype in typed form. FP16 and BF16 have none:
 # the spec requires raw contents for them.
 TYPED_FIELD: dict[str, str] = {

@@ -271,6 +271,14 @@ end
 # Returns: allowed, tier, retry (s), reason (0 ok 1 rate 2 model 3 blocked), old tier, score,
 #          blocked seconds left.
 ADMIT_LUA = _LUA_COMMON + """
+-- A token bucket's tokens now (stored tokens and time, or a full bucket), and the wait for one.
+local function refill(stored, at, cap, rate)
+  local tk, ts = tonumber(stored), tonumber(at) or now
+  if tk == nil then tk = cap elseif now > ts then tk = math.min(cap, tk + (now - ts) * rate)
+  else tk = math.min(cap, tk) end
+  if tk < 1 then return tk, (1 - tk) / rate end
+  return tk, 0
+end
 local rps, burst = tonumber(ARGV[1]), tonumber(ARGV[2])
 local mrps, mburst = tonumber(ARGV[3]), tonumber(ARGV[4])
 local trps, tburst = tonumber(ARGV[5]), tonumber(ARGV[6])
@@ -294,20 +302,10 @@ else
   end
   local tk, mtk = nil, nil
   local wait1, wait2 = 0, 0
-  if rate > 0 then
-    tk = tonumber(c[1])
-    local ts = tonumber(c[2]) or now
-    if tk == nil then tk = cap elseif now > ts then tk = math.min(cap, tk + (now - ts) * rate)
-    else tk = math.min(cap, tk) end
-    if tk < 1 then wait1 = (1 - tk) / rate end
-  end
+  if rate > 0 then tk, wait1 = refill(c[1], c[2], cap, rate) end
   if mrps > 0 then
     local m = redis.call('HMGET', KEYS[2], 'tk', 'ts')
-    mtk = tonumber(m[1])
-    local mts = tonumber(m[2]) or now
-    if mtk == nil then mtk = mburst elseif now > mts then mtk = math.min(mburst, mtk + (now - mts) * mrps)
-    else mtk = math.min(mburst, mtk) end
-    if mtk < 1 then wait2 = (1 - mtk) / mrps end
+    mtk, wait2 = refill(m[1], m[2], mburst, mrps)
   end
   if wait1 > 0 or wait2 > 0 then
     allowed = 0

@@ -183,7 +183,7 @@ def test_messages_never_contain_tensor_values():
 # --- options ------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("options, message", [
-    ({"datatype": "FLOAT32"}, "datatype must be one of BOOL, "),
+    ({"datatype": "FLOAT32"}, "unknown datatype 'FLOAT32'; expected one of BOOL, "),
     ({"shape": [-2, 3]}, "shape dimensions must be >= 0 or -1"),
     ({"shape": [1.5]}, "shape"),
     ({"min": 1, "max": 0}, r"min \(1\) must be <= max \(0\)"),

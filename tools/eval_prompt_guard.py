@@ -41,6 +41,8 @@ import time
 
 import numpy as np
 
+from bastion.options import add_options
+
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent / "training"))
 
@@ -355,14 +357,9 @@ def render(results: dict, args, counts: dict, elapsed: float, command: bool = Tr
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--corpus", type=pathlib.Path, default=pathlib.Path("/work/data/text_corpus"))
-    parser.add_argument("--work", type=pathlib.Path, default=pathlib.Path("/tmp/pg-eval"))
-    parser.add_argument("--folds", type=int, default=4)
-    parser.add_argument("--epochs", type=float, default=1.0)
-    parser.add_argument("--layers", type=int, default=3)
-    parser.add_argument("--max-length", type=int, default=128)
-    parser.add_argument("--max-chunks", type=int, default=8)
-    parser.add_argument("--target-fpr", type=float, default=0.01)
+    add_options(parser, corpus=pathlib.Path("/work/data/text_corpus"),
+                work=pathlib.Path("/tmp/pg-eval"), folds=4, epochs=1.0, layers=3, max_length=128,
+                max_chunks=8, target_fpr=0.01)
     parser.add_argument("--limit", type=int, default=0, help="cap training texts per fold")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--sample-per-group", type=int, default=60)

@@ -38,6 +38,8 @@ import warnings
 
 import numpy as np
 
+from bastion.options import add_options
+
 from generated_doc import write_generated  # tools/ (this script's folder)
 from image_attacks import training_module
 from linf_attack import linf_attack
@@ -377,19 +379,9 @@ def evaluate_smoothing(args, train, base, sess, x_test, y_test) -> tuple[list[st
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--calibration", type=int, default=1000)
-    ap.add_argument("--attack", type=int, default=1000)
-    ap.add_argument("--smooth", type=int, default=500)
-    ap.add_argument("--sigmas", type=float, nargs="+", default=[0.25, 0.5])
-    ap.add_argument("--n0", type=int, default=100)
-    ap.add_argument("--n", type=int, default=1000)
-    ap.add_argument("--alpha", type=float, default=0.001)
-    ap.add_argument("--finetune-epochs", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--seed", type=int, default=1234)
-    ap.add_argument("--out", type=pathlib.Path, default=DOC)
-    ap.add_argument("--skip-squeeze", action="store_true")
-    ap.add_argument("--skip-smoothing", action="store_true")
+    add_options(ap, calibration=1000, attack=1000, smooth=500, sigmas=[0.25, 0.5], n0=100, n=1000,
+                alpha=0.001, finetune_epochs=3, threads=1, seed=1234, out=DOC,
+                skip_squeeze=False, skip_smoothing=False)
     args = ap.parse_args()
 
     import torch

@@ -51,6 +51,8 @@ import time
 
 import numpy as np
 
+from bastion.options import add_options
+
 REPO = pathlib.Path(__file__).resolve().parent.parent
 DOC = REPO / "docs" / "quality-text-anomaly.md"
 TARGET_FPR = 0.01
@@ -200,11 +202,7 @@ def main() -> None:
     parser.add_argument("--encoder", default="models/minilm")
     parser.add_argument("--data", default="/work/shared/data/text")
     parser.add_argument("--cache", default=str(pathlib.Path.home() / ".cache" / "bastion"))
-    parser.add_argument("--max-chunks", type=int, default=8)
-    parser.add_argument("--corpus-tasks", type=int, default=600)
-    parser.add_argument("--splits", type=int, default=10)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--seed", type=int, default=1234)
+    add_options(parser, max_chunks=8, corpus_tasks=600, splits=10, threads=2, seed=1234)
     parser.add_argument("--write-benign", metavar="FILE.jsonl",
                         help="also write the benign texts (for bastion calibrate / signatures add)")
     parser.add_argument("--no-doc", action="store_true")

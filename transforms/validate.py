@@ -25,7 +25,7 @@ import numpy as np
 from pydantic import Field, field_validator, model_validator
 
 from bastion.core.registry import StageOptions, register
-from bastion.protos.codec import DATATYPES
+from bastion.protos.codec import check_datatype
 from bastion.transforms.base import (NUMERIC_DATATYPES, TEXT_DATATYPES, InputRejected, Transform,
                                      TransformContext, TransformResult)
 
@@ -117,9 +117,7 @@ class ValidateOptions(StageOptions):
     @field_validator("datatype")
     @classmethod
     def _check_datatype(cls, value: str | None) -> str | None:
-        if value is not None and value not in DATATYPES:
-            raise ValueError(f"datatype must be one of {', '.join(DATATYPES)}, got {value[:32]!r}")
-        return value
+        return check_datatype(value)
 
     @field_validator("shape")
     @classmethod

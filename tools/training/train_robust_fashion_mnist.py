@@ -18,6 +18,8 @@ import warnings
 
 import numpy as np
 
+from bastion.options import add_options
+
 REPO = pathlib.Path(__file__).resolve().parents[2]
 DEMO = REPO / "bastion" / "demo_models" / "fashion-mnist" / "model.onnx"
 OUT = REPO / "bastion" / "demo_models" / "fashion-mnist-robust" / "model.onnx"
@@ -38,14 +40,8 @@ def pgd_batch(model, x, y, eps: float, steps: int, generator):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--epochs", type=int, default=10)
-    ap.add_argument("--eps", type=float, default=0.1)
-    ap.add_argument("--steps", type=int, default=7)
-    ap.add_argument("--batch-size", type=int, default=128)
-    ap.add_argument("--lr", type=float, default=5e-4)
-    ap.add_argument("--seed", type=int, default=1234)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", type=pathlib.Path, default=OUT)
+    add_options(ap, epochs=10, eps=0.1, steps=7, batch_size=128, lr=5e-4, seed=1234, threads=2,
+                out=OUT)
     args = ap.parse_args()
 
     import onnxruntime as ort

@@ -50,6 +50,8 @@ from pathlib import Path
 
 import numpy as np
 
+from bastion.options import add_options
+
 CORPUS_DIR = Path("/work/shared/data/text/corpus")
 CORPORA = {"austen": "janeausten_6_novels.txt.gz",
            "bible": "world_english_bible.txt.gz",
@@ -292,17 +294,8 @@ def token_stream(tokenizer, docs: list[str]) -> np.ndarray:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out-dir", default="bastion/lm/tiny-lm")
-    parser.add_argument("--seed", type=int, default=1234)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--steps", type=int, default=450)
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--vocab", type=int, default=4096)
-    parser.add_argument("--d-model", type=int, default=128)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--context", type=int, default=256)
+    add_options(parser, out_dir="bastion/lm/tiny-lm", seed=1234, threads=1, steps=450, batch=32,
+                lr=2e-3, vocab=4096, d_model=128, layers=4, heads=4, context=256)
     args = parser.parse_args(argv)
 
     import torch
