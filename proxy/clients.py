@@ -99,6 +99,11 @@ class ClientControl:
         self._tier_change(identity, model, await self.guard.observe(identity, model, list(reasons),
                                                                     stages))
 
+    async def credit(self, identity: str, model: str) -> None:
+        """One answered request (``clients.suspicion.request_credit``)."""
+        if self.active:
+            self._tier_change(identity, model, await self.guard.credit(identity))
+
     async def observe_extraction(self, identity: str, model: str, settings, inputs, answer):
         """Feed one answered query to the model's PRADA monitor; a flag raises suspicion.
         ``answer``: the unary answer (``.message``, a ModelInferResponse, parsed once)."""

@@ -73,6 +73,7 @@ class Inspected:
     pipeline: Pipeline | None = None
     # The client's own request id (a stream matches answers to requests by it).
     client_id: str = ""
+    identity: str = ""               # who sent it (clients.identity): the answer's credit
 
 
 class Answer:
@@ -200,7 +201,7 @@ class InferenceHandler:
         except Rejected as rejected:
             rejected.request = request
             raise
-        inspected.client_id = request.id
+        inspected.client_id, inspected.identity = request.id, identity
         return inspected
 
     async def _admit_and_inspect(self, request: pb.ModelInferRequest, raw: bytes,
@@ -296,6 +297,7 @@ class InferenceHandler:
         """Run response stages on the upstream's answer, finish the verdict, and return what the
         client gets (raises Rejected when a response stage refuses it)."""
         if not inspected.plan:
+            await self.clients.credit(inspected.identity, inspected.model)
             return self.annotated(answer, inspected, request_id)
         response = answer.message
 
@@ -326,6 +328,7 @@ class InferenceHandler:
         policy.set_parameters(response, extra)
         if policy.needs_annotation(verdict):
             policy.annotate(response, verdict, request_id)
+        await self.clients.credit(inspected.identity, inspected.model)
         return Answer(message=response)
 
     async def guard_output(self, model: str, answer: Answer, identity: str, request_id: str,

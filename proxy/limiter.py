@@ -5,7 +5,9 @@ Every client (see ``bastion.proxy.identity``) has
 * a token bucket (``limits``: ``rps`` refill, ``burst`` capacity) and one per (client, model)
   (``model_limits``); a request takes one token from each, or from neither;
 * a suspicion score: each request's reasons and stage outcomes add their configured weights, and
-  the score halves every ``half_life_s`` (score(t) = score(t0) * 2^(-(t - t0) / half_life_s));
+  the score halves every ``half_life_s`` (score(t) = score(t0) * 2^(-(t - t0) / half_life_s))
+  and, with ``request_credit``, each answered request lowers it by that much (never below 0), so
+  it measures the share of a client's requests found suspicious rather than their number;
 * a tier derived from them: ``blocked`` for ``block_cooldown_s`` after the score reaches
   ``block_at`` (refused outright), else ``throttled`` while the score is at least ``throttle_at``
   (the client bucket refills at ``throttled_rps`` and holds ``throttled_burst``), else ``normal``.
@@ -223,7 +225,7 @@ class MemoryBackend:
         now = self.clock()
         suspicion = self.config.suspicion
         client = self._client(identity, now)
-        score = self._score(client, now) + added
+        score = max(0.0, self._score(client, now) + added)  # a credit (< 0) stops at 0
         client.score, client.score_ts = score, now
         if added > 0 and score >= suspicion.block_at:
             client.blocked_until = max(client.blocked_until, now + suspicion.block_cooldown_s)
@@ -237,7 +239,7 @@ class MemoryBackend:
         client.blocked_until = now + blocked_for_s if blocked_for_s > 0 else -math.inf
 
     def state(self, identity: str) -> tuple[str, float]:
-        """(tier, current score) without touching the LRU order; for tests and debugging."""
+        """(tier, current score) without touching the LRU order (also what `credit` checks)."""
         now = self.clock()
         client = self.clients.get(identity)
         if client is None:
@@ -341,7 +343,7 @@ local added, hl = tonumber(ARGV[1]), tonumber(ARGV[2])
 local throttle_at, block_at = tonumber(ARGV[3]), tonumber(ARGV[4])
 local cooldown, eps = tonumber(ARGV[5]), tonumber(ARGV[6])
 local c = redis.call('HMGET', KEYS[1], 'sc', 'st', 'bu', 'tr')
-local score = decayed(tonumber(c[1]) or 0, tonumber(c[2]) or now, hl) + added
+local score = math.max(0, decayed(tonumber(c[1]) or 0, tonumber(c[2]) or now, hl) + added)
 local bu = tonumber(c[3]) or 0
 local old = tonumber(c[4]) or 0
 if added > 0 and score >= block_at and now + cooldown > bu then bu = now + cooldown end
@@ -427,6 +429,19 @@ class ClientGuard:
         added = self.weights.total(reasons, stages)
         if added <= 0:
             return None
+        return await self._add(identity, added)
+
+    async def credit(self, identity: str) -> TierChange | None:
+        """One answered request: ``request_credit`` off the client's score (never below 0).
+        Called when the answer is complete, so credits and refusals land in the order requests
+        finish (a burst of concurrent requests earns its credits beside its refusals). Skipped,
+        with no backend call, while the score this replica last saw is 0."""
+        credit = self.config.suspicion.request_credit
+        if credit <= 0 or self.memory.state(identity)[1] <= 0:
+            return None
+        return await self._add(identity, -credit)
+
+    async def _add(self, identity: str, added: float) -> TierChange | None:
         if self.redis is None:
             return self.memory.observe(identity, added)
         try:

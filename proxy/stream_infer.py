@@ -69,6 +69,8 @@ async def model_stream_infer(handler: InferenceHandler, request_iterator,
                 continue
             handler.metrics.observe_request("ModelStreamInfer", inspected.model, "forwarded",
                                          time.perf_counter() - started)
+            # streams run request stages only: a message is judged once it is forwarded
+            await handler.clients.credit(identity, inspected.model)
             if inspected.verdict is not None:
                 handler.audit_decision(identity, request_id, inspected.model, "ModelStreamInfer",
                             "OK", inspected.verdict)

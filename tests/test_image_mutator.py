@@ -162,3 +162,18 @@ def test_square_needs_a_live_target(tmp_path):
                           str(data), "--mutate", "square", "--out", str(tmp_path / "o")],
                          cwd=REPO, capture_output=True, text=True, timeout=120)
     assert run.returncode == 2 and "A/B" in run.stderr
+
+
+def test_padding_interleaves_answered_clean_images_and_hides_them_from_the_attack():
+    x, y = clean_images()
+    sent = []
+    padded = image_attack.PaddedOracle(linear_oracle(sent), pad=2)
+    probe = x[1:3] + 0.01
+    assert len(padded(probe)) == 2 and len(sent) == 2  # no pool yet: no padding
+    sent.clear()
+    padded.pool = x[:3]
+    answers = padded(probe)
+    assert len(answers) == 2 and padded.sent == 4 and len(sent) == 6
+    for index, expected in enumerate([x[0], x[1], probe[0], x[2], x[0], probe[1]]):
+        np.testing.assert_array_equal(sent[index], expected)
+    np.testing.assert_allclose(answers[1], WEIGHTS @ probe[1].ravel(), rtol=1e-6)

@@ -344,3 +344,70 @@ def test_simulation_attacker_blocked_benign_untouched():
     assert stats["benign_requests"] > 20_000 and stats["benign_false_positives"] > 0
     assert stats["benign_refused"] == 0
     assert stats["benign_not_normal"] == 0, "a benign client was throttled"
+
+
+# ---- request credit: the score follows the share of suspicious requests ----------------------
+CREDIT = {"weights": {"anomaly:": 1.0}, "request_credit": 0.1, "throttle_at": 10.0,
+          "block_at": 20.0, "half_life_s": 3600, "throttled_rps": 1000.0,
+          "throttled_burst": 1000}
+
+
+async def refused_share_walk(g: ClientGuard, identity: str, share: float, n: int,
+                             clock: Clock, seed: int = 0) -> tuple[int | None, float]:
+    """n requests 10 ms apart, a ``share`` of them refused by a stage and the others answered;
+    returns (the request at which the client was first not admitted, or None; its highest
+    score)."""
+    rng = random.Random(seed)
+    top = 0.0
+    for i in range(n):
+        clock.advance(0.01)
+        if not (await g.admit(identity, "m")).allowed:
+            return i, top
+        if rng.random() < share:
+            await g.observe(identity, "m", ["anomaly:ensemble"], {})
+        else:
+            await g.credit(identity)  # answered
+        top = max(top, g.memory.state(identity)[1])
+    return None, top
+
+
+def test_request_credit_lets_a_busy_benign_client_be_and_stops_a_prober():
+    clock = Clock()
+    g = guard(clock, suspicion=CREDIT)
+
+    async def scenario():
+        # Benign: 4 % refused (the image profile's clean rate) over 5,000 requests: the score
+        # never nears the throttle tier. Without credit the same client is blocked.
+        blocked_at, top = await refused_share_walk(g, "benign", 0.04, 5000, clock)
+        assert blocked_at is None and top < CREDIT["throttle_at"]
+        no_credit = guard(clock, suspicion=dict(CREDIT, request_credit=0.0))
+        blocked_at, _ = await refused_share_walk(no_credit, "benign", 0.04, 5000, clock)
+        assert blocked_at is not None and blocked_at < 1000
+        # A black-box prober refused 25 % of the time climbs (+0.25 - 0.075 a request).
+        blocked_at, _ = await refused_share_walk(g, "prober", 0.25, 5000, clock, seed=1)
+        assert blocked_at is not None and blocked_at < 300
+
+    run(scenario())
+
+
+def test_request_credit_never_takes_the_score_below_zero():
+    clock = Clock()
+    g = guard(clock, suspicion=CREDIT)
+
+    async def scenario():
+        assert await g.credit("c") is None and g.memory.state("c")[1] == 0.0
+        await g.observe("c", "m", ["anomaly:x"], {})
+        for _ in range(3):
+            await g.credit("c")
+        assert g.memory.state("c")[1] == pytest.approx(0.7)
+        for _ in range(20):
+            await g.credit("c")
+        assert g.memory.state("c")[1] == 0.0
+        # Admissions alone earn nothing: the credit is for answers.
+        await g.observe("c", "m", ["anomaly:x"], {})
+        await admits(g, 5, "c")
+        assert g.memory.state("c")[1] == pytest.approx(1.0)
+        with pytest.raises(ValidationError):
+            ClientsConfig(suspicion=dict(CREDIT, request_credit=-0.1))
+
+    run(scenario())

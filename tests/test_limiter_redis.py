@@ -206,6 +206,37 @@ def test_model_limits_shared_across_replicas(redis_server):
     asyncio.run(scenario())
 
 
+def test_request_credit_shared_across_replicas(redis_server):
+    """The Lua observe takes request_credit off the shared score for each answer, as the
+    memory backend does, and never below 0: one replica's refusal, the other's answers."""
+    suspicion = {"weights": {"anomaly:": 1.0}, "request_credit": 0.1, "throttle_at": 10.0,
+                 "block_at": 20.0, "half_life_s": 36000}
+
+    async def scenario():
+        cfg = config(redis_server, suspicion=suspicion)
+        a, b = ClientGuard(cfg), ClientGuard(cfg)
+        try:
+            await connected(a, b)
+            assert await b.credit("c") is None  # score 0 seen here: no Redis call
+            await a.observe("c", "m", ["anomaly:ensemble"], {})
+            await admit_through_redis(b, "c")  # b learns the shared score
+            for _ in range(3):
+                await b.credit("c")
+            assert b.memory.state("c")[1] == pytest.approx(0.7, abs=1e-3)
+            await admit_through_redis(a, "c")
+            assert a.memory.state("c")[1] == pytest.approx(0.7, abs=1e-3)
+            for _ in range(12):
+                await a.credit("c")
+            assert a.memory.state("c")[1] == 0.0
+            await admit_through_redis(b, "c")
+            assert b.memory.state("c")[1] == 0.0
+        finally:
+            await a.close()
+            await b.close()
+
+    asyncio.run(scenario())
+
+
 def _check_bounded(latencies: list[float], lag: SchedulingLag) -> None:
     assert latencies, "no admit() was measured"
     worst = max(latencies)

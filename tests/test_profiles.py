@@ -2,6 +2,7 @@
 (tritonclient -> `bastion serve -c deploy/profiles/...` -> `bastion upstream`)."""
 from __future__ import annotations
 
+import collections
 import pathlib
 import subprocess
 import sys
@@ -140,6 +141,7 @@ def test_image_profile_answers_clean_images_and_blocks_adversarial_ones():
         try:
             client = tc.InferenceServerClient(sidecar.address)
             outcomes = {"clean": 0, "adversarial": 0}
+            statuses: dict[str, set[str]] = {}
             for kind, batch in (("clean", images), ("adversarial", adversarial)):
                 for image in batch:
                     data = tc.InferInput("image", [1, 1, 28, 28], "FP32")
@@ -147,12 +149,16 @@ def test_image_profile_answers_clean_images_and_blocks_adversarial_ones():
                     try:
                         client.infer(traffic.IMAGE_MODEL, [data])
                     except tc.InferenceServerException as err:
-                        assert err.status() == "StatusCode.PERMISSION_DENIED"
+                        statuses.setdefault(kind, set()).add(err.status())
                         outcomes[kind] += 1
             # The shipped samples: clean refusals within the 5 % target (+1 image of slack for
             # 64 samples), most FGSM/PGD copies refused.
             assert outcomes["clean"] <= 0.05 * len(images) + 1, outcomes
             assert outcomes["adversarial"] >= 0.75 * len(adversarial), outcomes
+            # Clean refusals are the detectors'; a client sending attack after attack is then
+            # throttled by the profile's client tier (request_credit: refused far more than 10 %).
+            assert statuses.get("clean", set()) <= {"StatusCode.PERMISSION_DENIED"}
+            assert "StatusCode.RESOURCE_EXHAUSTED" in statuses["adversarial"]
         finally:
             sidecar.stop()
     finally:
@@ -166,3 +172,44 @@ def test_example_config_uses_the_profiles_and_passes_check_config(tmp_path):
     result = subprocess.run([sys.executable, "-m", "bastion", "check-config", str(path)],
                             cwd=tmp_path, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_image_profile_client_tier_leaves_a_busy_benign_client_alone():
+    """600 clean test images from one client, 200 in flight at once: the detectors refuse a
+    few, and the profile's client tier (request_credit: each answer takes 0.1 off the score,
+    in the order answers finish) never throttles or blocks the client for them."""
+    import asyncio
+
+    import grpc
+
+    from bastion import corpus
+    from bastion.protos import SERVICE
+    from tests.harness import fashion_mnist
+
+    images, _ = fashion_mnist("t10k", 600)
+    payloads = [corpus.tensor_payload(traffic.IMAGE_MODEL, image[None], "image")
+                for image in images]
+    upstream = Upstream()
+    try:
+        sidecar = Sidecar(upstream.address,
+                          (REPO / "deploy" / "profiles" / "image-classifier.yaml").read_text())
+        try:
+            async def burst() -> collections.Counter:
+                async with grpc.aio.insecure_channel(sidecar.address) as channel:
+                    infer = channel.unary_unary(f"/{SERVICE}/ModelInfer")
+
+                    async def one(payload: bytes) -> str:
+                        try:
+                            await infer(payload, timeout=60)
+                            return "OK"
+                        except grpc.aio.AioRpcError as err:
+                            return err.code().name
+                    return collections.Counter(await asyncio.gather(*(one(p)
+                                                                      for p in payloads)))
+            statuses = asyncio.run(burst())
+        finally:
+            sidecar.stop()
+    finally:
+        upstream.stop()
+    assert set(statuses) <= {"OK", "PERMISSION_DENIED"}, statuses
+    assert 0 < statuses["PERMISSION_DENIED"] <= 0.08 * len(payloads), statuses

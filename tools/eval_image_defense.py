@@ -46,8 +46,10 @@ import image_attacks as attacks  # noqa: E402
 DOC = REPO / "docs" / "quality-image-defense.md"
 COMPARE_DOC = REPO / "docs" / "quality-image-adversarial-training.md"
 PROFILE = REPO / "bastion" / "profiles" / "image-classifier.yaml"
-SUSPICION = ("clients:\n  suspicion: {weights: {\"anomaly:\": 1.0}, throttle_at: 5.0, "
-             "block_at: 20.0, half_life_s: 300.0}\n")
+# The client tier for a profile that has none (the robust model's): the shipped profile's.
+SUSPICION = {"weights": {"anomaly:": 1.0}, "request_credit": 0.1, "throttle_at": 5.0,
+             "block_at": 20.0, "half_life_s": 300.0}
+TIER = "profile + client tier"
 PASS_THROUGH = "models:\n  fashion-mnist: {mode: enforce, pipeline: []}\n"
 
 
@@ -230,26 +232,39 @@ def run(args) -> dict:
     log(f"adaptive: {time.time() - t0:.1f}s")
 
     detection = detection_table(view, adversarial, clean)
-    profile_text = args.profile.read_text()
+    detectors_text, tier_text, tier = split_profile(args.profile.read_text())
     square_x, square_y = xs[:sizes.square_images], ys[:sizes.square_images]
     endpoints = {}
-    for name, config in (("undefended", None), ("profile", profile_text)):
+    # Each attacked image is judged by the detectors alone ("profile"): one client sending
+    # attack after attack would also be throttled by the tier, which says nothing per image.
+    for name, config in (("undefended", None), ("profile", detectors_text)):
         endpoints[name] = evaluate_endpoint(name, config, clean, clean_y, adversarial, ys, sizes,
                                             square_x, square_y, log, model=args.model)
     if args.suspicion:
-        # The black-box attacker against the profile plus a client suspicion tier: refusals
-        # raise the client's score, and a client past `block_at` is refused outright.
-        endpoints["profile + suspicion tier"] = evaluate_endpoint(
-            "profile + suspicion tier", profile_text + SUSPICION, clean[:0], clean_y[:0], {},
-            ys, sizes, square_x, square_y, log, fresh_client=True, model=args.model)
+        # The profile with its client tier (as shipped): clean traffic from one client (is it
+        # ever escalated?), then the black-box attacker, whose refusals raise its score.
+        endpoints[TIER] = evaluate_endpoint(
+            TIER, tier_text, clean, clean_y, {}, ys, sizes, square_x, square_y, log,
+            fresh_client=True, model=args.model)
     # The sidecar with no stages for the model: what the proxy itself costs, defenses aside.
     endpoints["sidecar, no stages"] = evaluate_endpoint(
         "sidecar, no stages", PASS_THROUGH.replace("fashion-mnist", args.model), clean, clean_y,
         None, ys, sizes, None, None, log, model=args.model)
-    return {"sizes": dataclasses.asdict(sizes), "thresholds": thresholds,
+    return {"sizes": dataclasses.asdict(sizes), "thresholds": thresholds, "tier": tier,
             "fit_attack": attacks.FIT_ATTACK, "detection": detection, "endpoints": endpoints,
             "seconds": time.time() - started, "model": args.model, "profile": str(args.profile.relative_to(REPO))
             if args.profile.is_relative_to(REPO) else str(args.profile)}
+
+
+def split_profile(text: str) -> tuple[str, str, dict]:
+    """(the profile's detectors alone, the profile with its client tier, that tier's
+    suspicion settings); a profile without a ``clients`` section gets SUSPICION."""
+    import yaml
+    config = yaml.safe_load(text)
+    detectors = {k: v for k, v in config.items() if k != "clients"}
+    tiered = dict(config, clients=config.get("clients") or {"suspicion": SUSPICION})
+    return (yaml.safe_dump(detectors), yaml.safe_dump(tiered),
+            tiered["clients"].get("suspicion", {}))
 
 
 def _cache_path(folder, attack, chosen: np.ndarray, seed: int, model: str = "fashion-mnist"):
@@ -295,11 +310,13 @@ def render(result: dict, command: str) -> str:
         flagged = f"{detect['flagged']:.1%}" if "flagged" in detect else "-"
         lines.append(f"| {name} | {fitted} | {und['attacks'][name]['success']:.1%} | "
                      f"**{row['success']:.1%}** | {row['refused']:.1%} | {aurocs} | {flagged} |")
-    tiered = result["endpoints"].get("profile + suspicion tier")
+    tiered = result["endpoints"].get(TIER) or result["endpoints"].get(
+        "profile + suspicion tier")  # older saved numbers
     if tiered:
         square = tiered["attacks"]["Square Linf 0.1 (black-box)"]
-        setting = SUSPICION.strip().replace("clients:\n  suspicion:", "clients.suspicion:")
-        lines += ["", f"Square against the profile plus a client suspicion tier (`{setting}`"
+        setting = json.dumps(result.get("tier") or {})
+        lines += ["", "The white-box rows judge each image by the detectors alone. Square "
+                  f"against the profile with its client tier (`clients.suspicion: {setting}`"
                   f", one attacking client; its finished images then sent by a new client): "
                   f"**{square['success']:.1%}** answered and misclassified, "
                   f"{square['refused']:.1%} refused, {square['queries_per_image']:.0f} queries "
@@ -374,7 +391,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--square-queries", type=int, default=Sizes.square_queries)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--suspicion", action="store_true",
-                    help="also run Square against the profile + a client suspicion tier")
+                    help="also run clean traffic and Square against the profile with its client "
+                         "tier (the profile's clients section, else SUSPICION)")
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--json", type=pathlib.Path, help="also write the numbers here")
     ap.add_argument("--cache", type=pathlib.Path,

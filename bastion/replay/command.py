@@ -347,7 +347,8 @@ def run(args: argparse.Namespace) -> int:
         attack = report["image_attack"]
         print(f"square: {attack['images']} images, eps {attack['eps']}, "
               f"{attack['queries_mean']:.1f} queries per image (budget {attack['query_budget']}), "
-              f"{attack['refused_queries']} refused; {attack['fooled_model']} fooled the model; "
+              f"{attack['refused_queries']} refused, {attack['padding_queries']} padding; "
+              f"{attack['fooled_model']} fooled the model; "
               f"adversarial images in {attack['adversarial_file']}", flush=True)
     if report.get("missed_written"):
         missed = report["missed_written"]
@@ -414,6 +415,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                      help="square: distinct images sent per clean image, at most (100)")
     sim.add_argument("--eps", type=float, default=0.1,
                      help="square: L-inf radius, in the tensor's units (0.1)")
+    sim.add_argument("--pad-queries", type=int, default=0, metavar="K",
+                     help="square: after each query send K copies of its clean image (an "
+                     "attacker keeping its refused share low against a client tier) (0)")
     sim.add_argument("--attack-output", metavar="NAME", help="square: the output whose scores "
                      "the attacker reads (default: the answer's first output)")
     sim.add_argument("--write-missed", metavar="FILE.jsonl", help="write the attacks that got "

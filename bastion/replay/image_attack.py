@@ -74,6 +74,29 @@ class CachedOracle:
         return np.array([-1 if a is None else int(np.argmax(a)) for a in self(batch)])
 
 
+class PaddedOracle:
+    """An attacker that hides its probing among harmless queries: after each query it sends
+    ``pad`` images from ``pool`` (clean images the defense answered; their answers unused), so
+    the share of its requests refused stays low; a client tier with ``request_credit`` sees a
+    share, not a count. No padding while the pool is empty. ``sent`` counts the padding."""
+
+    def __init__(self, oracle: Oracle, pad: int):
+        self.oracle, self.pad = oracle, pad
+        self.pool = np.zeros((0,), dtype=np.float32)
+        self.sent = 0
+
+    def __call__(self, batch: np.ndarray) -> list:
+        if self.pad <= 0 or not len(self.pool):
+            return self.oracle(batch)
+        interleaved = []
+        for image in batch:
+            for _ in range(self.pad):
+                interleaved.append(self.pool[self.sent % len(self.pool)])
+                self.sent += 1
+            interleaved.append(image)
+        return self.oracle(np.stack(interleaved))[self.pad::self.pad + 1]
+
+
 def square_attack(oracle: Oracle, x: np.ndarray, labels: np.ndarray, eps: float,
                   query_budget: int, seed: int = 0, clip: tuple[float, float] = (0.0, 1.0),
                   cache: bool = True, n_classes: int | None = None,
@@ -131,7 +154,7 @@ def square_attack(oracle: Oracle, x: np.ndarray, labels: np.ndarray, eps: float,
 
 @dataclasses.dataclass
 class SidecarOracle:
-    """Sends images as ModelInferRequests to ``target`` (gRPC), a few in flight at once; the
+    """Sends images as ModelInferRequests to ``target`` (gRPC), ``concurrency`` in flight; the
     answer is ``output`` (default: the response's first output), None when refused. Any other
     failure stops the replay with the status and the sidecar's message."""
     target: str
@@ -141,6 +164,7 @@ class SidecarOracle:
     output: str | None = None
     timeout: float = 10.0
     client_id: str = "bastion-replay-square"
+    concurrency: int = 8
 
     def __post_init__(self):
         import grpc
@@ -160,6 +184,12 @@ class SidecarOracle:
         return request
 
     def __call__(self, images: np.ndarray) -> list:
+        answers = []
+        for start in range(0, len(images), self.concurrency):  # a client's few in flight
+            answers += self._window(images[start:start + self.concurrency])
+        return answers
+
+    def _window(self, images: np.ndarray) -> list:
         from bastion.protos import codec
         calls = [self._infer.future(self._request(image), timeout=self.timeout,
                                     metadata=(("x-client-id", self.client_id),))

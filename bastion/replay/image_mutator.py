@@ -2,6 +2,12 @@
 them through the live sidecar (bastion/replay/image_attack.py), save the adversarial images, and
 replay each final image once more so its verdict lands in the report like any other record.
 
+Identities: the attacker's queries carry ``x-client-id: bastion-replay-square``, and its
+finished images are checked once more under ``bastion-replay-square-final`` (did the answer
+misclassify?). Where the sidecar's ``clients.identity`` reads that header, the two are different
+clients, as for an attacker who submits what it found from a fresh identity; with ``peer``
+identity (the default) they and the replay are one client.
+
 Runs after the main replay: the attacker's refused queries may escalate against its client
 identity (throttle, block), and that must not touch the benign records' outcomes.
 """
@@ -25,7 +31,7 @@ class SquareRun:
     """What the attack did, for report.json (``image_attack``) and the evasion table."""
     outcomes: list
     mutator_of: dict[str, str]
-    fooled: dict[str, bool]  # mutated record id -> its final image was answered, misclassified
+    fooled: dict[str, bool]  # mutated record id -> its final image answered and misclassified
     summary: dict
 
 
@@ -65,10 +71,15 @@ def run_square(args, rows: list[dict], tensor_input: str | None, out: pathlib.Pa
                           "(--input)")
     ids, images, request_shape, classes = _clean_images(args, rows, tensor_input)
     oracle = image_attack.SidecarOracle(args.target, args.model, tensor_input, request_shape,
-                                        output=args.attack_output, timeout=args.timeout)
+                                        output=args.attack_output, timeout=args.timeout,
+                                        concurrency=args.concurrency)
+    if args.pad_queries < 0:
+        raise ReplayError("bastion replay: --pad-queries must not be negative")
+    padded = image_attack.PaddedOracle(oracle, args.pad_queries)
     try:
-        counted = image_attack.CachedOracle(oracle, images)
+        counted = image_attack.CachedOracle(padded, images)
         clean_classes = counted.classes(images)
+        padded.pool = images[clean_classes >= 0]  # pads: clean images the defense answers
         labels = np.where(classes >= 0, classes, clean_classes)
         attackable = labels >= 0  # a refused clean image without a class cannot be attacked
         if not attackable.any():
@@ -78,9 +89,18 @@ def run_square(args, rows: list[dict], tensor_input: str | None, out: pathlib.Pa
         adversarial, _ = image_attack.square_attack(
             counted, images[attackable], labels[attackable], args.eps, args.query_budget,
             seed=args.seed, clip=(low, high), cache=False)
-        final = counted.classes(adversarial)
     finally:
         oracle.close()
+    # The finished images as a new client sends them (its own x-client-id): an attacker the
+    # client tier blocked may still submit what it found under another identity.
+    fresh = image_attack.SidecarOracle(args.target, args.model, tensor_input, request_shape,
+                                       output=args.attack_output, timeout=args.timeout,
+                                       client_id=f"{oracle.client_id}-final",
+                                       concurrency=args.concurrency)
+    try:
+        final = np.array([-1 if a is None else int(np.argmax(a)) for a in fresh(adversarial)])
+    finally:
+        fresh.close()
     kept = [i for i, ok in zip(ids, attackable) if ok]
     out.mkdir(parents=True, exist_ok=True)
     path = (out / ADVERSARIAL_FILE).resolve()
@@ -103,6 +123,7 @@ def run_square(args, rows: list[dict], tensor_input: str | None, out: pathlib.Pa
         "clean_refused": int((clean_classes < 0).sum()),
         "queries_mean": float(queries.mean()), "queries_max": int(queries.max()),
         "refused_queries": int(counted.refused[attackable].sum()),
+        "padding_queries": padded.sent,
         "fooled_model": int(sum(fooled.values())),
         "max_linf": float(np.abs(adversarial - images[attackable]).max()),
         "adversarial_file": str(path),
