@@ -263,7 +263,7 @@ def run(args: argparse.Namespace) -> int:
     if image_attack:  # after the main replay: the attacker's escalation stays its own
         from bastion.replay.image_mutator import run_square
         square = run_square(args, rows, _tensor_input_name(args, rows, config),
-                            pathlib.Path(args.out), progress)
+                            _parse_shape(args.shape), pathlib.Path(args.out), progress)
         outcomes += square.outcomes
         mutator_of.update(square.mutator_of)
     duration = time.perf_counter() - started

@@ -35,14 +35,10 @@ class SquareRun:
     summary: dict
 
 
-def _clean_images(args, rows: list[dict], tensor_input: str):
-    """The first --attack-images benign tensor records, as (ids, images, request shape, class
-    or -1)."""
+def _clean_images(args, rows: list[dict], tensor_input: str, shape):
+    """The first --attack-images benign tensor records (reshaped to ``shape``, --shape), as
+    (ids, images, request shape, class or -1)."""
     loader = corpus.TensorLoader(pathlib.Path(args.data).parent)
-    shape = None
-    if args.shape:
-        from bastion.replay.command import _parse_shape
-        shape = _parse_shape(args.shape)
     chosen = [r for r in rows if r.get("label") == "benign" and "tensor" in r
               and r.get("input", tensor_input) == tensor_input][:args.attack_images]
     if not chosen:
@@ -61,7 +57,7 @@ def _clean_images(args, rows: list[dict], tensor_input: str):
     return ids, images, request_shape, classes
 
 
-def run_square(args, rows: list[dict], tensor_input: str | None, out: pathlib.Path,
+def run_square(args, rows: list[dict], tensor_input: str | None, shape, out: pathlib.Path,
                progress: bool) -> SquareRun:
     from bastion.replay.online import replay_online
     if args.attack_images < 1:
@@ -69,7 +65,7 @@ def run_square(args, rows: list[dict], tensor_input: str | None, out: pathlib.Pa
     if not tensor_input:
         raise ReplayError("bastion replay: --mutate square needs the model's tensor input "
                           "(--input)")
-    ids, images, request_shape, classes = _clean_images(args, rows, tensor_input)
+    ids, images, request_shape, classes = _clean_images(args, rows, tensor_input, shape)
     oracle = image_attack.SidecarOracle(args.target, args.model, tensor_input, request_shape,
                                         output=args.attack_output, timeout=args.timeout,
                                         concurrency=args.concurrency)
