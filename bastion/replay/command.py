@@ -416,8 +416,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     sim.add_argument("--eps", type=float, default=0.1,
                      help="square: L-inf radius, in the tensor's units (0.1)")
     sim.add_argument("--pad-queries", type=int, default=0, metavar="K",
-                     help="square: after each query send K copies of its clean image (an "
-                     "attacker keeping its refused share low against a client tier) (0)")
+                     help="square: before each query send K clean images the defense "
+                     "answered (an attacker keeping its refused share low against a client "
+                     "tier) (0)")
     sim.add_argument("--attack-output", metavar="NAME", help="square: the output whose scores "
                      "the attacker reads (default: the answer's first output)")
     sim.add_argument("--write-missed", metavar="FILE.jsonl", help="write the attacks that got "
