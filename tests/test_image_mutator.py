@@ -177,3 +177,13 @@ def test_padding_interleaves_answered_clean_images_and_hides_them_from_the_attac
     for index, expected in enumerate([x[0], x[1], probe[0], x[2], x[0], probe[1]]):
         np.testing.assert_array_equal(sent[index], expected)
     np.testing.assert_allclose(answers[1], WEIGHTS @ probe[1].ravel(), rtol=1e-6)
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--query-budget", "2", "at least 3"), ("--eps", "0", "eps"),
+    ("--attack-images", "0", "--attack-images"), ("--pad-queries", "-1", "--pad-queries")])
+def test_bad_square_options_stop_before_anything_is_sent(tmp_path, option, value, message):
+    data, _ = _corpus(tmp_path, 1)
+    # Nothing listens on this port: a check that came after the replay would fail to connect.
+    run = _replay("127.0.0.1:9", data, tmp_path / "o", option, value)
+    assert run.returncode == 2 and message in run.stderr and "cannot reach" not in run.stderr

@@ -233,6 +233,9 @@ def run(args: argparse.Namespace) -> int:
     if image_attack and args.offline:
         raise ReplayError("bastion replay: --mutate square queries the model through a live "
                           "sidecar: use --target (offline mode has no model to answer)")
+    if image_attack:
+        from bastion.replay.image_mutator import check_options
+        check_options(args)
     config = load_config_or_exit(args.config) if args.config else None
     runner = OfflinePipeline(config, args.model) if args.offline else None
 

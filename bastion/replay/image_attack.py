@@ -97,6 +97,21 @@ class PaddedOracle:
         return self.oracle(np.stack(interleaved))[self.pad::self.pad + 1]
 
 
+def check_settings(eps: float, query_budget: int) -> None:
+    """The attack's settings, and IBM ART, checked before any query is sent."""
+    if query_budget < 3:
+        raise ReplayError("square: the query budget (--query-budget) must be at least 3 (the "
+                          "clean image, Square's starting point and one step)")
+    if not eps > 0:
+        raise ReplayError("square: eps (--eps) must be positive")
+    logging.getLogger("art").setLevel(logging.WARNING)  # not its data-path notice on stderr
+    try:
+        import art.attacks.evasion  # noqa: F401
+    except ImportError:
+        raise ReplayError("bastion replay: --mutate square needs IBM ART: "
+                          "pip install 'bastion-sidecar[attacks]'") from None
+
+
 def square_attack(oracle: Oracle, x: np.ndarray, labels: np.ndarray, eps: float,
                   query_budget: int, seed: int = 0, clip: tuple[float, float] = (0.0, 1.0),
                   cache: bool = True, n_classes: int | None = None,
@@ -106,18 +121,9 @@ def square_attack(oracle: Oracle, x: np.ndarray, labels: np.ndarray, eps: float,
     budget is distinct images per clean image; without it every predict ART makes is a query
     (tools/image_blackbox.py keeps that for its recorded numbers). Deterministic under ``seed``
     for a deterministic oracle (numpy's global generator is restored afterwards)."""
-    logging.getLogger("art").setLevel(logging.WARNING)  # not its data-path notice on stderr
-    try:
-        from art.attacks.evasion import SquareAttack
-        from art.estimators.classification import BlackBoxClassifierNeuralNetwork
-    except ImportError:
-        raise ReplayError("bastion replay: --mutate square needs IBM ART: "
-                          "pip install 'bastion-sidecar[attacks]'") from None
-    if query_budget < 3:
-        raise ReplayError("square: the query budget (--query-budget) must be at least 3 (the "
-                          "clean image, Square's starting point and one step)")
-    if not eps > 0:
-        raise ReplayError("square: eps (--eps) must be positive")
+    check_settings(eps, query_budget)
+    from art.attacks.evasion import SquareAttack
+    from art.estimators.classification import BlackBoxClassifierNeuralNetwork
     x = np.ascontiguousarray(x, dtype=np.float32)
     counted = CachedOracle(oracle, x) if cache else None
     ask = counted if counted is not None else oracle

@@ -57,11 +57,19 @@ def _clean_images(args, rows: list[dict], tensor_input: str, shape):
     return ids, images, request_shape, classes
 
 
+def check_options(args) -> None:
+    """The square options, checked before anything is sent (the attack runs last)."""
+    if args.attack_images < 1:
+        raise ReplayError("bastion replay: --attack-images must be at least 1")
+    if args.pad_queries < 0:
+        raise ReplayError("bastion replay: --pad-queries must not be negative")
+    image_attack.check_settings(args.eps, args.query_budget)
+
+
 def run_square(args, rows: list[dict], tensor_input: str | None, shape, out: pathlib.Path,
                progress: bool) -> SquareRun:
     from bastion.replay.online import replay_online
-    if args.attack_images < 1:
-        raise ReplayError("bastion replay: --attack-images must be at least 1")
+    check_options(args)
     if not tensor_input:
         raise ReplayError("bastion replay: --mutate square needs the model's tensor input "
                           "(--input)")
@@ -69,8 +77,6 @@ def run_square(args, rows: list[dict], tensor_input: str | None, shape, out: pat
     oracle = image_attack.SidecarOracle(args.target, args.model, tensor_input, request_shape,
                                         output=args.attack_output, timeout=args.timeout,
                                         concurrency=args.concurrency)
-    if args.pad_queries < 0:
-        raise ReplayError("bastion replay: --pad-queries must not be negative")
     padded = image_attack.PaddedOracle(oracle, args.pad_queries)
     try:
         counted = image_attack.CachedOracle(padded, images)
