@@ -67,7 +67,7 @@ class SuspicionConfig(_Strict):
     throttled_rps: float = Field(1.0, gt=0)
     throttled_burst: int = Field(1, ge=1)
     block_cooldown_s: float = Field(300.0, ge=0)
-    # Each admitted request lowers the score by this much (never below 0). With it the score
+    # Each answered request lowers the score by this much (never below 0). With it the score
     # follows the *share* of a client's requests that add weight (a CUSUM test), not their
     # count: a busy client refused at the usual benign rate stays near 0, while one refused more
     # often than request_credit / weight of the time (a black-box attacker probing a detector)

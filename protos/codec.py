@@ -45,6 +45,7 @@ def check_datatype(value: str | None) -> str | None:
         raise ValueError(f"unknown datatype {value[:32]!r}; expected one of {', '.join(DATATYPES)}")
     return value
 
+
 # Which InferTensorContents field carries each datatype in typed form. FP16 and BF16 have none:
 # the spec requires raw contents for them.
 TYPED_FIELD: dict[str, str] = {

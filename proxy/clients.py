@@ -28,6 +28,9 @@ class ClientControl:
         self.guard = limiter.ClientGuard(config)
         # Nothing to enforce or score: skip the limiter entirely on the hot path.
         self.active = bool(config.limits or config.model_limits or config.suspicion.weights)
+        # Answers lower scores only with request_credit and weights to raise them.
+        self.credits = self.active and bool(config.suspicion.weights) \
+            and config.suspicion.request_credit > 0
         self.monitors: dict[str, ExtractionMonitor] = {}
         # Token budgets share the limiter's Redis connections when both use Redis.
         shared = self.guard.redis.redis if self.guard.redis is not None else None
@@ -101,7 +104,7 @@ class ClientControl:
 
     async def credit(self, identity: str, model: str) -> None:
         """One answered request (``clients.suspicion.request_credit``)."""
-        if self.active:
+        if self.credits:
             self._tier_change(identity, model, await self.guard.credit(identity))
 
     async def observe_extraction(self, identity: str, model: str, settings, inputs, answer):

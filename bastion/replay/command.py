@@ -139,7 +139,6 @@ def _mutated_rows(args) -> tuple[list[dict] | None, dict[str, str]]:
 
 
 def _image_attack_named(args) -> bool:
-    from bastion.replay.mutate import IMAGE_MUTATORS
     names = [n.strip() for n in (getattr(args, "mutate", None) or "").split(",")]
     return any(n in IMAGE_MUTATORS for n in names)
 

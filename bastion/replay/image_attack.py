@@ -38,6 +38,11 @@ def probabilities(scores: np.ndarray) -> np.ndarray:
     return exp / exp.sum()
 
 
+def classes_of(answers: list) -> np.ndarray:
+    """Each answer's class, -1 where it was refused."""
+    return np.array([-1 if a is None else int(np.argmax(a)) for a in answers])
+
+
 def nearest(clean: np.ndarray, batch: np.ndarray) -> np.ndarray:
     """Per query, the clean image (rows of ``clean``, flattened) it stays within eps of: the
     nearest in L-inf."""
@@ -46,8 +51,8 @@ def nearest(clean: np.ndarray, batch: np.ndarray) -> np.ndarray:
 
 
 class CachedOracle:
-    """Wraps an oracle: counts the distinct images each clean image cost, answers repeats from
-    memory, and keeps each answer's class (-1 refused)."""
+    """Wraps an oracle: counts the distinct images each clean image cost (and how many were
+    refused), and answers repeats from memory."""
 
     def __init__(self, oracle: Oracle, clean: np.ndarray):
         self.oracle = oracle
@@ -71,11 +76,11 @@ class CachedOracle:
         return [self.answers[key] for key in keys]
 
     def classes(self, batch: np.ndarray) -> np.ndarray:
-        return np.array([-1 if a is None else int(np.argmax(a)) for a in self(batch)])
+        return classes_of(self(batch))
 
 
 class PaddedOracle:
-    """An attacker that hides its probing among harmless queries: after each query it sends
+    """An attacker that hides its probing among harmless queries: before each query it sends
     ``pad`` images from ``pool`` (clean images the defense answered; their answers unused), so
     the share of its requests refused stays low; a client tier with ``request_credit`` sees a
     share, not a count. No padding while the pool is empty. ``sent`` counts the padding."""

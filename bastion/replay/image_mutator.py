@@ -95,12 +95,9 @@ def run_square(args, rows: list[dict], tensor_input: str | None, shape, out: pat
         oracle.close()
     # The finished images as a new client sends them (its own x-client-id): an attacker the
     # client tier blocked may still submit what it found under another identity.
-    fresh = image_attack.SidecarOracle(args.target, args.model, tensor_input, request_shape,
-                                       output=args.attack_output, timeout=args.timeout,
-                                       client_id=f"{oracle.client_id}-final",
-                                       concurrency=args.concurrency)
+    fresh = dataclasses.replace(oracle, client_id=f"{oracle.client_id}-final")
     try:
-        final = np.array([-1 if a is None else int(np.argmax(a)) for a in fresh(adversarial)])
+        final = image_attack.classes_of(fresh(adversarial))
     finally:
         fresh.close()
     kept = [i for i, ok in zip(ids, attackable) if ok]
