@@ -78,3 +78,22 @@ def test_write_keeps_the_in_source_threshold(tmp_path):
     assert data["threshold"] == 0.95 and data["method"] == "cross-fitted"
     assert data["in_source"] == {"threshold": 0.5, "method": "split", "command": "bastion ..."}
     assert data["crossfit"]["command"].endswith("--corpus C")
+
+
+def test_per_kit_tpr_names_the_kit_a_family_loses(tmp_path, capsys):
+    corpus, work = _work(tmp_path)
+    out = tmp_path / "report.json"
+    assert crossfit.main(["--corpus", str(corpus), "--work", str(work), "--json", str(out),
+                          "--per-kit"]) == 0
+    results = json.loads(out.read_text())["results"]
+    crossfitted = results[next(name for name in results if name.startswith("cross-fitted"))]
+    # Both kits clear their outer fold's cross-fitted threshold; a fixed 0.97 tells them apart
+    # (inj-b scores 0.95-0.956 held out, inj-a 0.99).
+    assert crossfitted["attack_groups"] == {"prompt_injection/inj-a": 1.0,
+                                            "prompt_injection/inj-b": 1.0}
+    assert "| prompt_injection | inj-b | 60 | 1.00 |" in capsys.readouterr().out
+    assert crossfit.main(["--corpus", str(corpus), "--work", str(work), "--json", str(out),
+                          "--fixed", "0.97"]) == 0
+    fixed = json.loads(out.read_text())["results"]["fixed 0.97"]
+    assert fixed["attack_groups"] == {"prompt_injection/inj-a": 1.0, "prompt_injection/inj-b": 0.0}
+    assert fixed["tpr"]["prompt_injection"] == 0.5

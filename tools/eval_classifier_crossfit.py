@@ -62,11 +62,23 @@ def summarize(flagged: np.ndarray, attack: np.ndarray, family: np.ndarray,
         return float(flagged[rows].mean()) if rows.any() else float("nan")
 
     benign = ~attack
+    kits = sorted(set(zip(family[attack].tolist(), groups[attack].tolist())))
     return {"pooled_fpr": rate(benign),
             "hard_negative_fpr": rate(benign & (family == "hard_negative")),
             "tpr": {f: rate(attack & (family == f)) for f in ATTACK_FAMILIES},
             "benign_groups": {g: rate(benign & (groups == g))
-                              for g in sorted(set(groups[benign].tolist()))}}
+                              for g in sorted(set(groups[benign].tolist()))},
+            # Which unseen attack kits a family's TPR is lost on: "family/group" -> TPR.
+            "attack_groups": {f"{f}/{g}": rate(attack & (family == f) & (groups == g))
+                              for f, g in kits}}
+
+
+def render_kits(row: dict, counts: dict[str, int]) -> str:
+    lines = ["| family | attack group (held out) | n | TPR |", "|---|---|---:|---:|"]
+    for key, tpr in row["attack_groups"].items():
+        fam, group = key.split("/", 1)
+        lines.append(f"| {fam} | {group} | {counts[key]} | {tpr:.2f} |")
+    return "\n".join(lines)
 
 
 def render(results: dict, tolerance: float) -> str:
@@ -95,6 +107,9 @@ def main(argv: list[str] | None = None) -> int:
                              "one); repeatable")
     parser.add_argument("--partial", action="store_true",
                         help="judge only the folds whose models have scored (a preview)")
+    parser.add_argument("--per-kit", action="store_true",
+                        help="also print the cross-fitted threshold's TPR per held-out attack "
+                             "group (which kits a family's misses come from)")
     parser.add_argument("--write", type=pathlib.Path, default=None,
                         help="threshold file to update with the all-folds cross-fitted "
                              "threshold (the shipped profile's)")
@@ -154,6 +169,10 @@ def main(argv: list[str] | None = None) -> int:
     print("\nthresholds per outer fold: " + "; ".join(
         f"{name}: {', '.join(f'{t:.4f}' for t in ts)}" for name, ts in thresholds.items()))
     print(f"cross-fitted on all folds (for the shipped model): {final:.6f}")
+    if args.per_kit:
+        counts = {f"{f}/{g}": int(n) for (f, g), n in zip(*np.unique(
+            np.stack([family[attack], groups[attack]], axis=1), axis=0, return_counts=True))}
+        print("\n" + render_kits(results[systems[1]], counts))
     report = {"results": results, "thresholds": thresholds, "all_folds_threshold": final,
               "target_fpr": args.target_fpr, "source_tolerance": args.source_tolerance,
               "benign_texts": int(benign.sum()), "attack_texts": int(attack.sum())}
