@@ -311,7 +311,12 @@ def test_without_http_target_other_routes_are_404(stack):
 
 
 def test_upstream_down_is_503(stack):
-    port, dead = free_port(), free_port()
+    # The dead upstream's port stays bound (never listening) for the whole test: a port only
+    # picked and released could be handed to the sidecar itself, which would then forward to
+    # its own listener and the request would hang instead of failing.
+    reserved = socket.socket()
+    reserved.bind(("127.0.0.1", 0))
+    port, dead = free_port(), reserved.getsockname()[1]
     sidecar = Sidecar(f"127.0.0.1:{dead}", wait_ready=False,
                       extra_args=("--http-listen", f"127.0.0.1:{port}"))
     try:
@@ -325,6 +330,7 @@ def test_upstream_down_is_503(stack):
             {"name": "image", "datatype": "FP32", "shape": [1, 4], "data": [0, 0, 0, 0]}])
         assert status == 503 and json.loads(body)["error"].startswith("bastion: upstream")
     finally:
+        reserved.close()
         assert sidecar.stop() == 0
 
 
