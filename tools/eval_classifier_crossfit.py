@@ -27,6 +27,7 @@ calibration split at that threshold.
 from __future__ import annotations
 
 import argparse
+import collections
 import datetime
 import json
 import pathlib
@@ -170,8 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{name}: {', '.join(f'{t:.4f}' for t in ts)}" for name, ts in thresholds.items()))
     print(f"cross-fitted on all folds (for the shipped model): {final:.6f}")
     if args.per_kit:
-        counts = {f"{f}/{g}": int(n) for (f, g), n in zip(*np.unique(
-            np.stack([family[attack], groups[attack]], axis=1), axis=0, return_counts=True))}
+        counts = collections.Counter(f"{f}/{g}" for f, g in zip(family[attack], groups[attack]))
         print("\n" + render_kits(results[systems[1]], counts))
     report = {"results": results, "thresholds": thresholds, "all_folds_threshold": final,
               "target_fpr": args.target_fpr, "source_tolerance": args.source_tolerance,
