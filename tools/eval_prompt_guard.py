@@ -316,6 +316,8 @@ def render(results: dict, args, counts: dict, elapsed: float, command: bool = Tr
         flags = (f"--folds {args.folds} --epochs {args.epochs} --layers {args.layers} "
                  f"--limit {args.limit} --target-fpr {args.target_fpr} "
                  f"--sample-per-group {args.sample_per_group}"
+                 f"{' --buried ' + str(args.buried) if args.buried else ''}"
+                 f"{' --teacher-work TEACHERS' if args.teacher_work else ''}"
                  f"{' --perplexity' if args.perplexity else ''}"
                  f"{' --peers-python PY' if args.peers_python else ''}"
                  f"{' --folds-file FOLDS' if args.folds_file else ''}"
@@ -361,6 +363,12 @@ def main(argv: list[str] | None = None) -> int:
                 work=pathlib.Path("/tmp/pg-eval"), folds=4, epochs=1.0, layers=3, max_length=128,
                 max_chunks=8, target_fpr=0.01)
     parser.add_argument("--limit", type=int, default=0, help="cap training texts per fold")
+    parser.add_argument("--teacher-work", type=pathlib.Path, default=None,
+                        help="distil each fold's model from TEACHER_WORK/fold-K (an earlier "
+                             "run's deeper fold model, trained without that fold's groups)")
+    parser.add_argument("--buried", type=int, default=0,
+                        help="the training recipe's buried-order augmentation (train_prompt_guard "
+                             "--buried): carriers from each fold's own training rows")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--sample-per-group", type=int, default=60)
     parser.add_argument("--perplexity", action="store_true",
@@ -413,7 +421,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.limit and len(train_rows) > args.limit:
                 train_rows = random.Random(k).sample(train_rows, args.limit)
             train(train_rows, model_dir, args.layers, args.epochs, 32, 8e-5, args.max_length,
-                  1.5, 1234 + k, args.threads)
+                  1.5, 1234 + k, args.threads, buried=args.buried,
+                  teacher=args.teacher_work / f"fold-{k}" if args.teacher_work else None)
         clf_probs = fold_classifier_scores(model_dir, [texts[i] for i in score_index], args)
         held_in_index = fold[score_index] == k
         clf[score_index[held_in_index]] = clf_probs[held_in_index]

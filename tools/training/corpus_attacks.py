@@ -38,7 +38,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bastion.replay import obfuscation as obf  # noqa: E402
-import attack_buried  # noqa: E402
 import attack_suffixes as suf  # noqa: E402
 from attack_archives import (FAMILIES, OUT, PIP, SHARED, TOKENIZER_PKG, Seed, rec,  # noqa: E402
                              sample, wheel_path)
@@ -308,15 +307,6 @@ def gen_indirect(rng: random.Random, payloads: list[Seed], docs: list[str]) -> l
     return out
 
 
-def gen_buried(rng: random.Random, benign_dir: Path) -> list[dict]:
-    sys.path.insert(0, str(wheel_path("faker")))
-    from faker import Faker  # noqa: PLC0415 -- imported from the wheel, not installed
-    fake = Faker("en_US")
-    fake.seed_instance(SEED + 6)
-    carriers = attack_buried.read_carriers(benign_dir, rng, 2 * 900)
-    return attack_buried.generate(rng, carriers, fake, per_group=900)
-
-
 def python_doc_paragraphs(rng: random.Random, n: int = 3000) -> list[str]:
     text = gzip.open(SHARED / "corpus" / "python311_docs_rst.txt.gz", "rt", encoding="utf-8").read()
     paras = [re.sub(r"\s+", " ", p).strip() for p in text.split("\n\n")]
@@ -361,10 +351,7 @@ def cap_groups(rng: random.Random, records: list[dict], cap: float) -> list[dict
     return out
 
 
-def build(out_dir: Path, buried_from: Path | None = None) -> list[dict]:
-    """The attack corpus. With ``buried_from`` (the benign corpus folder), also the
-    gen-buried-* groups, orders hidden in that corpus's material (tools/training/attack_buried.py).
-    Off by default until the shipped model is retrained with them."""
+def build(out_dir: Path) -> list[dict]:
     harmful: list[Seed] = [(x, f"{OWN}:OWN_HARMFUL#{k}", OWN_LICENSE)
                            for k, x in enumerate(OWN_HARMFUL)]
     payloads: list[Seed] = [(x, f"{OWN}:OWN_GOALS#{k}", OWN_LICENSE)
@@ -391,8 +378,6 @@ def build(out_dir: Path, buried_from: Path | None = None) -> list[dict]:
     records += gen_suffix(random.Random(SEED + 4), harmful, vocab)
     records += gen_indirect(random.Random(SEED + 5), payloads, python_doc_paragraphs(rng))
     records = cap_groups(random.Random(SEED), dedup(records), GROUP_CAP)
-    if buried_from is not None:  # added after the cap (each stays under it): the other groups
-        records += dedup(gen_buried(random.Random(SEED + 6), buried_from))  # are unchanged
     out_dir.mkdir(parents=True, exist_ok=True)
     for old in out_dir.glob("*.jsonl"):
         old.unlink()
@@ -429,11 +414,8 @@ def summary(records: list[dict]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=OUT)
-    ap.add_argument("--buried-from", type=Path, default=None, metavar="BENIGN_DIR",
-                    help="also write the gen-buried-* groups: attack orders hidden in passages "
-                         "of this benign corpus (build it first with corpus_benign.py)")
     args = ap.parse_args()
-    records = build(args.out, args.buried_from)
+    records = build(args.out)
     print(summary(records))
 
 

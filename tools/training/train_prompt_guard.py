@@ -12,7 +12,10 @@ vocabulary's meaning for words the corpus never shows and makes a CPU step 2x ch
 The corpus is what ``tools/training/corpus_attacks.py`` and ``corpus_benign.py`` write: JSONL files
 under ``attack/`` and ``benign/`` with ``text``, ``label``, ``family`` and ``group`` fields.
 ``--holdout-groups a,b`` leaves whole source groups out (the source-held-out protocol of
-``tools/eval_prompt_guard.py``). Determinism: one seed drives sampling, shuffling and init;
+``tools/eval_prompt_guard.py``). Two measured options the shipped recipe does not use
+(docs/quality-prompt-guard.md, seventh session): ``--buried N`` (attack orders buried in the
+training rows' own material, with benign twins) and ``--teacher DIR`` (distil a shallower
+student from a fine-tuned deeper model). Determinism: one seed drives sampling, shuffling and init;
 torch runs single-process on CPU with a fixed thread count.
 
 Training-time dependencies only (torch, transformers): never imported by the sidecar.
@@ -129,7 +132,14 @@ def training_view(tokenizer, text: str, max_length: int, rng: random.Random) -> 
 
 def train(records: list[dict], out: pathlib.Path, layers: int, epochs: float, batch_size: int,
           lr: float, max_length: int, benign_weight: float, seed: int, threads: int,
-          log=print) -> None:
+          log=print, buried: int = 0, teacher: pathlib.Path | None = None,
+          distill_weight: float = 0.5, temperature: float = 2.0) -> None:
+    """Fine-tune on ``records``. ``buried``: also train on that many attack orders buried in
+    the records' own benign material, each with a benign twin (tools/training/attack_buried.py).
+    ``teacher``: distil from that fine-tuned checkpoint (same labels): the student starts from
+    every other of the teacher's layers (DistilBERT's init) and its head, and its loss mixes the
+    labels' cross-entropy with the KL divergence to the teacher's softened distribution on the
+    same token window (``distill_weight`` of the KL, Hinton et al.'s T^2 scaling)."""
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -140,11 +150,20 @@ def train(records: list[dict], out: pathlib.Path, layers: int, epochs: float, ba
     rng = random.Random(seed)
     base = base_model_dir()
     tokenizer = AutoTokenizer.from_pretrained(base)
-    model = AutoModelForSequenceClassification.from_pretrained(
-        base, num_labels=len(LABELS), num_hidden_layers=layers,
-        id2label=dict(enumerate(LABELS)), label2id={l: i for i, l in enumerate(LABELS)})
+    if teacher is not None:
+        teacher_model, model = distillation_pair(teacher, layers)
+    else:
+        teacher_model = None
+        model = AutoModelForSequenceClassification.from_pretrained(
+            base, num_labels=len(LABELS), num_hidden_layers=layers,
+            id2label=dict(enumerate(LABELS)), label2id={l: i for i, l in enumerate(LABELS)})
     model.bert.embeddings.word_embeddings.weight.requires_grad = False
 
+    if buried:
+        from attack_buried import augment  # noqa: PLC0415 -- a sibling training module
+        added = augment(records, random.Random(seed + 7), buried)
+        log(f"augmented: {len(added)} buried-order texts (attacks and benign twins)")
+        records = records + added
     encoded = [training_view(tokenizer, r["text"], max_length, rng) for r in records]
     labels = np.array([label_of(r) for r in records])
     weights = sample_weights(records, benign_weight)
@@ -163,7 +182,16 @@ def train(records: list[dict], out: pathlib.Path, layers: int, epochs: float, ba
     while step < steps:
         for ids, mask, y, w in batches.epoch():
             logits = model(input_ids=ids, attention_mask=mask).logits
-            loss = (loss_fn(logits, y) * w).sum() / w.sum()
+            per_row = loss_fn(logits, y)
+            if teacher_model is not None:
+                with torch.no_grad():
+                    soft = torch.softmax(teacher_model(input_ids=ids, attention_mask=mask).logits
+                                         / temperature, -1)
+                kl = (soft * (torch.log(soft + 1e-9)
+                              - torch.log_softmax(logits / temperature, -1))).sum(-1)
+                per_row = ((1 - distill_weight) * per_row
+                           + distill_weight * temperature ** 2 * kl)
+            loss = (per_row * w).sum() / w.sum()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
@@ -180,6 +208,29 @@ def train(records: list[dict], out: pathlib.Path, layers: int, epochs: float, ba
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+
+
+def distillation_pair(teacher_dir: pathlib.Path, layers: int):
+    """(teacher, student): the fine-tuned teacher, frozen, and a ``layers``-deep student made
+    of every other teacher layer (evenly spaced), the teacher's embeddings and head."""
+    import copy
+
+    import torch
+    from transformers import AutoModelForSequenceClassification
+    teacher = AutoModelForSequenceClassification.from_pretrained(teacher_dir).eval()
+    for p in teacher.parameters():
+        p.requires_grad = False
+    depth = teacher.config.num_hidden_layers
+    if not 0 < layers <= depth:
+        raise SystemExit(f"a {layers}-layer student cannot come from a {depth}-layer teacher")
+    keep = [i * depth // layers for i in range(layers)]  # 6 -> 3: layers 0, 2, 4
+    student = copy.deepcopy(teacher)
+    student.bert.encoder.layer = torch.nn.ModuleList(
+        copy.deepcopy(teacher.bert.encoder.layer[i]) for i in keep)
+    student.config.num_hidden_layers = layers
+    for p in student.parameters():
+        p.requires_grad = True
+    return teacher, student.train()
 
 
 def stage_windows(ids: list[int], max_length: int, max_chunks: int) -> list[list[int]]:
@@ -247,6 +298,12 @@ def main(argv: list[str] | None = None) -> int:
     add_options(parser, layers=3, epochs=2.0, batch_size=32, lr=8e-5, max_length=256,
                 benign_weight=1.5)
     parser.add_argument("--limit", type=int, default=0, help="sample at most this many texts")
+    parser.add_argument("--buried", type=int, default=0,
+                        help="add this many attack orders buried in the training rows' own benign "
+                             "material, and as many benign twins (attack_buried.py)")
+    parser.add_argument("--teacher", type=pathlib.Path, default=None,
+                        help="distil from this fine-tuned checkpoint (a deeper prompt-guard): the "
+                             "student keeps every other teacher layer, --layers deep")
     parser.add_argument("--calibration-share", type=float, default=0.15,
                         help="benign texts kept out of training and written to "
                              "OUT/calibration.jsonl (source = group) for bastion calibrate")
@@ -266,7 +323,8 @@ def main(argv: list[str] | None = None) -> int:
     counts = collections.Counter((r["label"], r["family"]) for r in records)
     print("corpus:", dict(sorted(counts.items())), file=sys.stderr)
     train(records, args.out, args.layers, args.epochs, args.batch_size, args.lr,
-          args.max_length, args.benign_weight, args.seed, args.threads)
+          args.max_length, args.benign_weight, args.seed, args.threads, buried=args.buried,
+          teacher=args.teacher)
     with open(args.out / "calibration.jsonl", "w", encoding="utf-8") as handle:
         for r in calibration:
             handle.write(json.dumps({"text": r["text"], "label": "benign", "family": r["family"],
@@ -276,6 +334,7 @@ def main(argv: list[str] | None = None) -> int:
         "layers": args.layers, "epochs": args.epochs, "batch_size": args.batch_size,
         "lr": args.lr, "max_length": args.max_length, "benign_weight": args.benign_weight,
         "seed": args.seed, "holdout_groups": sorted(held), "texts": len(records),
+        "buried": args.buried, "teacher": str(args.teacher) if args.teacher else None,
         "calibration_share": args.calibration_share, "calibration_texts": len(calibration),
         "labels": list(LABELS)}, indent=2))
     print(f"wrote {args.out}", file=sys.stderr)
