@@ -47,8 +47,8 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent / "training"))
 
 from generated_doc import write_generated  # noqa: E402
-from train_prompt_guard import (ATTACK_FAMILIES, calibration_key, predict,  # noqa: E402
-                                read_corpus, train)
+from train_prompt_guard import (ATTACK_FAMILIES, add_buried_option,  # noqa: E402
+                                calibration_key, predict, read_corpus, train)
 
 DOC = pathlib.Path(__file__).resolve().parent.parent / "docs" / "quality-prompt-guard.md"
 CALIBRATION_SHARE = 0.15
@@ -366,9 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--teacher-work", type=pathlib.Path, default=None,
                         help="distil each fold's model from TEACHER_WORK/fold-K (an earlier "
                              "run's deeper fold model, trained without that fold's groups)")
-    parser.add_argument("--buried", type=int, default=0,
-                        help="the training recipe's buried-order augmentation (train_prompt_guard "
-                             "--buried): carriers from each fold's own training rows")
+    add_buried_option(parser)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--sample-per-group", type=int, default=60)
     parser.add_argument("--perplexity", action="store_true",

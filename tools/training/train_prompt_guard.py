@@ -290,6 +290,13 @@ def predict(model_dir: pathlib.Path, texts: list[str], max_length: int = 256,
     return result
 
 
+def add_buried_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--buried", type=int, default=0,
+                        help="add this many attack orders buried in the training rows' own benign "
+                             "material, and as many benign twins (attack_buried.py; carriers "
+                             "come from the rows being trained on, so never from a held-out fold)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--corpus", type=pathlib.Path, default=pathlib.Path("/work/data/text_corpus"))
@@ -298,9 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     add_options(parser, layers=3, epochs=2.0, batch_size=32, lr=8e-5, max_length=256,
                 benign_weight=1.5)
     parser.add_argument("--limit", type=int, default=0, help="sample at most this many texts")
-    parser.add_argument("--buried", type=int, default=0,
-                        help="add this many attack orders buried in the training rows' own benign "
-                             "material, and as many benign twins (attack_buried.py)")
+    add_buried_option(parser)
     parser.add_argument("--teacher", type=pathlib.Path, default=None,
                         help="distil from this fine-tuned checkpoint (a deeper prompt-guard): the "
                              "student keeps every other teacher layer, --layers deep")
