@@ -216,7 +216,7 @@ def wrap_tool(rng: random.Random, material: str, line: str | None) -> str:
         target[field] = bury(rng, target[field], line)
         return json.dumps({"tool": rng.choice(_TOOLS), "results": items}, ensure_ascii=False,
                           indent=rng.choice([None, 2]))
-    if style in (1, 3):
+    if style in (1, 3):  # ``extra`` is drawn even without a line, so both twins draw alike
         if style == 1:
             lines = [f"- {who()} ({rng.randint(1, 5)}/5): {s}" for s in parts]
             extra = f"- {who()} ({rng.randint(1, 5)}/5): {line}"
@@ -232,7 +232,8 @@ def wrap_tool(rng: random.Random, material: str, line: str | None) -> str:
         return (f"From: {who()} <{who().lower()}@{rng.choice(_ORGS).split()[0].lower()}.example>\n"
                 f"Subject: {rng.choice(['Update', 'Re: notes', 'Draft', 'FYI', 'Weekly report'])}"
                 f"\n\n" + bury(rng, material, line))
-    name = f"{rng.choice(['notes', 'report', 'draft', 'minutes', 'readme'])}.{rng.choice(['pdf', 'docx', 'txt'])}"
+    name = (f"{rng.choice(['notes', 'report', 'draft', 'minutes', 'readme'])}."
+            f"{rng.choice(['pdf', 'docx', 'txt'])}")
     return f"Retrieved document ({name}):\n\n" + bury(rng, material, line)
 
 
@@ -269,10 +270,10 @@ def augment(records: list[dict], rng: random.Random, count: int) -> list[dict]:
         twin_line = frame(rng, note(rng), attack=False) if rng.random() < 0.7 else None
         attack = wrap(random.Random(wrap_seed), carrier["text"], attack_line)
         twin = wrap(random.Random(wrap_seed), carrier["text"], twin_line)
-        source = f"{OWN}+{carrier.get('source', carrier['group'])}"
+        shared = {"source": f"{OWN}+{carrier.get('source', carrier['group'])}",
+                  "license": "project; carrier: " + carrier.get("license", "?")}
         out.append({"text": attack, "label": "attack", "family": family, "group": ATTACK_GROUP,
-                    "source": source, "license": "project; carrier: " + carrier.get("license", "?")})
+                    **shared})
         out.append({"text": twin, "label": "benign", "family": carrier["family"],
-                    "group": BENIGN_GROUP, "source": source,
-                    "license": "project; carrier: " + carrier.get("license", "?")})
+                    "group": BENIGN_GROUP, **shared})
     return out

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import copy
 import json
 import math
 import pathlib
@@ -185,10 +186,10 @@ def train(records: list[dict], out: pathlib.Path, layers: int, epochs: float, ba
             per_row = loss_fn(logits, y)
             if teacher_model is not None:
                 with torch.no_grad():
-                    soft = torch.softmax(teacher_model(input_ids=ids, attention_mask=mask).logits
-                                         / temperature, -1)
-                kl = (soft * (torch.log(soft + 1e-9)
-                              - torch.log_softmax(logits / temperature, -1))).sum(-1)
+                    target = torch.log_softmax(
+                        teacher_model(input_ids=ids, attention_mask=mask).logits / temperature, -1)
+                kl = torch.nn.functional.kl_div(torch.log_softmax(logits / temperature, -1),
+                                                target, log_target=True, reduction="none").sum(-1)
                 per_row = ((1 - distill_weight) * per_row
                            + distill_weight * temperature ** 2 * kl)
             loss = (per_row * w).sum() / w.sum()
@@ -213,8 +214,6 @@ def train(records: list[dict], out: pathlib.Path, layers: int, epochs: float, ba
 def distillation_pair(teacher_dir: pathlib.Path, layers: int):
     """(teacher, student): the fine-tuned teacher, frozen, and a ``layers``-deep student made
     of every other teacher layer (evenly spaced), the teacher's embeddings and head."""
-    import copy
-
     import torch
     from transformers import AutoModelForSequenceClassification
     teacher = AutoModelForSequenceClassification.from_pretrained(teacher_dir).eval()
@@ -224,9 +223,8 @@ def distillation_pair(teacher_dir: pathlib.Path, layers: int):
     if not 0 < layers <= depth:
         raise SystemExit(f"a {layers}-layer student cannot come from a {depth}-layer teacher")
     keep = [i * depth // layers for i in range(layers)]  # 6 -> 3: layers 0, 2, 4
-    student = copy.deepcopy(teacher)
-    student.bert.encoder.layer = torch.nn.ModuleList(
-        copy.deepcopy(teacher.bert.encoder.layer[i]) for i in keep)
+    student = copy.deepcopy(teacher)  # its own copies of every layer: keep some of them
+    student.bert.encoder.layer = torch.nn.ModuleList(student.bert.encoder.layer[i] for i in keep)
     student.config.num_hidden_layers = layers
     for p in student.parameters():
         p.requires_grad = True
