@@ -10,7 +10,12 @@ OfflinePipeline: decode the ModelInferRequest, every stage, the policy), one req
 with onnxruntime on one intra-op thread, and count this process's CPU time (time.process_time):
 
 * ``pass-through``: the same model with an empty pipeline (decode + policy only): the baseline;
-* ``llm-prompt profile``: deploy/profiles/llm-prompt.yaml (the bundled classifier + rules);
+* ``llm-prompt profile``: deploy/profiles/llm-prompt.yaml (the bundled classifier + rules), also
+  split into the sample's benign and attack prompts (per-prompt CPU of the same run: with the
+  classifier's early exit, a benign prompt usually leaves after half the layers and an attack
+  rarely does);
+* ``llm-prompt profile, early exit off``: the same with ``early_exit: false`` (every window runs
+  the whole model), what the exit saves;
 * ``detect.ngram alone``: the bundled n-gram model as the only stage (what it would add).
 
 jailguard (``tools/peers``) scores the same prompts in a fresh process of its own venv, measured
@@ -36,21 +41,23 @@ PROFILE = REPO / "deploy" / "profiles" / "llm-prompt.yaml"
 MODEL = "text-classifier"
 
 
-def unique_prompts(path: pathlib.Path, n: int) -> list[str]:
-    seen, texts = set(), []
+def unique_prompts(path: pathlib.Path, n: int) -> tuple[list[str], list[str]]:
+    """The first ``n`` unique texts of a JSONL file and their labels."""
+    seen, texts, labels = set(), [], []
     for line in open(path, encoding="utf-8"):
         if line.strip():
-            text = json.loads(line)["text"]
-            if text not in seen:
-                seen.add(text)
-                texts.append(text)
+            row = json.loads(line)
+            if row["text"] not in seen:
+                seen.add(row["text"])
+                texts.append(row["text"])
+                labels.append(row.get("label", "benign"))
     if len(texts) < n:
         print(f"note: {path} has {len(texts)} unique prompts (asked for {n})", file=sys.stderr)
-    return texts[:n]
+    return texts[:n], labels[:n]
 
 
-def pipeline_cpu_ms(config_data: dict, texts: list[str], warmup: list[str]) -> float:
-    """ms of this process's CPU per prompt through the model's request path."""
+def pipeline_cpu_ms(config_data: dict, texts: list[str], warmup: list[str]) -> list[float]:
+    """ms of this process's CPU for each prompt through the model's request path."""
     from bastion.config import parse_config
     from bastion.corpus import CorpusRecord, text_payload
     from bastion.replay import OfflinePipeline
@@ -71,10 +78,12 @@ def pipeline_cpu_ms(config_data: dict, texts: list[str], warmup: list[str]) -> f
     todo = records(texts)
 
     async def measured():
-        started = time.process_time()
+        costs = []
         for record in todo:
+            started = time.process_time()
             await runner.inspect(record)
-        return (time.process_time() - started) * 1000 / len(todo)
+            costs.append((time.process_time() - started) * 1000)
+        return costs
 
     return asyncio.run(measured())
 
@@ -89,22 +98,36 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-    texts = unique_prompts(args.data, args.n)
+    texts, labels = unique_prompts(args.data, args.n)
     warmup = [f"Warm-up request {i}: summarise the attached note in two sentences." for i in range(8)]
-    profile = yaml.safe_load(PROFILE.read_text())
-    model = profile["models"][MODEL]
-    for entry in model["pipeline"]:
-        (name, options), = entry.items()
-        if name == "detect.classifier":
-            options["variant"] = args.variant
-            options["threads"] = 1
-    empty = {"models": {MODEL: {**model, "pipeline": []}}}
 
+    def profile_with(**classifier: object) -> dict:
+        profile = yaml.safe_load(PROFILE.read_text())
+        for entry in profile["models"][MODEL]["pipeline"]:
+            (name, options), = entry.items()
+            if name == "detect.classifier":
+                options.update(variant=args.variant, threads=1, **classifier)
+        return profile
+
+    profile = profile_with()
+    model = profile["models"][MODEL]
+    empty = {"models": {MODEL: {**model, "pipeline": []}}}
     ngram = {"models": {MODEL: {**model, "pipeline": [{"detect.ngram": {"threshold": 0.5}}]}}}
 
-    rows = [("pass-through (decode + policy)", pipeline_cpu_ms(empty, texts, warmup)),
-            (f"llm-prompt profile ({args.variant})", pipeline_cpu_ms(profile, texts, warmup)),
-            ("detect.ngram alone (not in the profile)", pipeline_cpu_ms(ngram, texts, warmup))]
+    def mean(costs: list[float], label: str | None = None) -> float:
+        chosen = [c for c, k in zip(costs, labels) if label is None or k == label]
+        return sum(chosen) / max(1, len(chosen))
+
+    per_prompt = pipeline_cpu_ms(profile, texts, warmup)
+    counts = {label: labels.count(label) for label in ("benign", "attack")}
+    rows = [("pass-through (decode + policy)", mean(pipeline_cpu_ms(empty, texts, warmup))),
+            (f"llm-prompt profile ({args.variant})", mean(per_prompt)),
+            (f"  its {counts['benign']} benign prompts", mean(per_prompt, "benign")),
+            (f"  its {counts['attack']} attack prompts", mean(per_prompt, "attack")),
+            (f"llm-prompt profile ({args.variant}), early exit off",
+             mean(pipeline_cpu_ms(profile_with(early_exit=False), texts, warmup))),
+            ("detect.ngram alone (not in the profile)",
+             mean(pipeline_cpu_ms(ngram, texts, warmup)))]
     if args.peers_python and pathlib.Path(args.peers_python).exists():
         sys.path.insert(0, str(REPO / "tools" / "peers"))
         os.environ.setdefault("BASTION_PEERS_PYTHON", args.peers_python)
@@ -120,8 +143,11 @@ def main(argv: list[str] | None = None) -> int:
     for name, ms in rows:
         print(f"| {name} | {ms:.2f} | {ms / rows[0][1]:.1f} | {profile_ms / ms:.2f} |")
     if "jailguard" in by_name:
-        print(f"\nprofile / jailguard as shipped = {profile_ms / by_name['jailguard']:.2f}; "
-              f"profile / jailguard on one thread = {profile_ms / by_name['jailguard_1thread']:.2f}")
+        benign_ms = rows[2][1]
+        for peer in ("jailguard", "jailguard_1thread"):
+            print(f"\nprofile / {peer} = {profile_ms / by_name[peer]:.2f} (all prompts), "
+                  f"{benign_ms / by_name[peer]:.2f} (the profile's benign prompts)", end="")
+        print()
     return 0
 
 

@@ -5,7 +5,8 @@ classifier --from DIR`` runs here (fp32 ``model.onnx`` or int8 ``model_int8.onnx
 runs through the shared :class:`~bastion.detectors.encoder.Encoder`: concurrent requests are
 micro-batched, long texts are cut into ``max_length``-token windows (at most ``max_chunks``), and
 every output of the graph (``logits`` and the pooled ``embedding``) is cached per text, so
-``detect.embedding`` and ``detect.attack_library`` on the same folder reuse this stage's run.
+``detect.embedding`` and ``detect.attack_library`` on the same folder reuse this stage's run
+(when this stage runs with ``early_exit: false``: theirs runs every window to the last layer).
 
 Score: the attack probability, 1 - the softmax probability summed over the benign labels, of
 the text's most suspicious window (in [0, 1]). Reason: ``classifier:<label>``, the most likely
@@ -15,8 +16,10 @@ Options: ``model`` (an exported folder; default: the classifier bundled in the p
 ``bastion/models/prompt-guard/``), ``variant`` (auto|fp32|int8; auto = int8 where the CPU has
 VNNI and the folder has an int8 file, see :mod:`bastion.detectors.cpu_features`),
 ``benign_labels`` (default: the manifest's, else labels named benign, safe, legit or LABEL_0),
-and the encoder settings ``providers``, ``threads``, ``max_batch``, ``max_wait_ms``,
-``max_chunks``.
+``early_exit`` (default true: where the folder's graph has an early exit, windows scoring below
+its fitted gate after the first layers skip the rest, see :mod:`bastion.export.early_exit`; such
+a window's score is its exit score, below the gate), and the encoder settings ``providers``,
+``threads``, ``max_batch``, ``max_wait_ms``, ``max_chunks``.
 
 Model folder (written by :mod:`bastion.export.classifier`): ``model.onnx``, optional
 ``model_int8.onnx``, ``tokenizer.json`` and the manifest ``classifier.json`` (``name``,
@@ -26,6 +29,7 @@ Model folder (written by :mod:`bastion.export.classifier`): ``model.onnx``, opti
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib.resources
 import json
 import os
@@ -124,6 +128,9 @@ class ClassifierOptions(EncoderRuntimeOptions):
     variant: Variant = "auto"
     #: Labels whose probability counts as benign; None = the manifest's, else by name.
     benign_labels: list[str] | None = None
+    #: Let clearly benign windows leave the model early, where its folder has an exit (the
+    #: bundled one does); false = every window runs the whole model.
+    early_exit: bool = True
 
 
 class ClassifierDetector(TextDetector):
@@ -149,7 +156,11 @@ class ClassifierDetector(TextDetector):
         path, manifest = resolve_classifier(options.model, options.variant)
         labels = manifest["labels"]
         benign = benign_label_names(labels, options.benign_labels, manifest.get("benign_labels"))
-        return cls(get_encoder(path, options.encoder_options()), labels, benign)
+        # Only a folder with an exit needs its own encoder setting; any other shares its run
+        # with the embedding stages.
+        exits = options.early_exit and bool(manifest.get("early_exit"))
+        encoder_options = dataclasses.replace(options.encoder_options(), early_exit=exits)
+        return cls(get_encoder(path, encoder_options), labels, benign)
 
     # -- scoring -------------------------------------------------------------------------------
 

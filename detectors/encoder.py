@@ -11,7 +11,11 @@ requests; encoders are shared by every stage that names the same model file and 
 One pass per prompt: a graph may have several outputs (a ``bastion models export classifier``
 folder has ``logits`` and ``embedding``). Every output is computed by the same run and cached
 together, so ``detect.classifier``, ``detect.embedding`` and ``detect.attack_library`` on one
-model folder share one ONNX run per prompt window. The embedding the anomaly and library stages
+model folder share one ONNX run per prompt window. Early exit: a classifier graph with an
+``exit_gate`` input (:mod:`bastion.export.early_exit`) lets clearly benign windows skip its last
+layers when the encoder runs with ``early_exit`` (``detect.classifier``'s default); the
+embedding stages run it without (their embeddings must be the last layer's), so a classifier
+that should share their run sets ``early_exit: false``. The embedding the anomaly and library stages
 use is the manifest's ``output``, else the output named ``embedding``, else the first one.
 
 Long texts: the model sees at most ``max_length`` tokens (256 for MiniLM). A longer text is cut
@@ -49,6 +53,7 @@ from bastion.core.registry import StageOptions
 from bastion.detectors.base import as_text as _as_str
 from bastion.detectors.batcher import MicroBatcher
 from bastion.detectors.cpu_features import Variant, choose_variant
+from bastion.export.early_exit import EXIT_INPUT, NO_EXIT
 
 __all__ = ["Encoder", "EncoderOptions", "EncoderRuntimeOptions", "EncoderStageOptions",
            "get_encoder", "resolve_encoder_path", "model_file", "default_providers",
@@ -130,6 +135,9 @@ class EncoderOptions:
     max_wait_ms: float = 2.0
     max_chunks: int = DEFAULT_MAX_CHUNKS
     cache_size: int = 2048
+    #: Feed a graph with an early exit (``exit_gate`` input) its manifest's gate; off, every
+    #: window runs the whole model (what stages reading embeddings need).
+    early_exit: bool = False
 
 
 class Encoder:
@@ -191,6 +199,12 @@ class Encoder:
                                             providers=providers)
         names = {i.name for i in self.session.get_inputs()}
         self._token_types = "token_type_ids" in names
+        #: The early exit's gate fed to the graph (None: the graph has no exit; -1: off).
+        self.exit_gate: float | None = None
+        if EXIT_INPUT in names:
+            exit_entry = self.manifest.get("early_exit") or {}
+            self.exit_gate = (float(exit_entry["gate"]) if options.early_exit
+                              and exit_entry.get("gate") is not None else NO_EXIT)
         graph_outputs = {o.name: o for o in self.session.get_outputs()}
         #: Every output is computed by each run (one pass serves every stage on this model).
         self.outputs: tuple[str, ...] = tuple(graph_outputs)
@@ -275,6 +289,8 @@ class Encoder:
             feeds = {"input_ids": ids, "attention_mask": mask}
             if self._token_types:
                 feeds["token_type_ids"] = np.zeros_like(ids)
+            if self.exit_gate is not None:
+                feeds[EXIT_INPUT] = np.array(self.exit_gate, dtype=np.float32)
             results = self.session.run(list(self.outputs), feeds)
             self.calls += 1
             for name, result in zip(self.outputs, results):

