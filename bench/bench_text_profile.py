@@ -119,13 +119,15 @@ def main(argv: list[str] | None = None) -> int:
         return sum(chosen) / max(1, len(chosen))
 
     per_prompt = pipeline_cpu_ms(profile, texts, warmup)
+    no_exit = pipeline_cpu_ms(profile_with(early_exit=False), texts, warmup)
     counts = {label: labels.count(label) for label in ("benign", "attack")}
     rows = [("pass-through (decode + policy)", mean(pipeline_cpu_ms(empty, texts, warmup))),
             (f"llm-prompt profile ({args.variant})", mean(per_prompt)),
             (f"  its {counts['benign']} benign prompts", mean(per_prompt, "benign")),
             (f"  its {counts['attack']} attack prompts", mean(per_prompt, "attack")),
-            (f"llm-prompt profile ({args.variant}), early exit off",
-             mean(pipeline_cpu_ms(profile_with(early_exit=False), texts, warmup))),
+            (f"llm-prompt profile ({args.variant}), early exit off", mean(no_exit)),
+            ("  benign prompts, early exit off", mean(no_exit, "benign")),
+            ("  attack prompts, early exit off", mean(no_exit, "attack")),
             ("detect.ngram alone (not in the profile)",
              mean(pipeline_cpu_ms(ngram, texts, warmup)))]
     if args.peers_python and pathlib.Path(args.peers_python).exists():
