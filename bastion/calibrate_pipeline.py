@@ -151,8 +151,25 @@ def build_report(args, calibrated, fixed, scores, refused, groups, result, fit_n
         "pipeline_fpr": float(result.flagged.mean()),
         "sources": per_source,
         "warnings": [f"source {name!r}: FPR {s['fpr']:.4f} exceeds {WARN_FACTOR:g}x the target "
-                     f"{args.target_fpr:g}" for name, s in per_source.items() if s["warning"]],
+                     f"{args.target_fpr:g}" for name, s in per_source.items() if s["warning"]]
+        + exit_gate_warnings(calibrated, result.thresholds),
     }
+
+
+def exit_gate_warnings(calibrated, thresholds: dict[str, float]) -> list[str]:
+    """A classifier threshold under its early exit's gate: below the gate a window's score is
+    the exit head's, not the full model's, so such a threshold judges by three layers."""
+    out = []
+    for runner in calibrated:
+        encoder = getattr(runner.config.impl, "encoder", None)
+        gate = getattr(encoder, "exit_gate", None)
+        threshold = thresholds.get(runner.config.stage_id)
+        if gate is not None and gate > 0 and threshold is not None and threshold < gate:
+            out.append(f"stage {runner.config.stage_id!r}: threshold {threshold:.4g} is below "
+                       f"its model's early-exit gate {gate:.4g} (scores under the gate come "
+                       "from the exit head); set `early_exit: false` on the stage and "
+                       "calibrate again")
+    return out
 
 
 def print_report(report: dict) -> None:

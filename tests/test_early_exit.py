@@ -183,3 +183,23 @@ def test_head_file_is_checked(tmp_path, checkpoint):
     with pytest.raises(ValueError, match="has 2 layers"):
         export("--from", str(checkpoint), "--out", str(tmp_path / "y"), "--max-length",
                str(MAX_LENGTH), "--early-exit", str(tmp_path / "deep.json"))
+
+
+def test_calibrate_warns_when_a_threshold_falls_under_the_gate(folders):
+    from bastion.calibrate_pipeline import exit_gate_warnings
+    from bastion.config import parse_config
+    from bastion.proxy.pipeline import build_pipeline
+
+    def pipeline(**classifier):
+        config = parse_config({"models": {"chat": {
+            "inputs": {"prompt": {"kind": "text"}},
+            "pipeline": [{"detect.classifier": {"model": str(folders["exit"]), "id": "cls",
+                                                "variant": "fp32", **classifier}}]}}})
+        return build_pipeline("chat", config.models["chat"])
+
+    runners = pipeline().runners
+    gate = runners[0].config.impl.encoder.exit_gate
+    assert exit_gate_warnings(runners, {"cls": gate + 0.01}) == []
+    [warning] = exit_gate_warnings(runners, {"cls": gate / 2})
+    assert "early_exit: false" in warning and "'cls'" in warning
+    assert exit_gate_warnings(pipeline(early_exit=False).runners, {"cls": gate / 2}) == []
