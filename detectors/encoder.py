@@ -53,15 +53,18 @@ from bastion.core.registry import StageOptions
 from bastion.detectors.base import as_text as _as_str
 from bastion.detectors.batcher import MicroBatcher
 from bastion.detectors.cpu_features import Variant, choose_variant
-from bastion.export.early_exit import EXIT_INPUT, NO_EXIT
 
 __all__ = ["Encoder", "EncoderOptions", "EncoderRuntimeOptions", "EncoderStageOptions",
            "get_encoder", "resolve_encoder_path", "model_file", "default_providers",
-           "sha256_file", "Outputs", "MANIFESTS", "MODEL_FILES"]
+           "sha256_file", "Outputs", "MANIFESTS", "MODEL_FILES", "EXIT_INPUT", "NO_EXIT"]
 
 log = logging.getLogger("bastion.embedding")
 
 PROVIDERS_ENV = "BASTION_ONNX_PROVIDERS"
+#: A classifier graph's early-exit input (bastion/export/early_exit.py builds it) and the gate
+#: that sends every window through the whole model.
+EXIT_INPUT = "exit_gate"
+NO_EXIT = -1.0
 DEFAULT_MAX_CHUNKS = 8
 #: Manifests a model folder may hold, in the order they are looked for.
 MANIFESTS = ("encoder.json", "classifier.json")

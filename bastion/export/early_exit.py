@@ -25,13 +25,14 @@ import json
 import math
 import pathlib
 
+# The graph input holding the gate, and the gate that escalates every window: the runtime's
+# names (the encoder feeds the input).
+from bastion.detectors.encoder import EXIT_INPUT, NO_EXIT
+
 __all__ = ["ExitHead", "EXIT_FILE", "EXIT_INPUT", "EXIT_WEIGHT", "NO_EXIT", "wrap_with_exit"]
 
 #: The head's file in a checkpoint folder (the export picks it up).
 EXIT_FILE = "early_exit.json"
-#: The graph input holding the gate, and the gate that escalates every window.
-EXIT_INPUT = "exit_gate"
-NO_EXIT = -1.0
 #: The head's weight in the graph (the int8 export leaves the MatMul reading it in float).
 EXIT_WEIGHT = "exit_weight"
 
