@@ -203,3 +203,36 @@ def test_calibrate_warns_when_a_threshold_falls_under_the_gate(folders):
     [warning] = exit_gate_warnings(runners, {"cls": gate / 2})
     assert "early_exit: false" in warning and "'cls'" in warning
     assert exit_gate_warnings(pipeline(early_exit=False).runners, {"cls": gate / 2}) == []
+
+
+def test_the_held_out_judge_counts_what_the_exit_clears():
+    """tools/eval_early_exit.py on synthetic windows: a window under the gate keeps its exit
+    score, every other window the full model's; the summary counts lost detections."""
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tools"))
+    from eval_early_exit import FoldFrame, judge, summarise
+
+    records = ([{"group": "b", "label": "benign", "family": "chat", "text": f"hello {i}"}
+                for i in range(6)]
+               + [{"group": "a", "label": "attack", "family": "encoding", "text": f"x {i}"}
+                  for i in range(4)])
+    frame = FoldFrame(records, {"a": 0, "b": 0})
+    rng = np.random.default_rng(1)
+    train = np.r_[rng.normal(0, 1, (200, 4)), rng.normal(0, 1, (200, 4)) + [3, 0, 0, 0]]
+    held = np.array([[-3, 0, 0, 0]] * 6 + [[3, 0, 0, 0]] * 3 + [[-3, 0, 0, 0]])
+    data = {"train_idx": np.r_[np.zeros(200, int), np.full(200, 6)],  # benign / attack rows
+            "train_features": train, "cal_features": rng.normal(0, 1, (300, 4)),
+            "held_idx": np.arange(10), "held_features": held, "held_owner": np.arange(10),
+            # the full model flags every attack and one benign text
+            "held_full": np.r_[[0.999], np.full(5, 0.01), np.full(4, 0.999)]}
+    part = judge(frame, data, layer=3, quantile=0.95)
+    assert 0.0 < part["gate"] < 1.0
+    # the benign window the full model flags looks benign to the exit: it leaves (score < gate)
+    assert part["exit"][0] < part["gate"] and part["full"][0] == 0.999
+    # so does the last attack (lost); the others escalate and keep the full score
+    assert part["exit"][9] < part["gate"] and np.all(part["exit"][6:9] == 0.999)
+    result = summarise([part], threshold=0.99, layer=3)
+    full, exited = result["rows"]["full model"], result["rows"]["early exit after layer 3"]
+    assert full["fpr_at_threshold"] == 1 / 6 and exited["fpr_at_threshold"] == 0.0
+    assert full["tpr_at_threshold"]["encoding"] == 1.0
+    assert exited["tpr_at_threshold"]["encoding"] == 0.75
+    assert result["escalated_benign_windows"] == 0.0 and result["benign_cost"] == 0.5

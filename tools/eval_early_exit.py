@@ -98,15 +98,17 @@ def summarise(parts: list[dict], threshold: float, layer: int) -> dict:
     family = np.concatenate([p["family"] for p in parts])
     esc_b = np.concatenate([p["escalated_benign"] for p in parts])
     esc_a = np.concatenate([p["escalated_attack"] for p in parts])
+    def share(flags: np.ndarray) -> float:
+        return float(flags.mean()) if len(flags) else float("nan")
+
     rows = {}
     for name, score in (("full model", full), (f"early exit after layer {layer}", exit_)):
         at_fpr = threshold_at_fpr(score[benign], 0.01)
         rows[name] = {
-            "fpr_at_threshold": float((score[benign] >= threshold).mean()),
-            "tpr_at_threshold": {f: float((score[family == f] >= threshold).mean())
+            "fpr_at_threshold": share(score[benign] >= threshold),
+            "tpr_at_threshold": {f: share(score[family == f] >= threshold)
                                  for f in ATTACK_FAMILIES},
-            "tpr_at_1pct": {f: float((score[family == f] >= at_fpr).mean())
-                            for f in ATTACK_FAMILIES}}
+            "tpr_at_1pct": {f: share(score[family == f] >= at_fpr) for f in ATTACK_FAMILIES}}
     share = float(esc_b.mean())
     return {"rows": rows, "benign_texts": int(benign.sum()),
             "attack_texts": int((~benign).sum()), "escalated_benign_windows": share,

@@ -25,7 +25,7 @@ import sys
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from train_prompt_guard import calibration_key, read_corpus, stage_windows  # noqa: E402
+from train_prompt_guard import calibration_key, read_corpus, windowed_model  # noqa: E402
 
 from bastion.export.early_exit import EXIT_FILE, ExitHead  # noqa: E402
 
@@ -42,29 +42,13 @@ def window_states(model_dir: pathlib.Path, texts: list[str], layers: tuple[int, 
     """Per window of ``texts`` (the stage's windowing): {layer: [CLS, masked mean] features},
     the full model's attack probability (1 - P(benign)) and the owning text's index."""
     import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-    torch.set_num_threads(threads)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
-    windows, owner = [], []
-    for index, text in enumerate(texts):
-        ids = tokenizer.encode(text, add_special_tokens=False)
-        for window in stage_windows(ids, max_length, max_chunks):
-            windows.append([tokenizer.cls_token_id] + window + [tokenizer.sep_token_id])
-            owner.append(index)
-    order = sorted(range(len(windows)), key=lambda i: len(windows[i]))
+    model, count, owner, batches = windowed_model(model_dir, texts, max_length, max_chunks,
+                                                  threads, batch_size)
     width_of = model.config.hidden_size
-    features = {layer: np.zeros((len(windows), 2 * width_of), np.float32) for layer in layers}
-    attack = np.zeros(len(windows), np.float32)
+    features = {layer: np.zeros((count, 2 * width_of), np.float32) for layer in layers}
+    attack = np.zeros(count, np.float32)
     with torch.no_grad():
-        for start in range(0, len(order), batch_size):
-            rows = order[start:start + batch_size]
-            width = max(len(windows[i]) for i in rows)
-            ids = torch.zeros((len(rows), width), dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for r, i in enumerate(rows):
-                ids[r, :len(windows[i])] = torch.tensor(windows[i])
-                mask[r, :len(windows[i])] = 1
+        for rows, ids, mask in batches:
             out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
             attack[rows] = 1.0 - torch.softmax(out.logits, -1)[:, 0].numpy()
             weights = mask.unsqueeze(-1).float()
@@ -72,7 +56,7 @@ def window_states(model_dir: pathlib.Path, texts: list[str], layers: tuple[int, 
                 hidden = out.hidden_states[layer]
                 mean = (hidden * weights).sum(1) / weights.sum(1)
                 features[layer][rows] = torch.cat([hidden[:, 0], mean], -1).numpy()
-    return features, attack, np.array(owner)
+    return features, attack, owner
 
 
 def fit_head(features: np.ndarray, labels: np.ndarray, calibration: np.ndarray, layer: int,

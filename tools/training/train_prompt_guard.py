@@ -251,10 +251,11 @@ def stage_windows(ids: list[int], max_length: int, max_chunks: int) -> list[list
     return [ids[s:s + window] for s in starts]
 
 
-def predict(model_dir: pathlib.Path, texts: list[str], max_length: int = 256,
-            max_chunks: int = 4, batch_size: int = 64, threads: int = 2) -> np.ndarray:
-    """[n, labels] softmax of the worst window per text (the windowing of the stage: the
-    first ``max_chunks`` windows, or that many spread from the first to the last)."""
+def windowed_model(model_dir: pathlib.Path, texts: list[str], max_length: int, max_chunks: int,
+                   threads: int, batch_size: int = 64):
+    """(model, window count, owning text per window, batches): the checkpoint in eval mode and
+    ``texts`` cut as the stage cuts them, as padded (rows, input_ids, attention_mask) batches of
+    similar length (``rows``: the batch's window indices)."""
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     torch.set_num_threads(threads)
@@ -267,8 +268,8 @@ def predict(model_dir: pathlib.Path, texts: list[str], max_length: int = 256,
             windows.append([tokenizer.cls_token_id] + window + [tokenizer.sep_token_id])
             owner.append(index)
     order = sorted(range(len(windows)), key=lambda i: len(windows[i]))
-    probs = np.zeros((len(windows), len(LABELS)), dtype=np.float32)
-    with torch.no_grad():
+
+    def batches():
         for start in range(0, len(order), batch_size):
             rows = order[start:start + batch_size]
             width = max(len(windows[i]) for i in rows)
@@ -277,6 +278,21 @@ def predict(model_dir: pathlib.Path, texts: list[str], max_length: int = 256,
             for r, i in enumerate(rows):
                 ids[r, :len(windows[i])] = torch.tensor(windows[i])
                 mask[r, :len(windows[i])] = 1
+            yield rows, ids, mask
+
+    return model, len(windows), np.array(owner, dtype=np.int64), batches()
+
+
+def predict(model_dir: pathlib.Path, texts: list[str], max_length: int = 256,
+            max_chunks: int = 4, batch_size: int = 64, threads: int = 2) -> np.ndarray:
+    """[n, labels] softmax of the worst window per text (the windowing of the stage: the
+    first ``max_chunks`` windows, or that many spread from the first to the last)."""
+    import torch
+    model, count, owner, batches = windowed_model(model_dir, texts, max_length, max_chunks,
+                                                  threads, batch_size)
+    probs = np.zeros((count, len(LABELS)), dtype=np.float32)
+    with torch.no_grad():
+        for rows, ids, mask in batches:
             probs[rows] = torch.softmax(model(input_ids=ids, attention_mask=mask).logits,
                                         -1).numpy()
     result = np.zeros((len(texts), len(LABELS)), dtype=np.float32)
