@@ -56,7 +56,8 @@ from bastion.detectors.cpu_features import Variant, choose_variant
 
 __all__ = ["Encoder", "EncoderOptions", "EncoderRuntimeOptions", "EncoderStageOptions",
            "get_encoder", "resolve_encoder_path", "model_file", "default_providers",
-           "sha256_file", "Outputs", "MANIFESTS", "MODEL_FILES", "EXIT_INPUT", "NO_EXIT"]
+           "sha256_file", "Outputs", "MANIFESTS", "MODEL_FILES", "EXIT_INPUT", "NO_EXIT",
+           "live_encoders"]
 
 log = logging.getLogger("bastion.embedding")
 
@@ -226,6 +227,10 @@ class Encoder:
         # Texts being run now, per event loop: a second caller waits for the same run.
         self._inflight: dict[bytes, tuple[asyncio.AbstractEventLoop, asyncio.Future]] = {}
         self.calls = 0  # ONNX runs (for tests and benchmarks)
+        #: Windows run, and those that left at the early exit (bastion_encoder_windows_total).
+        self.windows_run = 0
+        self.windows_exited = 0
+        self._counts_lock = threading.Lock()
 
     def _special_ids(self) -> tuple[list[int], list[int]]:
         cls, sep = self.manifest.get("cls_token"), self.manifest.get("sep_token")
@@ -296,6 +301,10 @@ class Encoder:
                 feeds[EXIT_INPUT] = np.array(self.exit_gate, dtype=np.float32)
             results = self.session.run(list(self.outputs), feeds)
             self.calls += 1
+            exited = self._exited(dict(zip(self.outputs, results)))
+            with self._counts_lock:
+                self.windows_run += len(chosen)
+                self.windows_exited += exited
             for name, result in zip(self.outputs, results):
                 if name not in out:
                     out[name] = np.empty((len(units),) + result.shape[1:], dtype=result.dtype)
@@ -303,6 +312,16 @@ class Encoder:
         if self.output in out:
             self.dim = int(out[self.output].shape[1])
         return out
+
+    def _exited(self, results: dict[str, np.ndarray]) -> int:
+        """Rows of one run that left at the early exit. The exit graph writes exactly
+        ``[0, z - log k, ..., z - log k]`` for them (bastion/export/early_exit.py): a benign
+        logit of exactly 0 with equal attack logits, which the full head does not produce."""
+        logits = results.get("logits")
+        if self.exit_gate is None or self.exit_gate <= 0 or logits is None or logits.ndim != 2:
+            return 0
+        attack = logits[:, 1:]
+        return int(np.sum((logits[:, 0] == 0.0) & np.all(attack == attack[:, :1], axis=1)))
 
     def _encode_batch(self, texts: Sequence[str]) -> list[Outputs]:
         per_text = self.tokenize(texts)
@@ -408,6 +427,12 @@ class Encoder:
 
 _ENCODERS: dict[tuple, Encoder] = {}
 _ENCODERS_LOCK = threading.Lock()
+
+
+def live_encoders() -> list[Encoder]:
+    """Every shared encoder built in this process (for the metrics collector)."""
+    with _ENCODERS_LOCK:
+        return list(_ENCODERS.values())
 
 
 def get_encoder(path: str | os.PathLike, options: EncoderOptions = EncoderOptions(),

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client.core import CounterMetricFamily
 
 import bastion
 
@@ -111,6 +112,7 @@ class Metrics:
             "bastion_draining", "1 while the sidecar drains after SIGTERM.", registry=self.registry)
         Info("bastion_build", "Bastion version.", registry=self.registry).info(
             {"version": bastion.__version__})
+        self.registry.register(EncoderWindows())
 
         self._model_labels: set[str] = set()
         self._request_children: dict[tuple, tuple] = {}
@@ -198,3 +200,25 @@ class Metrics:
                 self._request_children[key] = children
         children[0].inc()
         children[1].observe(seconds)
+
+
+class EncoderWindows:
+    """``bastion_encoder_windows_total{encoder, path}``: model windows the shared text encoders
+    ran, by ``path``: ``exit`` (left at a classifier's early exit) or ``full`` (every layer).
+    The exit share is the cost of the text defense and a drift signal: unseen benign traffic
+    exits less than the benign texts the gate was set on (docs/quality-early-exit.md)."""
+
+    def collect(self):
+        from bastion.detectors.encoder import live_encoders
+        family = CounterMetricFamily(
+            "bastion_encoder_windows", "Model windows run by the text encoders, by whether they "
+            "left at the early exit.", labels=["encoder", "path"])
+        totals: dict[str, list[int]] = {}
+        for encoder in live_encoders():
+            counts = totals.setdefault(f"{encoder.name}:{encoder.variant}", [0, 0])
+            counts[0] += encoder.windows_exited
+            counts[1] += encoder.windows_run - encoder.windows_exited
+        for name, (exited, full) in sorted(totals.items()):
+            family.add_metric([name, "exit"], exited)
+            family.add_metric([name, "full"], full)
+        yield family

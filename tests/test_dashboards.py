@@ -61,6 +61,7 @@ models:
     pipeline:
       - sanitize.unicode: {fold_confusables: true, inputs: [prompt], threshold: 20, action: flag}
       - detect.signatures: {inputs: [prompt], threshold: 1, action: block}
+      - detect.classifier: {inputs: [prompt]}  # scores only: bastion_encoder_windows_total
       - debug.fault: {id: fault, error_rate: 0.2, on_error: open}
   fashion-mnist:
     mode: monitor

@@ -236,3 +236,29 @@ def test_the_held_out_judge_counts_what_the_exit_clears():
     assert full["tpr_at_threshold"]["encoding"] == 1.0
     assert exited["tpr_at_threshold"]["encoding"] == 0.75
     assert result["escalated_benign_windows"] == 0.0 and result["benign_cost"] == 0.5
+
+
+def test_exited_windows_are_counted_for_the_metrics(folders, checkpoint):
+    from prometheus_client import generate_latest
+    from bastion.proxy.metrics import Metrics
+
+    metrics = Metrics()
+    detector = build_classifier(ClassifierOptions(model=str(folders["exit"]), variant="fp32"))
+    name = f"{detector.encoder.name}:fp32"
+
+    def scraped() -> dict[str, float]:
+        text = generate_latest(metrics.registry).decode()
+        return {path: sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                          if line.startswith("bastion_encoder_windows_total{")
+                          and f'encoder="{name}"' in line and f'path="{path}"' in line)
+                for path in ("exit", "full")}
+
+    before = scraped()
+    texts = [f"{text} (metrics {i})" for i, text in enumerate(PROMPTS)]  # not cached yet
+    detector.score(texts)
+    after = scraped()
+    head = ExitHead.load(checkpoint / EXIT_FILE)
+    exited = int(np.sum(head_scores(head, layer_features(checkpoint, texts, 1)) < head.gate))
+    assert 0 < exited < len(texts)
+    assert after["exit"] - before["exit"] == exited
+    assert after["full"] - before["full"] == len(texts) - exited
