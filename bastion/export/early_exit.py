@@ -129,7 +129,7 @@ def wrap_with_exit(model, head: ExitHead, token_types: bool):
             coef = torch.tensor(head.coef, dtype=torch.float32)
             scale = torch.tensor(head.scale, dtype=torch.float32)
             mean = torch.tensor(head.mean, dtype=torch.float32)
-            # a [features, 1] matrix: int8 export quantizes it per column like any MatMul
+            # a [features, 1] matrix, the MatMul the int8 export leaves in float
             self.register_buffer(EXIT_WEIGHT, (coef / scale).unsqueeze(1))
             self.register_buffer("exit_bias", torch.tensor(
                 head.intercept - float((coef * mean / scale).sum()), dtype=torch.float32))
