@@ -251,10 +251,11 @@ def exit_head(src: pathlib.Path, args: argparse.Namespace) -> ExitHead | None:
     """The early-exit head to build in: --early-exit FILE, else the checkpoint's own file."""
     if getattr(args, "no_early_exit", False):
         return None
-    path = getattr(args, "early_exit", None) or src / EXIT_FILE
-    if getattr(args, "early_exit", None) and not pathlib.Path(path).is_file():
-        raise FileNotFoundError(f"--early-exit {path}: no such file")
-    return ExitHead.load(pathlib.Path(path)) if pathlib.Path(path).is_file() else None
+    chosen = getattr(args, "early_exit", None)
+    if chosen is not None and not pathlib.Path(chosen).is_file():
+        raise FileNotFoundError(f"--early-exit {chosen}: no such file")
+    path = pathlib.Path(chosen) if chosen is not None else src / EXIT_FILE
+    return ExitHead.load(path) if path.is_file() else None
 
 
 def _quantize(fp32_path: pathlib.Path, int8_path: pathlib.Path) -> None:
@@ -298,10 +299,11 @@ def _check(module, tokenizer_path: pathlib.Path, written: list[pathlib.Path], na
     if "token_type_ids" in names:
         feeds["token_type_ids"] = np.zeros_like(feeds["input_ids"])
     plain = [n for n in names if n != EXIT_INPUT]
-    runs = [("", module, plain, {})]  # (key suffix, torch reference, its inputs, extra feeds)
+    # (key suffix, torch reference, its inputs, extra feeds); gate -1 must be the plain model
+    no_exit = {EXIT_INPUT: np.array(NO_EXIT, dtype=np.float32)} if with_exit is not None else {}
+    runs = [("", module, plain, no_exit)]
     if with_exit is not None:
-        runs = [("", module, plain, {EXIT_INPUT: np.array(NO_EXIT, dtype=np.float32)}),
-                ("_exit", with_exit, names, {EXIT_INPUT: np.array(gate, dtype=np.float32)})]
+        runs.append(("_exit", with_exit, names, {EXIT_INPUT: np.array(gate, dtype=np.float32)}))
     result: dict = {"texts": len(encodings)}
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
