@@ -13,7 +13,13 @@ Per row the ensemble computes the feature vector
   ``detect.features`` uses);
 * ``margin`` (when a logits output is configured): log(top-1 logit - top-2 logit + 0.01).
   Minimal-perturbation attacks (Carlini-Wagner, DeepFool) stop just past the decision
-  boundary; clean inputs rarely sit there (docs/quality-image-ensemble.md measures it);
+  boundary; clean inputs rarely sit there (docs/quality-image-defense.md measures it);
+* ``maha_gaps:<output>`` (when ``gaps`` names a logits output): log(1 + Mahalanobis distance)
+  of the row's log gaps to its top logit, log(top - logit_j + 0.01) for every class j, to the
+  benign Gaussian of its *predicted* class. The margin only sees how close the runner-up is;
+  the gaps also see *which* class it is: a boundary attack that turns a trouser into a
+  T-shirt leaves the trouser logit next to the top one, where benign T-shirts never have it
+  (their near classes are shirt and pullover);
 
 standardises it and returns the combiner's log-odds (higher = more likely adversarial). The
 request's score is its most suspicious row's.
@@ -21,6 +27,7 @@ request's score is its most suspicious row's.
 Options
     ``outputs``: model outputs with a Mahalanobis term each, in the state's order.
     ``logits`` ("logits"): the output for the margin term; null = no margin term.
+    ``gaps`` (null): the logits output for the ``maha_gaps`` term; null = none.
     ``state``: the fitted state (``fit_ensemble`` below; tools/fit_image_ensemble.py fits the
     shipped one through the profile's own request stages and the real upstream).
 
@@ -62,17 +69,20 @@ class EnsembleModel:
     weights: np.ndarray         # combiner coefficients over standardised features
     bias: float
     source: str = ""            # what the state was fitted on (recorded, checked by the stage)
+    gaps: str | None = None     # logits output of the maha_gaps term (its Gaussian comes last)
 
     @property
     def feature_names(self) -> list[str]:
-        return [f"maha:{o}" for o in self.outputs] + (["margin"] if self.logits else [])
+        return ([f"maha:{o}" for o in self.outputs] + (["margin"] if self.logits else [])
+                + ([f"maha_gaps:{self.gaps}"] if self.gaps else []))
 
     @property
     def needed(self) -> list[str]:
-        return list(self.outputs) + ([self.logits] if self.logits else [])
+        names = list(self.outputs) + ([self.logits] if self.logits else [])
+        return names + ([self.gaps] if self.gaps and self.gaps not in names else [])
 
     def features(self, arrays: dict[str, np.ndarray]) -> np.ndarray:
-        return ensemble_features(arrays, self.outputs, self.gaussians, self.logits)
+        return ensemble_features(arrays, self.outputs, self.gaussians, self.logits, self.gaps)
 
     def score(self, arrays: dict[str, np.ndarray]) -> np.ndarray:
         """Log-odds per row of ``arrays`` (output name -> [n, ...])."""
@@ -80,9 +90,19 @@ class EnsembleModel:
         return z @ self.weights + self.bias
 
 
+def logit_gaps(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(log(top - logit_j + MARGIN_FLOOR) per class [n, C], predicted class [n])."""
+    values = np.asarray(logits, dtype=np.float64)
+    values = values.reshape(len(values), -1)
+    return (np.log(values.max(axis=1, keepdims=True) - values + MARGIN_FLOOR),
+            values.argmax(axis=1))
+
+
 def ensemble_features(arrays: dict[str, np.ndarray], outputs: list[str],
-                      gaussians: list[Mahalanobis], logits: str | None) -> np.ndarray:
-    """[n, len(outputs) (+1)] ensemble features of the model's answers (see module doc)."""
+                      gaussians: list[Mahalanobis], logits: str | None,
+                      gaps: str | None = None) -> np.ndarray:
+    """[n, features] ensemble features of the model's answers (see module doc); the gaps
+    term's Gaussian is the last of ``gaussians``."""
     columns = []
     for name, gaussian in zip(outputs, gaussians):
         rows = np.asarray(arrays[name], dtype=np.float64)
@@ -95,6 +115,13 @@ def ensemble_features(arrays: dict[str, np.ndarray], outputs: list[str],
         values = np.asarray(arrays[logits], dtype=np.float64)
         values = np.sort(values.reshape(len(values), -1), axis=1)
         columns.append(np.log(values[:, -1] - values[:, -2] + MARGIN_FLOOR))
+    if gaps:
+        rows, predicted = logit_gaps(arrays[gaps])
+        gaussian = gaussians[len(outputs)]
+        if rows.shape[1] != gaussian.dim_:
+            raise ValueError(f"output '{gaps}' has {rows.shape[1]} values per row; the state "
+                             f"was fitted on {gaussian.dim_}")
+        columns.append(np.log1p(gaussian.score(rows, predicted)))
     features = np.stack(columns, axis=1)
     # a non-finite hidden value is as anomalous as it gets
     return np.where(np.isfinite(features), features, 1e6)
@@ -103,8 +130,9 @@ def ensemble_features(arrays: dict[str, np.ndarray], outputs: list[str],
 def fit_ensemble(benign_fit: dict[str, np.ndarray], classes: np.ndarray,
                  benign_combiner: dict[str, np.ndarray], attacked_combiner: dict[str, np.ndarray],
                  outputs: list[str], logits: str | None, source: str,
-                 regularisation: float = 1.0) -> EnsembleModel:
-    """Gaussians on ``benign_fit`` (class labels ``classes``); then the logistic combiner on
+                 regularisation: float = 1.0, gaps: str | None = None) -> EnsembleModel:
+    """Gaussians on ``benign_fit`` (class labels ``classes``; the gaps term's by the
+    predicted class, the one it is scored against); then the logistic combiner on
     ``benign_combiner`` (label 0) vs ``attacked_combiner`` (label 1), each a dict of model
     outputs. Use disjoint benign sets so the combiner sees distances of unseen inputs."""
     from sklearn.linear_model import LogisticRegression
@@ -112,8 +140,11 @@ def fit_ensemble(benign_fit: dict[str, np.ndarray], classes: np.ndarray,
     for name in outputs:
         rows = np.asarray(benign_fit[name], dtype=np.float64)
         gaussians.append(Mahalanobis().fit(rows.reshape(len(rows), -1), classes))
-    benign = ensemble_features(benign_combiner, outputs, gaussians, logits)
-    attacked = ensemble_features(attacked_combiner, outputs, gaussians, logits)
+    if gaps:
+        rows, predicted = logit_gaps(benign_fit[gaps])
+        gaussians.append(Mahalanobis(class_mode="predicted").fit(rows, predicted))
+    benign = ensemble_features(benign_combiner, outputs, gaussians, logits, gaps)
+    attacked = ensemble_features(attacked_combiner, outputs, gaussians, logits, gaps)
     X = np.concatenate([benign, attacked])
     y = np.concatenate([np.zeros(len(benign)), np.ones(len(attacked))])
     mean, scale = X.mean(axis=0), X.std(axis=0)
@@ -121,7 +152,7 @@ def fit_ensemble(benign_fit: dict[str, np.ndarray], classes: np.ndarray,
     combiner = LogisticRegression(C=regularisation, max_iter=2000).fit((X - mean) / scale, y)
     return EnsembleModel(list(outputs), logits, gaussians, mean, scale,
                          combiner.coef_[0].astype(np.float64), float(combiner.intercept_[0]),
-                         source)
+                         source, gaps)
 
 
 def save_ensemble(path: str | os.PathLike, model: EnsembleModel,
@@ -130,14 +161,15 @@ def save_ensemble(path: str | os.PathLike, model: EnsembleModel,
     arrays = {"mean": model.mean, "scale": model.scale, "weights": model.weights,
               "bias": np.array(model.bias)}
     layers = []
-    for i, (name, gaussian) in enumerate(zip(model.outputs, model.gaussians)):
+    names = list(model.outputs) + ([f"gaps:{model.gaps}"] if model.gaps else [])
+    for i, (name, gaussian) in enumerate(zip(names, model.gaussians)):
         for key, value in gaussian.arrays().items():
             arrays[f"layer{i}.{key}"] = np.array(value, order="C", copy=None)
         layers.append({"output": name, "dim": gaussian.dim_, "n_reference": gaussian.n_reference_,
                        "params": gaussian.params()})
     header = {
         "format": FORMAT, "version": VERSION, "source": model.source,
-        "outputs": model.outputs, "logits": model.logits, "layers": layers,
+        "outputs": model.outputs, "logits": model.logits, "gaps": model.gaps, "layers": layers,
         "features": model.feature_names,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "extra": extra or {},
@@ -157,7 +189,7 @@ def load_ensemble(path: str | os.PathLike) -> tuple[EnsembleModel, dict]:
     model = EnsembleModel(list(header["outputs"]), header.get("logits"), gaussians,
                           arrays["mean"].astype(np.float64), arrays["scale"].astype(np.float64),
                           arrays["weights"].astype(np.float64), float(arrays["bias"]),
-                          str(header.get("source", "")))
+                          str(header.get("source", "")), header.get("gaps"))
     return model, header
 
 
@@ -166,6 +198,8 @@ class FeatureEnsembleOptions(StageOptions):
     outputs: list[str] = ["conv1_stats", "conv2_stats", "features"]
     #: Output for the logit-margin term; None = no margin term.
     logits: str | None = "logits"
+    #: Logits output for the log-gap Mahalanobis term (by predicted class); None = none.
+    gaps: str | None = None
     #: State file (required; a missing one fails scoring until it is fitted).
     state: str
 
@@ -179,14 +213,21 @@ class FeatureEnsembleStage(ResponseStage):
         self.model: EnsembleModel | None = None
         if self.state.exists():
             model, _ = load_ensemble(self.state)
-            if model.outputs != list(options.outputs) or model.logits != options.logits:
+            fitted = (model.outputs, model.logits, model.gaps)
+            named = (list(options.outputs), options.logits, options.gaps)
+            if fitted != named:
                 raise ValueError(f"{options.state}: fitted on outputs {model.outputs} + logits "
-                                 f"{model.logits!r}, but the stage names {options.outputs} + "
-                                 f"{options.logits!r}: refit the state or fix the options")
+                                 f"{model.logits!r} + gaps {model.gaps!r}, but the stage names "
+                                 f"{options.outputs} + {options.logits!r} + {options.gaps!r}: "
+                                 "refit the state or fix the options")
             self.model = model
 
     def wanted(self) -> list[str]:
-        return list(self.options.outputs) + ([self.options.logits] if self.options.logits else [])
+        names = list(self.options.outputs)
+        for name in (self.options.logits, self.options.gaps):
+            if name and name not in names:
+                names.append(name)
+        return names
 
     def prepare(self, request, inputs, request_id) -> AddedOutputs:
         return ask_for_outputs(request, self.wanted())

@@ -3,6 +3,7 @@ state file, and the stage's request/response rewriting (no processes)."""
 from __future__ import annotations
 
 import asyncio
+import sys
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ from bastion.detectors.feature_ensemble import (FeatureEnsembleOptions, FeatureE
                                                 ensemble_features, fit_ensemble, load_ensemble,
                                                 save_ensemble)
 from bastion.protos import codec, pb
+from tests.harness import REPO
 
 RNG = np.random.default_rng(3)
 CLASSES = 3
@@ -120,3 +122,78 @@ def test_stage_asks_for_its_outputs_scores_and_strips_them(tmp_path):
     assert [o.name for o in reply.outputs] == ["logits"]
     expected = model.score({k: v.astype(np.float32) for k, v in outputs.items()}).max()
     assert result.score == pytest.approx(expected, rel=1e-6)
+
+
+def _confusable(n):
+    """Logits of a toy 3-class model whose classes 0 and 1 are often confused (the runner-up of
+    a 0 is a 1 at a small margin, and back), while 2 is confident and never near either."""
+    classes = RNG.integers(0, CLASSES, size=n)
+    logits = np.zeros((n, CLASSES))
+    margin = RNG.gamma(2.0, 1.0, size=n)
+    for row, c in enumerate(classes):
+        if c == 2:
+            logits[row] = [0.0, 0.0, 8.0]
+        else:
+            logits[row, c], logits[row, 1 - c] = 8.0, 8.0 - margin[row]
+    logits += RNG.normal(scale=0.3, size=(n, CLASSES))
+    return {"logits": logits}, classes
+
+
+def _pair_attack(n):
+    """A 2 pushed just past the boundary into class 0: the margin is one a benign 0 often has,
+    but its runner-up is 2, which a benign 0 never has near."""
+    margin = RNG.gamma(2.0, 1.0, size=n)
+    logits = np.stack([np.full(n, 6.0), np.zeros(n), 6.0 - margin], axis=1)
+    return {"logits": logits + RNG.normal(scale=0.3, size=(n, CLASSES))}
+
+
+def _gap_models():
+    fit_outputs, classes = _confusable(900)
+    combiner_benign, _ = _confusable(300)
+    attacked = _pair_attack(300)
+    margin = fit_ensemble(fit_outputs, classes, combiner_benign, attacked, [], "logits",
+                          source="toy")
+    gaps = fit_ensemble(fit_outputs, classes, combiner_benign, attacked, [], None,
+                        source="toy", gaps="logits")
+    return margin, gaps
+
+
+def test_gap_term_sees_which_class_the_runner_up_is():
+    """The margin cannot tell the pair attack from benign 0/1 confusions; the gaps, scored
+    against the predicted class's Gaussian, can."""
+    margin, gaps = _gap_models()
+    assert gaps.feature_names == ["maha_gaps:logits"] and gaps.needed == ["logits"]
+    clean, attacked = _confusable(600)[0], _pair_attack(600)
+    assert _auroc(margin.score(clean), margin.score(attacked)) < 0.75
+    assert _auroc(gaps.score(clean), gaps.score(attacked)) > 0.97
+
+
+def test_gap_state_round_trip_and_stage_checks(tmp_path):
+    _, gaps = _gap_models()
+    path = save_ensemble(tmp_path / "g.npz", gaps)
+    loaded, header = load_ensemble(path)
+    clean, _ = _confusable(50)
+    np.testing.assert_allclose(loaded.score(clean), gaps.score(clean))
+    assert header["gaps"] == "logits" and loaded.gaps == "logits"
+    assert loaded.gaussians[-1].class_mode == "predicted"
+    stage = FeatureEnsembleStage(FeatureEnsembleOptions(state=str(path), outputs=[],
+                                                        logits=None, gaps="logits"))
+    assert stage.wanted() == ["logits"]
+    with pytest.raises(ValueError, match="refit"):  # the options must name the fitted terms
+        FeatureEnsembleStage(FeatureEnsembleOptions(state=str(path), outputs=[], logits="logits"))
+
+
+def test_adaptive_attack_scores_the_gap_term_like_the_stage():
+    """tools/image_adaptive.py's differentiable copy (what the adaptive attack optimises
+    against) equals the stage's score, gap term included."""
+    import torch
+    sys.path.insert(0, str(REPO / "tools"))
+    from image_adaptive import torch_ensemble
+    fit_outputs, classes = _benign(600)
+    fit_outputs["logits"] = _confusable(600)[0]["logits"]
+    model = fit_ensemble(fit_outputs, classes, _benign(300)[0], _noise_attack(300),
+                         ["low", "high"], "logits", source="toy", gaps="logits")
+    rows = {**_noise_attack(20), **_pair_attack(20)}
+    rows["low"], rows["high"] = _benign(20)[0]["low"], _benign(20)[0]["high"]
+    copy = torch_ensemble(model)({k: torch.tensor(v) for k, v in rows.items()})
+    np.testing.assert_allclose(copy.numpy(), model.score(rows), rtol=1e-9, atol=1e-9)

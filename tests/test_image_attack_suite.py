@@ -39,7 +39,7 @@ def test_smoke_run_covers_every_attack_through_both_endpoints(tmp_path):
     assert numbers["endpoints"]["profile"]["clean_refused"] <= 0.5
     square = numbers["endpoints"]["profile"]["attacks"]["Square Linf 0.1 (black-box)"]
     assert square["queries_per_image"] >= 1  # the black-box attack really queried the sidecar
-    assert set(numbers["thresholds"]) == {"ensemble", "margin"}
+    assert set(numbers["thresholds"]) == {"ensemble", "margin", "gaps"}
     # PGD at eps 0.1 fools the undefended model on (nearly) every image; the profile refuses most
     undefended = numbers["endpoints"]["undefended"]["attacks"]["PGD Linf 0.1"]["success"]
     assert undefended >= 0.5

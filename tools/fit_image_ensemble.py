@@ -14,7 +14,7 @@ images only (the evaluation uses test images):
 * ``--threshold`` other clean images: each stage's threshold at its ``--target-fpr``.
 
 Every ``detect.feature_ensemble`` stage of the profile is fitted (the shipped profile has two:
-the layer ensemble, and the logit-margin rule).
+the layer ensemble, the logit-margin rule and the logit-gap rule).
 
     python3 tools/fit_image_ensemble.py            # writes the files the profile names
     python3 tools/fit_image_ensemble.py --profile my-copy.yaml --target-fpr ensemble=0.02
@@ -40,8 +40,8 @@ sys.path.insert(0, str(REPO))
 PROFILE = REPO / "bastion" / "profiles" / "image-classifier.yaml"
 MODEL = "fashion-mnist"
 STAGE = "detect.feature_ensemble"
-#: Benign false-positive rate per stage id (the profile's ensemble and its margin rule).
-DEFAULT_FPR = {"ensemble": 0.03, "margin": 0.015}
+#: Benign false-positive rate per stage id (the profile's ensemble, margin and logit-gap rules).
+DEFAULT_FPR = {"ensemble": 0.03, "margin": 0.015, "gaps": 0.0075}
 
 
 class ProfileView:
@@ -125,7 +125,8 @@ def fit(view: ProfileView, upstream: str, counts: tuple[int, int, int], eps: flo
         options = stage.options
         model = fit_ensemble(gauss_answers, labels[gauss], benign_answers, attacked_answers,
                              list(options.outputs), options.logits,
-                             source=f"upstream:{view.model}:{'+'.join(stage.wanted())}")
+                             source=f"upstream:{view.model}:{'+'.join(stage.wanted())}",
+                             gaps=options.gaps)
         scores = model.score(held_answers)
         fpr = target_fpr.get(stage_id, target_fpr.get("*", 0.02))
         threshold = threshold_at_fpr(scores, fpr)

@@ -22,6 +22,8 @@ def torch_ensemble(model):
     layers = []
     for gaussian in model.gaussians:
         layers.append((torch.tensor(gaussian.whitener_), torch.tensor(gaussian.means_w_)))
+    if model.gaps:  # its Gaussian (the last) is scored against the predicted class's mean
+        gap_classes = torch.tensor(model.gaussians[-1].classes_)
     mean, scale = torch.tensor(model.mean), torch.tensor(model.scale)
     weights = torch.tensor(model.weights)
 
@@ -34,6 +36,15 @@ def torch_ensemble(model):
         if model.logits:
             top = outputs[model.logits].double().topk(2, dim=1).values
             columns.append(torch.log(top[:, 0] - top[:, 1] + MARGIN_FLOOR))
+        if model.gaps:
+            values = outputs[model.gaps].double()
+            top = values.max(dim=1, keepdim=True).values
+            whitener, means_w = layers[-1]
+            z = torch.log(top - values + MARGIN_FLOOR) @ whitener
+            rows = torch.searchsorted(gap_classes, values.argmax(dim=1))
+            rows = rows.clamp(max=len(means_w) - 1)
+            d2 = ((z - means_w[rows]) ** 2).sum(-1)
+            columns.append(torch.log1p(torch.sqrt(d2.clamp_min(1e-12))))
         features = torch.stack(columns, dim=1)
         return ((features - mean) / scale) @ weights + model.bias
 
