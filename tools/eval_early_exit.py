@@ -14,8 +14,10 @@ quantile of the exit scores of their benign calibration texts) and judged on fol
 * how many held-out windows run the whole model (benign and attack), hence the encoder cost of a
   benign text relative to the full model: (layer + escalated share x (layers - layer)) / layers.
 
-    python3 tools/eval_early_exit.py --corpus CORPUS --work W --folds-file W/folds.json \
+    python3 tools/eval_early_exit.py --corpus CORPUS --work W \
         [--only-folds 1,2] [--doc docs/quality-early-exit.md]
+
+(the folds are tools/training/folds.json, the ones the fold models in W were trained on).
 
 Features are cached in W/fold-K/exit-L{layer}.npz (about 5 CPU minutes per fold to make).
 """
@@ -33,7 +35,7 @@ import numpy as np
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE / "training"))
-from eval_prompt_guard import FoldFrame, threshold_at_fpr  # noqa: E402
+from eval_prompt_guard import FOLDS_FILE, FoldFrame, threshold_at_fpr  # noqa: E402
 from fit_early_exit import (LAYER, QUANTILE, TRAIN_TEXTS, fit_head, head_scores,  # noqa: E402
                             window_states)
 from generated_doc import write_generated  # noqa: E402
@@ -119,7 +121,7 @@ def summarise(parts: list[dict], threshold: float, layer: int) -> dict:
 
 def render(result: dict, args, folds: list[int], threshold: float, elapsed: float) -> str:
     lines = [f"Command: `python3 tools/eval_early_exit.py --corpus {args.corpus} --work "
-             f"{args.work} --folds-file {args.folds_file} --only-folds "
+             f"{args.work}{'' if args.folds_file == FOLDS_FILE else ' --folds-file FOLDS'} --only-folds "
              f"{','.join(map(str, folds))} --layer {args.layer} --quantile {args.quantile} "
              f"--train {args.train}` ({elapsed / 60:.1f} min). Held-out texts of folds "
              f"{', '.join(map(str, folds))}: {result['benign_texts']} benign, "
@@ -146,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--corpus", type=pathlib.Path, required=True)
     parser.add_argument("--work", type=pathlib.Path, required=True,
                         help="an eval_prompt_guard.py work folder with its fold-K models")
-    parser.add_argument("--folds-file", type=pathlib.Path, required=True)
+    parser.add_argument("--folds-file", type=pathlib.Path, default=FOLDS_FILE,
+                        help="group -> fold (default: the committed tools/training/folds.json)")
     parser.add_argument("--folds", type=int, default=4)
     parser.add_argument("--only-folds", default="")
     parser.add_argument("--layer", type=int, default=LAYER)

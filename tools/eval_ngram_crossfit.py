@@ -2,7 +2,7 @@
 """Does detect.ngram hold on unseen benign sources if its threshold is set on out-of-source
 scores? Cross-fitted calibration, measured with tools/eval_prompt_guard.py's folds.
 
-    python3 tools/eval_ngram_crossfit.py --corpus CORPUS --work WORK --folds-file FOLDS
+    python3 tools/eval_ngram_crossfit.py --corpus CORPUS --work WORK [--folds-file FOLDS]
 
 WORK is an eval_prompt_guard.py work folder (its fold classifiers' cached scores,
 ``fold-K/scores.npz``, are read for the profile rows); FOLDS its folds.json. Per outer fold:
@@ -23,7 +23,7 @@ import numpy as np
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent / "training"))
 
-from eval_prompt_guard import FoldFrame, assign_folds, text_digest  # noqa: E402
+from eval_prompt_guard import FOLDS_FILE, FoldFrame, assign_folds, text_digest  # noqa: E402
 from train_prompt_guard import ATTACK_FAMILIES  # noqa: E402
 from train_prompt_ngram import fit  # noqa: E402
 
@@ -32,7 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--corpus", type=pathlib.Path, required=True)
     parser.add_argument("--work", type=pathlib.Path, required=True)
-    parser.add_argument("--folds-file", type=pathlib.Path, required=True)
+    parser.add_argument("--folds-file", type=pathlib.Path, default=FOLDS_FILE,
+                        help="group -> fold (default: the committed tools/training/folds.json)")
     parser.add_argument("--target-fpr", type=float, default=0.01)
     args = parser.parse_args(argv)
     from bastion.calibration_budget import pool_sources, split_budget
