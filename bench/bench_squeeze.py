@@ -55,7 +55,23 @@ TARGETS = {
     "features-knn": ("[{detect.features: {output: conv1_stats, method: knn, "
                      "state: '{tmp}/knn.npz'}}]",
                      "detect.features, conv1_stats, kNN k=10", 1),
+    # The shipped image profile's pipeline (bastion/profiles/image-classifier.yaml), and the
+    # same without its logit-gap stage (the profile before that stage was added).
+    "image-profile": ("profile", "shipped image-classifier profile (3 response stages)", 1),
+    "image-profile-no-gaps": ("profile-no-gaps", "the same without the `gaps` stage", 1),
 }
+IMAGE_PROFILE = REPO / "bastion" / "profiles" / "image-classifier.yaml"
+
+
+def profile_entry(without: tuple[str, ...] = ()) -> dict:
+    """The image profile's model entry (inputs, pipeline), minus the stages with ids in
+    ``without``."""
+    import yaml
+    entry = yaml.safe_load(IMAGE_PROFILE.read_text())["models"]["fashion-mnist"]
+    pipeline = [stage for stage in entry["pipeline"]
+                if not any(isinstance(opts, dict) and opts.get("id") in without
+                           for opts in stage.values())]
+    return {"inputs": entry["inputs"], "pipeline": pipeline}
 
 
 def cpu_seconds(pid: int) -> float:
@@ -69,7 +85,11 @@ def config(targets: list[str], tmp: str) -> str:
         pipeline = TARGETS[name][0]
         lines.append(f"  {name}:")
         lines.append("    mode: enforce")
-        if pipeline:
+        if pipeline in ("profile", "profile-no-gaps"):
+            entry = profile_entry(("gaps",) if pipeline == "profile-no-gaps" else ())
+            lines.append(f"    inputs: {json.dumps(entry['inputs'])}")
+            lines.append(f"    pipeline: {json.dumps(entry['pipeline'])}")
+        elif pipeline:
             lines.append(f"    pipeline: {pipeline.replace('{tmp}', tmp)}")
     return "\n".join(lines) + "\n"
 

@@ -187,7 +187,7 @@ def run(args) -> dict:
     x, y = fashion_mnist("t10k")
     onnx = attacks.onnx_path(args.model)
     sess = ort.InferenceSession(str(onnx), providers=["CPUExecutionProvider"])
-    candidates = np.arange(5000, 10000)
+    candidates = np.arange(args.attack_from, len(x))
     right = sess.run(["logits"], {"image": x[candidates]})[0].argmax(1) == y[candidates]
     chosen = candidates[right][:sizes.attack_images]
     xs, ys = x[chosen], y[chosen]
@@ -252,6 +252,7 @@ def run(args) -> dict:
         None, ys, sizes, None, None, log, model=args.model)
     return {"sizes": dataclasses.asdict(sizes), "thresholds": thresholds, "tier": tier,
             "fit_attack": attacks.FIT_ATTACK, "detection": detection, "endpoints": endpoints,
+            "attack_from": int(args.attack_from),
             "seconds": time.time() - started, "model": args.model, "profile": str(args.profile.relative_to(REPO))
             if args.profile.is_relative_to(REPO) else str(args.profile)}
 
@@ -294,7 +295,8 @@ def render(result: dict, command: str) -> str:
              f"`{result['profile']}`; thresholds "
              + ", ".join(f"`{s}` {t:.4f}" for s, t in result["thresholds"].items()) + ".", ""]
     lines += ["### End to end: share of attacked images answered and misclassified", "",
-              f"{result['sizes']['attack_images']} test images the model gets right (Square: "
+              f"{result['sizes']['attack_images']} test images the model gets right, from "
+              f"index {result.get('attack_from', 5000)} on (Square: "
               f"the first {result['sizes']['square_images']}, "
               f"{result['sizes']['square_queries']} iterations). `refused` = the sidecar "
               "refused the request. AUROC = each stage's score, clean test images vs attacked "
@@ -394,6 +396,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="also run clean traffic and Square against the profile with its client "
                          "tier (the profile's clients section, else SUSPICION)")
     ap.add_argument("--seed", type=int, default=1234)
+    ap.add_argument("--attack-from", type=int, default=5000,
+                    help="attack the test images the model gets right from this index on "
+                         "(another index gives an independent set of attacked images)")
     ap.add_argument("--json", type=pathlib.Path, help="also write the numbers here")
     ap.add_argument("--cache", type=pathlib.Path,
                     help="keep computed white-box attacks here and reuse them")
