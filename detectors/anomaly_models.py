@@ -172,6 +172,7 @@ class Mahalanobis(AnomalyModel):
         eigval = np.maximum(eigval, eigval.max() * 1e-12)
         self.whitener_ = eigvec / np.sqrt(eigval)
         self.means_w_ = means @ self.whitener_
+        self._means_sq = np.einsum("ij,ij->i", self.means_w_, self.means_w_)
 
     def _score(self, X: np.ndarray, classes: np.ndarray | None) -> np.ndarray:
         Z = X @ self.whitener_
@@ -187,8 +188,9 @@ class Mahalanobis(AnomalyModel):
         return np.sqrt(self._min_d2(Z))
 
     def _min_d2(self, Z: np.ndarray) -> np.ndarray:
-        d2 = (np.einsum("ij,ij->i", Z, Z)[:, None] - 2.0 * Z @ self.means_w_.T
-              + np.einsum("ij,ij->i", self.means_w_, self.means_w_)[None, :])
+        # |z - m|^2 = |z|^2 - 2 z.m + |m|^2; the means' norms are computed once (hot path:
+        # one or a few rows per request)
+        d2 = np.einsum("ij,ij->i", Z, Z)[:, None] - 2.0 * Z @ self.means_w_.T + self._means_sq
         return np.maximum(d2.min(axis=1), 0.0)
 
     def params(self) -> dict:
@@ -204,6 +206,7 @@ class Mahalanobis(AnomalyModel):
     def _restore(self, arrays: dict[str, np.ndarray]) -> None:
         self.whitener_ = arrays["whitener"].astype(np.float64)
         self.means_w_ = arrays["means_w"].astype(np.float64)
+        self._means_sq = np.einsum("ij,ij->i", self.means_w_, self.means_w_)
         self.shrinkage_ = float(arrays["shrinkage"])
         self.classes_ = arrays["classes"].astype(np.int64) if "classes" in arrays else None
 

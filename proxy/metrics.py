@@ -116,6 +116,7 @@ class Metrics:
 
         self._model_labels: set[str] = set()
         self._request_children: dict[tuple, tuple] = {}
+        self._stage_children: dict[tuple, tuple] = {}
 
     MAX_MODEL_LABELS = 100
 
@@ -168,13 +169,24 @@ class Metrics:
     def observe_shed(self, model: str, stage: str) -> None:
         self.shed.labels(model, stage).inc()
 
+    def _stage(self, model: str, stage: str) -> tuple:
+        """(duration, score) children of one configured stage, cached like observe_request's:
+        every stage of every request lands here."""
+        key = (model, stage)
+        children = self._stage_children.get(key)
+        if children is None:
+            children = (self.stage_seconds.labels(model, stage), self.scores.labels(model, stage))
+            if len(self._stage_children) < 4096:
+                self._stage_children[key] = children
+        return children
+
     def observe_stage(self, model: str, stage: str, seconds: float, error: str | None) -> None:
-        self.stage_seconds.labels(model, stage).observe(seconds)
+        self._stage(model, stage)[0].observe(seconds)
         if error is not None:
             self.stage_errors.labels(model, stage, error).inc()
 
     def observe_score(self, model: str, stage: str, score: float) -> None:
-        self.scores.labels(model, stage).observe(score)
+        self._stage(model, stage)[1].observe(score)
 
     def observe_output(self, model: str, findings) -> None:
         for finding in findings:

@@ -11,6 +11,7 @@ folds the decisions into one verdict. Each entry is validated and built by
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import time
 from typing import TYPE_CHECKING
@@ -22,7 +23,7 @@ from bastion.core.stage import StageOutcome, StageView
 from bastion.detectors.batcher import Overloaded
 from bastion.protos import codec
 from bastion.protos.codec import TensorError, as_bytes_array
-from bastion.proxy import canary, policy
+from bastion.proxy import canary, policy, telemetry
 from bastion.proxy.policy import ACTIONS, Decision
 from bastion.stage_config import StageConfig, calibrate_command, parse_stage
 from bastion.transforms.base import InputRejected
@@ -33,6 +34,16 @@ if TYPE_CHECKING:
     from bastion.proxy.metrics import Metrics
 
 tracer = trace.get_tracer("bastion.pipeline")
+
+
+def stage_span(stage_id: str):
+    """The stage's child span while tracing is on. Off, a no-op span that leaves the current
+    context alone: the API's own no-op path still creates a span object and attaches and
+    detaches a context, per stage per request, for nothing (the upstream then sees the same
+    parent context either way)."""
+    if telemetry.enabled():
+        return tracer.start_as_current_span(f"bastion.stage {stage_id}")
+    return contextlib.nullcontext(trace.INVALID_SPAN)
 
 
 @dataclasses.dataclass
@@ -169,7 +180,7 @@ class StageRunner:
         if not targets:
             return None
         started = time.perf_counter()
-        with tracer.start_as_current_span(f"bastion.stage {stage_id}") as span:
+        with stage_span(stage_id) as span:
             error = None
             try:
                 timeout = common.budget_ms / 1000 if common.budget_ms else None
@@ -239,7 +250,7 @@ class ResponseRunner(StageRunner):
         shadow = self.shadow(canary_bucket)
         ok, state = prepared
         started = time.perf_counter()
-        with tracer.start_as_current_span(f"bastion.stage {stage_id}") as span:
+        with stage_span(stage_id) as span:
             error, result = None, None
             if not ok:
                 error = "error"
