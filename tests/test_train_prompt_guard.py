@@ -51,3 +51,29 @@ def test_a_shallow_student_keeps_the_first_layer_embeddings_and_head(teacher_dir
 def test_a_student_deeper_than_its_teacher_is_refused(teacher_dir):
     with pytest.raises(SystemExit, match="3-layer student cannot come from a 2-layer teacher"):
         trainer.distillation_pair(teacher_dir, 3)
+
+
+def test_the_linear_probe_trains_the_head_only_and_restores_the_flags(teacher_dir):
+    """LP-FT's first phase: the encoder (embeddings, layers) is unchanged, the pooler and
+    classifier learn, and every parameter that was trainable before is trainable again."""
+    import random
+
+    import numpy as np
+    from transformers import AutoModelForSequenceClassification
+    model = AutoModelForSequenceClassification.from_pretrained(teacher_dir)
+    model.bert.embeddings.word_embeddings.weight.requires_grad = False  # as train() does
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    rng = random.Random(0)
+    encoded = [[2] + [rng.randrange(5, 40) for _ in range(rng.randrange(3, 9))] + [3]
+               for _ in range(64)]
+    labels = np.array([len(ids) % model.config.num_labels for ids in encoded])
+    batches = trainer.Batches(encoded, labels, np.ones(64), 16, rng)
+    losses = []
+    trainer.linear_probe(model, batches, 12, torch.nn.CrossEntropyLoss(reduction="none"),
+                         losses.append)
+    changed = {name for name, p in model.named_parameters() if not torch.equal(p, before[name])}
+    assert changed and all(name.startswith(("bert.pooler.", "classifier.")) for name in changed)
+    assert "classifier.weight" in changed
+    assert {name: p.requires_grad for name, p in model.named_parameters()} == flags
+    assert losses and "probe step 12/12" in losses[-1]

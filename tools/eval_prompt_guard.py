@@ -47,7 +47,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent / "training"))
 
 from generated_doc import write_generated  # noqa: E402
-from train_prompt_guard import (ATTACK_FAMILIES, add_buried_option,  # noqa: E402
+from train_prompt_guard import (ATTACK_FAMILIES, add_buried_option, add_probe_option,  # noqa: E402
                                 calibration_key, predict, read_corpus, train)
 
 DOC = pathlib.Path(__file__).resolve().parent.parent / "docs" / "quality-prompt-guard.md"
@@ -320,6 +320,7 @@ def render(results: dict, args, counts: dict, elapsed: float, command: bool = Tr
                  f"--limit {args.limit} --target-fpr {args.target_fpr} "
                  f"--sample-per-group {args.sample_per_group}"
                  f"{' --buried ' + str(args.buried) if args.buried else ''}"
+                 f"{' --probe-epochs ' + str(args.probe_epochs) if args.probe_epochs else ''}"
                  f"{' --teacher-work TEACHERS' if args.teacher_work else ''}"
                  f"{' --perplexity' if args.perplexity else ''}"
                  f"{' --peers-python PY' if args.peers_python else ''}"
@@ -371,6 +372,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="distil each fold's model from TEACHER_WORK/fold-K (an earlier "
                              "run's deeper fold model, trained without that fold's groups)")
     add_buried_option(parser)
+    add_probe_option(parser)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--sample-per-group", type=int, default=60)
     parser.add_argument("--perplexity", action="store_true",
@@ -426,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.limit and len(train_rows) > args.limit:
                 train_rows = random.Random(k).sample(train_rows, args.limit)
             train(train_rows, model_dir, args.layers, args.epochs, 32, 8e-5, args.max_length,
-                  1.5, 1234 + k, args.threads, buried=args.buried,
+                  1.5, 1234 + k, args.threads, buried=args.buried, probe=args.probe_epochs,
                   teacher=args.teacher_work / f"fold-{k}" if args.teacher_work else None)
         clf_probs = fold_classifier_scores(model_dir, [texts[i] for i in score_index], args)
         held_in_index = fold[score_index] == k

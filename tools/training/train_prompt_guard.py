@@ -134,13 +134,16 @@ def training_view(tokenizer, text: str, max_length: int, rng: random.Random) -> 
 def train(records: list[dict], out: pathlib.Path, layers: int, epochs: float, batch_size: int,
           lr: float, max_length: int, benign_weight: float, seed: int, threads: int,
           log=print, buried: int = 0, teacher: pathlib.Path | None = None,
-          distill_weight: float = 0.5, temperature: float = 2.0) -> None:
+          distill_weight: float = 0.5, temperature: float = 2.0, probe: float = 0.0) -> None:
     """Fine-tune on ``records``. ``buried``: also train on that many attack orders buried in
     the records' own benign material, each with a benign twin (tools/training/attack_buried.py).
     ``teacher``: distil from that fine-tuned checkpoint (same labels): the student starts from
     every other of the teacher's layers (DistilBERT's init) and its head, and its loss mixes the
     labels' cross-entropy with the KL divergence to the teacher's softened distribution on the
-    same token window (``distill_weight`` of the KL, Hinton et al.'s T^2 scaling)."""
+    same token window (``distill_weight`` of the KL, Hinton et al.'s T^2 scaling).
+    ``probe``: first train the head alone on the frozen encoder for that many epochs (LP-FT,
+    Kumar et al. 2022: fine-tuning from a random head distorts the pretrained features, which
+    costs out-of-distribution accuracy; from a probed head it distorts them less)."""
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -176,6 +179,9 @@ def train(records: list[dict], out: pathlib.Path, layers: int, epochs: float, ba
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min((s + 1) / warmup, max(0.0, (steps - s) / max(1, steps - warmup))))
     loss_fn = torch.nn.CrossEntropyLoss(reduction="none")
+    if probe > 0:
+        linear_probe(model, batches, math.ceil(probe * math.ceil(len(records) / batch_size)),
+                     loss_fn, log)
     log(f"train: {len(records)} texts, {steps} steps of {batch_size}, {layers} layers, "
         f"max_length {max_length}")
     model.train()
@@ -209,6 +215,35 @@ def train(records: list[dict], out: pathlib.Path, layers: int, epochs: float, ba
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+
+
+def linear_probe(model, batches: "Batches", steps: int, loss_fn, log, lr: float = 1e-3) -> None:
+    """The LP of LP-FT: ``steps`` batches training the head (pooler and classifier) with the
+    encoder frozen and in eval mode; the encoder's trainable flags are restored after."""
+    import torch
+    head = list(model.bert.pooler.parameters()) + list(model.classifier.parameters())
+    head_ids = {id(p) for p in head}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for p in trainable:
+        p.requires_grad = id(p) in head_ids
+    optimizer = torch.optim.AdamW(head, lr=lr, weight_decay=0.01)
+    model.eval()  # no dropout in the frozen encoder: the probe sees the features FT starts from
+    step, running = 0, []
+    while step < steps:
+        for ids, mask, y, w in batches.epoch():
+            per_row = loss_fn(model(input_ids=ids, attention_mask=mask).logits, y)
+            loss = (per_row * w).sum() / w.sum()
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            running.append(loss.item())
+            step += 1
+            if step % 50 == 0 or step == steps:
+                log(f"  probe step {step}/{steps} loss {np.mean(running[-50:]):.4f}")
+            if step >= steps:
+                break
+    for p in trainable:
+        p.requires_grad = True
 
 
 def distillation_pair(teacher_dir: pathlib.Path, layers: int):
@@ -304,6 +339,12 @@ def predict(model_dir: pathlib.Path, texts: list[str], max_length: int = 256,
     return result
 
 
+def add_probe_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--probe-epochs", type=float, default=0.0,
+                        help="LP-FT: train the head alone on the frozen encoder for this many "
+                             "epochs before fine-tuning everything (0: plain fine-tuning)")
+
+
 def add_buried_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--buried", type=int, default=0,
                         help="add this many attack orders buried in the training rows' own benign "
@@ -320,6 +361,7 @@ def main(argv: list[str] | None = None) -> int:
                 benign_weight=1.5)
     parser.add_argument("--limit", type=int, default=0, help="sample at most this many texts")
     add_buried_option(parser)
+    add_probe_option(parser)
     parser.add_argument("--teacher", type=pathlib.Path, default=None,
                         help="distil from this fine-tuned checkpoint (a deeper prompt-guard): the "
                              "student keeps every other teacher layer, --layers deep")
@@ -343,6 +385,7 @@ def main(argv: list[str] | None = None) -> int:
     print("corpus:", dict(sorted(counts.items())), file=sys.stderr)
     train(records, args.out, args.layers, args.epochs, args.batch_size, args.lr,
           args.max_length, args.benign_weight, args.seed, args.threads, buried=args.buried,
+          probe=args.probe_epochs,
           teacher=args.teacher)
     with open(args.out / "calibration.jsonl", "w", encoding="utf-8") as handle:
         for r in calibration:
@@ -354,6 +397,7 @@ def main(argv: list[str] | None = None) -> int:
         "lr": args.lr, "max_length": args.max_length, "benign_weight": args.benign_weight,
         "seed": args.seed, "holdout_groups": sorted(held), "texts": len(records),
         "buried": args.buried, "teacher": str(args.teacher) if args.teacher else None,
+        "probe_epochs": args.probe_epochs,
         "calibration_share": args.calibration_share, "calibration_texts": len(calibration),
         "labels": list(LABELS)}, indent=2))
     print(f"wrote {args.out}", file=sys.stderr)
