@@ -185,36 +185,43 @@ def train(records: list[dict], out: pathlib.Path, layers: int, epochs: float, ba
     log(f"train: {len(records)} texts, {steps} steps of {batch_size}, {layers} layers, "
         f"max_length {max_length}")
     model.train()
-    step, started, running = 0, time.time(), []
-    while step < steps:
-        for ids, mask, y, w in batches.epoch():
-            logits = model(input_ids=ids, attention_mask=mask).logits
-            per_row = loss_fn(logits, y)
-            if teacher_model is not None:
-                with torch.no_grad():
-                    target = torch.log_softmax(
-                        teacher_model(input_ids=ids, attention_mask=mask).logits / temperature, -1)
-                kl = torch.nn.functional.kl_div(torch.log_softmax(logits / temperature, -1),
-                                                target, log_target=True, reduction="none").sum(-1)
-                per_row = ((1 - distill_weight) * per_row
-                           + distill_weight * temperature ** 2 * kl)
-            loss = (per_row * w).sum() / w.sum()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad()
-            running.append(loss.item())
-            step += 1
-            if step % 50 == 0 or step == steps:
-                log(f"  step {step}/{steps} loss {np.mean(running[-50:]):.4f} "
-                    f"({time.time() - started:.0f} s)")
-            if step >= steps:
-                break
+    started, running = time.time(), []
+    for step, (ids, mask, y, w) in batch_steps(batches, steps):
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        per_row = loss_fn(logits, y)
+        if teacher_model is not None:
+            with torch.no_grad():
+                target = torch.log_softmax(
+                    teacher_model(input_ids=ids, attention_mask=mask).logits / temperature, -1)
+            kl = torch.nn.functional.kl_div(torch.log_softmax(logits / temperature, -1),
+                                            target, log_target=True, reduction="none").sum(-1)
+            per_row = ((1 - distill_weight) * per_row
+                       + distill_weight * temperature ** 2 * kl)
+        loss = (per_row * w).sum() / w.sum()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+        running.append(loss.item())
+        if step % 50 == 0 or step == steps:
+            log(f"  step {step}/{steps} loss {np.mean(running[-50:]):.4f} "
+                f"({time.time() - started:.0f} s)")
     model.eval()
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+
+
+def batch_steps(batches: "Batches", steps: int):
+    """(step, batch) for ``steps`` batches, step counted from 1, epoch after epoch."""
+    step = 0
+    while step < steps:
+        for batch in batches.epoch():
+            step += 1
+            yield step, batch
+            if step >= steps:
+                return
 
 
 def linear_probe(model, batches: "Batches", steps: int, loss_fn, log, lr: float = 1e-3) -> None:
@@ -228,20 +235,16 @@ def linear_probe(model, batches: "Batches", steps: int, loss_fn, log, lr: float 
         p.requires_grad = id(p) in head_ids
     optimizer = torch.optim.AdamW(head, lr=lr, weight_decay=0.01)
     model.eval()  # no dropout in the frozen encoder: the probe sees the features FT starts from
-    step, running = 0, []
-    while step < steps:
-        for ids, mask, y, w in batches.epoch():
-            per_row = loss_fn(model(input_ids=ids, attention_mask=mask).logits, y)
-            loss = (per_row * w).sum() / w.sum()
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
-            running.append(loss.item())
-            step += 1
-            if step % 50 == 0 or step == steps:
-                log(f"  probe step {step}/{steps} loss {np.mean(running[-50:]):.4f}")
-            if step >= steps:
-                break
+    running = []
+    for step, (ids, mask, y, w) in batch_steps(batches, steps):
+        per_row = loss_fn(model(input_ids=ids, attention_mask=mask).logits, y)
+        loss = (per_row * w).sum() / w.sum()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        running.append(loss.item())
+        if step % 50 == 0 or step == steps:
+            log(f"  probe step {step}/{steps} loss {np.mean(running[-50:]):.4f}")
     for p in trainable:
         p.requires_grad = True
 
