@@ -121,7 +121,8 @@ def summarise(parts: list[dict], threshold: float, layer: int) -> dict:
 
 def render(result: dict, args, folds: list[int], threshold: float, elapsed: float) -> str:
     lines = [f"Command: `python3 tools/eval_early_exit.py --corpus {args.corpus} --work "
-             f"{args.work}{'' if args.folds_file == FOLDS_FILE else ' --folds-file FOLDS'} --only-folds "
+             f"{args.work}{'' if args.folds_file == FOLDS_FILE else ' --folds-file FOLDS'}"
+             " --only-folds "
              f"{','.join(map(str, folds))} --layer {args.layer} --quantile {args.quantile} "
              f"--train {args.train}` ({elapsed / 60:.1f} min). Held-out texts of folds "
              f"{', '.join(map(str, folds))}: {result['benign_texts']} benign, "
