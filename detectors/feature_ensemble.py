@@ -78,8 +78,7 @@ class EnsembleModel:
 
     @property
     def needed(self) -> list[str]:
-        names = list(self.outputs) + ([self.logits] if self.logits else [])
-        return names + ([self.gaps] if self.gaps and self.gaps not in names else [])
+        return output_names(self.outputs, self.logits, self.gaps)
 
     def features(self, arrays: dict[str, np.ndarray]) -> np.ndarray:
         return ensemble_features(arrays, self.outputs, self.gaussians, self.logits, self.gaps)
@@ -88,6 +87,15 @@ class EnsembleModel:
         """Log-odds per row of ``arrays`` (output name -> [n, ...])."""
         z = (self.features(arrays) - self.mean) / self.scale
         return z @ self.weights + self.bias
+
+
+def output_names(outputs: list[str], logits: str | None, gaps: str | None) -> list[str]:
+    """The model outputs the terms read, each once (margin and gaps usually share the logits)."""
+    names = list(outputs)
+    for name in (logits, gaps):
+        if name and name not in names:
+            names.append(name)
+    return names
 
 
 def logit_gaps(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -223,11 +231,7 @@ class FeatureEnsembleStage(ResponseStage):
             self.model = model
 
     def wanted(self) -> list[str]:
-        names = list(self.options.outputs)
-        for name in (self.options.logits, self.options.gaps):
-            if name and name not in names:
-                names.append(name)
-        return names
+        return output_names(self.options.outputs, self.options.logits, self.options.gaps)
 
     def prepare(self, request, inputs, request_id) -> AddedOutputs:
         return ask_for_outputs(request, self.wanted())
